@@ -1,0 +1,19 @@
+"""hfp_fx: Holistic Filter Pruning as a torch.fx graph-rewriting compiler pass.
+
+Data flow: model -> :mod:`~hfp_fx.tracing` -> channel elements (:mod:`~hfp_fx.spaces`, rules in
+:mod:`hfp_fx.passes`) -> prune groups (:mod:`~hfp_fx.graph`) -> cost model
+(:mod:`~hfp_fx.cost`) -> mask / shrink passes (:mod:`hfp_fx.passes`) -> GraphModule.
+"""
+from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (registers op rules)
+from hfp_fx.passes import rules_tensor as _rules_tensor  # noqa: F401
+from hfp_fx.api import count, dependency_graph, mask, shrink
+from hfp_fx.cost import CostModel, Counts
+from hfp_fx.graph import DependencyGraph, Member, PruneGroup
+from hfp_fx.tracing import TraceError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "dependency_graph", "count", "mask", "shrink",
+    "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError",
+]

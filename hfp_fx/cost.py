@@ -1,0 +1,134 @@
+"""Step 4 of the flow: the cost model.
+
+Parameters and MACs of the pruned model are sums of terms ``coeff * prod(L_r)``, one per
+parameter tensor and per MAC-producing node, where ``L_r`` is the number of kept positions of a
+labelled axis ``r`` (a conv's input channels, a linear's output features, ...).  ``L`` is linear
+in the per-unit keep indicators, ``L = A @ keep``, so the whole model is one sparse
+matrix-vector product and a gather-multiply-sum: exact for 0/1 keep vectors, differentiable
+for soft ones (the HFP loss), and cheap enough to evaluate after every forward pass.
+
+Example::
+
+    >>> import torch, torchvision, hfp_fx
+    >>> dg = hfp_fx.dependency_graph(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> cm = CostModel(dg)
+    >>> p, m = cm.evaluate(torch.ones(cm.num_units, dtype=torch.float64))
+    >>> int(p) == sum(q.numel() for q in torchvision.models.resnet18().parameters())
+    True
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = ["CostModel", "Counts"]
+
+
+@dataclass(frozen=True)
+class Counts:
+    params: int
+    macs: int
+
+    def __str__(self) -> str:
+        return f"params={self.params:,} MACs={self.macs:,}"
+
+
+class CostModel(torch.nn.Module):
+    """Params and MACs as functions of a keep value per unit (``dg.groups[i].units``)."""
+
+    def __init__(self, dg):
+        super().__init__()
+        roots = dg.roots
+        unit_ids = torch.unique(roots)
+        self.num_units = unit_ids.numel()
+        col_of = torch.full((roots.numel(),), -1, dtype=torch.long)
+        col_of[unit_ids] = torch.arange(self.num_units)
+        self.register_buffer("unit_ids", unit_ids, persistent=False)
+        rows: List[torch.Tensor] = []
+        row_index = {}
+
+        def row(ids: torch.Tensor) -> int:
+            key = id(ids)
+            if key not in row_index:
+                row_index[key] = len(rows)
+                rows.append(ids)
+            return row_index[key]
+
+        def terms(items) -> Tuple[torch.Tensor, torch.Tensor]:
+            coeffs, idx = [], []
+            for coeff, rs in items:
+                r = [row(x) for x in rs]
+                if len(r) > 2:
+                    raise NotImplementedError("cost terms with more than two channel factors")
+                coeffs.append(coeff)
+                idx.append(r + [-1] * (2 - len(r)))
+            return (torch.tensor(coeffs, dtype=torch.float64),
+                    torch.tensor(idx, dtype=torch.long).reshape(-1, 2))
+
+        param_items, const_params = [], float(dg.unused_params)
+        seen = set()
+        for name, p in dg.gm.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            dims = dg.facts.params.get(name, {})
+            coeff = float(p.numel())
+            for d in dims:
+                coeff /= p.shape[d]
+            if dims:
+                param_items.append((coeff, [dims[d] for d in sorted(dims)]))
+            else:
+                const_params += coeff
+        mac_items, const_macs = [], 0.0
+        for t in dg.facts.macs:
+            if t.rows:
+                mac_items.append((t.coeff, list(t.rows)))
+            else:
+                const_macs += t.coeff
+        pc, pi = terms(param_items)
+        mc, mi = terms(mac_items)
+        self.register_buffer("param_coeff", pc, persistent=False)
+        self.register_buffer("param_rows", pi, persistent=False)
+        self.register_buffer("mac_coeff", mc, persistent=False)
+        self.register_buffer("mac_rows", mi, persistent=False)
+        self.const_params, self.const_macs = const_params, const_macs
+        # sparse incidence: A[r, u] = how many positions of row r belong to unit u
+        r_idx, u_idx = [], []
+        for r, ids in enumerate(rows):
+            r_idx.append(torch.full((ids.numel(),), r, dtype=torch.long))
+            u_idx.append(col_of[roots[ids]])
+        if rows:
+            A = torch.sparse_coo_tensor(torch.stack([torch.cat(r_idx), torch.cat(u_idx)]),
+                                        torch.ones(sum(x.numel() for x in rows), dtype=torch.float64),
+                                        (len(rows), self.num_units)).coalesce()
+        else:
+            A = torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
+                                        (0, self.num_units)).coalesce()
+        self.register_buffer("incidence", A, persistent=False)
+        self.col_of = col_of
+
+    def columns(self, units: torch.Tensor) -> torch.Tensor:
+        """Column of each unit id in the keep vector."""
+        return self.col_of[units]
+
+    def row_lengths(self, keep: torch.Tensor) -> torch.Tensor:
+        A = self.incidence.to(keep.dtype) if self.incidence.dtype != keep.dtype else self.incidence
+        L = torch.sparse.mm(A, keep.reshape(-1, 1)).reshape(-1)
+        return torch.cat([L, L.new_ones(1)])  # index -1 -> factor 1
+
+    def evaluate(self, keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(params, macs)`` for a keep value per unit column (1 = kept)."""
+        L = self.row_lengths(keep)
+        pc = self.param_coeff.to(keep.dtype)
+        mc = self.mac_coeff.to(keep.dtype)
+        params = (pc * L[self.param_rows[:, 0]] * L[self.param_rows[:, 1]]).sum() + self.const_params
+        macs = (mc * L[self.mac_rows[:, 0]] * L[self.mac_rows[:, 1]]).sum() + self.const_macs
+        return params, macs
+
+    def counts(self, alive_units: Optional[torch.Tensor] = None) -> Counts:
+        """Exact integer counts for a boolean keep per unit column (default: dense)."""
+        keep = torch.ones(self.num_units, dtype=torch.float64) if alive_units is None else alive_units.to(torch.float64)
+        p, m = self.evaluate(keep)
+        return Counts(int(round(float(p))), int(round(float(m))))

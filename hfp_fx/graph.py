@@ -1,0 +1,241 @@
+"""Step 3 of the flow: prune groups, the user-facing view of the channel analysis.
+
+A *unit* (one union-find class of channel elements, see :mod:`hfp_fx.spaces`) is one prunable
+channel.  Units that occur with the same multiplicity in the same parameters and MAC terms are
+interchangeable for the cost model, so they form one :class:`PruneGroup` (for a plain conv that
+is its output channels plus everything coupled to them).  ``keep`` dictionaries name groups by
+``id`` and channels by their index inside the group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from hfp_fx.passes.channel_analysis import ChannelFacts, iter_maps
+
+__all__ = ["Member", "PruneGroup", "DependencyGraph"]
+
+
+def _ranges(positions: Sequence[int]) -> str:
+    """``[0,1,2,5,6]`` -> ``"0:3,5:7"``."""
+    out, start, prev = [], None, None
+    for p in positions:
+        if start is None:
+            start = prev = p
+        elif p == prev + 1:
+            prev = p
+        else:
+            out.append(f"{start}:{prev + 1}")
+            start = prev = p
+    if start is not None:
+        out.append(f"{start}:{prev + 1}")
+    return ",".join(out)
+
+
+@dataclass
+class Member:
+    """Positions ``offsets`` along ``dim`` of tensor ``target`` belong to the group."""
+
+    target: str  #: parameter/buffer name, e.g. ``layer1.0.conv1.weight``
+    dim: int
+    offsets: Tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        return self.target.rsplit(".", 1)[0] if "." in self.target else ""
+
+    def __str__(self) -> str:
+        return f"{self.target}[dim {self.dim}: {_ranges(self.offsets)}]"
+
+
+@dataclass
+class PruneGroup:
+    id: str  #: stable name used in ``keep`` dictionaries, e.g. ``"g3"``
+    name: str  #: the first module that owns one of its channels, for humans
+    channels: int
+    prunable: bool
+    reason: Optional[str]
+    members: List[Member] = field(default_factory=list)
+    units: torch.Tensor = field(default=None, repr=False)  #: unit id of each channel, in order
+
+    @property
+    def modules(self) -> List[str]:
+        seen: Dict[str, None] = {}
+        for m in self.members:
+            seen.setdefault(m.module, None)
+        return list(seen)
+
+
+class DependencyGraph:
+    """Prune groups of a traced model, plus the facts the passes need.
+
+    Build it with :func:`hfp_fx.dependency_graph`.
+    """
+
+    def __init__(self, facts: ChannelFacts, example_inputs: Tuple[torch.Tensor, ...], model_params: int,
+                 seconds: float = 0.0):
+        self.facts = facts
+        self.gm: torch.fx.GraphModule = facts.gm
+        self.example_inputs = example_inputs
+        self.roots = facts.elements.roots()
+        self.seconds = seconds
+        #: parameters of the user's model that the traced graph never uses (still counted)
+        self.unused_params = model_params - sum(p.numel() for p in self.gm.parameters())
+        self.groups: List[PruneGroup] = []
+        self._build_groups()
+        self._by_id = {g.id: g for g in self.groups}
+
+    # -- construction ---------------------------------------------------------------------
+    def rows(self) -> List[torch.Tensor]:
+        """Every labelled axis that costs something: parameter dims, MAC terms, gate sites."""
+        rows = [ids for dims in self.facts.params.values() for ids in dims.values()]
+        rows += [r for t in self.facts.macs for r in t.rows]
+        rows += [g.ids for g in self.facts.gates]
+        return rows
+
+    def _build_groups(self) -> None:
+        roots = self.roots
+        n = roots.numel()
+        gen = torch.Generator().manual_seed(1234)
+        h1 = torch.zeros(n, dtype=torch.long)
+        h2 = torch.zeros(n, dtype=torch.long)
+        seen = torch.zeros(n, dtype=torch.bool)
+        for ids in self.rows():
+            u, c = torch.unique(roots[ids], return_counts=True)
+            w = torch.randint(1, 2 ** 62, (2,), generator=gen)
+            h1.index_add_(0, u, c * w[0])
+            h2.index_add_(0, u, c * w[1])
+            seen[u] = True
+        reasons = self.facts.elements.fixed_reasons()
+        units = torch.nonzero(seen & (roots == torch.arange(n))).flatten().tolist()
+        buckets: Dict[tuple, List[int]] = {}
+        for u in units:
+            key = (int(h1[u]), int(h2[u]), u in reasons)
+            buckets.setdefault(key, []).append(u)
+        group_of = torch.full((n,), -1, dtype=torch.long)
+        ordered = sorted(buckets.values(), key=lambda us: us[0])
+        for gi, us in enumerate(ordered):
+            group_of[torch.tensor(us)] = gi
+        self._group_of_unit = group_of
+        members: List[List[Member]] = [[] for _ in ordered]
+        for name, dims in self.facts.params.items():
+            for dim, ids in dims.items():
+                g = group_of[roots[ids]]
+                for gi in torch.unique(g).tolist():
+                    if gi >= 0:
+                        members[gi].append(Member(name, dim, tuple(torch.nonzero(g == gi).flatten().tolist())))
+        for gi, us in enumerate(ordered):
+            why = sorted(set().union(*(reasons.get(u, set()) for u in us)))
+            mem = members[gi]
+            name = mem[0].module if mem else f"unit{us[0]}"
+            self.groups.append(PruneGroup(
+                id=f"g{gi}", name=name, channels=len(us), prunable=not why,
+                reason="; ".join(why) if why else None, members=mem,
+                units=torch.tensor(us, dtype=torch.long)))
+
+    # -- queries --------------------------------------------------------------------------
+    def group(self, gid: str) -> PruneGroup:
+        try:
+            return self._by_id[gid]
+        except KeyError:
+            raise KeyError(f"no prune group {gid!r}; groups are {', '.join(g.id for g in self.groups[:8])}, ...") from None
+
+    @property
+    def prunable_groups(self) -> List[PruneGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def prunable_fraction(self) -> float:
+        """Fraction of channels (units weighted by how many conv/linear features they are) that can be pruned."""
+        total = sum(g.channels for g in self.groups)
+        return sum(g.channels for g in self.prunable_groups) / total if total else 0.0
+
+    def alive(self, keep: Optional[Mapping[str, Iterable[int]]] = None) -> torch.Tensor:
+        """Boolean per element: is its unit kept?  ``keep`` maps group id -> kept channel indices."""
+        alive = torch.ones(self.roots.numel(), dtype=torch.bool)
+        for gid, idx in (keep or {}).items():
+            g = self.group(gid)
+            if not g.prunable:
+                raise ValueError(f"group {gid} ({g.name}) is not prunable: {g.reason}")
+            idx = torch.as_tensor(list(idx), dtype=torch.long)
+            if idx.numel() == 0:
+                raise ValueError(f"keep[{gid!r}] is empty; every group keeps at least one channel")
+            if idx.min() < 0 or idx.max() >= g.channels or torch.unique(idx).numel() != idx.numel():
+                raise ValueError(f"keep[{gid!r}] must hold distinct channel indices in [0, {g.channels})")
+            alive[g.units] = False
+            alive[g.units[idx]] = True
+        return alive[self.roots]
+
+    def kept(self, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        """Boolean mask over positions labelled ``ids``."""
+        return alive[ids]
+
+    # -- presentation -----------------------------------------------------------------------
+    def summary(self, max_members: int = 3, only_prunable: bool = False) -> str:
+        from tabulate import tabulate
+
+        rows = []
+        for g in self.groups:
+            if only_prunable and not g.prunable:
+                continue
+            mods = g.modules
+            shown = ", ".join(mods[:max_members]) + (f" (+{len(mods) - max_members})" if len(mods) > max_members else "")
+            status = "yes" if g.prunable else f"no: {_short(g.reason)}"
+            rows.append([g.id, g.channels, shown, status])
+        table = tabulate(rows, headers=["group", "channels", "members", "prunable"], tablefmt="github")
+        total = sum(g.channels for g in self.groups)
+        pr = sum(g.channels for g in self.prunable_groups)
+        return (f"{table}\n\n{len(self.groups)} groups, {len(self.prunable_groups)} prunable; "
+                f"{pr}/{total} channels prunable ({100 * pr / max(total, 1):.1f}%)")
+
+    def to_networkx(self):
+        """A DiGraph of FX nodes (data flow) and group nodes linked to the modules they touch."""
+        import networkx as nx
+
+        roots, group_of = self.roots, self._group_of_unit
+        g = nx.DiGraph()
+        for node in self.gm.graph.nodes:
+            gids = set()
+            for m in iter_maps(self.facts.maps.get(node.name)):
+                gids.update(int(x) for x in torch.unique(group_of[roots[m.ids]]).tolist() if x >= 0)
+            g.add_node(node.name, kind="op", op=node.op, target=str(node.target),
+                       groups=sorted(f"g{x}" for x in gids))
+            for inp in node.all_input_nodes:
+                g.add_edge(inp.name, node.name, kind="data")
+        module_nodes = {n.target: n.name for n in self.gm.graph.nodes if n.op == "call_module"}
+        for grp in self.groups:
+            g.add_node(grp.id, kind="group", channels=grp.channels, prunable=grp.prunable, reason=grp.reason or "")
+            for mod in grp.modules:
+                if mod in module_nodes:
+                    g.add_edge(grp.id, module_nodes[mod], kind="member")
+        return g
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text: ops as boxes, prunable groups in colour, fixed groups grey."""
+        g = self.to_networkx()
+        palette = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5"]
+        lines = ["digraph hfp {", "  rankdir=TB; node [fontname=Helvetica fontsize=10];"]
+        for n, d in g.nodes(data=True):
+            if d["kind"] == "group":
+                color = palette[int(n[1:]) % len(palette)] if d["prunable"] else "#dddddd"
+                label = f"{n}\\n{d['channels']} ch" + ("" if d["prunable"] else "\\nfixed")
+                lines.append(f'  "{n}" [shape=ellipse style=filled fillcolor="{color}" label="{label}"];')
+            else:
+                label = f"{n}\\n{d['target']}" if d["op"] != "placeholder" else n
+                lines.append(f'  "{n}" [shape=box label="{_esc(label)}"];')
+        for u, v, d in g.edges(data=True):
+            style = "dashed" if d["kind"] == "member" else "solid"
+            lines.append(f'  "{u}" -> "{v}" [style={style}];')
+        lines.append("}")
+        return "\n".join(lines)
+
+
+def _short(text: Optional[str], n: int = 70) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _esc(s: str) -> str:
+    return s.replace('"', "'")

@@ -1,0 +1,175 @@
+"""Step 1 of the flow: turn a user model into a shape-annotated ``torch.fx.GraphModule``.
+
+``trace`` runs ``torch.fx`` symbolic tracing.  Submodules whose ``forward`` cannot be traced
+(Python control flow on tensor values, unsupported builtins, ...) are retried as *opaque*
+leaves: the call stays one ``call_module`` node, and the channel analysis later treats its
+inputs and outputs as fixed.  ``propagate_shapes`` records every node's output shape in
+``node.meta["tensor_meta"]`` by running the graph on ``meta`` tensors, so it costs no FLOPs
+and never touches the user's weights or batch-norm statistics.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from hfp_fx.tracing import trace, propagate_shapes
+    >>> traced = trace(torchvision.models.resnet18())
+    >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))
+    >>> traced.opaque
+    {}
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils.flop_counter import FlopCounterMode
+
+from hfp_fx.passes.registry import is_rule_leaf
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TraceError", "TracedModel", "trace", "propagate_shapes", "normalize_inputs"]
+
+#: How many failing submodules are made opaque before giving up.
+MAX_OPAQUE_RETRIES = 64
+
+
+class TraceError(RuntimeError):
+    """The model cannot be captured by ``torch.fx`` at all."""
+
+
+@dataclass
+class TracedModel:
+    graph_module: torch.fx.GraphModule
+    #: qualified name of each submodule that was made opaque -> why its tracing failed
+    opaque: Dict[str, str] = field(default_factory=dict)
+
+
+class _RecordingTracer(torch.fx.Tracer):
+    """A tracer that remembers which submodule was being traced when an error was raised."""
+
+    def __init__(self, opaque_names: Sequence[str] = ()):
+        super().__init__()
+        self.opaque_names = set(opaque_names)
+        self._stack: list = []
+        self.failed_in: Optional[str] = None
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque_names or is_rule_leaf(m):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self._stack.append(name)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = name
+            raise
+        finally:
+            self._stack.pop()
+
+
+def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
+    """Accept a tensor or a tuple/list of tensors and return a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        for i, x in enumerate(example_inputs):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(
+                    f"example_inputs[{i}] is a {type(x).__name__}; pass tensors only "
+                    "(a tensor or a tuple of tensors matching the model's forward arguments)"
+                )
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def trace(model: torch.nn.Module) -> TracedModel:
+    """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
+
+    The returned GraphModule shares submodules with ``model``; callers that modify weights must
+    copy it first (every public entry point does).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.fx.GraphModule):
+        return TracedModel(torch.fx.GraphModule(model, model.graph))
+    opaque: Dict[str, str] = {}
+    for _ in range(MAX_OPAQUE_RETRIES):
+        tracer = _RecordingTracer(opaque)
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
+            failed = tracer.failed_in
+            cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+            if not failed or failed in opaque:
+                raise TraceError(
+                    f"torch.fx cannot trace {type(model).__name__} (failing in its own forward): {cause}. "
+                    "Make the data-dependent control flow static, wrap the failing function with "
+                    "torch.fx.wrap, or prune a traceable submodule instead."
+                ) from exc
+            opaque[failed] = cause
+            continue
+        if opaque:
+            warnings.warn(
+                "hfp_fx: these submodules could not be traced and are kept whole (their channels are "
+                "not pruned): " + "; ".join(f"{k} ({v})" for k, v in opaque.items()),
+                stacklevel=3,
+            )
+        name = type(model).__name__
+        return TracedModel(torch.fx.GraphModule(tracer.root, graph, class_name=name), opaque)
+    raise TraceError(f"gave up after making {MAX_OPAQUE_RETRIES} submodules of {type(model).__name__} opaque")
+
+
+class _ShapeAndFlopProp(ShapeProp):
+    """ShapeProp that also stores each node's multiply-accumulates in ``node.meta['macs']``."""
+
+    def run_node(self, n):
+        if n.op in ("call_module", "call_function", "call_method"):
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+            n.meta["macs"] = counter.get_total_flops() // 2
+            return result
+        return super().run_node(n)
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> None:
+    """Fill ``node.meta['tensor_meta']`` (and ``node.meta['macs']``) for every node.
+
+    Runs on the ``meta`` device first (no compute, no state change); ops without meta kernels fall
+    back to a real run under ``no_grad`` with every buffer restored afterwards.
+    """
+    meta_state = {
+        k: torch.empty_like(v, device="meta")
+        for k, v in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    }
+    meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
+    try:
+        with torch.nn.utils.stateless._reparametrize_module(gm, meta_state), torch.no_grad():
+            _ShapeAndFlopProp(gm).propagate(*meta_inputs)
+        return
+    except Exception as exc:  # noqa: BLE001 - fall back to a real run
+        log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
+    saved = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
+    try:
+        with torch.no_grad():
+            _ShapeAndFlopProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise RuntimeError(
+            f"running {gm.__class__.__name__} on the example inputs failed: {type(exc).__name__}: {exc}. "
+            "Check that example_inputs match the model's forward signature and expected shapes."
+        ) from exc
+    finally:
+        with torch.no_grad():
+            for k, v in gm.state_dict(keep_vars=True).items():
+                if k in saved:
+                    v.copy_(saved[k])

@@ -1,0 +1,299 @@
+"""The channel analysis: walk a shape-annotated GraphModule and label every channel axis.
+
+Each node is dispatched to its rule in :mod:`hfp_fx.passes.registry`.  Rules see this object
+and record *facts*:
+
+* ``maps[node]``: the node's :class:`~hfp_fx.spaces.ChannelMap` (or ``None`` / a tuple);
+* ``params[name][dim]``: which element each slice of a parameter or buffer belongs to, so the
+  shrink pass can slice it and the cost model can count it;
+* ``macs``: multiply-accumulate terms ``coeff * prod(kept(row) for row in rows)``;
+* ``gates``: where a channel is *consumed* by a channel-mixing op (conv, linear, matmul).
+  Zeroing a unit at all of its gate sites makes its contribution exactly zero, which is the
+  reference semantics of :func:`hfp_fx.mask` and where :func:`hfp_fx.prepare` puts its gates.
+
+Any op without a rule fixes the channels that flow into it, naming the op, so an unknown op can
+only make the result less pruned, never wrong.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from hfp_fx.tracing import trace, propagate_shapes
+    >>> from hfp_fx.passes.channel_analysis import ChannelAnalysis
+    >>> traced = trace(torchvision.models.resnet18())
+    >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))
+    >>> facts = ChannelAnalysis(traced.graph_module).run()
+    >>> facts.params["conv1.weight"][0].numel()
+    64
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx
+from torch.fx.node import Node
+
+from hfp_fx.spaces import ChannelMap, ElementTable
+from hfp_fx.passes import registry
+
+__all__ = ["ChannelAnalysis", "ChannelFacts", "MacTerm", "GateSite", "describe", "iter_maps"]
+
+
+@dataclass
+class MacTerm:
+    """``coeff * prod(kept positions of each row)`` multiply-accumulates at ``node``."""
+
+    node: str
+    coeff: float
+    rows: Tuple[torch.Tensor, ...]
+
+
+@dataclass
+class GateSite:
+    """Input ``arg`` of ``node`` mixes channels along ``axis``; ``ids`` labels its positions.
+
+    ``weight`` names a ``(parameter, dim)`` whose slices multiply exactly these positions, so a
+    gate can be folded into the weight instead of the activation.
+    """
+
+    node: str
+    arg: Union[int, str]
+    axis: int
+    ids: torch.Tensor
+    weight: Optional[Tuple[str, int]] = None
+
+
+@dataclass
+class ChannelFacts:
+    gm: torch.fx.GraphModule
+    elements: ElementTable
+    maps: Dict[str, Any]
+    params: Dict[str, Dict[int, torch.Tensor]]
+    macs: List[MacTerm]
+    gates: List[GateSite]
+    opaque: Dict[str, str] = field(default_factory=dict)
+    #: nodes whose MAC rule disagrees with torch.utils.flop_counter: (node, ours, counter's)
+    mac_mismatch: List[Tuple[str, int, int]] = field(default_factory=list)
+
+
+def iter_maps(value) -> Iterable[ChannelMap]:
+    if isinstance(value, ChannelMap):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from iter_maps(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from iter_maps(v)
+
+
+def describe(node: Node, module: Optional[torch.nn.Module] = None) -> str:
+    if node.op == "call_module":
+        return f"module `{node.target}` ({type(module).__name__ if module is not None else '?'})"
+    if node.op == "call_function":
+        t = node.target
+        return f"function `{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', repr(t))}` (node {node.name})"
+    if node.op == "call_method":
+        return f"method `Tensor.{node.target}` (node {node.name})"
+    return f"{node.op} `{node.target}`"
+
+
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device", "is_contiguous",
+                     "is_floating_point", "stride"}
+
+
+class ChannelAnalysis:
+    """Run every node's coupling rule over a GraphModule annotated by ``propagate_shapes``."""
+
+    def __init__(self, gm: torch.fx.GraphModule, root: Optional[torch.nn.Module] = None,
+                 exclude: Sequence[str] = (), opaque: Optional[Dict[str, str]] = None):
+        self.gm = gm
+        self.root = root if root is not None else gm  # for attribute hints like ``num_heads``
+        self.exclude = tuple(exclude)
+        self.opaque = dict(opaque or {})
+        self.elements = ElementTable()
+        self.maps: Dict[str, Any] = {}
+        self.params: Dict[str, Dict[int, torch.Tensor]] = {}
+        self.macs: List[MacTerm] = []
+        self.gates: List[GateSite] = []
+        self.mac_mismatch: List[Tuple[str, int, int]] = []
+        self._modules = dict(gm.named_modules())
+        # tied weights: every alias of a tensor is bound under its first name
+        self._canonical: Dict[str, str] = {}
+        first: Dict[int, str] = {}
+        for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+            self._canonical[name] = first.setdefault(id(t), name)
+        self.node: Optional[Node] = None
+
+    # -- queries rules use ---------------------------------------------------------------
+    def module(self, node: Node) -> Optional[torch.nn.Module]:
+        return self._modules.get(node.target) if node.op == "call_module" else None
+
+    def map(self, arg: Any) -> Any:
+        return self.maps.get(arg.name) if isinstance(arg, Node) else None
+
+    def cmap(self, arg: Any) -> Optional[ChannelMap]:
+        m = self.map(arg)
+        return m if isinstance(m, ChannelMap) else None
+
+    @staticmethod
+    def shape(arg: Any):
+        """``torch.Size`` for a tensor node, a tuple of shapes for a tuple of tensors, else None."""
+        if not isinstance(arg, Node):
+            return None
+        tm = arg.meta.get("tensor_meta")
+        return _shape_of(tm)
+
+    def arg(self, node: Node, index: int, name: str, default: Any = None) -> Any:
+        if len(node.args) > index:
+            return node.args[index]
+        return node.kwargs.get(name, default)
+
+    def hint(self, node: Node, names: Sequence[str]) -> Optional[int]:
+        """An integer attribute (e.g. ``num_heads``) of the innermost module that traced ``node``."""
+        stack = node.meta.get("nn_module_stack") or {}
+        for entry in reversed(list(stack.values())):
+            path = entry[0] if isinstance(entry, tuple) else entry
+            try:
+                mod = self.root.get_submodule(path) if path else self.root
+            except AttributeError:
+                continue
+            for n in names:
+                v = getattr(mod, n, None)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    return v
+        return None
+
+    # -- facts rules record ---------------------------------------------------------------
+    def new(self, n: int, fixed: Optional[str] = None) -> torch.Tensor:
+        return self.elements.new(n, fixed)
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.elements.union(a, b)
+
+    def fix(self, value: Any, reason: str) -> None:
+        for m in iter_maps(value):
+            self.elements.fix(m.ids, reason)
+
+    def bind_param(self, name: Optional[str], dim: int, ids: torch.Tensor) -> None:
+        """Positions along ``dim`` of parameter/buffer ``name`` belong to elements ``ids``."""
+        if name is None:
+            return
+        name = self._canonical.get(name, name)
+        dims = self.params.setdefault(name, {})
+        if dim in dims:
+            self.union(dims[dim], ids)
+        else:
+            dims[dim] = ids
+
+    def add_macs(self, coeff: float, *rows: Optional[torch.Tensor]) -> None:
+        if coeff:
+            self.macs.append(MacTerm(self.node.name, float(coeff), tuple(r for r in rows if r is not None)))
+
+    def gate(self, arg: Union[int, str], m: ChannelMap, weight: Optional[Tuple[str, int]] = None) -> None:
+        self.gates.append(GateSite(self.node.name, arg, m.axis, m.ids, weight))
+
+    # -- the walk -------------------------------------------------------------------------
+    def run(self) -> ChannelFacts:
+        for node in self.gm.graph.nodes:
+            self.node = node
+            self.maps[node.name] = self._visit(node)
+        self.node = None
+        return ChannelFacts(self.gm, self.elements, self.maps, self.params, self.macs, self.gates, self.opaque,
+                            self.mac_mismatch)
+
+    def _visit(self, node: Node) -> Any:
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self.fix([self.map(a) for a in _flatten_args(node.args)], "model output")
+            return None
+        module = self.module(node)
+        excluded = self._excluded_by(node)
+        macs_before = len(self.macs)
+        if node.op == "call_module" and node.target in self.opaque:
+            out = self._unknown(node, module, f"opaque module `{node.target}` (not traceable: {self.opaque[node.target]})")
+        else:
+            rule = registry.lookup(node, module)
+            if rule is None:
+                if node.op == "call_method" and node.target in _METADATA_METHODS:
+                    return None
+                if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
+                    return None
+                out = self._unknown(node, module, f"unsupported {describe(node, module)}")
+            else:
+                out = rule(self, node)
+        self._check_macs(node, macs_before)
+        if excluded:
+            reason = f"excluded by the user (`{excluded}`)"
+            self.fix(out, reason)
+            self.fix([self.map(a) for a in _flatten_args((node.args, node.kwargs))], reason)
+        return out
+
+    def _check_macs(self, node: Node, start: int) -> None:
+        """Keep the cost model equal to ``torch.utils.flop_counter`` node by node.
+
+        Nodes without a MAC rule (opaque modules, unknown ops) get a constant term with the
+        counter's value; a rule that disagrees with the counter is recorded in ``mac_mismatch``.
+        """
+        counted = node.meta.get("macs")
+        if counted is None:
+            return
+        mine = sum(t.coeff * math.prod(r.numel() for r in t.rows) for t in self.macs[start:])
+        if len(self.macs) == start:
+            if counted:
+                self.macs.append(MacTerm(node.name, float(counted), ()))
+        elif abs(mine - counted) > 1e-6 * max(counted, 1):
+            self.mac_mismatch.append((node.name, int(mine), int(counted)))
+
+    def _unknown(self, node: Node, module, reason: str) -> Any:
+        self.fix([self.map(a) for a in _flatten_args((node.args, node.kwargs))], reason)
+        shape = self.shape(node)
+        if isinstance(shape, tuple) and not isinstance(shape, torch.Size):
+            return tuple(None for _ in shape)
+        return None
+
+    def _excluded_by(self, node: Node) -> Optional[str]:
+        if not self.exclude:
+            return None
+        paths = []
+        if node.op == "call_module":
+            paths.append(str(node.target))
+        for entry in (node.meta.get("nn_module_stack") or {}).values():
+            paths.append(entry[0] if isinstance(entry, tuple) else str(entry))
+        for p in paths:
+            for ex in self.exclude:
+                if p == ex or p.startswith(ex + "."):
+                    return ex
+        return None
+
+
+def _shape_of(tm):
+    if tm is None:
+        return None
+    if hasattr(tm, "shape") and hasattr(tm, "dtype"):
+        return torch.Size(tm.shape)
+    if isinstance(tm, (tuple, list)):
+        return tuple(_shape_of(t) for t in tm)
+    if isinstance(tm, dict):
+        return {k: _shape_of(v) for k, v in tm.items()}
+    return None
+
+
+def _flatten_args(args) -> List[Any]:
+    out: List[Any] = []
+
+    def walk(a):
+        if isinstance(a, (tuple, list)):
+            for x in a:
+                walk(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                walk(x)
+        else:
+            out.append(a)
+
+    walk(args)
+    return out

@@ -1,0 +1,715 @@
+"""Coupling rules for tensor functions and methods (no parameters of their own).
+
+Each rule states how channel positions flow from inputs to outputs.  The invariant every rule
+keeps: the pruned op applied to the pruned inputs equals the original output restricted to the
+kept positions.  Where an op cannot keep it (reducing over channels, mixing them non-linearly),
+the rule fixes the channels and says why.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.fx.node import Node
+
+from hfp_fx.spaces import ChannelMap
+from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
+from hfp_fx.passes.registry import register_function, register_method, register_module
+
+__all__ = ["passthrough", "broadcast_couple", "reshape_map"]
+
+A = ChannelAnalysis
+
+
+# -------------------------------------------------------------------------------------------
+# elementwise: unary pass-through and broadcasting n-ary ops
+# -------------------------------------------------------------------------------------------
+_UNARY_FUNCTIONS = [
+    torch.relu, torch.relu_, F.relu, F.relu6, F.relu_, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
+    torch.square, torch.clamp, torch.clip, torch.erf, torch.log, torch.sin, torch.cos, torch.reciprocal,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.nn.functional.threshold, operator.neg, operator.pos, torch.Tensor.contiguous,
+    torch.nan_to_num, torch.sign, torch.floor, torch.round, torch.trunc, torch.frac,
+]
+_UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "abs", "abs_", "neg", "neg_",
+    "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "clamp_min_",
+    "erf", "log", "reciprocal", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
+    "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "nan_to_num", "sign", "floor", "round",
+    "hardswish", "hardsigmoid", "softplus", "sin", "cos", "fill_", "zero_", "__neg__",
+]
+_UNARY_MODULES = [
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.ELU, torch.nn.SELU, torch.nn.CELU, torch.nn.GELU, torch.nn.SiLU,
+    torch.nn.Mish, torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Hardtanh, torch.nn.LeakyReLU,
+    torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softplus, torch.nn.Softsign, torch.nn.Tanhshrink,
+    torch.nn.LogSigmoid, torch.nn.Threshold, torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
+    torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout,
+]
+
+
+@register_function(*_UNARY_FUNCTIONS)
+@register_method(*_UNARY_METHODS)
+@register_module(*_UNARY_MODULES)
+def passthrough(a: A, node: Node):
+    """Per-position ops: the output carries the first tensor argument's channels."""
+    out = a.map(node.args[0]) if node.args else None
+    if out is not None and isinstance(a.shape(node), torch.Size):
+        in_shape, out_shape = a.shape(node.args[0]), a.shape(node)
+        if in_shape is not None and len(in_shape) != len(out_shape):
+            a.fix(out, f"{describe(node)} changed the rank")
+            return None
+    # tensor-valued extra arguments (clamp(min=tensor), type_as(other)) broadcast like operands
+    others = [x for x in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(x, Node) and a.shape(x) is not None]
+    if others and node.target not in ("type_as", "to"):
+        return broadcast_couple(a, node, [node.args[0]] + others)
+    return out
+
+
+try:  # torchvision's stochastic depth scales whole samples: per position
+    from torchvision.ops import stochastic_depth as _sd
+    from torchvision.ops import StochasticDepth as _SD
+
+    register_function(_sd)(passthrough)
+    register_module(_SD)(passthrough)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
+
+
+def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optional[torch.Size] = None):
+    """Broadcasting n-ary op: operands that are full-size along the channel axis must agree."""
+    out_shape = a.shape(node) if out_shape is None else out_shape
+    if not isinstance(out_shape, torch.Size):
+        a.fix([a.map(x) for x in operands], f"{describe(node)} has a non-tensor result")
+        return None
+    rank = len(out_shape)
+    tracked, untracked = [], []
+    for x in operands:
+        shape = a.shape(x)
+        if not isinstance(shape, torch.Size):
+            continue
+        m = a.map(x)
+        if isinstance(m, ChannelMap):
+            tracked.append((x, m, m.axis + rank - len(shape), shape[m.axis]))
+        elif m is not None:
+            a.fix(m, f"{describe(node)} received a tuple")
+        else:
+            untracked.append((x, shape))
+    if not tracked:
+        return None
+    axes = {t[2] for t in tracked}
+    if len(axes) > 1:
+        a.fix([t[1] for t in tracked], f"{describe(node)} combines tensors whose channels lie on different axes")
+        return None
+    axis = axes.pop()
+    size = out_shape[axis]
+    full = [m for _, m, _, s in tracked if s == size]
+    for _, m, _, s in tracked:
+        if s != size:
+            a.fix(m, f"{describe(node)} broadcasts a {s}-channel tensor over {size} channels")
+    if not full:
+        return None
+    base = full[0].ids
+    for m in full[1:]:
+        a.union(base, m.ids)
+    for x, shape in untracked:
+        d = axis - (rank - len(shape))
+        if d >= 0 and shape[d] == size and size > 1:
+            if x.op == "get_attr":
+                a.bind_param(x.target, d, base)  # a parameter combined per channel: slice it too
+            else:
+                a.fix(base, f"{describe(node)} combines the channels with the untracked tensor `{x.name}`")
+    return ChannelMap(axis, base)
+
+
+_BINARY_FUNCTIONS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.true_divide, torch.maximum, torch.minimum, torch.fmax, torch.fmin, torch.where, torch.lerp,
+    torch.addcmul, torch.addcdiv, torch.pow, operator.pow, torch.masked_fill, torch.eq, torch.ne, torch.lt,
+    torch.le, torch.gt, torch.ge, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+]
+_BINARY_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "maximum", "minimum", "where",
+    "lerp", "lerp_", "addcmul", "addcmul_", "addcdiv", "pow", "pow_", "masked_fill", "masked_fill_",
+    "__add__", "__radd__", "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "eq", "ne", "lt",
+    "le", "gt", "ge", "expand_as_mul",
+]
+
+
+@register_function(*_BINARY_FUNCTIONS)
+@register_method(*_BINARY_METHODS)
+def elementwise(a: A, node: Node):
+    return broadcast_couple(a, node, list(node.args) + list(node.kwargs.values()))
+
+
+@register_function(torch.max, torch.min)
+@register_method("max", "min")
+def max_min(a: A, node: Node):
+    second = a.arg(node, 1, "other", a.arg(node, 1, "dim"))
+    if isinstance(second, Node) and isinstance(a.shape(second), torch.Size):
+        return broadcast_couple(a, node, [node.args[0], second])
+    return reduction(a, node)
+
+
+# -------------------------------------------------------------------------------------------
+# reductions, softmax, spatial ops
+# -------------------------------------------------------------------------------------------
+_REDUCTIONS_F = [torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
+                 torch.norm, torch.prod, torch.argmax, torch.argmin, torch.all, torch.any]
+_REDUCTIONS_M = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod", "argmax", "argmin",
+                 "all", "any"]
+
+
+@register_function(*_REDUCTIONS_F)
+@register_method(*_REDUCTIONS_M)
+def reduction(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return tuple(None for _ in a.shape(node)) if _is_tuple_shape(a.shape(node)) else None
+    in_shape = a.shape(node.args[0])
+    dims = a.arg(node, 1, "dim", None)
+    keepdim = bool(a.arg(node, 2, "keepdim", False))
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        a.fix(m, f"{describe(node)} reduces over all dims, including channels")
+        return None
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        a.fix(m, f"{describe(node)} reduces over dims computed at run time")
+        return None
+    dims = [d % len(in_shape) for d in dims]
+    if m.axis in dims:
+        a.fix(m, f"{describe(node)} reduces over the channel dim; pruning would change its value")
+        return None
+    axis = m.axis if keepdim else m.axis - sum(1 for d in dims if d < m.axis)
+    out = ChannelMap(axis, m.ids)
+    return (out, out) if _is_tuple_shape(a.shape(node)) else out
+
+
+@register_function(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod)
+@register_method("softmax", "log_softmax", "cumsum", "cumprod")
+@register_module(torch.nn.Softmax, torch.nn.LogSoftmax)
+def along_dim(a: A, node: Node):
+    """Ops that mix values along one ``dim``: fine unless that dim carries channels."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    module = a.module(node)
+    dim = getattr(module, "dim", None) if module is not None else a.arg(node, 1, "dim")
+    rank = len(a.shape(node.args[0]))
+    if dim is None or not isinstance(dim, int) or dim % rank == m.axis:
+        a.fix(m, f"{describe(node, module)} mixes values across channels")
+    return m
+
+
+def _spatial(k: Optional[int]):
+    """Rule for ops that act on the last ``k`` dims (pooling, interpolation)."""
+
+    def rule(a: A, node: Node):
+        m = a.cmap(node.args[0]) if node.args else None
+        if m is None:
+            return None
+        out_shape = a.shape(node)
+        if _is_tuple_shape(out_shape):  # max_pool with return_indices
+            out_shape = out_shape[0]
+        in_shape = a.shape(node.args[0])
+        kk = k if k is not None else max(len(in_shape) - 2, 1)
+        if m.axis >= len(in_shape) - kk or len(out_shape) != len(in_shape):
+            a.fix(m, f"{describe(node, a.module(node))} acts on the channel dim")
+            return None
+        return m
+
+    return rule
+
+
+for _k, _mods, _fns in [
+    (1, [torch.nn.MaxPool1d, torch.nn.AvgPool1d, torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveMaxPool1d,
+         torch.nn.LPPool1d],
+     [F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d]),
+    (2, [torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d,
+         torch.nn.LPPool2d, torch.nn.ZeroPad2d, torch.nn.ReflectionPad2d, torch.nn.ReplicationPad2d],
+     [F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d]),
+    (3, [torch.nn.MaxPool3d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool3d],
+     [F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d]),
+]:
+    register_module(*_mods)(_spatial(_k))
+    register_function(*_fns)(_spatial(_k))
+register_module(torch.nn.Upsample, torch.nn.UpsamplingNearest2d, torch.nn.UpsamplingBilinear2d)(_spatial(None))
+register_function(F.interpolate, F.upsample)(_spatial(None))
+
+
+@register_function(F.pad)
+def pad(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    pads = a.arg(node, 1, "pad")
+    rank = len(a.shape(node.args[0]))
+    if not isinstance(pads, (list, tuple)):
+        a.fix(m, f"{describe(node)} pads dims computed at run time")
+        return None
+    for i in range(0, len(pads), 2):
+        d = rank - 1 - i // 2
+        if d == m.axis and (pads[i] != 0 or pads[i + 1] != 0):
+            a.fix(m, f"{describe(node)} pads the channel dim")
+            return None
+    return m
+
+
+# -------------------------------------------------------------------------------------------
+# concatenation, splitting, indexing
+# -------------------------------------------------------------------------------------------
+@register_function(torch.cat, torch.concat, torch.concatenate)
+def cat(a: A, node: Node):
+    tensors = list(a.arg(node, 0, "tensors"))
+    dim = a.arg(node, 1, "dim", 0)
+    out_shape = a.shape(node)
+    dim %= len(out_shape)
+    maps = [a.cmap(t) for t in tensors]
+    if not any(m is not None and m.axis == dim for m in maps):
+        return broadcast_couple(a, node, tensors)
+    pieces = []
+    for t, m in zip(tensors, maps):
+        if m is not None and m.axis == dim:
+            pieces.append(m.ids)
+        else:
+            if m is not None:
+                a.fix(m, f"{describe(node)} concatenates channels with a tensor whose channels lie elsewhere")
+            pieces.append(a.new(a.shape(t)[dim], fixed=f"concatenated by {describe(node)} from untracked `{t.name}`"))
+    return ChannelMap(dim, torch.cat(pieces))
+
+
+@register_function(torch.stack)
+def stack(a: A, node: Node):
+    tensors = list(a.arg(node, 0, "tensors"))
+    dim = a.arg(node, 1, "dim", 0) % len(a.shape(node))
+    in_shape = a.shape(tensors[0])
+    m = broadcast_couple(a, node, tensors, out_shape=in_shape)
+    if m is None:
+        return None
+    return ChannelMap(m.axis + (1 if m.axis >= dim else 0), m.ids)
+
+
+@register_function(torch.split, torch.chunk, torch.tensor_split, torch.unbind)
+@register_method("split", "chunk", "tensor_split", "unbind", "split_with_sizes")
+def split(a: A, node: Node):
+    x = node.args[0]
+    shapes = a.shape(node)
+    m = a.cmap(x)
+    if not _is_tuple_shape(shapes):
+        a.fix(m, f"{describe(node)} returned an unexpected value")
+        return None
+    if m is None:
+        return tuple(None for _ in shapes)
+    in_shape = a.shape(x)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dim = a.arg(node, 1 if name == "unbind" else 2, "dim", 0)
+    if not isinstance(dim, int):
+        a.fix(m, f"{describe(node)} splits along a dim computed at run time")
+        return tuple(None for _ in shapes)
+    dim %= len(in_shape)
+    if dim != m.axis:
+        if name == "unbind":
+            axis = m.axis - (1 if m.axis > dim else 0)
+            return tuple(ChannelMap(axis, m.ids) for _ in shapes)
+        return tuple(m for _ in shapes)
+    if name == "unbind" or name == "tensor_split":
+        a.fix(m, f"{describe(node)} splits the channel dim into pieces we cannot re-size")
+        return tuple(None for _ in shapes)
+    out, start = [], 0
+    for s in shapes:
+        n = s[dim]
+        out.append(ChannelMap(dim, m.ids[start:start + n]))
+        start += n
+    return tuple(out)
+
+
+@register_function(operator.getitem)
+def getitem(a: A, node: Node):
+    obj, idx = node.args[0], node.args[1]
+    obj_shape = a.shape(obj)
+    value = a.map(obj)
+    if not isinstance(obj_shape, torch.Size):  # indexing a tuple/list of tensors (split, MHA outputs)
+        if isinstance(value, (tuple, list)) and isinstance(idx, (int, slice)):
+            return value[idx]
+        if value is not None:
+            a.fix(value, f"{describe(node)} indexes a container with a run-time value")
+        return None
+    m = value if isinstance(value, ChannelMap) else None
+    if m is None:
+        return None
+    return index_map(a, node, m, obj_shape, idx)
+
+
+def index_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, idx) -> Optional[ChannelMap]:
+    """Channel map of ``x[idx]`` for basic indexing (ints, slices, None, Ellipsis)."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    for it in items:
+        if not (it is None or it is Ellipsis or isinstance(it, (int, slice)) or
+                (isinstance(it, Node) and a.shape(it) is None)):
+            a.fix(m, f"{describe(node)} uses advanced (tensor/list) indexing")
+            return None
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    if Ellipsis in [it for it in items if not isinstance(it, Node)]:
+        pos = next(i for i, it in enumerate(items) if it is Ellipsis)
+        items = items[:pos] + [slice(None)] * (len(in_shape) - consumed) + items[pos + 1:]
+    in_d = out_d = 0
+    ids, out_axis = m.ids, None
+    for it in items:
+        if it is None:
+            out_d += 1
+            continue
+        if in_d == m.axis:
+            if isinstance(it, slice):
+                if not all(v is None or isinstance(v, int) for v in (it.start, it.stop, it.step)) or it.step not in (None, 1):
+                    a.fix(m, f"{describe(node)} slices the channel dim with a step or run-time bounds")
+                    return None
+                ids, out_axis = m.ids[it], out_d
+            else:
+                a.fix(m, f"{describe(node)} selects a single channel")
+                return None
+        if isinstance(it, slice):
+            out_d += 1
+        in_d += 1
+    if out_axis is None:
+        out_axis = out_d + (m.axis - in_d)
+    return ChannelMap(out_axis, ids)
+
+
+@register_function(torch.narrow)
+@register_method("narrow")
+def narrow(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dim, start, length = (a.arg(node, i, n) for i, n in ((1, "dim"), (2, "start"), (3, "length")))
+    rank = len(a.shape(node.args[0]))
+    if not all(isinstance(v, int) for v in (dim, start, length)):
+        a.fix(m, f"{describe(node)} uses run-time arguments")
+        return None
+    if dim % rank != m.axis:
+        return m
+    return ChannelMap(m.axis, m.ids[start:start + length])
+
+
+@register_function(torch.select, torch.index_select, torch.gather, torch.take_along_dim)
+@register_method("select", "index_select", "gather")
+def select_like(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dim = a.arg(node, 1, "dim")
+    rank = len(a.shape(node.args[0]))
+    if not isinstance(dim, int) or dim % rank == m.axis:
+        a.fix(m, f"{describe(node)} picks individual channels")
+        return None
+    if node.target in ("select", torch.select):
+        return ChannelMap(m.axis - (1 if m.axis > dim % rank else 0), m.ids)
+    return m
+
+
+# -------------------------------------------------------------------------------------------
+# reshapes and permutations
+# -------------------------------------------------------------------------------------------
+@register_function(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
+                   torch.ravel)
+@register_method("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
+                 "squeeze_", "unsqueeze_", "ravel")
+@register_module(torch.nn.Flatten, torch.nn.Unflatten)
+def reshape(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    return reshape_map(a, node, m, a.shape(node.args[0]), a.shape(node))
+
+
+def _blocks(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
+    """Pair groups of input dims with groups of output dims that hold the same elements."""
+    blocks, i, j = [], 0, 0
+    n, k = len(in_shape), len(out_shape)
+    while i < n and j < k:
+        if in_shape[i] == 1 and out_shape[j] != 1:
+            i += 1
+            continue
+        if out_shape[j] == 1 and in_shape[i] != 1:
+            j += 1
+            continue
+        bi, bj, pi, pj = [i], [j], in_shape[i], out_shape[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                bi.append(i)
+                pi *= in_shape[i]
+            else:
+                j += 1
+                bj.append(j)
+                pj *= out_shape[j]
+        blocks.append((bi, bj))
+        i += 1
+        j += 1
+    return blocks
+
+
+def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape: torch.Size):
+    """Any row-major reshape (view, flatten, unflatten, squeeze, ...).
+
+    Merging the channel dim with others repeats each channel's id over the merged positions
+    (``flatten`` before a linear).  Splitting it into several dims requires the kept channels to
+    form a product set, so ids are united along all but one of the new dims: the attention
+    heads dim when the enclosing module has ``num_heads``, else the largest dim (the
+    ``C // groups`` dim of a channel shuffle).
+    """
+    if in_shape[m.axis] == 1:
+        a.fix(m, f"{describe(node)} reshapes a single channel")
+        return None
+    block = next(((bi, bj) for bi, bj in _blocks(list(in_shape), list(out_shape)) if m.axis in bi), None)
+    if block is None:
+        a.fix(m, f"{describe(node)} reshapes in a way the analysis cannot follow")
+        return None
+    bi, bj = block
+    block_in = [in_shape[d] for d in bi]
+    view = [1] * len(bi)
+    view[bi.index(m.axis)] = in_shape[m.axis]
+    table = m.ids.reshape(view).expand(block_in).reshape([out_shape[d] for d in bj])
+    varying = [k for k in range(table.dim())
+               if table.shape[k] > 1 and not torch.equal(table, table.narrow(k, 0, 1).expand_as(table))]
+    if not varying:
+        a.fix(m, f"{describe(node)} reshapes the channel dim away")
+        return None
+    if len(varying) == 1:
+        keep = varying[0]
+    else:
+        heads = a.hint(node, ("num_heads", "heads", "n_heads", "num_attention_heads"))
+        sizes = [table.shape[k] for k in varying]
+        if heads is not None and heads in sizes:
+            keep = varying[sizes.index(heads)]
+        else:
+            keep = max(varying, key=lambda k: (table.shape[k], k))
+        a.elements.union_along(table, tuple(k for k in varying if k != keep))
+    index = [0] * table.dim()
+    index[keep] = slice(None)
+    return ChannelMap(bj[keep], table[tuple(index)].contiguous())
+
+
+@register_function(torch.permute)
+@register_method("permute")
+def permute(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dims = node.args[1:] if node.op == "call_method" else (a.arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    rank = len(a.shape(node.args[0]))
+    if not all(isinstance(d, int) for d in dims):
+        a.fix(m, f"{describe(node)} permutes with run-time dims")
+        return None
+    dims = [d % rank for d in dims]
+    return ChannelMap(dims.index(m.axis), m.ids)
+
+
+@register_function(torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis)
+@register_method("transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_")
+def transpose(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    d0, d1 = a.arg(node, 1, "dim0", a.arg(node, 1, "source")), a.arg(node, 2, "dim1", a.arg(node, 2, "destination"))
+    rank = len(a.shape(node.args[0]))
+    if not (isinstance(d0, int) and isinstance(d1, int)):
+        a.fix(m, f"{describe(node)} uses run-time dims")
+        return None
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    order = list(range(rank))
+    d0, d1 = d0 % rank, d1 % rank
+    if name in ("movedim", "moveaxis"):
+        order.pop(d0)
+        order.insert(d1, d0)
+    else:
+        order[d0], order[d1] = order[d1], order[d0]
+    return ChannelMap(order.index(m.axis), m.ids)
+
+
+@register_method("t")
+@register_function(torch.t)
+def t(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    rank = len(a.shape(node.args[0]))
+    return ChannelMap(m.axis if rank < 2 else 1 - m.axis, m.ids)
+
+
+@register_method("expand", "expand_as", "broadcast_to")
+@register_function(torch.broadcast_to)
+def expand(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    in_shape, out_shape = a.shape(node.args[0]), a.shape(node)
+    axis = m.axis + len(out_shape) - len(in_shape)
+    if out_shape[axis] != in_shape[m.axis]:
+        a.fix(m, f"{describe(node)} broadcasts a single channel")
+        return None
+    return ChannelMap(axis, m.ids)
+
+
+@register_method("repeat")
+def repeat(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    in_shape, out_shape = a.shape(node.args[0]), a.shape(node)
+    axis = m.axis + len(out_shape) - len(in_shape)
+    reps = out_shape[axis] // in_shape[m.axis]
+    return ChannelMap(axis, m.ids.repeat(reps))
+
+
+# -------------------------------------------------------------------------------------------
+# channel shuffles
+# -------------------------------------------------------------------------------------------
+def _shuffle_rule(a: A, node: Node, groups: int):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    if m.axis != 1 or m.size % groups:
+        a.fix(m, f"{describe(node)} shuffles a dim other than channels")
+        return None
+    table = m.ids.reshape(groups, m.size // groups)
+    a.elements.union_along(table, (0,))  # every group keeps the same channel indices
+    return ChannelMap(1, table.t().reshape(-1).contiguous())
+
+
+@register_module(torch.nn.ChannelShuffle)
+def channel_shuffle_module(a: A, node: Node):
+    return _shuffle_rule(a, node, a.module(node).groups)
+
+
+@register_function(F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
+def channel_shuffle_fn(a: A, node: Node):
+    return _shuffle_rule(a, node, a.arg(node, 1, "groups"))
+
+
+@register_module(torch.nn.PixelShuffle, torch.nn.PixelUnshuffle)
+@register_function(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle)
+def pixel_shuffle(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    in_shape, out_shape = a.shape(node.args[0]), a.shape(node)
+    if m.axis != len(in_shape) - 3:
+        a.fix(m, f"{describe(node, a.module(node))} acts on the channel dim's neighbours")
+        return None
+    cin, cout = in_shape[m.axis], out_shape[m.axis]
+    if cout < cin:  # shuffle: r*r consecutive channels become one output channel
+        table = m.ids.reshape(cout, cin // cout)
+        a.elements.union_along(table, (1,))
+        return ChannelMap(m.axis, table[:, 0].contiguous())
+    return ChannelMap(m.axis, m.ids.repeat_interleave(cout // cin))
+
+
+# -------------------------------------------------------------------------------------------
+# matrix products and attention
+# -------------------------------------------------------------------------------------------
+@register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm)
+@register_method("matmul", "bmm", "mm", "__matmul__")
+def matmul(a: A, node: Node):
+    x, y = node.args[0], node.args[1]
+    xs, ys, out = a.shape(x), a.shape(y), a.shape(node)
+    mx, my = a.cmap(x), a.cmap(y)
+    if xs is None or ys is None or len(xs) < 2 or len(ys) < 2:
+        a.fix([mx, my], f"{describe(node)} with 1-d operands")
+        return None
+    k = xs[-1]
+    rank = len(out)
+    contraction = None
+    out_map: Optional[ChannelMap] = None
+
+    def contracted(m, is_x):
+        return m is not None and m.axis == (len(xs) - 1 if is_x else len(ys) - 2)
+
+    if contracted(mx, True) or contracted(my, False):
+        if contracted(mx, True) and contracted(my, False):
+            a.union(mx.ids, my.ids)
+            contraction = mx.ids
+            a.gate(0, mx)
+        else:
+            m, other, pos = (mx, y, len(ys) - 2) if contracted(mx, True) else (my, x, len(xs) - 1)
+            if other.op == "get_attr":
+                a.bind_param(other.target, pos, m.ids)
+                contraction = m.ids
+                a.gate(0 if m is mx else 1, m)
+            else:
+                a.fix(m, f"{describe(node)} contracts the channels with the untracked tensor `{other.name}`")
+    candidates = []
+    if mx is not None and mx.axis == len(xs) - 2:
+        candidates.append(ChannelMap(rank - 2, mx.ids))
+    if my is not None and my.axis == len(ys) - 1:
+        candidates.append(ChannelMap(rank - 1, my.ids))
+    batch = [(t, m) for t, m in ((x, mx), (y, my)) if m is not None and m.axis < len(a.shape(t)) - 2]
+    if batch:
+        base_t, base = batch[0]
+        axis = base.axis + rank - len(a.shape(base_t))
+        for _, m in batch[1:]:
+            if m.size == base.size:
+                a.union(base.ids, m.ids)
+            else:
+                a.fix(m, f"{describe(node)} broadcasts channels")
+        candidates.insert(0, ChannelMap(axis, base.ids))
+    for extra in candidates[1:]:
+        a.fix(extra, f"{describe(node)} would produce channels on two axes")
+    out_map = candidates[0] if candidates else None
+    numel = math.prod(out)
+    coeff = numel * k
+    rows = []
+    if out_map is not None:
+        coeff /= out[out_map.axis]
+        rows.append(out_map.ids)
+    if contraction is not None:
+        coeff /= k
+        rows.append(contraction)
+    a.add_macs(coeff, *rows)
+    return out_map
+
+
+@register_function(F.scaled_dot_product_attention)
+def sdpa(a: A, node: Node):
+    q, k, v = (a.arg(node, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
+    qs, ks, vs, out = a.shape(q), a.shape(k), a.shape(v), a.shape(node)
+    mq, mk, mv = a.cmap(q), a.cmap(k), a.cmap(v)
+    rank = len(qs)
+    batch = [m for m in (mq, mk, mv) if m is not None and m.axis < rank - 2]
+    other = [m for m in (mq, mk) if m is not None and m.axis >= rank - 2]
+    a.fix(other, f"{describe(node)}: its default scale depends on the head dim, and it mixes tokens")
+    out_map = None
+    if mv is not None and mv.axis == rank - 1:
+        out_map = mv
+    elif mv is not None and mv.axis == rank - 2:
+        a.fix(mv, f"{describe(node)} mixes tokens")
+    if batch:
+        if len(batch) != 3 or len({m.axis for m in batch}) != 1:
+            a.fix(batch, f"{describe(node)}: query, key and value must carry the same heads")
+        else:
+            a.union(batch[0].ids, batch[1].ids)
+            a.union(batch[0].ids, batch[2].ids)
+            if out_map is not None:
+                a.fix(out_map, f"{describe(node)} would produce channels on two axes")
+            out_map = batch[0]
+    L, E, S, Ev = qs[-2], qs[-1], ks[-2], vs[-1]
+    coeff = math.prod(qs[:-2]) * L * S * (E + Ev)
+    if out_map is not None and out_map.axis < rank - 2:
+        a.add_macs(coeff / qs[out_map.axis], out_map.ids)
+    elif out_map is not None:
+        a.add_macs(math.prod(qs[:-2]) * L * S * E)
+        a.add_macs(math.prod(qs[:-2]) * L * S, out_map.ids)
+    else:
+        a.add_macs(coeff)
+    return out_map
+
+
+def _is_tuple_shape(s) -> bool:
+    return isinstance(s, tuple) and not isinstance(s, torch.Size)
