@@ -1,0 +1,167 @@
+"""Model-zoo sweep: build the dependency graph, prune a random half of every group, check exactness.
+
+For every torchvision classification model (80), segmentation model (6) and detection model's
+backbone + FPN (12): trace, build prune groups, keep a seeded random 50% of every prunable
+group, shrink, run, and compare with the masked reference model.  Prints a table and writes
+``benchmarks/results/zoo.json``.
+
+    python benchmarks/zoo.py                      # everything (about 20-30 min on 2 CPU cores)
+    python benchmarks/zoo.py --only resnet50 vit_b_16
+    python benchmarks/zoo.py --suite classification --limit 10
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from tabulate import tabulate
+
+import hfp_fx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# models whose forward needs a fixed input resolution
+FIXED_224 = ("vit_", "swin_", "maxvit_")
+
+
+def classification_models():
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def segmentation_models():
+    return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+def detection_models():
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def build(suite: str, name: str):
+    """Return (model, example input) for one zoo entry, randomly initialised."""
+    if suite == "classification":
+        model = torchvision.models.get_model(name, weights=None)
+        size = 224 if name.startswith(FIXED_224) else (128 if name != "inception_v3" else 160)
+        return model.eval(), torch.randn(1, 3, size, size)
+    if suite == "segmentation":
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+        return model.eval(), torch.randn(1, 3, 128, 128)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    size = 320 if "ssd" in name else 128
+    return model.backbone.eval(), torch.randn(1, 3, size, size)
+
+
+def flat_tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flat_tensors(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flat_tensors(v)]
+    return []
+
+
+def max_rel_error(a, b) -> float:
+    errs = []
+    for x, y in zip(flat_tensors(a), flat_tensors(b)):
+        if x.shape != y.shape:
+            return float("inf")
+        errs.append(float((x - y).abs().max() / (x.abs().max() + 1e-12)))
+    return max(errs) if errs else 0.0
+
+
+def random_keep(dg, seed: int = 0, ratio: float = 0.5):
+    gen = torch.Generator().manual_seed(seed)
+    return {g.id: sorted(torch.randperm(g.channels, generator=gen)[: max(1, int(g.channels * ratio))].tolist())
+            for g in dg.prunable_groups}
+
+
+def run_one(suite: str, name: str) -> dict:
+    row = {"model": name, "suite": suite}
+    try:
+        torch.manual_seed(0)
+        model, x = build(suite, name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dg = hfp_fx.dependency_graph(model, x)
+        row.update(seconds=round(dg.seconds, 3), nodes=len(dg.gm.graph.nodes), groups=len(dg.groups),
+                   prunable_groups=len(dg.prunable_groups), prunable_fraction=round(dg.prunable_fraction(), 4),
+                   mac_mismatch=len(dg.facts.mac_mismatch), opaque=len(dg.facts.opaque))
+        keep = random_keep(dg)
+        dense = hfp_fx.count(model, x)
+        masked = hfp_fx.mask(dg, keep=keep).eval()
+        small = hfp_fx.shrink(dg, keep=keep).eval()
+        pruned = hfp_fx.count(small, x)
+        predicted = hfp_fx.CostModel(dg).counts(dg.alive(keep)[hfp_fx.CostModel(dg).unit_ids])
+        with torch.no_grad():
+            err = max_rel_error(masked(x), small(x))
+        row.update(params_dense=dense.params, params_pruned=pruned.params, macs_dense=dense.macs,
+                   macs_pruned=pruned.macs, cost_model_exact=(predicted == pruned), max_rel_err=err,
+                   exact=bool(err <= 1e-4))
+    except Exception as exc:  # noqa: BLE001 - a sweep reports failures and goes on
+        row.update(exact=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        if os.environ.get("ZOO_DEBUG"):
+            traceback.print_exc()
+    gc.collect()
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["all", "classification", "segmentation", "detection"], default="all")
+    ap.add_argument("--only", nargs="*", help="model names to run")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    jobs = []
+    if args.suite in ("all", "classification"):
+        jobs += [("classification", n) for n in classification_models()]
+    if args.suite in ("all", "segmentation"):
+        jobs += [("segmentation", n) for n in segmentation_models()]
+    if args.suite in ("all", "detection"):
+        jobs += [("detection", n) for n in detection_models()]
+    if args.only:
+        jobs = [j for j in jobs if j[1] in args.only]
+    jobs = jobs[: args.limit]
+    rows = []
+    for i, (suite, name) in enumerate(jobs):
+        row = run_one(suite, name)
+        rows.append(row)
+        status = "exact" if row.get("exact") else f"FAIL {row.get('error', row.get('max_rel_err'))}"
+        print(f"[{i + 1}/{len(jobs)}] {suite}/{name}: {status} "
+              f"(graph {row.get('seconds', '-')} s, prunable {row.get('prunable_fraction', '-')})",
+              file=sys.stderr, flush=True)
+    table = [[r["model"], r.get("nodes"), r.get("groups"), r.get("prunable_groups"),
+              f"{100 * r['prunable_fraction']:.0f}%" if "prunable_fraction" in r else "-",
+              f"{r['macs_dense'] / 1e6:.0f}M -> {r['macs_pruned'] / 1e6:.0f}M" if "macs_pruned" in r else "-",
+              "yes" if r.get("exact") else "NO", r.get("seconds")] for r in rows]
+    print(tabulate(table, headers=["model", "nodes", "groups", "prunable", "prunable ch", "MACs dense -> pruned",
+                                   "exact", "graph s"], tablefmt="github"))
+    secs = [r["seconds"] for r in rows if "seconds" in r]
+    summary = {
+        "models": len(rows), "exact": sum(bool(r.get("exact")) for r in rows),
+        "cost_model_exact": sum(bool(r.get("cost_model_exact")) for r in rows),
+        "graph_seconds_median": statistics.median(secs) if secs else None,
+        "graph_seconds_max": max(secs) if secs else None,
+        "prunable_fraction_median": statistics.median([r["prunable_fraction"] for r in rows if "prunable_fraction" in r])
+        if secs else None,
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+    }
+    print(json.dumps(summary, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"summary": summary, "rows": rows}, f, indent=1)
+    return 0 if summary["exact"] == summary["models"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Shared checks: shrink equals mask, the cost model predicts the shrunk model, nothing mutated."""
+import copy
+import io
+
+import torch
+
+import hfp_fx
+
+
+def state_snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, repr(model)
+
+
+def assert_unchanged(model, snapshot):
+    state, text = snapshot
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), f"user model tensor {k} was modified"
+    assert repr(model) == text, "user model structure was modified"
+
+
+def random_keep(dg, seed=0, ratio=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    return {g.id: sorted(torch.randperm(g.channels, generator=gen)[: max(1, int(g.channels * ratio))].tolist())
+            for g in dg.prunable_groups}
+
+
+def outputs(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in outputs(v)]
+    return []
+
+
+def assert_close(a, b, rtol=1e-4, atol=1e-5):
+    for x, y in zip(outputs(a), outputs(b)):
+        assert x.shape == y.shape
+        scale = float(x.abs().max()) + 1e-12
+        assert float((x - y).abs().max()) <= atol + rtol * scale, float((x - y).abs().max()) / scale
+
+
+def check_model(model, x, seed=0, ratio=0.5, train_mode=True):
+    """Prune a random ``ratio`` of every group and check every guarantee of the core API."""
+    model = model.eval()
+    inputs = x if isinstance(x, tuple) else (x,)
+    snap = state_snapshot(model)
+    dg = hfp_fx.dependency_graph(model, x)
+    assert not dg.facts.mac_mismatch, dg.facts.mac_mismatch
+    cm = hfp_fx.CostModel(dg)
+    dense = hfp_fx.count(model, x)
+    assert cm.counts() == dense
+    keep = random_keep(dg, seed, ratio)
+    masked = hfp_fx.mask(dg, keep=keep).eval()
+    small = hfp_fx.shrink(dg, keep=keep).eval()
+    small.graph.lint()
+    assert "def forward" in small.code
+    with torch.no_grad():
+        assert_close(masked(*inputs), small(*inputs))
+    predicted = cm.counts(dg.alive(keep)[cm.unit_ids])
+    assert predicted == hfp_fx.count(small, x)
+    if keep and any(len(v) < dg.group(k).channels for k, v in keep.items()):
+        assert predicted.params < dense.params
+    if train_mode:
+        small.train()
+        out = small(*inputs)
+        loss = sum(o.float().sum() for o in outputs(out))
+        loss.backward()
+        small.eval()
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert_close(small(*inputs), loaded(*inputs), rtol=0, atol=0)
+    assert_unchanged(model, snap)
+    return dg, small

@@ -1,0 +1,47 @@
+"""A representative subset of the model zoo (the full sweep is benchmarks/zoo.py)."""
+import pytest
+import torch
+import torchvision
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.swin_transformer import SwinTransformer
+from torchvision.models.vision_transformer import VisionTransformer
+
+from helpers import check_model
+
+SMALL_ZOO = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.5),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(),
+    "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(),
+    "squeezenet1_1": lambda: torchvision.models.squeezenet1_1(),
+    "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
+    "densenet121": lambda: torchvision.models.densenet121(),
+    "googlenet": lambda: torchvision.models.googlenet(aux_logits=False, init_weights=True),
+    "tiny_vit": lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                          mlp_dim=64, num_classes=10),
+    "tiny_convnext": lambda: ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10),
+    "tiny_swin": lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                         window_size=[4, 4], num_classes=10),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_ZOO))
+def test_shrink_equals_mask(name):
+    torch.manual_seed(0)
+    model = SMALL_ZOO[name]()
+    size = 32 if name in ("tiny_vit", "tiny_swin", "tiny_convnext") else 64
+    dg, small = check_model(model, torch.randn(2, 3, size, size))
+    assert dg.prunable_fraction() > 0.3
+    assert dg.seconds < 5
+
+
+def test_segmentation_dict_output():
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    check_model(model, torch.randn(1, 3, 64, 64), train_mode=False)
+
+
+def test_detection_backbone_fpn():
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+    dg, _ = check_model(model.backbone, torch.randn(1, 3, 64, 64), train_mode=False)
+    assert dg.prunable_groups
