@@ -74,6 +74,8 @@ class ChannelFacts:
     macs: List[MacTerm]
     gates: List[GateSite]
     opaque: Dict[str, str] = field(default_factory=dict)
+    #: alias name -> canonical name for tied parameters
+    canonical: Dict[str, str] = field(default_factory=dict)
     #: nodes whose MAC rule disagrees with torch.utils.flop_counter: (node, ours, counter's)
     mac_mismatch: List[Tuple[str, int, int]] = field(default_factory=list)
 
@@ -121,10 +123,10 @@ class ChannelAnalysis:
         self.mac_mismatch: List[Tuple[str, int, int]] = []
         self._modules = dict(gm.named_modules())
         # tied weights: every alias of a tensor is bound under its first name
-        self._canonical: Dict[str, str] = {}
+        self.canonical: Dict[str, str] = {}
         first: Dict[int, str] = {}
         for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-            self._canonical[name] = first.setdefault(id(t), name)
+            self.canonical[name] = first.setdefault(id(t), name)
         self.node: Optional[Node] = None
 
     # -- queries rules use ---------------------------------------------------------------
@@ -181,7 +183,7 @@ class ChannelAnalysis:
         """Positions along ``dim`` of parameter/buffer ``name`` belong to elements ``ids``."""
         if name is None:
             return
-        name = self._canonical.get(name, name)
+        name = self.canonical.get(name, name)
         dims = self.params.setdefault(name, {})
         if dim in dims:
             self.union(dims[dim], ids)
@@ -202,7 +204,7 @@ class ChannelAnalysis:
             self.maps[node.name] = self._visit(node)
         self.node = None
         return ChannelFacts(self.gm, self.elements, self.maps, self.params, self.macs, self.gates, self.opaque,
-                            self.mac_mismatch)
+                            self.canonical, self.mac_mismatch)
 
     def _visit(self, node: Node) -> Any:
         if node.op in ("placeholder", "get_attr"):

@@ -152,7 +152,13 @@ def batch_norm(a: A, node: Node):
 @register_module(torch.nn.LayerNorm, torch.nn.RMSNorm) if hasattr(torch.nn, "RMSNorm") else register_module(torch.nn.LayerNorm)
 def layer_norm(a: A, node: Node):
     mod = a.module(node)
-    return _layer_norm(a, node, len(mod.normalized_shape), mod)
+    m = _layer_norm(a, node, len(mod.normalized_shape), mod)
+    if m is not None:
+        k = m.axis - (len(a.shape(node.args[0])) - len(mod.normalized_shape))
+        for attr in ("weight", "bias"):
+            if k >= 0 and isinstance(getattr(mod, attr, None), torch.Tensor):
+                a.bind_param(_pname(node, attr), k, m.ids)
+    return m
 
 
 @register_function(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))

@@ -304,6 +304,11 @@ def _verify_shapes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor) -> None:
             shape = list(tm.shape)
             shape[m.axis] = int(alive[m.ids].sum())
             expected[node.name] = tuple(shape)
+        elif node.op == "get_attr" and tm is not None and hasattr(tm, "shape"):
+            shape = list(tm.shape)
+            for dim, ids in dg.facts.params.get(dg.facts.canonical.get(node.target, node.target), {}).items():
+                shape[dim] = int(alive[ids].sum())
+            expected[node.name] = tuple(shape)
         elif tm is not None and hasattr(tm, "shape"):
             expected[node.name] = tuple(tm.shape)
     try:

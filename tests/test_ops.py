@@ -1,0 +1,305 @@
+"""One small model per coupling rule: shrink == mask, counts predicted exactly, reasons given."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hfp_fx
+from helpers import check_model
+
+
+def groups_by_module(dg):
+    return {m: g for g in dg.groups for m in g.modules}
+
+
+class CatSplit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 1)
+        self.c = nn.Conv2d(14, 10, 1)
+        self.d, self.e = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c(torch.cat([self.a(x), self.b(x)], dim=1)))
+        p, q = torch.split(y, [4, 6], dim=1)
+        r, s = y.chunk(2, dim=1)
+        return torch.cat([self.d(p), self.e(q), r + s, y[:, 2:7], y.narrow(1, 1, 3)], 1).mean((2, 3))
+
+
+class Shuffle(nn.Module):
+    """ShuffleNet-style: chunk, branch, cat, view/transpose/view channel shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for _ in range(2):
+            x1, x2 = x.chunk(2, dim=1)
+            x = torch.cat((x1, self.branch(x2)), dim=1)
+            n, c, h, w = x.size()
+            x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.head(x)
+
+
+class PixelAndNativeShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.shuffle = nn.ChannelShuffle(4)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.ps = nn.PixelShuffle(2)
+        self.c = nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        return self.c(self.ps(self.b(self.shuffle(self.a(x)))))
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt-style block: depthwise conv, permute, LayerNorm, linear, GELU, linear, layer scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1))
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.norm(y)))).permute(0, 3, 1, 2)
+        x = x + self.gamma * y
+        return self.head(torch.flatten(x, 1))
+
+
+class FlattenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 7)
+        self.fc2 = nn.Linear(7, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        return self.fc2(torch.relu(self.fc(x.view(x.size(0), 6 * 4 * 4))))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(12, 3, 1), nn.Conv2d(3, 12, 1)
+        self.out = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return self.out(x * s)
+
+
+class GroupedAndTransposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.dw2 = nn.Conv2d(12, 24, 3, padding=1, groups=12)  # depth multiplier 2
+        self.up = nn.ConvTranspose2d(24, 6, 2, stride=2)
+        self.out = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.out(F.relu(self.up(F.relu(self.dw2(self.g(self.a(x)))))))
+
+
+class Attention(nn.Module):
+    """timm-style attention: qkv reshape into heads, SDPA, merge heads, projection."""
+
+    def __init__(self, dim=16, num_heads=4):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class ManualAttention(Attention):
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, attn_cls):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 5, 16))
+        self.inp = nn.Linear(8, 16)
+        self.attn = attn_cls()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x) + self.pos
+        return self.fc(self.attn(x))
+
+
+@pytest.mark.parametrize("model,x", [
+    (CatSplit(), torch.randn(2, 3, 8, 8)),
+    (Shuffle(), torch.randn(2, 3, 6, 6)),
+    (PixelAndNativeShuffle(), torch.randn(2, 3, 4, 4)),
+    (ChannelsLast(), torch.randn(2, 3, 4, 4)),
+    (FlattenMLP(), torch.randn(2, 3, 4, 4)),
+    (SqueezeExcite(), torch.randn(2, 3, 6, 6)),
+    (GroupedAndTransposed(), torch.randn(2, 3, 5, 5)),
+    (Block(Attention), torch.randn(2, 5, 8)),
+    (Block(ManualAttention), torch.randn(2, 5, 8)),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rule_models(model, x, seed):
+    dg, _ = check_model(model, x, seed=seed)
+    assert dg.prunable_groups
+
+
+def test_attention_prunes_whole_heads():
+    dg = hfp_fx.dependency_graph(Block(Attention), torch.randn(2, 5, 8))
+    qkv = [g for g in dg.groups if any(m.target == "attn.qkv.weight" and m.dim == 0 for m in g.members)]
+    assert len(qkv) == 1 and qkv[0].prunable and qkv[0].channels == 4  # one unit per head
+    small = hfp_fx.shrink(dg, keep={qkv[0].id: [0, 2]})
+    assert small.get_submodule("attn.qkv").out_features == 3 * 2 * 4
+    assert small.get_submodule("attn.proj").in_features == 2 * 4
+
+
+def test_shuffle_and_cat_groups():
+    dg = hfp_fx.dependency_graph(CatSplit(), torch.randn(1, 3, 8, 8))
+    by = groups_by_module(dg)
+    assert by["a"].prunable and by["b"].prunable and by["a"] is not by["b"]
+    dg = hfp_fx.dependency_graph(Shuffle(), torch.randn(1, 3, 6, 6))
+    assert 0 < dg.prunable_fraction() < 1
+
+
+def test_grouped_conv_prunes_whole_groups():
+    dg = hfp_fx.dependency_graph(GroupedAndTransposed(), torch.randn(1, 3, 5, 5))
+    g = groups_by_module(dg)["g"]
+    assert g.channels == 4  # four conv-groups
+    small = hfp_fx.shrink(dg, keep={g.id: [1, 3]})
+    conv = small.get_submodule("g")
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 6)
+
+
+def test_layernorm_and_outputs_are_fixed_with_reasons():
+    dg = hfp_fx.dependency_graph(ChannelsLast(), torch.randn(1, 3, 4, 4))
+    by = groups_by_module(dg)
+    assert not by["norm"].prunable and "LayerNorm" in by["norm"].reason
+    assert by["fc1"].prunable and by["fc1"].channels == 32
+    assert not by["head"].prunable and "model output" in by["head"].reason
+
+
+class UnknownOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.fft.fft(self.a(x)).real)
+
+
+def test_unknown_op_fixes_channels_and_names_it():
+    dg = hfp_fx.dependency_graph(UnknownOp(), torch.randn(1, 3, 4, 4))
+    g = groups_by_module(dg)["a"]
+    assert not g.prunable and "fft" in g.reason
+    check_model(UnknownOp(), torch.randn(1, 3, 4, 4))
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class HasUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.inner, self.b = nn.Conv2d(3, 8, 1), DataDependent(), nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(4, 6, 1)
+        self.d = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.d(torch.relu(self.c(self.b(self.inner(self.a(x))))))
+
+
+def test_untraceable_submodule_becomes_opaque():
+    with pytest.warns(UserWarning, match="inner"):
+        dg = hfp_fx.dependency_graph(HasUntraceable(), torch.randn(1, 3, 4, 4))
+    by = groups_by_module(dg)
+    assert not by["a"].prunable and "opaque" in by["a"].reason
+    assert by["c"].prunable
+    with pytest.warns(UserWarning):
+        check_model(HasUntraceable(), torch.randn(1, 3, 4, 4))
+
+
+def test_untraceable_root_raises_naming_the_cause():
+    with pytest.raises(hfp_fx.TraceError, match="DataDependent"):
+        hfp_fx.dependency_graph(DataDependent(), torch.randn(1, 8, 4, 4))
+
+
+def test_exclude_and_bad_keep():
+    model = FlattenMLP()
+    dg = hfp_fx.dependency_graph(model, torch.randn(1, 3, 4, 4), exclude=["conv"])
+    assert not groups_by_module(dg)["conv"].prunable
+    with pytest.raises(ValueError, match="does not have"):
+        hfp_fx.dependency_graph(model, torch.randn(1, 3, 4, 4), exclude=["nope"])
+    dg = hfp_fx.dependency_graph(model, torch.randn(1, 3, 4, 4))
+    g = groups_by_module(dg)["conv"]
+    with pytest.raises(ValueError, match="at least one"):
+        hfp_fx.shrink(dg, keep={g.id: []})
+    with pytest.raises(ValueError, match="distinct"):
+        hfp_fx.shrink(dg, keep={g.id: [0, 0]})
+    with pytest.raises(KeyError):
+        hfp_fx.shrink(dg, keep={"nope": [0]})
+
+
+def test_multihead_attention_module():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 16)
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            x = self.inp(x)
+            y, _ = self.mha(x, x, x, need_weights=False)
+            return self.fc2(F.gelu(self.fc1(y)))
+
+    dg, _ = check_model(M(), torch.randn(2, 5, 4))
+    assert groups_by_module(dg)["fc1"].prunable
+
+
+def test_summary_networkx_and_dot():
+    dg = hfp_fx.dependency_graph(SqueezeExcite(), torch.randn(1, 3, 6, 6))
+    text = dg.summary()
+    assert "prunable" in text and dg.groups[0].id in text
+    g = dg.to_networkx()
+    assert any(d.get("kind") == "group" for _, d in g.nodes(data=True))
+    dot = dg.to_dot()
+    assert dot.startswith("digraph") and "->" in dot
