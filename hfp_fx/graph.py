@@ -59,6 +59,7 @@ class PruneGroup:
     prunable: bool
     reason: Optional[str]
     members: List[Member] = field(default_factory=list)
+    reasons: List[str] = field(default_factory=list, repr=False)  #: every reason, when not prunable
     units: torch.Tensor = field(default=None, repr=False)  #: unit id of each channel, in order
 
     @property
@@ -133,7 +134,7 @@ class DependencyGraph:
             name = mem[0].module if mem else f"unit{us[0]}"
             self.groups.append(PruneGroup(
                 id=f"g{gi}", name=name, channels=len(us), prunable=not why,
-                reason="; ".join(why) if why else None, members=mem,
+                reason=_summarize(why), reasons=why, members=mem,
                 units=torch.tensor(us, dtype=torch.long)))
 
     # -- queries --------------------------------------------------------------------------
@@ -230,6 +231,13 @@ class DependencyGraph:
             lines.append(f'  "{u}" -> "{v}" [style={style}];')
         lines.append("}")
         return "\n".join(lines)
+
+
+def _summarize(reasons: List[str], shown: int = 2) -> Optional[str]:
+    if not reasons:
+        return None
+    text = "; ".join(reasons[:shown])
+    return text + (f" (and {len(reasons) - shown} more)" if len(reasons) > shown else "")
 
 
 def _short(text: Optional[str], n: int = 70) -> str:

@@ -176,6 +176,10 @@ class ChannelAnalysis:
         self.elements.union(a, b)
 
     def fix(self, value: Any, reason: str) -> None:
+        """Fix every element in ``value``: an id tensor, a ChannelMap, or containers of them."""
+        if isinstance(value, torch.Tensor):
+            self.elements.fix(value, reason)
+            return
         for m in iter_maps(value):
             self.elements.fix(m.ids, reason)
 

@@ -238,3 +238,38 @@ def multihead_attention(a: A, node: Node):
     a.add_macs(in_proj + attn)
     a.add_macs(Lq * E, out_ids)
     return (ChannelMap(len(out_shape) - 1, out_ids),) + tuple(None for _ in out_shapes[1:])
+
+
+@register_function(F.batch_norm, F.instance_norm)
+def batch_norm_fn(a: A, node: Node):
+    """Functional per-channel norm (timm's BatchNormAct2d): parameters are get_attr nodes to slice."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    if m.axis != 1:
+        a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim")
+        return m
+    names = ("running_mean", "running_var", "weight", "bias")  # same order for both functions
+    for i, key in enumerate(names, start=1):
+        t = a.arg(node, i, key)
+        if isinstance(t, Node):
+            if t.op != "get_attr":
+                a.fix(m, f"{describe(node)} with a computed `{key}`")
+                return m
+            a.bind_param(t.target, 0, m.ids)
+    return m
+
+
+@register_function(F.conv1d, F.conv2d, F.conv3d)
+def conv_fn(a: A, node: Node):
+    """Functional conv with a parameter weight (timm's same-padding convs)."""
+    weight, bias = a.arg(node, 1, "weight"), a.arg(node, 2, "bias")
+    groups = a.arg(node, 6, "groups", 1)
+    ws = a.shape(weight)
+    plain = isinstance(weight, Node) and weight.op == "get_attr" and isinstance(groups, int)
+    if not plain or (isinstance(bias, Node) and bias.op != "get_attr"):
+        a.fix([a.map(node.args[0]), a.map(weight)], f"{describe(node)} with a computed weight")
+        return None
+    b = bias.target if isinstance(bias, Node) else None
+    return conv_core(a, node, node.args[0], weight.target, b, ws[1] * groups, ws[0], groups,
+                     math.prod(ws[2:]), transposed=False)

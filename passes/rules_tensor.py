@@ -485,8 +485,9 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
     else:
         heads = a.hint(node, ("num_heads", "heads", "n_heads", "num_attention_heads"))
         sizes = [table.shape[k] for k in varying]
-        if heads is not None and heads in sizes:
-            keep = varying[sizes.index(heads)]
+        candidates = [k for k, n in zip(varying, sizes) if n == heads and k != table.dim() - 1]
+        if candidates:  # (qkv, heads, head_dim): heads sits just before head_dim
+            keep = candidates[-1]
         else:
             keep = max(varying, key=lambda k: (table.shape[k], k))
         a.elements.union_along(table, tuple(k for k in varying if k != keep))

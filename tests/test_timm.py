@@ -1,0 +1,30 @@
+"""A few timm architectures (random init): attention heads, layer scale, channels-last blocks."""
+import pytest
+import torch
+
+from helpers import check_model
+
+timm = pytest.importorskip("timm", reason="timm is in the dev extra")
+
+MODELS = {
+    "vit_tiny_patch16_224": dict(img_size=64),
+    "resnet18d": {},
+    "mobilenetv3_small_050": {},
+    "convnext_atto": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_timm_model(name):
+    model = timm.create_model(name, pretrained=False, num_classes=10, **MODELS[name])
+    dg, _ = check_model(model, torch.randn(2, 3, 64, 64), train_mode=False)
+    assert dg.prunable_groups
+
+
+def test_vit_heads_are_prunable():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=10)
+    import hfp_fx
+
+    dg = hfp_fx.dependency_graph(model, torch.randn(1, 3, 32, 32))
+    heads = [g for g in dg.groups if any(m.target.endswith("attn.qkv.weight") and m.dim == 0 for m in g.members)]
+    assert heads and all(g.prunable and g.channels == 3 for g in heads)
