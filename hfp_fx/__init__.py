@@ -8,6 +8,9 @@ from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (register
 from hfp_fx.passes import rules_tensor as _rules_tensor  # noqa: F401
 from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.cost import CostModel, Counts
+from hfp_fx.hfp import HFPState, complexity, complexity_loss, finalize, gate_parameters, prepare, prune
+from hfp_fx.projection import InfeasibleTarget, Plan
+from hfp_fx.target import Target
 from hfp_fx.graph import DependencyGraph, Member, PruneGroup
 from hfp_fx.tracing import TraceError
 
@@ -15,5 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
+    "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
+    "Target", "Plan", "InfeasibleTarget", "HFPState",
     "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError",
 ]

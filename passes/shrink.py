@@ -26,15 +26,17 @@ from torch.fx.node import Node
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import iter_maps
 
-__all__ = ["shrink_model", "ShrinkError"]
+__all__ = ["shrink_model", "add_scale_nodes", "ShrinkError"]
 
 
 class ShrinkError(RuntimeError):
     """The rewritten model does not have the shapes the plan predicts (a bug: please report)."""
 
 
-def shrink_model(dg, alive: torch.Tensor, verify: bool = True) -> torch.fx.GraphModule:
-    gm = copy.deepcopy(dg.gm)
+def shrink_model(dg, alive: torch.Tensor, verify: bool = True, gm: torch.fx.GraphModule = None
+                 ) -> torch.fx.GraphModule:
+    """Shrink ``dg``'s model (or ``gm``, a copy of it with other weights) to the ``alive`` elements."""
+    gm = copy.deepcopy(dg.gm) if gm is None else gm
     old_shapes = {name: tuple(t.shape) for name, t in
                   list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     _slice_state(gm, dg, alive)
@@ -323,3 +325,34 @@ def _verify_shapes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor) -> None:
         if got != expected[node.name]:
             raise ShrinkError(f"node {node.name} ({node.format_node()}) has shape {got}, "
                               f"expected {expected[node.name]}")
+
+
+def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -> None:
+    """Insert ``x * buffer`` before consumers whose gate values could not be folded into a weight.
+
+    ``scales`` holds ``(name, gate site, per-position scale or None)``; ``None`` creates the buffer
+    with ones, to be filled by ``load_state_dict`` (the safe loading path).
+    """
+    if not scales:
+        return
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name, site, scale in scales:
+        node = nodes[site.node]
+        keep = alive[site.ids]
+        arg = node.args[site.arg] if isinstance(site.arg, int) else node.kwargs[site.arg]
+        rank = len(arg.meta["tensor_meta"].shape)
+        shape = [1] * rank
+        shape[site.axis] = -1
+        values = torch.ones(int(keep.sum())) if scale is None else scale[keep]
+        buf = f"_hfp_scale_{name}"
+        gm.register_buffer(buf, values.reshape(shape).clone())
+        with gm.graph.inserting_before(node):
+            scaled = gm.graph.call_function(torch.mul, (arg, gm.graph.get_attr(buf)))
+        if isinstance(site.arg, int):
+            args = list(node.args)
+            args[site.arg] = scaled
+            node.args = tuple(args)
+        else:
+            node.kwargs = {**node.kwargs, site.arg: scaled}
+    gm.graph.lint()
+    gm.recompile()

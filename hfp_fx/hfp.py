@@ -1,0 +1,323 @@
+"""Holistic Filter Pruning: prepare -> train with ``complexity_loss`` -> finalize.
+
+The method (our specification, consistent with the HFP paper's abstract; see docs/concepts.md):
+
+* every prunable group gets one gate vector ``g`` (init 1) applied where its channels are
+  consumed (:mod:`hfp_fx.passes.insert_gates`); in the forward pass gates with ``|g| <= tau``
+  act as exact zeros (straight-through), so the network always trains the architecture it
+  will be pruned to;
+* the per-channel keep value is straight-through: forward ``1[|g| > tau]`` (exact hard
+  counts), gradient that of ``|g| / mean(|g| of kept channels in the group)``;
+* the cost model (:mod:`hfp_fx.cost`) turns keep values into params and MACs;
+  ``complexity_loss = sum_X lambda_X * max(0, log(X / X_target)) * U`` over the targeted X,
+  with ``U`` the number of prunable channels so that ``lambda`` is the mean push per gate.
+  Its gradient moves each gate by its channel's marginal global cost: the holistic allocation;
+* ``finalize`` projects onto the budget exactly (:mod:`hfp_fx.projection`), folds the kept gate
+  values into the consuming weights and shrinks the model.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from hfp_fx.api import dependency_graph
+from hfp_fx.cost import CostModel, Counts
+from hfp_fx.graph import DependencyGraph
+from hfp_fx.passes.insert_gates import insert_gates
+from hfp_fx.passes.shrink import add_scale_nodes, shrink_model
+from hfp_fx.projection import Plan, check_feasible, project
+from hfp_fx.target import ResolvedTarget, Target
+
+__all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters"]
+
+
+class HFPState(torch.nn.Module):
+    """Gates, cost model, target and loss schedule of a prepared model (``prepared.hfp``)."""
+
+    def __init__(self, dg: DependencyGraph, target: ResolvedTarget, *, threshold: float = 0.05,
+                 count: str = "ste", temperature: float = 0.02, lambda_init: float = 0.1,
+                 dual_rate: float = 0.01, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1):
+        super().__init__()
+        if count not in ("ste", "sigmoid"):
+            raise ValueError(f"count must be 'ste' or 'sigmoid', got {count!r}")
+        if threshold < 0:
+            raise ValueError("threshold must be >= 0")
+        self.cost = CostModel(dg)
+        groups = dg.prunable_groups
+        self.group_ids: List[str] = [g.id for g in groups]
+        sizes = [g.channels for g in groups]
+        self.offsets: List[int] = [0] + list(torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist()) if sizes else [0]
+        units = torch.cat([g.units for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+        self.gate = torch.nn.Parameter(torch.ones(units.numel()))
+        self.register_buffer("group_index", torch.repeat_interleave(torch.arange(len(sizes)),
+                                                                    torch.tensor(sizes, dtype=torch.long))
+                             if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("columns", self.cost.columns(units), persistent=False)
+        self.register_buffer("lambdas", torch.full((2,), float(lambda_init), dtype=torch.float64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # element id -> index into the gate vector (0 = fixed channel, constant 1)
+        vec = torch.zeros(dg.roots.numel(), dtype=torch.long)
+        unit_pos = torch.zeros(dg.roots.numel(), dtype=torch.long)
+        unit_pos[units] = torch.arange(1, units.numel() + 1)
+        vec[:] = unit_pos[dg.roots]
+        self._element_index = vec
+        self.sites = torch.nn.Module()
+        self.target = target
+        self.dense = self.cost.counts()
+        self.threshold, self.count_mode, self.temperature = float(threshold), count, float(temperature)
+        self.lambda_init, self.dual_rate, self.warmup_steps = float(lambda_init), float(dual_rate), int(warmup_steps)
+        self.min_channels, self.round_to = int(min_channels), int(round_to)
+
+    # -- gates ---------------------------------------------------------------------------------
+    def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._element_index[ids]
+
+    def saliency(self) -> torch.Tensor:
+        return self.gate.detach().abs()
+
+    def effective_gates(self) -> torch.Tensor:
+        g = self.gate
+        hard = g * (g.abs() > self.threshold).to(g.dtype)
+        return g + (hard - g).detach()  # exact zeros forward, identity gradient
+
+    def forward(self) -> torch.Tensor:
+        return torch.cat([self.gate.new_ones(1), self.effective_gates()])
+
+    def gate_of(self, gid: str) -> torch.Tensor:
+        i = self.group_ids.index(gid)
+        return self.gate[self.offsets[i]:self.offsets[i + 1]]
+
+    # -- soft channel counts ------------------------------------------------------------------
+    def keep_values(self, soft: bool = True) -> torch.Tensor:
+        """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
+        s = self.gate.abs()
+        alive = (s > self.threshold).to(s.dtype)
+        keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=s.device)
+        if s.numel() == 0:
+            return keep
+        if not soft:
+            return keep.index_put((self.columns,), alive.double())
+        if self.count_mode == "sigmoid":
+            k = torch.sigmoid((s - self.threshold) / self.temperature)
+        else:
+            n_groups = len(self.group_ids)
+            alive_sum = torch.zeros(n_groups, device=s.device, dtype=s.dtype).index_add(0, self.group_index,
+                                                                                        (s * alive).detach())
+            alive_cnt = torch.zeros(n_groups, device=s.device, dtype=s.dtype).index_add(0, self.group_index, alive)
+            mean = (alive_sum / alive_cnt.clamp(min=1)).clamp(min=1e-6)[self.group_index]
+            # only kept channels are pushed: a gate already below the threshold is left to the task
+            # loss (which may revive it) instead of being driven through zero
+            surrogate = s * alive / mean
+            k = alive + surrogate - surrogate.detach()
+        return keep.index_put((self.columns,), k.double())
+
+    def counts(self, soft: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.cost.evaluate(self.keep_values(soft))
+
+    def current_lambdas(self) -> torch.Tensor:
+        warm = 1.0 if self.warmup_steps <= 0 else min(1.0, float(self.steps + 1) / self.warmup_steps)
+        return self.lambdas * warm
+
+    def loss(self) -> torch.Tensor:
+        params, macs = self.counts(soft=True)
+        lam = self.current_lambdas()
+        total = params.new_zeros(())
+        ratios = []
+        for i, (value, t) in enumerate(((params, self.target.params), (macs, self.target.macs))):
+            if t is None:
+                ratios.append(None)
+                continue
+            r = value / t
+            ratios.append(float(r.detach()))
+            total = total + lam[i] * torch.relu(torch.log(r))
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                self.steps += 1
+                for i, r in enumerate(ratios):
+                    if r is None:
+                        continue
+                    if r > 1:
+                        self.lambdas[i] *= 1 + self.dual_rate
+                    else:
+                        self.lambdas[i] = max(self.lambda_init, float(self.lambdas[i]) * (1 - self.dual_rate))
+        return (total * max(self.gate.numel(), 1)).to(self.gate.dtype)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
+    while hasattr(model, "module") and not hasattr(model, "hfp"):
+        model = model.module  # DistributedDataParallel / DataParallel
+    if not isinstance(getattr(model, "hfp", None), HFPState):
+        raise TypeError(f"{type(model).__name__} is not a model returned by hfp_fx.prepare "
+                        "(or it was already finalized); call hfp_fx.prepare(model, example_inputs, target) first")
+    return model
+
+
+def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude: Sequence[str] = (),
+            min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
+            temperature: float = 0.02, lambda_init: float = 0.1, dual_rate: float = 0.01,
+            warmup_steps: int = 0) -> torch.fx.GraphModule:
+    """A trainable copy of ``model`` with one gate per prunable group (see module doc).
+
+    ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
+    meaning MACs.  The result computes exactly what ``model`` computes (all gates start at 1).
+    """
+    dg = dependency_graph(model, example_inputs, exclude=exclude)
+    resolved = Target.parse(target).resolve(CostModel(dg).counts())
+    state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
+                     lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
+                     min_channels=min_channels, round_to=round_to)
+    if not dg.prunable_groups:
+        raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
+                         "hfp_fx.dependency_graph(model, x).summary() for the reasons")
+    check_feasible(state.cost, dg.prunable_groups, resolved, min_channels, round_to)
+    prepared = insert_gates(dg, state)
+    prepared._hfp_graph = dg
+    prepared.meta["hfp_exclude"] = list(exclude)
+    return prepared
+
+
+def gate_parameters(prepared: torch.nn.Module) -> List[torch.nn.Parameter]:
+    """The gate parameters, e.g. for their own optimizer parameter group."""
+    return [_unwrap(prepared).hfp.gate]
+
+
+def complexity_loss(prepared: torch.nn.Module) -> torch.Tensor:
+    """The HFP loss (scalar, differentiable, zero when every targeted count is under target)."""
+    return _unwrap(prepared).hfp.loss()
+
+
+def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
+    """Current hard (exact) and soft params/MACs, targets and ratios."""
+    hfp = _unwrap(prepared).hfp
+    with torch.no_grad():
+        hp, hm = hfp.cost.evaluate(hfp.keep_values(soft=False))
+        s = hfp.gate.abs()
+        soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=s.device).index_put(
+            (hfp.columns,), torch.sigmoid((s - hfp.threshold) / max(hfp.temperature, 1e-6)).double())
+        sp, sm = hfp.cost.evaluate(soft_keep)
+    out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
+           "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
+           "kept_channels": int((s > hfp.threshold).sum()), "prunable_channels": int(s.numel())}
+    for name, t in (("params", hfp.target.params), ("macs", hfp.target.macs)):
+        out[f"target_{name}"] = t
+        out[f"{name}_ratio"] = out[name] / t if t else None
+    return out
+
+
+def _report(dg: DependencyGraph, plan: Plan, hfp_state=None) -> Dict[str, Any]:
+    groups = {}
+    for g in dg.prunable_groups:
+        dense, kept = plan.kept_per_group[g.id]
+        groups[g.id] = {"name": g.name, "dense": dense, "kept": kept}
+    return {"dense": {"params": plan.dense.params, "macs": plan.dense.macs},
+            "achieved": {"params": plan.counts.params, "macs": plan.counts.macs},
+            "target": {"params": plan.target.params, "macs": plan.target.macs},
+            "groups": groups, "keep": plan.keep}
+
+
+def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphModule:
+    """Exact budget projection + gate folding + shrink (see module doc).
+
+    ``target`` overrides the prepared target.  The result's ``meta["hfp"]`` holds the report.
+    """
+    prepared = _unwrap(prepared)
+    hfp: HFPState = prepared.hfp
+    dg: DependencyGraph = prepared._hfp_graph
+    resolved = hfp.target if target is None else Target.parse(target).resolve(hfp.dense)
+    sal = hfp.saliency().cpu()
+    saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
+    initial = {gid: int((s > hfp.threshold).sum()) for gid, s in saliency.items()}
+    plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
+                   min_channels=hfp.min_channels, round_to=hfp.round_to)
+    alive = dg.alive(plan.keep)
+    base = copy.deepcopy(dg.gm)
+    state = {k: v for k, v in prepared.state_dict().items() if not k.startswith("hfp.")}
+    base.load_state_dict(state, strict=True)
+    base = base.to(hfp.gate.device)
+    vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu()])
+    scales = _fold_gates(base, dg, vector)
+    small = shrink_model(dg, alive, gm=base)
+    add_scale_nodes(small, dg, alive, scales)
+    small.meta["hfp"] = _report(dg, plan)
+    small.meta["hfp"]["scale_sites"] = [s[0] for s in scales]
+    small.meta["hfp"]["exclude"] = prepared.meta.get("hfp_exclude", [])
+    return small
+
+
+def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, vector: torch.Tensor):
+    """Multiply kept gate values into consuming weights; return sites that need a scale node."""
+    uses: Dict[Tuple[str, int], int] = {}
+    for site in dg.facts.gates:
+        if site.weight is not None:
+            uses[site.weight] = uses.get(site.weight, 0) + 1
+    state = dict(gm.named_parameters(remove_duplicate=False))
+    index_of = torch.zeros(dg.roots.numel(), dtype=torch.long)
+    pos = 1
+    for g in dg.prunable_groups:
+        index_of[g.units] = torch.arange(pos, pos + g.channels)
+        pos += g.channels
+    element_index = index_of[dg.roots]
+    pending = []
+    for k, site in enumerate(dg.facts.gates):
+        scale = vector[element_index[site.ids]]
+        if bool((scale == 1).all()):
+            continue
+        if site.weight is not None and uses[site.weight] == 1 and site.weight[0] in state:
+            name, dim = site.weight
+            w = state[name]
+            shape = [1] * w.dim()
+            shape[dim] = -1
+            with torch.no_grad():
+                w.mul_(scale.to(w.dtype).to(w.device).reshape(shape))
+        else:
+            pending.append((f"site{k}", site, scale))
+    return pending
+
+
+def _magnitude_saliency(dg: DependencyGraph, importance: str) -> Dict[str, torch.Tensor]:
+    if importance not in ("l1", "l2", "uniform"):
+        raise ValueError(f"importance must be 'l1', 'l2' or 'uniform', got {importance!r}")
+    roots = dg.roots
+    tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
+    scores = {0: torch.zeros(roots.numel(), dtype=torch.float64), 1: torch.zeros(roots.numel(), dtype=torch.float64)}
+    for name, dims in dg.facts.params.items():
+        w = tensors.get(name)
+        if w is None or w.dim() < 2 or not name.endswith("weight"):
+            continue
+        for dim, ids in dims.items():
+            if dim > 1:
+                continue
+            flat = w.detach().double().transpose(0, dim).reshape(w.shape[dim], -1)
+            per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
+            scores[dim].index_add_(0, roots[ids], per)
+    out = {}
+    for g in dg.prunable_groups:
+        s = scores[0][g.units]
+        if not bool((s > 0).any()):
+            s = scores[1][g.units]
+        if importance == "uniform" or not bool((s > 0).any()):
+            s = torch.ones(g.channels, dtype=torch.float64)
+        out[g.id] = s / s.mean()
+    return out
+
+
+def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
+          exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1) -> torch.fx.GraphModule:
+    """One-shot pruning without training: magnitude saliency + the same exact global projection."""
+    dg = dependency_graph(model, example_inputs, exclude=exclude)
+    if not dg.prunable_groups:
+        raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
+                         "hfp_fx.dependency_graph(model, x).summary() for the reasons")
+    cm = CostModel(dg)
+    resolved = Target.parse(target).resolve(cm.counts())
+    plan = project(cm, dg.prunable_groups, _magnitude_saliency(dg, importance), resolved,
+                   min_channels=min_channels, round_to=round_to)
+    small = shrink_model(dg, dg.alive(plan.keep))
+    small.meta["hfp"] = _report(dg, plan)
+    small.meta["hfp"]["scale_sites"] = []
+    small.meta["hfp"]["exclude"] = list(exclude)
+    return small

@@ -1,0 +1,208 @@
+"""Step 5 of the flow: the exact budget projection that turns saliencies into a pruning plan.
+
+Inside a prune group every channel costs the same (that is how groups are formed), so the
+plan is: per group keep the ``n_g`` most salient channels, and choose the ``n_g`` globally.
+
+1. start from the caller's counts (the hard threshold of trained gates, or all channels);
+2. **remove** while any targeted quantity exceeds its budget: repeatedly drop the block of
+   ``round_to`` channels with the lowest ``saliency / marginal cost`` (marginal costs are the
+   exact first derivatives of the bilinear cost model, recomputed after every batch);
+3. **add back**, best ``saliency / marginal cost`` first, every block whose exact cost still fits
+   under every budget.  First-order marginals never overestimate the cost of adding a block, so
+   a block is skipped only when it truly does not fit: afterwards no remaining block fits the
+   slack, i.e. the result is under target by less than one block's cost.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from hfp_fx.cost import CostModel, Counts
+from hfp_fx.target import ResolvedTarget
+
+__all__ = ["Plan", "project", "check_feasible", "InfeasibleTarget"]
+
+
+class InfeasibleTarget(ValueError):
+    """The target is below what fixed groups and ``min_channels`` allow."""
+
+
+@dataclass
+class Plan:
+    keep: Dict[str, List[int]]  #: group id -> kept channel indices (only pruned groups)
+    counts: Counts  #: exact params/MACs of the planned model (cost model)
+    dense: Counts
+    target: ResolvedTarget
+    kept_per_group: Dict[str, Tuple[int, int]]  #: group id -> (dense, kept)
+
+
+@dataclass
+class _Group:
+    gid: str
+    cols: torch.Tensor  # cost-model column of each channel, most salient first
+    order: torch.Tensor  # channel index of each entry, most salient first
+    sal: torch.Tensor  # saliency, descending
+    size: int
+    lo: int
+    step: int
+    n: int
+
+    def next_removal(self) -> Optional[Tuple[int, float]]:
+        if self.n <= self.lo:
+            return None
+        new = max(self.lo, self.n - self.step if self.n % self.step == 0 else self.n - self.n % self.step)
+        return new, float(self.sal[new:self.n].mean())
+
+    def next_addition(self) -> Optional[Tuple[int, float]]:
+        if self.n >= self.size:
+            return None
+        new = min(self.size, (self.n // self.step + 1) * self.step)
+        return new, float(self.sal[self.n:new].mean())
+
+
+def _lower_limit(size: int, min_channels: int, round_to: int) -> Tuple[int, int]:
+    """(smallest allowed kept count, block size) for a group of ``size`` channels."""
+    step = round_to if size >= round_to else size
+    lo = min(size, max(min_channels, step))
+    if lo != size:
+        lo = min(size, -(-lo // step) * step)
+    return lo, step
+
+
+def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_channels: int = 1,
+                   round_to: int = 1) -> Counts:
+    """Raise :class:`InfeasibleTarget` unless the target is reachable; return the smallest counts."""
+    keep = torch.ones(cm.num_units, dtype=torch.float64)
+    for g in groups:
+        lo, _ = _lower_limit(g.channels, min_channels, round_to)
+        cols = cm.columns(g.units)
+        keep[cols[lo:]] = 0.0
+    p, m = cm.evaluate(keep)
+    floor = Counts(int(round(float(p))), int(round(float(m))))
+    dense = cm.counts()
+    for name, t in target.items():
+        value = getattr(floor, name)
+        if value > t:
+            raise InfeasibleTarget(
+                f"target {name}={t:,} is not reachable: with every prunable group at its minimum "
+                f"(min_channels={min_channels}, round_to={round_to}) the model still has {value:,} "
+                f"{name} ({100 * value / max(getattr(dense, name), 1):.1f}% of dense); fixed groups "
+                "and excluded modules set that floor")
+    return floor
+
+
+def _allowed(n: int, lo: int, step: int, size: int) -> int:
+    n = max(lo, min(size, n))
+    return n if n == size else max(lo, (n // step) * step)
+
+
+def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor], target: ResolvedTarget,
+            initial: Optional[Mapping[str, int]] = None, min_channels: int = 1, round_to: int = 1) -> Plan:
+    """Choose kept channels per group so every targeted count is <= its target (see module doc)."""
+    if min_channels < 1 or round_to < 1:
+        raise ValueError("min_channels and round_to must be >= 1")
+    dense = cm.counts()
+    state: List[_Group] = []
+    for g in groups:
+        sal = saliency[g.id].detach().double().reshape(-1)
+        order = torch.argsort(-sal, stable=True)
+        lo, step = _lower_limit(g.channels, min_channels, round_to)
+        n0 = g.channels if initial is None else int(initial.get(g.id, g.channels))
+        state.append(_Group(g.id, cm.columns(g.units)[order], order, sal[order], g.channels, lo, step,
+                            _allowed(n0, lo, step, g.channels)))
+    metrics = target.items()
+    all_cols = torch.cat([s.cols for s in state]) if state else torch.zeros(0, dtype=torch.long)
+    rank = torch.cat([torch.arange(s.size) for s in state]) if state else torch.zeros(0, dtype=torch.long)
+    owner = torch.cat([torch.full((s.size,), i) for i, s in enumerate(state)]) if state else rank
+
+    def keep_vector() -> torch.Tensor:
+        n = torch.tensor([s.n for s in state], dtype=torch.long)
+        keep = torch.ones(cm.num_units, dtype=torch.float64)
+        if state:
+            keep[all_cols] = (rank < n[owner]).double()
+        return keep
+
+    def evaluate(with_grad: bool = False):
+        keep = keep_vector().requires_grad_(with_grad)
+        p, m = cm.evaluate(keep)
+        values = {"params": float(p.detach()), "macs": float(m.detach())}
+        grads = {}
+        if with_grad:
+            for name, t in (("params", p), ("macs", m)):
+                if target.params is not None and name == "params" or target.macs is not None and name == "macs":
+                    (g,) = torch.autograd.grad(t, keep, retain_graph=True)
+                    grads[name] = torch.stack([g[s.cols[0]] for s in state]) if state else g[:0]
+        return values, grads
+
+    check_feasible(cm, groups, target, min_channels, round_to)
+
+    # 2. remove
+    while True:
+        values, grads = evaluate(with_grad=True)
+        violated = [(name, t) for name, t in metrics if values[name] > t]
+        if not violated:
+            break
+        weight = torch.zeros(len(state), dtype=torch.float64)
+        excess = 0.0
+        for name, t in violated:
+            weight += grads[name] / t
+            excess += (values[name] - t) / t
+        heap = []
+        for i, s in enumerate(state):
+            nxt = s.next_removal()
+            if nxt is not None and weight[i] > 0:
+                heap.append((nxt[1] / float(weight[i]), i))
+        if not heap:
+            break  # unreachable after the feasibility check, kept as a guard
+        heapq.heapify(heap)
+        removed = 0.0
+        while heap and removed < excess:
+            _, i = heapq.heappop(heap)
+            s = state[i]
+            new, _ = s.next_removal()
+            removed += float(weight[i]) * (s.n - new)
+            s.n = new
+            nxt = s.next_removal()
+            if nxt is not None:
+                heapq.heappush(heap, (nxt[1] / float(weight[i]), i))
+
+    # 3. add back
+    blocked = set()
+    while True:
+        values, grads = evaluate(with_grad=True)
+        best = None
+        for i, s in enumerate(state):
+            if i in blocked:
+                continue
+            nxt = s.next_addition()
+            if nxt is None:
+                continue
+            new, sal = nxt
+            cost, fits = 0.0, True
+            for name, t in metrics:
+                inc = float(grads[name][i]) * (new - s.n)
+                if values[name] + inc > t + 1e-6:
+                    fits = False
+                    break
+                cost += inc / t
+            if fits:
+                score = sal / max(cost, 1e-30)
+                if best is None or score > best[0]:
+                    best = (score, i, new)
+        if best is None:
+            break
+        _, i, new = best
+        old = state[i].n
+        state[i].n = new
+        trial, _ = evaluate()
+        if any(trial[name] > t for name, t in metrics):
+            state[i].n = old
+            blocked.add(i)
+
+    values, _ = evaluate()
+    counts = Counts(int(round(values["params"])), int(round(values["macs"])))
+    keep = {s.gid: sorted(s.order[: s.n].tolist()) for s in state if s.n < s.size}
+    return Plan(keep, counts, dense, target, {s.gid: (s.size, s.n) for s in state})
