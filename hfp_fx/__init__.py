@@ -10,6 +10,7 @@ from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.hfp import HFPState, complexity, complexity_loss, finalize, gate_parameters, prepare, prune
 from hfp_fx.projection import InfeasibleTarget, Plan
+from hfp_fx.io import load, save
 from hfp_fx.target import Target
 from hfp_fx.graph import DependencyGraph, Member, PruneGroup
 from hfp_fx.tracing import TraceError
@@ -19,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
-    "Target", "Plan", "InfeasibleTarget", "HFPState",
+    "save", "load", "Target", "Plan", "InfeasibleTarget", "HFPState",
     "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError",
 ]

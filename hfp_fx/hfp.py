@@ -3,11 +3,11 @@
 The method (our specification, consistent with the HFP paper's abstract; see docs/concepts.md):
 
 * every prunable group gets one gate vector ``g`` (init 1) applied where its channels are
-  consumed (:mod:`hfp_fx.passes.insert_gates`); in the forward pass gates with ``|g| <= tau``
+  consumed (:mod:`hfp_fx.passes.insert_gates`); in the forward pass gates with ``g <= tau``
   act as exact zeros (straight-through), so the network always trains the architecture it
   will be pruned to;
-* the per-channel keep value is straight-through: forward ``1[|g| > tau]`` (exact hard
-  counts), gradient that of ``|g| / mean(|g| of kept channels in the group)``;
+* the per-channel keep value is straight-through: forward ``1[g > tau]`` (exact hard
+  counts), gradient that of ``g / mean(g of kept channels in the group)`` on kept channels;
 * the cost model (:mod:`hfp_fx.cost`) turns keep values into params and MACs;
   ``complexity_loss = sum_X lambda_X * max(0, log(X / X_target)) * U`` over the targeted X,
   with ``U`` the number of prunable channels so that ``lambda`` is the mean push per gate.
@@ -39,8 +39,8 @@ class HFPState(torch.nn.Module):
     """Gates, cost model, target and loss schedule of a prepared model (``prepared.hfp``)."""
 
     def __init__(self, dg: DependencyGraph, target: ResolvedTarget, *, threshold: float = 0.05,
-                 count: str = "ste", temperature: float = 0.02, lambda_init: float = 0.1,
-                 dual_rate: float = 0.01, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1):
+                 count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
+                 dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1):
         super().__init__()
         if count not in ("ste", "sigmoid"):
             raise ValueError(f"count must be 'ste' or 'sigmoid', got {count!r}")
@@ -77,11 +77,13 @@ class HFPState(torch.nn.Module):
         return self._element_index[ids]
 
     def saliency(self) -> torch.Tensor:
-        return self.gate.detach().abs()
+        return self.gate.detach().clamp(min=0)
 
     def effective_gates(self) -> torch.Tensor:
+        # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
+        # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
         g = self.gate
-        hard = g * (g.abs() > self.threshold).to(g.dtype)
+        hard = g * (g > self.threshold).to(g.dtype)
         return g + (hard - g).detach()  # exact zeros forward, identity gradient
 
     def forward(self) -> torch.Tensor:
@@ -94,8 +96,8 @@ class HFPState(torch.nn.Module):
     # -- soft channel counts ------------------------------------------------------------------
     def keep_values(self, soft: bool = True) -> torch.Tensor:
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
-        s = self.gate.abs()
-        alive = (s > self.threshold).to(s.dtype)
+        s = self.gate.clamp(min=0)
+        alive = (self.gate > self.threshold).to(s.dtype)
         keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=s.device)
         if s.numel() == 0:
             return keep
@@ -158,7 +160,7 @@ def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
 
 def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude: Sequence[str] = (),
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
-            temperature: float = 0.02, lambda_init: float = 0.1, dual_rate: float = 0.01,
+            temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
@@ -195,7 +197,7 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
     hfp = _unwrap(prepared).hfp
     with torch.no_grad():
         hp, hm = hfp.cost.evaluate(hfp.keep_values(soft=False))
-        s = hfp.gate.abs()
+        s = hfp.gate.clamp(min=0)
         soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=s.device).index_put(
             (hfp.columns,), torch.sigmoid((s - hfp.threshold) / max(hfp.temperature, 1e-6)).double())
         sp, sm = hfp.cost.evaluate(soft_keep)
@@ -238,7 +240,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphMod
     state = {k: v for k, v in prepared.state_dict().items() if not k.startswith("hfp.")}
     base.load_state_dict(state, strict=True)
     base = base.to(hfp.gate.device)
-    vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu()])
+    vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu().clamp(min=0)])  # see docs/concepts.md
     scales = _fold_gates(base, dg, vector)
     small = shrink_model(dg, alive, gm=base)
     add_scale_nodes(small, dg, alive, scales)

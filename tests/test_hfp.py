@@ -1,0 +1,171 @@
+"""HFP: prepare -> complexity loss -> finalize / prune hit the targets exactly."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import hfp_fx
+from helpers import assert_close, assert_unchanged, state_snapshot
+
+MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(width_mult=0.5),
+    "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(),
+    "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(),
+}
+TARGETS = [{"macs": 0.4}, {"params": "50%"}, {"params": 0.6, "macs": 0.5}]
+
+
+def assert_meets(counts, target, dense, tol=0.005):
+    """Every targeted count is <= its target; the binding one is within ``tol`` of dense below it."""
+    gaps = []
+    for name in ("params", "macs"):
+        t = target.get(name)
+        if t is None:
+            continue
+        value = getattr(counts, name)
+        assert value <= t, f"{name} {value} > target {t}"
+        gaps.append((t - value) / getattr(dense, name))
+    assert min(gaps) <= tol, gaps
+
+
+def resolved(target, dense):
+    return {k: v for k, v in hfp_fx.Target.parse(target).resolve(dense).items()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("target", TARGETS, ids=["macs40", "params50", "both"])
+def test_prune_hits_target(name, target):
+    model, x = MODELS[name]().eval(), torch.randn(1, 3, 64, 64)
+    snap = state_snapshot(model)
+    dense = hfp_fx.count(model, x)
+    small = hfp_fx.prune(model, x, target)
+    achieved = hfp_fx.count(small, x)
+    assert achieved.params == small.meta["hfp"]["achieved"]["params"]
+    assert_meets(achieved, resolved(target, dense), dense)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_prepare_finalize_without_training(name):
+    model, x = MODELS[name]().eval(), torch.randn(2, 3, 64, 64)
+    snap = state_snapshot(model)
+    prepared = hfp_fx.prepare(model, x, hfp_fx.Target(macs=0.4)).eval()
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))  # gates start at exactly 1
+    small = hfp_fx.finalize(prepared).eval()
+    dense = hfp_fx.count(model, x)
+    assert_meets(hfp_fx.count(small, x), resolved({"macs": 0.4}, dense), dense)
+    assert_unchanged(model, snap)
+
+
+def test_round_to_keeps_multiples():
+    model, x = MODELS["resnet18"]().eval(), torch.randn(1, 3, 64, 64)
+    small = hfp_fx.prune(model, x, "50%", round_to=8)
+    for gid, g in small.meta["hfp"]["groups"].items():
+        assert g["kept"] == g["dense"] or g["kept"] % 8 == 0, (gid, g)
+    for m in small.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels not in (1000,):
+            assert m.out_channels % 8 == 0
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def test_training_drives_complexity_to_target_and_finalize_is_exact():
+    torch.manual_seed(0)
+    model, x = TinyNet(), torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 4, (8,))
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.5}, lambda_init=0.02)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
+    history = []
+    for _ in range(200):
+        loss = nn.functional.cross_entropy(prepared(x), y) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(hfp_fx.complexity(prepared)["macs_ratio"])
+    assert history[0] > 1.5 and min(history[-20:]) <= 1.0
+    assert float(hfp_fx.complexity_loss(prepared)) == 0.0
+    prepared.eval()
+    small = hfp_fx.finalize(prepared).eval()
+    report = small.meta["hfp"]
+    assert report["achieved"]["macs"] <= report["target"]["macs"]
+    # reference semantics: the prepared model with the removed channels' gates at zero
+    hfp = prepared.hfp
+    with torch.no_grad():
+        hfp.threshold = 0.0
+        for gid, kept in report["keep"].items():
+            g = hfp.gate_of(gid)
+            off = torch.ones_like(g, dtype=torch.bool)
+            off[kept] = False
+            g[off] = 0.0
+        assert_close(prepared(x), small(x))
+
+
+def test_complexity_loss_is_zero_under_target_and_differentiable():
+    model, x = TinyNet(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, {"params": 1.0})
+    assert float(hfp_fx.complexity_loss(prepared)) == 0.0
+    prepared = hfp_fx.prepare(model, x, "30%")
+    loss = hfp_fx.complexity_loss(prepared)
+    loss.backward()
+    grad = prepared.hfp.gate.grad
+    assert loss > 0 and grad is not None and bool((grad > 0).all())
+    c = hfp_fx.complexity(prepared)
+    assert c["macs"] == c["dense_macs"] and c["macs_ratio"] == pytest.approx(1 / 0.3, rel=1e-3)
+
+
+def test_infeasible_target_states_floor():
+    model, x = TinyNet(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="not reachable.*still has"):
+        hfp_fx.prepare(model, x, {"params": 10})
+    with pytest.raises(ValueError, match="not reachable"):
+        hfp_fx.prune(model, x, {"macs": 5})
+    for bad in (0, -3, 1.5, "abc", "0%", {"flops": 0.5}):
+        with pytest.raises(ValueError):
+            hfp_fx.prune(model, x, bad)
+
+
+def test_finalize_needs_prepared_model():
+    with pytest.raises(TypeError, match="prepare"):
+        hfp_fx.finalize(TinyNet())
+
+
+def test_safe_save_and_load(tmp_path):
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    small = hfp_fx.prune(model, x, "40%").eval()
+    path = tmp_path / "small.pt"
+    hfp_fx.save(small, path)
+    torch.load(path, weights_only=True)  # plain data: no pickled code
+    again = hfp_fx.load(path, torchvision.models.resnet18, x).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+    with pytest.raises(ValueError, match="different prune groups"):
+        hfp_fx.load(path, torchvision.models.resnet34, x)
+
+
+def test_safe_save_and_load_with_scale_nodes(tmp_path):
+    """Attention contractions cannot fold gates into weights: scale nodes must round-trip too."""
+    from test_ops import Block, ManualAttention
+
+    torch.manual_seed(0)
+    model, x = Block(ManualAttention), torch.randn(2, 5, 8)
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.7})
+    with torch.no_grad():
+        prepared.hfp.gate.uniform_(0.5, 1.5)
+    small = hfp_fx.finalize(prepared).eval()
+    hfp_fx.save(small, tmp_path / "m.pt")
+    again = hfp_fx.load(tmp_path / "m.pt", lambda: Block(ManualAttention), x).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
