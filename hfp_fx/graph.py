@@ -111,15 +111,22 @@ class DependencyGraph:
             h2.index_add_(0, u, c * w[1])
             seen[u] = True
         reasons = self.facts.elements.fixed_reasons()
-        units = torch.nonzero(seen & (roots == torch.arange(n))).flatten().tolist()
-        buckets: Dict[tuple, List[int]] = {}
-        for u in units:
-            key = (int(h1[u]), int(h2[u]), u in reasons)
-            buckets.setdefault(key, []).append(u)
+        units = torch.nonzero(seen & (roots == torch.arange(n))).flatten()
+        fixed = torch.zeros(n, dtype=torch.long)
+        if reasons:
+            fixed[torch.tensor(list(reasons), dtype=torch.long)] = 1
+        keys = torch.stack([h1[units], h2[units], fixed[units]], 1)
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        n_groups = int(inverse.max()) + 1 if units.numel() else 0
+        first = torch.full((n_groups,), n, dtype=torch.long).scatter_reduce(0, inverse, units, "amin")
+        rank = torch.empty(n_groups, dtype=torch.long)
+        rank[torch.argsort(first)] = torch.arange(n_groups)
+        gidx = rank[inverse]
         group_of = torch.full((n,), -1, dtype=torch.long)
-        ordered = sorted(buckets.values(), key=lambda us: us[0])
-        for gi, us in enumerate(ordered):
-            group_of[torch.tensor(us)] = gi
+        group_of[units] = gidx
+        by_group = units[torch.argsort(gidx * n + units)]
+        sizes = torch.bincount(gidx, minlength=n_groups).tolist()
+        ordered = [t for t in torch.split(by_group, sizes)] if n_groups else []
         self._group_of_unit = group_of
         members: List[List[Member]] = [[] for _ in ordered]
         for name, dims in self.facts.params.items():
@@ -128,14 +135,18 @@ class DependencyGraph:
                 for gi in torch.unique(g).tolist():
                     if gi >= 0:
                         members[gi].append(Member(name, dim, tuple(torch.nonzero(g == gi).flatten().tolist())))
+        group_reasons: List[set] = [set() for _ in ordered]
+        for u, why in reasons.items():
+            gi = int(group_of[u])
+            if gi >= 0:
+                group_reasons[gi].update(why)
         for gi, us in enumerate(ordered):
-            why = sorted(set().union(*(reasons.get(u, set()) for u in us)))
+            why = sorted(group_reasons[gi])
             mem = members[gi]
-            name = mem[0].module if mem else f"unit{us[0]}"
+            name = mem[0].module if mem else f"unit{int(us[0])}"
             self.groups.append(PruneGroup(
-                id=f"g{gi}", name=name, channels=len(us), prunable=not why,
-                reason=_summarize(why), reasons=why, members=mem,
-                units=torch.tensor(us, dtype=torch.long)))
+                id=f"g{gi}", name=name, channels=int(us.numel()), prunable=not why,
+                reason=_summarize(why), reasons=why, members=mem, units=us.clone()))
 
     # -- queries --------------------------------------------------------------------------
     def group(self, gid: str) -> PruneGroup:

@@ -28,7 +28,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from hfp_fx.passes.registry import is_rule_leaf
+from hfp_fx.passes.registry import counts_no_macs, is_rule_leaf
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,13 @@ class _ShapeAndFlopProp(ShapeProp):
     """ShapeProp that also stores each node's multiply-accumulates in ``node.meta['macs']``."""
 
     def run_node(self, n):
-        if n.op in ("call_module", "call_function", "call_method"):
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        if n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module):
             with FlopCounterMode(display=False) as counter:
                 result = super().run_node(n)
             n.meta["macs"] = counter.get_total_flops() // 2
             return result
+        n.meta["macs"] = 0
         return super().run_node(n)
 
 

@@ -23,7 +23,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["register_module", "register_function", "register_method", "lookup", "is_rule_leaf"]
+__all__ = ["register_module", "register_function", "register_method", "lookup", "is_rule_leaf", "no_macs",
+           "counts_no_macs"]
 
 Rule = Callable
 _RULES: Dict[Tuple[str, object], Rule] = {}
@@ -67,3 +68,14 @@ def lookup(node: torch.fx.Node, module: Optional[torch.nn.Module] = None) -> Opt
 def is_rule_leaf(module: torch.nn.Module) -> bool:
     """Modules with their own rule are kept as single nodes when tracing."""
     return ("call_module", type(module)) in _RULES
+
+
+def no_macs(fn: Rule) -> Rule:
+    """Mark a rule whose ops do no multiply-accumulates (shape propagation then skips counting them)."""
+    fn.no_macs = True
+    return fn
+
+
+def counts_no_macs(node: torch.fx.Node, module: Optional[torch.nn.Module] = None) -> bool:
+    rule = lookup(node, module)
+    return bool(getattr(rule, "no_macs", False))

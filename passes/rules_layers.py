@@ -15,7 +15,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
-from hfp_fx.passes.registry import register_function, register_module
+from hfp_fx.passes.registry import no_macs, register_function, register_module
 
 A = ChannelAnalysis
 
@@ -134,6 +134,7 @@ def _frozen_bn_classes():
 
 
 @register_module(*_PER_CHANNEL_NORMS, *_frozen_bn_classes())
+@no_macs
 def batch_norm(a: A, node: Node):
     """Per-channel normalisation: channels pass through; its parameters and statistics are sliced."""
     mod = a.module(node)
@@ -150,6 +151,7 @@ def batch_norm(a: A, node: Node):
 
 
 @register_module(torch.nn.LayerNorm, torch.nn.RMSNorm) if hasattr(torch.nn, "RMSNorm") else register_module(torch.nn.LayerNorm)
+@no_macs
 def layer_norm(a: A, node: Node):
     mod = a.module(node)
     m = _layer_norm(a, node, len(mod.normalized_shape), mod)
@@ -162,6 +164,7 @@ def layer_norm(a: A, node: Node):
 
 
 @register_function(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+@no_macs
 def layer_norm_fn(a: A, node: Node):
     shape = a.arg(node, 1, "normalized_shape")
     return _layer_norm(a, node, len(shape) if isinstance(shape, (list, tuple)) else 1)
@@ -177,6 +180,7 @@ def _layer_norm(a: A, node: Node, k: int, mod=None):
 
 
 @register_module(torch.nn.GroupNorm)
+@no_macs
 def group_norm(a: A, node: Node):
     mod = a.module(node)
     m = a.cmap(node.args[0])
@@ -187,6 +191,7 @@ def group_norm(a: A, node: Node):
 
 
 @register_module(torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d)
+@no_macs
 def local_response_norm(a: A, node: Node):
     mod = a.module(node)
     m = a.cmap(node.args[0])
@@ -195,6 +200,7 @@ def local_response_norm(a: A, node: Node):
 
 
 @register_module(torch.nn.PReLU)
+@no_macs
 def prelu(a: A, node: Node):
     mod = a.module(node)
     m = a.cmap(node.args[0])
@@ -207,6 +213,7 @@ def prelu(a: A, node: Node):
 
 
 @register_module(torch.nn.Embedding)
+@no_macs
 def embedding(a: A, node: Node):
     mod = a.module(node)
     out_ids = a.new(mod.embedding_dim)
@@ -241,6 +248,7 @@ def multihead_attention(a: A, node: Node):
 
 
 @register_function(F.batch_norm, F.instance_norm)
+@no_macs
 def batch_norm_fn(a: A, node: Node):
     """Functional per-channel norm (timm's BatchNormAct2d): parameters are get_attr nodes to slice."""
     m = a.cmap(node.args[0])

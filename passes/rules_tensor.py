@@ -17,7 +17,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
-from hfp_fx.passes.registry import register_function, register_method, register_module
+from hfp_fx.passes.registry import no_macs, register_function, register_method, register_module
 
 __all__ = ["passthrough", "broadcast_couple", "reshape_map"]
 
@@ -55,6 +55,7 @@ _UNARY_MODULES = [
 @register_function(*_UNARY_FUNCTIONS)
 @register_method(*_UNARY_METHODS)
 @register_module(*_UNARY_MODULES)
+@no_macs
 def passthrough(a: A, node: Node):
     """Per-position ops: the output carries the first tensor argument's channels."""
     out = a.map(node.args[0]) if node.args else None
@@ -143,12 +144,14 @@ _BINARY_METHODS = [
 
 @register_function(*_BINARY_FUNCTIONS)
 @register_method(*_BINARY_METHODS)
+@no_macs
 def elementwise(a: A, node: Node):
     return broadcast_couple(a, node, list(node.args) + list(node.kwargs.values()))
 
 
 @register_function(torch.max, torch.min)
 @register_method("max", "min")
+@no_macs
 def max_min(a: A, node: Node):
     second = a.arg(node, 1, "other", a.arg(node, 1, "dim"))
     if isinstance(second, Node) and isinstance(a.shape(second), torch.Size):
@@ -167,6 +170,7 @@ _REDUCTIONS_M = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm
 
 @register_function(*_REDUCTIONS_F)
 @register_method(*_REDUCTIONS_M)
+@no_macs
 def reduction(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -193,6 +197,7 @@ def reduction(a: A, node: Node):
 @register_function(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod)
 @register_method("softmax", "log_softmax", "cumsum", "cumprod")
 @register_module(torch.nn.Softmax, torch.nn.LogSoftmax)
+@no_macs
 def along_dim(a: A, node: Node):
     """Ops that mix values along one ``dim``: fine unless that dim carries channels."""
     m = a.cmap(node.args[0])
@@ -209,6 +214,7 @@ def along_dim(a: A, node: Node):
 def _spatial(k: Optional[int]):
     """Rule for ops that act on the last ``k`` dims (pooling, interpolation)."""
 
+    @no_macs
     def rule(a: A, node: Node):
         m = a.cmap(node.args[0]) if node.args else None
         if m is None:
@@ -243,6 +249,7 @@ register_function(F.interpolate, F.upsample)(_spatial(None))
 
 
 @register_function(F.pad)
+@no_macs
 def pad(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -264,6 +271,7 @@ def pad(a: A, node: Node):
 # concatenation, splitting, indexing
 # -------------------------------------------------------------------------------------------
 @register_function(torch.cat, torch.concat, torch.concatenate)
+@no_macs
 def cat(a: A, node: Node):
     tensors = list(a.arg(node, 0, "tensors"))
     dim = a.arg(node, 1, "dim", 0)
@@ -284,6 +292,7 @@ def cat(a: A, node: Node):
 
 
 @register_function(torch.stack)
+@no_macs
 def stack(a: A, node: Node):
     tensors = list(a.arg(node, 0, "tensors"))
     dim = a.arg(node, 1, "dim", 0) % len(a.shape(node))
@@ -296,6 +305,7 @@ def stack(a: A, node: Node):
 
 @register_function(torch.split, torch.chunk, torch.tensor_split, torch.unbind)
 @register_method("split", "chunk", "tensor_split", "unbind", "split_with_sizes")
+@no_macs
 def split(a: A, node: Node):
     x = node.args[0]
     shapes = a.shape(node)
@@ -329,6 +339,7 @@ def split(a: A, node: Node):
 
 
 @register_function(operator.getitem)
+@no_macs
 def getitem(a: A, node: Node):
     obj, idx = node.args[0], node.args[1]
     obj_shape = a.shape(obj)
@@ -382,6 +393,7 @@ def index_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, idx) -> Opt
 
 @register_function(torch.narrow)
 @register_method("narrow")
+@no_macs
 def narrow(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -398,6 +410,7 @@ def narrow(a: A, node: Node):
 
 @register_function(torch.select, torch.index_select, torch.gather, torch.take_along_dim)
 @register_method("select", "index_select", "gather")
+@no_macs
 def select_like(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -420,6 +433,7 @@ def select_like(a: A, node: Node):
 @register_method("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
                  "squeeze_", "unsqueeze_", "ravel")
 @register_module(torch.nn.Flatten, torch.nn.Unflatten)
+@no_macs
 def reshape(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -498,6 +512,7 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
 
 @register_function(torch.permute)
 @register_method("permute")
+@no_macs
 def permute(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -515,6 +530,7 @@ def permute(a: A, node: Node):
 
 @register_function(torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis)
 @register_method("transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_")
+@no_macs
 def transpose(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -537,6 +553,7 @@ def transpose(a: A, node: Node):
 
 @register_method("t")
 @register_function(torch.t)
+@no_macs
 def t(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -547,6 +564,7 @@ def t(a: A, node: Node):
 
 @register_method("expand", "expand_as", "broadcast_to")
 @register_function(torch.broadcast_to)
+@no_macs
 def expand(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -560,6 +578,7 @@ def expand(a: A, node: Node):
 
 
 @register_method("repeat")
+@no_macs
 def repeat(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -586,17 +605,20 @@ def _shuffle_rule(a: A, node: Node, groups: int):
 
 
 @register_module(torch.nn.ChannelShuffle)
+@no_macs
 def channel_shuffle_module(a: A, node: Node):
     return _shuffle_rule(a, node, a.module(node).groups)
 
 
 @register_function(F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
+@no_macs
 def channel_shuffle_fn(a: A, node: Node):
     return _shuffle_rule(a, node, a.arg(node, 1, "groups"))
 
 
 @register_module(torch.nn.PixelShuffle, torch.nn.PixelUnshuffle)
 @register_function(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle)
+@no_macs
 def pixel_shuffle(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
