@@ -4,7 +4,7 @@ Parameters and MACs of the pruned model are sums of terms ``coeff * prod(L_r)``,
 parameter tensor and per MAC-producing node, where ``L_r`` is the number of kept positions of a
 labelled axis ``r`` (a conv's input channels, a linear's output features, ...).  ``L`` is linear
 in the per-unit keep indicators, ``L = A @ keep``, so the whole model is one sparse
-matrix-vector product and a gather-multiply-sum: exact for 0/1 keep vectors, differentiable
+matrix-vector product (an ``index_add`` over the incidence triplets) and a gather-multiply-sum: exact for 0/1 keep vectors, differentiable
 for soft ones (the HFP loss), and cheap enough to evaluate after every forward pass.
 
 Example::
@@ -96,19 +96,19 @@ class CostModel(torch.nn.Module):
         self.register_buffer("mac_coeff", mc, persistent=False)
         self.register_buffer("mac_rows", mi, persistent=False)
         self.const_params, self.const_macs = const_params, const_macs
-        # sparse incidence: A[r, u] = how many positions of row r belong to unit u
-        r_idx, u_idx = [], []
-        for r, ids in enumerate(rows):
-            r_idx.append(torch.full((ids.numel(),), r, dtype=torch.long))
-            u_idx.append(col_of[roots[ids]])
+        # incidence A[r, u] = how many positions of row r belong to unit u, as coalesced COO
+        # triplets in plain dense buffers (DDP broadcasts buffers and cannot send sparse tensors)
         if rows:
-            A = torch.sparse_coo_tensor(torch.stack([torch.cat(r_idx), torch.cat(u_idx)]),
-                                        torch.ones(sum(x.numel() for x in rows), dtype=torch.float64),
-                                        (len(rows), self.num_units), check_invariants=False).coalesce()
+            r_idx = torch.cat([torch.full((ids.numel(),), r, dtype=torch.long) for r, ids in enumerate(rows)])
+            u_idx = torch.cat([col_of[roots[ids]] for ids in rows])
+            pair = r_idx * self.num_units + u_idx
+            uniq, counts = torch.unique(pair, return_counts=True)
         else:
-            A = torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.float64),
-                                        (0, self.num_units), check_invariants=False).coalesce()
-        self.register_buffer("incidence", A, persistent=False)
+            uniq = counts = torch.zeros(0, dtype=torch.long)
+        self.register_buffer("inc_rows", uniq // max(self.num_units, 1), persistent=False)
+        self.register_buffer("inc_cols", uniq % max(self.num_units, 1), persistent=False)
+        self.register_buffer("inc_vals", counts.to(torch.float64), persistent=False)
+        self.num_rows = len(rows)
         self.col_of = col_of
 
     def columns(self, units: torch.Tensor) -> torch.Tensor:
@@ -116,8 +116,9 @@ class CostModel(torch.nn.Module):
         return self.col_of[units]
 
     def row_lengths(self, keep: torch.Tensor) -> torch.Tensor:
-        A = self.incidence.to(keep.dtype) if self.incidence.dtype != keep.dtype else self.incidence
-        L = torch.sparse.mm(A, keep.reshape(-1, 1)).reshape(-1)
+        """Kept positions of every row (``A @ keep``), plus a trailing 1 for absent factors."""
+        contrib = keep[self.inc_cols] * self.inc_vals.to(keep.dtype)
+        L = keep.new_zeros(self.num_rows).index_add(0, self.inc_rows, contrib)
         return torch.cat([L, L.new_ones(1)])  # index -1 -> factor 1
 
     def evaluate(self, keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

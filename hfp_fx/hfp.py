@@ -135,7 +135,8 @@ class HFPState(torch.nn.Module):
                 continue
             r = value / t
             ratios.append(float(r.detach()))
-            total = total + lam[i] * torch.relu(torch.log(r))
+            # psi(r) = max(0, log r), written so r -> 0 cannot produce 0 * inf gradients
+            total = total + lam[i] * torch.log(torch.clamp(r, min=1.0))
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
                 self.steps += 1
@@ -225,7 +226,13 @@ def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphMod
     """Exact budget projection + gate folding + shrink (see module doc).
 
     ``target`` overrides the prepared target.  The result's ``meta["hfp"]`` holds the report.
+
+    Given a ``DistributedDataParallel`` wrapper, ``finalize`` is a collective: every rank must
+    call it, and rank 0's buffers (batch-norm statistics, which DDP lets drift per rank) are
+    broadcast first, so every rank returns the same architecture and weights.
     """
+    if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
+        _broadcast_buffers(prepared)
     prepared = _unwrap(prepared)
     hfp: HFPState = prepared.hfp
     dg: DependencyGraph = prepared._hfp_graph
@@ -248,6 +255,16 @@ def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphMod
     small.meta["hfp"]["scale_sites"] = [s[0] for s in scales]
     small.meta["hfp"]["exclude"] = prepared.meta.get("hfp_exclude", [])
     return small
+
+
+def _broadcast_buffers(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
+    import torch.distributed as dist
+
+    group = getattr(ddp, "process_group", None)
+    with torch.no_grad():
+        for t in list(ddp.module.buffers()) + list(ddp.module.parameters()):
+            if t.is_floating_point() or t.dtype in (torch.long, torch.int):
+                dist.broadcast(t.data, src=0, group=group)
 
 
 def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, vector: torch.Tensor):

@@ -1,0 +1,565 @@
+"""Evidence benchmark for HFP training: a small ResNet on Fashion-MNIST, pruned to 40% MACs.
+
+Every run gets the same total budget of ``E`` training epochs (``--epochs``) over the 60k
+training images, with one global cosine learning-rate schedule over those ``E`` epochs:
+
+* ``dense``        the unpruned model, trained ``E`` epochs from scratch;
+* ``hfp-macs40``   HFP: the dense run's checkpoint after ``W`` warm epochs (``--warm``) is
+                   ``hfp_fx.prepare``-d with ``{"macs": 0.4}``, trained ``H`` epochs
+                   (``--hfp-epochs``) with ``cross_entropy + hfp_fx.complexity_loss``, then
+                   ``hfp_fx.finalize``-d and the small model is fine-tuned for ``E - W - H`` epochs;
+* ``hfp-params40`` the same with ``{"params": 0.4}``;
+* ``l1-macs40``    one-shot ``hfp_fx.prune(..., {"macs": 0.4}, importance="l1")`` of the same
+                   ``W``-epoch dense checkpoint, fine-tuned ``E - W`` epochs;
+* ``uniform``      the same architecture with every width scaled by one factor so that MACs are
+                   at most 40% of dense (picked with ``hfp_fx.count``), trained ``E`` epochs from scratch.
+
+The pruned runs start from the warm dense checkpoint (not from scratch) because that is how HFP
+and one-shot pruning are used in practice, and it lets both share exactly the same starting
+weights; the ``W`` warm epochs count towards their ``E``-epoch budget.
+
+Data: Debian's ``dataset-fashion-mnist`` package (IDX files, gzipped, under
+``/usr/share/datasets/fashion-mnist``); the script installs it with apt-get when it is missing.
+Results: a markdown table on stdout, ``benchmarks/results/fashion_mnist.json`` and
+``benchmarks/results/fashion_mnist.png``.
+
+    python benchmarks/fashion_mnist.py            # full run (about 15-25 min on 2 CPU cores)
+    python benchmarks/fashion_mnist.py --quick    # smoke check (about 2 min)
+    python benchmarks/fashion_mnist.py --runs dense hfp-macs40 --epochs 6
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hfp_fx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEB_PACKAGE = "dataset-fashion-mnist"
+FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+         "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+MEAN, STD = 0.2860, 0.3530
+RUNS = ("dense", "hfp-macs40", "hfp-params40", "l1-macs40", "uniform")
+
+
+# --------------------------------------------------------------------------------------- data
+def ensure_dataset(data_dir: Path) -> Path:
+    """Return ``data_dir``; install the Debian package first when it is the default and absent."""
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        return data_dir
+    if data_dir != DATA_DIR:
+        raise SystemExit(f"error: {data_dir} does not exist or is empty (it should hold the Fashion-MNIST "
+                         "IDX files: train-images-idx3-ubyte[.gz], ...)")
+    apt = shutil.which("apt-get")
+    if apt is None:
+        raise SystemExit(f"error: {data_dir} is missing and apt-get is not available; install the Debian "
+                         f"package {DEB_PACKAGE} or pass --data-dir DIR with the Fashion-MNIST IDX files")
+    sudo = [] if os.geteuid() == 0 else (["sudo", "-n"] if shutil.which("sudo") else [])
+    print(f"{data_dir} is missing: installing the Debian package {DEB_PACKAGE} ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    commands = [sudo + [apt, "install", "-y", DEB_PACKAGE]]
+    ok = subprocess.run(commands[0], env=env, capture_output=True, text=True)
+    if ok.returncode != 0:  # the package lists may be stale or empty: update once and retry
+        commands = [sudo + [apt, "update"], sudo + [apt, "install", "-y", DEB_PACKAGE]]
+        for cmd in commands:
+            ok = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if ok.returncode != 0:
+                break
+    if ok.returncode != 0 or not data_dir.is_dir():
+        tail = "\n".join((ok.stdout + ok.stderr).strip().splitlines()[-8:])
+        raise SystemExit(f"error: could not install {DEB_PACKAGE} (`{' '.join(ok.args)}` exited "
+                         f"{ok.returncode}):\n{tail}\nInstall it by hand (apt-get update && apt-get install -y "
+                         f"{DEB_PACKAGE}) or pass --data-dir DIR with the Fashion-MNIST IDX files.")
+    return data_dir
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): big-endian magic, dims, then the raw array."""
+    candidates = [path, path.with_name(path.name + ".gz")]
+    found = next((p for p in candidates if p.exists()), None)
+    if found is None:
+        raise FileNotFoundError(f"neither {candidates[0]} nor {candidates[1]} exists")
+    opener = gzip.open if found.suffix == ".gz" else open
+    with opener(found, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = raw[0] << 8 | raw[1], raw[2], raw[3]
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if zero != 0 or dtype_code not in dtypes:
+        raise ValueError(f"{found} is not an IDX file (magic {raw[:4].hex()})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{found}: header says {shape} but holds {data.size} values")
+    return data.reshape(shape).astype(np.dtype(dtypes[dtype_code]).newbyteorder("="))
+
+
+def load_fashion_mnist(data_dir: Path):
+    arrays = {k: read_idx(data_dir / v) for k, v in FILES.items()}
+
+    def images(a):
+        return ((torch.from_numpy(a.astype(np.float32)) / 255.0 - MEAN) / STD).unsqueeze(1).contiguous()
+
+    train = (images(arrays["train_x"]), torch.from_numpy(arrays["train_y"].astype(np.int64)))
+    test = (images(arrays["test_x"]), torch.from_numpy(arrays["test_y"].astype(np.int64)))
+    assert train[0].shape == (60000, 1, 28, 28) and test[0].shape == (10000, 1, 28, 28), (train[0].shape, test[0].shape)
+    return train, test
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random horizontal flip and random translation by up to ``pad`` pixels (zero padding)."""
+    b, _, h, w = x.shape
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    xp = F.pad(x, (pad, pad, pad, pad), value=-MEAN / STD)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    return xp[torch.arange(b)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+# -------------------------------------------------------------------------------------- model
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class FashionResNet(nn.Module):
+    """Stem conv (stride 2, 28 -> 14) and one stage of basic blocks per width (14 -> 7 -> 4)."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 1, 1),
+                 num_classes: int = 10):
+        super().__init__()
+        self.widths, self.blocks = tuple(int(w) for w in widths), tuple(int(b) for b in blocks)
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            layers = []
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def uniform_widths(widths: Sequence[int], blocks: Sequence[int], example: torch.Tensor, ratio: float
+                   ) -> Tuple[Tuple[int, ...], float, float]:
+    """The largest single width factor whose model has MACs <= ``ratio`` x dense."""
+    dense = hfp_fx.count(FashionResNet(widths, blocks), example)
+    best = None
+    for k in range(1000, 0, -1):
+        s = k / 1000
+        ws = tuple(max(1, int(round(w * s))) for w in widths)
+        c = hfp_fx.count(FashionResNet(ws, blocks), example)
+        if c.macs <= ratio * dense.macs:
+            best = (ws, c.params / dense.params, c.macs / dense.macs)
+            break
+    assert best is not None
+    return best
+
+
+# ----------------------------------------------------------------------------------- training
+class Trainer:
+    """Global cosine schedule over ``epochs`` epochs; each run trains a slice [start, stop)."""
+
+    def __init__(self, train, test, args):
+        self.train_x, self.train_y = train
+        self.test_x, self.test_y = test
+        self.args = args
+        self.steps_per_epoch = math.ceil(len(self.train_y) / args.batch_size)
+        self.total_steps = args.epochs * self.steps_per_epoch
+
+    def lr_factor(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+    def optimizer(self, model: nn.Module, gates: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:
+        a = self.args
+        gate_ids = {id(p) for p in gates}
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if id(p) in gate_ids:
+                continue
+            (no_decay if p.dim() <= 1 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": a.weight_decay, "base_lr": a.lr, "scheduled": True},
+                  {"params": no_decay, "weight_decay": 0.0, "base_lr": a.lr, "scheduled": True}]
+        if gates:
+            groups.append({"params": list(gates), "weight_decay": 0.0, "base_lr": a.gate_lr,
+                           "momentum": a.gate_momentum,
+                           "nesterov": a.gate_momentum > 0, "scheduled": a.gate_lr_schedule})
+        return torch.optim.SGD(groups, lr=a.lr, momentum=0.9, nesterov=True)
+
+    def set_lr(self, opt: torch.optim.Optimizer, step: int) -> None:
+        f = self.lr_factor(step)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * (f if g["scheduled"] else 1.0)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        was = model.training
+        model.eval()
+        correct = 0
+        for i in range(0, len(self.test_y), 1000):
+            correct += int((model(self.test_x[i:i + 1000]).argmax(1) == self.test_y[i:i + 1000]).sum())
+        model.train(was)
+        return 100.0 * correct / len(self.test_y)
+
+    def run(self, name: str, model: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int,
+            hfp: bool = False, log: Optional[dict] = None) -> None:
+        """Train epochs [start, stop) of the global schedule (data order depends on seed and epoch)."""
+        a = self.args
+        model.train()
+        n = len(self.train_y)
+        for epoch in range(start, stop):
+            gen = torch.Generator().manual_seed(a.seed * 1000 + epoch)
+            perm = torch.randperm(n, generator=gen)
+            t0, tot, seen = time.perf_counter(), 0.0, 0
+            closs_sum = 0.0
+            for b in range(self.steps_per_epoch):
+                step = epoch * self.steps_per_epoch + b
+                idx = perm[b * a.batch_size:(b + 1) * a.batch_size]
+                x, y = self.train_x[idx], self.train_y[idx]
+                if not a.no_augment:
+                    x = augment(x, gen)
+                self.set_lr(opt, step)
+                ce = F.cross_entropy(model(x), y)
+                loss = ce
+                if hfp:
+                    closs = hfp_fx.complexity_loss(model)
+                    loss = ce + closs
+                    closs_sum += float(closs.detach())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(ce.detach()) * len(y)
+                seen += len(y)
+                if hfp and log is not None and (b % a.log_every == 0 or b == self.steps_per_epoch - 1):
+                    record_hfp(log, model, step, epoch + b / self.steps_per_epoch, float(ce.detach()),
+                               float(closs.detach()))
+            acc = self.evaluate(model)
+            extra = ""
+            if hfp:
+                c = hfp_fx.complexity(model)
+                lam = model.hfp.lambdas.tolist()
+                extra = (f" | hard params {c['params'] / c['dense_params']:.3f} macs {c['macs'] / c['dense_macs']:.3f}"
+                         f" kept {c['kept_channels']}/{c['prunable_channels']} lambda {lam[0]:.3g}/{lam[1]:.3g}"
+                         f" closs {closs_sum / self.steps_per_epoch:.3g}")
+                if log is not None:
+                    log.setdefault("epoch_acc", []).append([epoch + 1, acc])
+            print(f"  [{name}] epoch {epoch + 1}/{a.epochs} lr {opt.param_groups[0]['lr']:.4f} "
+                  f"loss {tot / seen:.4f} test {acc:.2f}% ({time.perf_counter() - t0:.1f}s){extra}", flush=True)
+
+
+def record_hfp(log: dict, prepared, step: int, epoch: float, ce: float, closs: float) -> None:
+    c = hfp_fx.complexity(prepared)
+    hfp = prepared.hfp
+    g = hfp.gate.detach()
+    per_group = {}
+    for i, gid in enumerate(hfp.group_ids):
+        gg = g[hfp.offsets[i]:hfp.offsets[i + 1]]
+        per_group[gid] = int((gg > hfp.threshold).sum())
+    log.setdefault("trace", []).append({
+        "step": step, "epoch": round(epoch, 4), "ce": round(ce, 4), "closs": round(closs, 5),
+        "params_ratio": round(c["params"] / c["dense_params"], 4), "macs_ratio": round(c["macs"] / c["dense_macs"], 4),
+        "lambda_params": float(hfp.lambdas[0]), "lambda_macs": float(hfp.lambdas[1]),
+        "gate_mean": round(float(g.mean()), 4), "gate_min": round(float(g.min()), 4),
+        "gate_max": round(float(g.max()), 4), "kept": c["kept_channels"], "kept_per_group": per_group})
+
+
+# ------------------------------------------------------------------------------------ helpers
+def group_table(model: nn.Module, example: torch.Tensor) -> List[dict]:
+    dg = hfp_fx.dependency_graph(model.eval(), example)
+    return [{"id": g.id, "name": g.name, "channels": g.channels, "modules": g.modules}
+            for g in dg.prunable_groups]
+
+
+def widths_of(model: nn.Module, example: torch.Tensor, dense_groups: List[dict]) -> Dict[str, int]:
+    """Channels per prune group of ``model``, matched to the dense groups by their module names."""
+    by_module = {}
+    for g in group_table(model, example):
+        for m in g["modules"]:
+            by_module.setdefault(m, g["channels"])
+    out = {}
+    for g in dense_groups:
+        hits = [by_module[m] for m in g["modules"] if m in by_module]
+        out[g["id"]] = hits[0] if hits else None
+    return out
+
+
+def counts_entry(model: nn.Module, example: torch.Tensor, dense: hfp_fx.Counts) -> dict:
+    c = hfp_fx.count(model.eval(), example)
+    return {"params": c.params, "macs": c.macs, "params_ratio": c.params / dense.params,
+            "macs_ratio": c.macs / dense.macs}
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    style = {"dense": ("k", "o"), "hfp-macs40": ("tab:red", "*"), "hfp-params40": ("tab:orange", "P"),
+             "l1-macs40": ("tab:blue", "s"), "uniform": ("tab:green", "D")}
+    for name, r in runs.items():
+        color, marker = style.get(name, ("gray", "x"))
+        ax1.scatter(r["macs_ratio"], r["accuracy"], c=color, marker=marker, s=110 if marker == "*" else 60,
+                    label=f"{name} ({r['accuracy']:.2f}%)", zorder=3)
+    if "target_macs" in result["config"]:
+        ax1.axvline(result["config"]["target_macs"], color="gray", ls=":", lw=1, label="MACs target")
+    if "dense" in runs:
+        ax1.axhline(runs["dense"]["accuracy"] - 0.5, color="k", ls="--", lw=0.8, label="dense - 0.5 pt")
+    ax1.set_xlabel("MACs / dense MACs")
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_title(f"Fashion-MNIST, {result['config']['epochs']} epochs per run")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8, loc="lower right")
+
+    groups = result["groups"]
+    labels = [f"{g['id']}\n{g['name']}" for g in groups]
+    series = [("dense", [g["channels"] for g in groups], "lightgray")]
+    for name, color in (("hfp-macs40", "tab:red"), ("hfp-params40", "tab:orange"), ("l1-macs40", "tab:blue"),
+                        ("uniform", "tab:green")):
+        if name in runs and runs[name].get("widths"):
+            series.append((name, [runs[name]["widths"].get(g["id"]) or 0 for g in groups], color))
+    x = np.arange(len(groups))
+    width = 0.8 / len(series)
+    for i, (name, vals, color) in enumerate(series):
+        ax2.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=color)
+    ax2.set_xticks(x)
+    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_ylabel("kept channels")
+    ax2.set_title("kept width per prune group")
+    ax2.legend(fontsize=8)
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(result: dict) -> str:
+    rows = ["| run | test acc (%) | Δ vs dense (pt) | params ratio | MACs ratio | params | MACs | train time (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    dense_acc = result["runs"].get("dense", {}).get("accuracy")
+    for name, r in result["runs"].items():
+        delta = "" if dense_acc is None else f"{r['accuracy'] - dense_acc:+.2f}"
+        rows.append(f"| {name} | {r['accuracy']:.2f} | {delta} | {r['params_ratio']:.3f} | {r['macs_ratio']:.3f} | "
+                    f"{r['params']:,} | {r['macs']:,} | {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=12, help="total epoch budget E of every run")
+    p.add_argument("--warm", type=int, default=3, help="dense warm epochs W before pruning (HFP and L1)")
+    p.add_argument("--hfp-epochs", type=int, default=4, help="epochs H of HFP training with gates")
+    p.add_argument("--target", type=float, default=0.4, help="params / MACs fraction of the pruned runs")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    p.add_argument("--quick", action="store_true", help="smoke check: 6k training images, E=3, W=1, H=1")
+    p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0 = all)")
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--blocks", type=int, nargs="+", default=[1, 1, 1])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--no-augment", action="store_true")
+    # HFP hyper-parameters (hfp_fx.prepare and the gate parameter group)
+    p.add_argument("--lambda-init", type=float, default=1e-3)
+    p.add_argument("--dual-rate", type=float, default=0.02)
+    p.add_argument("--threshold", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--gate-lr", type=float, default=0.1)
+    p.add_argument("--gate-momentum", type=float, default=0.9)
+    p.add_argument("--gate-lr-schedule", action="store_true", help="gates follow the cosine schedule too")
+    p.add_argument("--log-every", type=int, default=20, help="HFP trace period in steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.epochs, a.warm, a.hfp_epochs = 3, 1, 1
+        a.train_subset = a.train_subset or 6000
+        a.log_every = min(a.log_every, 5)
+    if a.warm < 0 or a.hfp_epochs < 1 or a.warm + a.hfp_epochs > a.epochs:
+        p.error("need warm >= 0, hfp-epochs >= 1 and warm + hfp-epochs <= epochs")
+    if len(a.widths) != len(a.blocks):
+        p.error("--widths and --blocks need the same length")
+    if a.out is None:
+        a.out = RESULTS / ("fashion_mnist_quick.json" if a.quick else "fashion_mnist.json")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t_start = time.perf_counter()
+    data_dir = ensure_dataset(a.data_dir)
+    train, test = load_fashion_mnist(data_dir)
+    if a.train_subset:
+        train = (train[0][:a.train_subset], train[1][:a.train_subset])
+    trainer = Trainer(train, test, a)
+    example = test[0][:2].clone()
+    dense_counts = hfp_fx.count(FashionResNet(a.widths, a.blocks), example)
+    target_macs = {"macs": a.target}
+    print(f"Fashion-MNIST: {len(train[1])} train / {len(test[1])} test images from {data_dir}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"model FashionResNet(widths={a.widths}, blocks={a.blocks}): {dense_counts}; "
+          f"E={a.epochs} W={a.warm} H={a.hfp_epochs}, {trainer.steps_per_epoch} steps/epoch", flush=True)
+
+    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+              "dense": {"params": dense_counts.params, "macs": dense_counts.macs},
+              "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                              "machine": platform.machine(), "threads": torch.get_num_threads(),
+                              "cpus": os.cpu_count()},
+              "runs": {}}
+    result["config"]["target_macs"] = a.target
+    groups = group_table(FashionResNet(a.widths, a.blocks), example)
+    result["groups"] = [{k: g[k] for k in ("id", "name", "channels")} for g in groups]
+    dense_widths = {g["id"]: g["channels"] for g in groups}
+
+    def finish(name: str, model: nn.Module, seconds: float, **extra) -> None:
+        entry = {"accuracy": trainer.evaluate(model), **counts_entry(model, example, dense_counts),
+                 "seconds": round(seconds, 1), **extra}
+        entry.setdefault("widths", widths_of(model, example, groups))
+        result["runs"][name] = entry
+        print(f"==> {name}: {entry['accuracy']:.2f}% params {entry['params_ratio']:.3f} "
+              f"MACs {entry['macs_ratio']:.3f} widths {list(entry['widths'].values())} ({seconds:.0f}s)", flush=True)
+
+    need_warm = any(r in a.runs for r in ("hfp-macs40", "hfp-params40", "l1-macs40"))
+    warm_state = None
+    # (0) dense baseline; its checkpoint after W epochs is the start of every pruned run
+    if "dense" in a.runs or need_warm:
+        seed_all(a.seed)
+        model = FashionResNet(a.widths, a.blocks)
+        opt = trainer.optimizer(model)
+        t0 = time.perf_counter()
+        trainer.run("dense", model, opt, 0, a.warm)
+        warm_seconds = time.perf_counter() - t0
+        warm_state = copy.deepcopy(model.state_dict())
+        warm_acc = trainer.evaluate(model) if a.warm else None
+        result["warm"] = {"epochs": a.warm, "accuracy": warm_acc, "seconds": round(warm_seconds, 1)}
+        if "dense" in a.runs:
+            trainer.run("dense", model, opt, a.warm, a.epochs)
+            finish("dense", model, time.perf_counter() - t0, widths=dense_widths)
+
+    def warm_model() -> nn.Module:
+        m = FashionResNet(a.widths, a.blocks)
+        m.load_state_dict(warm_state)
+        return m.eval()
+
+    # (a) HFP
+    for name, target in (("hfp-macs40", {"macs": a.target}), ("hfp-params40", {"params": a.target})):
+        if name not in a.runs:
+            continue
+        seed_all(a.seed + 1)
+        t0 = time.perf_counter()
+        prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
+                                  lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps)
+        opt = trainer.optimizer(prepared, hfp_fx.gate_parameters(prepared))
+        log: dict = {"target": target}
+        stop = a.warm + a.hfp_epochs
+        trainer.run(name, prepared, opt, a.warm, stop, hfp=True, log=log)
+        before = trainer.evaluate(prepared)
+        prepared.eval()
+        c = hfp_fx.complexity(prepared)
+        small = hfp_fx.finalize(prepared)
+        after = trainer.evaluate(small)
+        report = small.meta["hfp"]
+        print(f"  [{name}] finalize: gated model {before:.2f}% (hard params {c['params'] / c['dense_params']:.3f}, "
+              f"MACs {c['macs'] / c['dense_macs']:.3f}) -> small model {after:.2f}% "
+              f"(params {report['achieved']['params'] / report['dense']['params']:.3f}, "
+              f"MACs {report['achieved']['macs'] / report['dense']['macs']:.3f})", flush=True)
+        opt = trainer.optimizer(small)
+        trainer.run(name, small, opt, stop, a.epochs)
+        log.update({"acc_gated_before_finalize": before, "acc_after_finalize": after,
+                    "hard_ratio_before_finalize": {"params": c["params"] / c["dense_params"],
+                                                   "macs": c["macs"] / c["dense_macs"]}})
+        widths = {gid: g["kept"] for gid, g in report["groups"].items()}
+        finish(name, small, time.perf_counter() - t0 + result["warm"]["seconds"], widths=widths, hfp=log)
+
+    # (b) one-shot L1 + fine-tune
+    if "l1-macs40" in a.runs:
+        seed_all(a.seed + 2)
+        t0 = time.perf_counter()
+        small = hfp_fx.prune(warm_model(), example, target_macs, importance="l1")
+        acc0 = trainer.evaluate(small)
+        print(f"  [l1-macs40] one-shot pruned model before fine-tuning: {acc0:.2f}%", flush=True)
+        opt = trainer.optimizer(small)
+        trainer.run("l1-macs40", small, opt, a.warm, a.epochs)
+        widths = {gid: g["kept"] for gid, g in small.meta["hfp"]["groups"].items()}
+        finish("l1-macs40", small, time.perf_counter() - t0 + result["warm"]["seconds"], widths=widths,
+               acc_after_prune=acc0)
+
+    # (c) uniform width scaling, from scratch
+    if "uniform" in a.runs:
+        ws, pr, mr = uniform_widths(a.widths, a.blocks, example, a.target)
+        print(f"  [uniform] widths {ws}: params {pr:.3f}, MACs {mr:.3f}", flush=True)
+        seed_all(a.seed + 3)
+        model = FashionResNet(ws, a.blocks)
+        opt = trainer.optimizer(model)
+        t0 = time.perf_counter()
+        trainer.run("uniform", model, opt, 0, a.epochs)
+        finish("uniform", model, time.perf_counter() - t0, stage_widths=list(ws))
+
+    result["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    print()
+    print(markdown_table(result))
+    print()
+    for name, r in result["runs"].items():
+        print(f"{name:>13}: " + ", ".join(f"{g['id']}:{r['widths'].get(g['id'])}/{g['channels']}" for g in groups))
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    png = a.out.with_suffix(".png")
+    plot(result, png)
+    print(f"\nwrote {a.out} and {png} in {result['seconds_total']:.0f}s")
+    return result
+
+
+if __name__ == "__main__":
+    main()
