@@ -43,12 +43,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+# OpenMP threads that sleep instead of spin when idle: far more robust on a shared 2-core
+# machine (spinning threads made epochs up to 10x slower when another process was busy)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import hfp_fx
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import hfp_fx  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -311,16 +315,9 @@ def group_table(model: nn.Module, example: torch.Tensor) -> List[dict]:
 
 
 def widths_of(model: nn.Module, example: torch.Tensor, dense_groups: List[dict]) -> Dict[str, int]:
-    """Channels per prune group of ``model``, matched to the dense groups by their module names."""
-    by_module = {}
-    for g in group_table(model, example):
-        for m in g["modules"]:
-            by_module.setdefault(m, g["channels"])
-    out = {}
-    for g in dense_groups:
-        hits = [by_module[m] for m in g["modules"] if m in by_module]
-        out[g["id"]] = hits[0] if hits else None
-    return out
+    """Channels per prune group of ``model``, matched to the dense groups by group name."""
+    by_name = {g["name"]: g["channels"] for g in group_table(model, example)}
+    return {g["id"]: by_name.get(g["name"]) for g in dense_groups}
 
 
 def counts_entry(model: nn.Module, example: torch.Tensor, dense: hfp_fx.Counts) -> dict:
@@ -444,7 +441,7 @@ def main(argv=None) -> dict:
     if a.train_subset:
         train = (train[0][:a.train_subset], train[1][:a.train_subset])
     trainer = Trainer(train, test, a)
-    example = test[0][:2].clone()
+    example = test[0][:1].clone()  # counts are per image
     dense_counts = hfp_fx.count(FashionResNet(a.widths, a.blocks), example)
     target_macs = {"macs": a.target}
     print(f"Fashion-MNIST: {len(train[1])} train / {len(test[1])} test images from {data_dir}; "

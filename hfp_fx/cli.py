@@ -25,6 +25,9 @@ EPILOG = """examples:
   hfp-fx inspect timm:convnext_tiny --dot convnext.dot
   hfp-fx inspect my_models.py:build_net --input-size 1,3,64,64
   hfp-fx count torchvision:mobilenet_v2
+  hfp-fx prune torchvision:resnet50 --macs 40% --out resnet50_40.pt
+  hfp-fx prune torchvision:mobilenet_v2 --macs 50% --params 60% --round-to 8 --out mbv2.pt
+  hfp-fx bench torchvision:resnet50 --macs 50%
 """
 
 
@@ -63,6 +66,70 @@ def cmd_count(args) -> int:
     return 0
 
 
+def _target(args):
+    target = {k: v for k, v in (("params", args.params), ("macs", args.macs)) if v is not None}
+    if not target:
+        raise SpecError("give a target: --macs 40% and/or --params 50% (fractions, percentages or counts)")
+    return hfp_fx.Target.parse(target)
+
+
+def _allocation_table(small, limit: int) -> str:
+    from tabulate import tabulate
+
+    groups = small.meta["hfp"]["groups"]
+    rows = [[gid, g["name"], g["dense"], g["kept"], f"{100 * g['kept'] / g['dense']:.0f}%"]
+            for gid, g in groups.items()]
+    shown = rows if limit <= 0 else rows[:limit]
+    text = tabulate(shown, headers=["group", "first module", "dense", "kept", "kept %"], tablefmt="github")
+    if len(shown) < len(rows):
+        text += f"\n... {len(rows) - len(shown)} more groups (--show 0 lists all)"
+    return text
+
+
+def cmd_prune(args) -> int:
+    model, x = _load(args)
+    target = _target(args)
+    small = hfp_fx.prune(model, x, target, importance=args.importance, round_to=args.round_to,
+                         min_channels=args.min_channels, exclude=args.exclude or ())
+    report = small.meta["hfp"]
+    print(_allocation_table(small, args.show))
+    dense, got = report["dense"], hfp_fx.count(small, x)
+    for name in ("params", "macs"):
+        t = report["target"][name]
+        print(f"{name:>6}: {dense[name]:,} -> {getattr(got, name):,} ({100 * getattr(got, name) / dense[name]:.2f}% of dense"
+              + (f"; target {t:,})" if t else ")"))
+    if args.out:
+        hfp_fx.save(small, args.out)
+        print(f"saved {args.out} (load with hfp_fx.load(path, factory, example_inputs))")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch.utils.benchmark as benchmark
+    from tabulate import tabulate
+
+    model, x = _load(args)
+    small = hfp_fx.prune(model, x, _target(args), round_to=args.round_to)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for batch in args.batch:
+        xb = torch.randn(batch, *x.shape[1:])
+        times = {}
+        for label, m in (("dense", model.eval()), ("pruned", small.eval())):
+            with torch.inference_mode():
+                for _ in range(2):
+                    m(xb)
+                t = benchmark.Timer("m(x)", globals={"m": m, "x": xb}, num_threads=args.threads)
+                times[label] = t.blocked_autorange(min_run_time=args.min_run_time).median * 1e3
+        dense_c, small_c = hfp_fx.count(model, x), hfp_fx.count(small, x)
+        speedup = times["dense"] / times["pruned"]
+        rows.append([batch, f"{times['dense']:.2f}", f"{times['pruned']:.2f}", f"{speedup:.2f}x",
+                     f"{small_c.macs / dense_c.macs:.3f}", f"{speedup * small_c.macs / dense_c.macs:.2f}"])
+    print(tabulate(rows, headers=["batch", "dense ms", "pruned ms", "speed-up", "MACs ratio", "efficiency"],
+                   tablefmt="github"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hfp-fx", description="Holistic Filter Pruning for torch.fx graphs.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=3, help="member modules shown per group")
     p.add_argument("--prunable-only", action="store_true", help="list prunable groups only")
     add("count", cmd_count, "print parameters and MACs")
+
+    def targets(p):
+        p.add_argument("--macs", help="MACs target: fraction (0.4), percentage (40%%) or count")
+        p.add_argument("--params", help="parameter target: fraction, percentage or count")
+        p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+
+    p = add("prune", cmd_prune, "one-shot prune to a target and save (safe format)")
+    targets(p)
+    p.add_argument("--importance", default="l1", choices=["l1", "l2", "uniform"])
+    p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--exclude", nargs="*", help="module names never pruned")
+    p.add_argument("--out", help="write the pruned model here (hfp_fx.save format)")
+    p.add_argument("--show", type=int, default=40, help="groups listed in the allocation table (0 = all)")
+    p = add("bench", cmd_bench, "dense vs pruned latency")
+    targets(p)
+    p.add_argument("--batch", type=int, nargs="*", default=[1])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--min-run-time", type=float, default=1.0)
     return ap
 
 

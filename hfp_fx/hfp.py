@@ -325,8 +325,14 @@ def _magnitude_saliency(dg: DependencyGraph, importance: str) -> Dict[str, torch
 
 
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
-          exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1) -> torch.fx.GraphModule:
-    """One-shot pruning without training: magnitude saliency + the same exact global projection."""
+          exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
+          cost_power: float = 0.0) -> torch.fx.GraphModule:
+    """One-shot pruning without training: magnitude saliency + the same exact global projection.
+
+    Saliency is each channel's mean |weight| (``"l1"``) or RMS (``"l2"``) over the filters that
+    produce it, divided by its group's mean, so channels are ranked globally.  ``cost_power``
+    (default 0) ranks by saliency alone; 1 ranks by saliency per unit of marginal cost.
+    """
     dg = dependency_graph(model, example_inputs, exclude=exclude)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
@@ -334,7 +340,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     cm = CostModel(dg)
     resolved = Target.parse(target).resolve(cm.counts())
     plan = project(cm, dg.prunable_groups, _magnitude_saliency(dg, importance), resolved,
-                   min_channels=min_channels, round_to=round_to)
+                   min_channels=min_channels, round_to=round_to, cost_power=cost_power)
     small = shrink_model(dg, dg.alive(plan.keep))
     small.meta["hfp"] = _report(dg, plan)
     small.meta["hfp"]["scale_sites"] = []

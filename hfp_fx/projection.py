@@ -100,8 +100,15 @@ def _allowed(n: int, lo: int, step: int, size: int) -> int:
 
 
 def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor], target: ResolvedTarget,
-            initial: Optional[Mapping[str, int]] = None, min_channels: int = 1, round_to: int = 1) -> Plan:
-    """Choose kept channels per group so every targeted count is <= its target (see module doc)."""
+            initial: Optional[Mapping[str, int]] = None, min_channels: int = 1, round_to: int = 1,
+            cost_power: float = 1.0) -> Plan:
+    """Choose kept channels per group so every targeted count is <= its target (see module doc).
+
+    Blocks are ranked by ``saliency / marginal_cost ** cost_power``: 1 trades importance against
+    cost (trained HFP gates already encode both), 0 ranks by saliency alone and leaves the cost
+    model only the job of meeting the budget (one-shot magnitude pruning, where cost-ranking
+    would strip the most expensive layers down to one channel).
+    """
     if min_channels < 1 or round_to < 1:
         raise ValueError("min_channels and round_to must be >= 1")
     dense = cm.counts()
@@ -154,7 +161,7 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
         for i, s in enumerate(state):
             nxt = s.next_removal()
             if nxt is not None and weight[i] > 0:
-                heap.append((nxt[1] / float(weight[i]), i))
+                heap.append((nxt[1] / float(weight[i]) ** cost_power, i))
         if not heap:
             break  # unreachable after the feasibility check, kept as a guard
         heapq.heapify(heap)
@@ -167,7 +174,7 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
             s.n = new
             nxt = s.next_removal()
             if nxt is not None:
-                heapq.heappush(heap, (nxt[1] / float(weight[i]), i))
+                heapq.heappush(heap, (nxt[1] / float(weight[i]) ** cost_power, i))
 
     # 3. add back
     blocked = set()
@@ -189,7 +196,7 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
                     break
                 cost += inc / t
             if fits:
-                score = sal / max(cost, 1e-30)
+                score = sal / max(cost, 1e-30) ** cost_power
                 if best is None or score > best[0]:
                     best = (score, i, new)
         if best is None:

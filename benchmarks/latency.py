@@ -1,0 +1,174 @@
+"""Latency of rewritten models: dense vs ``hfp_fx.prune`` at several MACs targets.
+
+For each model and MACs target, prune one-shot (L1 saliency, exact global projection) and time
+dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up, median and IQR
+over blocked runs).  Reports the MACs ratio, the measured speed-up and the *latency
+efficiency* = speed-up / (dense MACs / pruned MACs): 1.0 means the pruned model is exactly as
+much faster as it is smaller.  ``--round-to 1 8 16`` shows what hardware-friendly widths do.
+
+    python benchmarks/latency.py                          # defaults below, CPU
+    python benchmarks/latency.py --quick                  # two small models, batch 1
+    python benchmarks/latency.py --models resnet50 mobilenet_v2 --targets 0.5 --batch 1 32
+    python benchmarks/latency.py --channels-last --compile --device cuda
+
+Writes ``benchmarks/results/latency.json``, ``latency.md`` and ``latency.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as benchmark
+import torchvision
+
+import hfp_fx
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny",
+                  "vit_b_16", "regnet_y_1_6gf"]
+
+
+def progress(iterable, total, desc):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, disable=not sys.stderr.isatty())
+    except ImportError:
+        return iterable
+
+
+def measure(model, x, min_run_time: float, device: str) -> dict:
+    """Median and IQR latency in milliseconds."""
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up (oneDNN primitive caches, compile)
+            model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+        m = timer.blocked_autorange(min_run_time=min_run_time)
+    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+
+
+def prepare_for_timing(model, x, channels_last: bool, compile_: bool, device: str):
+    model = model.eval().to(device)
+    if channels_last and x.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    if compile_:
+        model = torch.compile(model)
+    return model, x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
+    ap.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5, 0.3], help="MACs fractions")
+    ap.add_argument("--batch", nargs="*", type=int, default=[1, 32])
+    ap.add_argument("--round-to", nargs="*", type=int, default=[1, 8])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="time torch.compile'd models")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="resnet18 + mobilenet_v2, batch 1, 50%% only")
+    ap.add_argument("--out", default=str(RESULTS / "latency.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.targets, args.batch, args.round_to, args.min_run_time = \
+            ["resnet18", "mobilenet_v2"], [0.5], [1], [1, 8], 0.3
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    jobs = [(m, t, r) for m in args.models for t in args.targets for r in args.round_to]
+    dense_cache = {}
+    for name, target, round_to in progress(jobs, len(jobs), "latency"):
+        model = torchvision.models.get_model(name, weights=None).eval()
+        size = 224
+        example = torch.randn(1, 3, size, size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            small = hfp_fx.prune(model, example, {"macs": target}, round_to=round_to)
+            prune_s = time.perf_counter() - t0
+        dense_c, small_c = hfp_fx.count(model, example), hfp_fx.count(small, example)
+        for batch in args.batch:
+            x = torch.randn(batch, 3, size, size, device=args.device)
+            key = (name, batch)
+            if key not in dense_cache:
+                dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
+                dense_cache[key] = measure(dm, dx, args.min_run_time, args.device)
+            sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
+            pruned = measure(sm, sx, args.min_run_time, args.device)
+            dense = dense_cache[key]
+            speedup = dense["median_ms"] / pruned["median_ms"]
+            mac_reduction = dense_c.macs / small_c.macs
+            row = {"model": name, "target": target, "round_to": round_to, "batch": batch,
+                   "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
+                   "dense_ms": dense["median_ms"], "dense_iqr_ms": dense["iqr_ms"],
+                   "pruned_ms": pruned["median_ms"], "pruned_iqr_ms": pruned["iqr_ms"],
+                   "speedup": speedup, "efficiency": speedup / mac_reduction, "prune_seconds": prune_s}
+            rows.append(row)
+            print(f"{name} macs={target:.0%} round_to={round_to} batch={batch}: {dense['median_ms']:.1f} -> "
+                  f"{pruned['median_ms']:.1f} ms, speed-up {speedup:.2f}x, efficiency {row['efficiency']:.2f}",
+                  file=sys.stderr, flush=True)
+    meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
+            "channels_last": args.channels_last, "compile": args.compile,
+            "cpu": (os.uname().machine if hasattr(os, "uname") else "")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = write_markdown(rows, meta, Path(args.out).with_suffix(".md"))
+    print(md)
+    plot(rows, Path(args.out).with_suffix(".png"))
+    return 0
+
+
+def write_markdown(rows, meta, path: Path) -> str:
+    from tabulate import tabulate
+
+    table = [[r["model"], f"{r['target']:.0%}", r["round_to"], r["batch"], f"{r['macs_ratio']:.3f}",
+              f"{r['dense_ms']:.1f} ± {r['dense_iqr_ms']:.1f}", f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}",
+              f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}"] for r in rows]
+    text = (f"Device {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, channels_last="
+            f"{meta['channels_last']}, compile={meta['compile']}. Latency: median ± IQR.\n\n")
+    text += tabulate(table, headers=["model", "MACs target", "round_to", "batch", "MACs ratio", "dense ms",
+                                     "pruned ms", "speed-up", "efficiency"], tablefmt="github")
+    effs = [r["efficiency"] for r in rows]
+    if effs:
+        text += f"\n\nmedian efficiency {statistics.median(effs):.2f}\n"
+    path.write_text(text)
+    return text
+
+
+def plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (model, rt), marker in zip(sorted({(r["model"], r["round_to"]) for r in rows}), "os^vD<>ph*x+" * 4):
+        pts = sorted((1 / r["macs_ratio"], r["speedup"]) for r in rows
+                     if r["model"] == model and r["round_to"] == rt and r["batch"] == max(x["batch"] for x in rows))
+        ax.plot(*zip(*pts), marker=marker, label=f"{model} (round_to={rt})")
+    lim = max(1 / r["macs_ratio"] for r in rows) * 1.05
+    ax.plot([1, lim], [1, lim], "k--", lw=1, label="ideal (efficiency 1)")
+    ax.set_xlabel("MACs reduction (dense / pruned)")
+    ax.set_ylabel("measured speed-up")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The hfp-fx command line: inspect, count, prune (safe save), bench, and its errors."""
+import subprocess
+import sys
+
+import torch
+import torchvision
+
+import hfp_fx
+from hfp_fx.cli import main
+
+SMALL = ["--input-size", "1,3,64,64"]
+
+
+def test_inspect_prints_groups_and_writes_dot(tmp_path, capsys):
+    dot = tmp_path / "g.dot"
+    assert main(["inspect", "torchvision:resnet18", *SMALL, "--dot", str(dot)]) == 0
+    out = capsys.readouterr().out
+    assert "| group" in out and "channels prunable" in out and "MACs" in out
+    assert dot.read_text().startswith("digraph")
+
+
+def test_count_matches_api(capsys):
+    assert main(["count", "torchvision:mobilenet_v3_small", *SMALL]) == 0
+    out = capsys.readouterr().out
+    c = hfp_fx.count(torchvision.models.mobilenet_v3_small(), torch.randn(1, 3, 64, 64))
+    assert f"{c.params:,}" in out and f"{c.macs:,}" in out
+
+
+def test_prune_saves_loadable_model(tmp_path, capsys):
+    out_file = tmp_path / "r18.pt"
+    assert main(["prune", "torchvision:resnet18", *SMALL, "--macs", "40%", "--out", str(out_file)]) == 0
+    text = capsys.readouterr().out
+    assert "kept %" in text and "target" in text
+    x = torch.randn(1, 3, 64, 64)
+    small = hfp_fx.load(out_file, torchvision.models.resnet18, x)
+    c = hfp_fx.count(small, x)
+    assert c.macs <= 0.4 * hfp_fx.count(torchvision.models.resnet18(), x).macs
+
+
+def test_user_file_spec(tmp_path, capsys):
+    f = tmp_path / "net.py"
+    f.write_text("import torch.nn as nn\n"
+                 "def build():\n"
+                 "    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))\n"
+                 "    m.example_input_shape = (1, 3, 16, 16)\n"
+                 "    return m\n")
+    assert main(["inspect", f"{f}:build"]) == 0
+    assert "g0" in capsys.readouterr().out
+
+
+def test_errors_are_clear(capsys):
+    assert main(["inspect", "torchvision:no_such_net"]) == 2
+    assert "no model 'no_such_net'" in capsys.readouterr().err
+    assert main(["inspect", "resnet18"]) == 2
+    assert "torchvision:NAME" in capsys.readouterr().err
+    assert main(["prune", "torchvision:resnet18", *SMALL]) == 2
+    assert "--macs" in capsys.readouterr().err
+    assert main(["prune", "torchvision:resnet18", *SMALL, "--macs", "abc"]) == 2
+    assert "malformed" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "hfp_fx", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "hfp-fx prune" in proc.stdout
