@@ -100,10 +100,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
-def toy_model():
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
-                               torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+def warmup_model():
+    """A small torchvision model for the warm-up build both tools do before timing anything."""
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
 
 
 def err_text(exc: BaseException) -> str:
@@ -173,7 +173,8 @@ def tp_worker(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tp.DependencyGraph().build_dependency(toy_model(), example_inputs=torch.randn(1, 3, 16, 16))  # warm-up
+            wm, wx = warmup_model()
+            tp.DependencyGraph().build_dependency(wm, example_inputs=wx)  # warm-up
             model, x = build(args.tp_worker)
             dense = hfp_fx.count(model, x)
             row["stage"] = "build"
@@ -186,25 +187,31 @@ def tp_worker(args) -> int:
                        if (isinstance(m, torch.nn.Linear) and m.out_features == NUM_CLASSES)
                        or (isinstance(m, torch.nn.Conv2d) and m.out_channels == NUM_CLASSES)]
             row["ignored_layers"] = len(ignored)
+            row["stage"] = "get_all_groups"
+            save()
             try:
                 row["groups"] = sum(1 for _ in DG.get_all_groups(ignored_layers=ignored))
             except Exception as exc:  # noqa: BLE001
                 row["groups_error"] = err_text(exc)
             del DG
             gc.collect()
-            row["stage"] = "prune"
+            row["stage"] = "pruner init"
             save()
             t0 = time.perf_counter()
             Pruner = getattr(tp.pruner, "MagnitudePruner", None) or tp.pruner.BasePruner
             pruner = Pruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                             pruning_ratio=args.tp_ratio, iterative_steps=args.tp_steps, global_pruning=True,
                             ignored_layers=ignored)
+            row["stage"] = "count (tp, dense)"
+            save()
             dense_tp_macs, _ = tp.utils.count_ops_and_params(model, x)
             target_tp = args.target * dense_tp_macs
             target_hfp = args.target * dense.macs
             macs_tp = dense_tp_macs
             row["steps"] = 0
             for i in range(args.tp_steps):
+                row["stage"] = f"prune step {i + 1}"
+                save()
                 pruner.step()
                 row["steps"] = i + 1
                 if args.tp_counter == "tp":
@@ -212,8 +219,6 @@ def tp_worker(args) -> int:
                     reached = macs_tp <= target_tp
                 else:
                     reached = hfp_fx.count(model, x).macs <= target_hfp
-                row["stage"] = f"prune step {i + 1}"
-                save()
                 if reached:
                     break
             if args.tp_counter == "tp":
@@ -250,23 +255,43 @@ def tp_worker(args) -> int:
 
 
 def run_tp(name: str, args, save_model: str = "") -> dict:
-    """Run the Torch-Pruning worker for ``name`` with a timeout; never raises."""
+    """Run the Torch-Pruning worker for ``name`` in a subprocess; never raises, never hangs.
+
+    The worker rewrites its JSON file after every stage (build, each pruning step, ...).  It is
+    killed when that file has not changed for ``--tp-stall`` seconds (a hang) or after
+    ``--tp-timeout`` seconds in all.
+    """
     fd, out_path = tempfile.mkstemp(prefix="tp_worker_", suffix=".json")
     os.close(fd)
+    os.remove(out_path)
+    log = tempfile.TemporaryFile(mode="w+")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--tp-worker", name, "--worker-out", out_path,
            "--target", str(args.target), "--tp-steps", str(args.tp_steps), "--tp-ratio", str(args.tp_ratio),
            "--tp-counter", args.tp_counter, "--threads", str(args.threads)]
     if save_model:
         cmd += ["--save-model", save_model]
-    t0 = time.perf_counter()
-    row = {}
-    try:
-        proc = subprocess.run(cmd, timeout=args.tp_timeout, capture_output=True, text=True)
-        outcome = None if proc.returncode == 0 else f"worker exit code {proc.returncode}: " \
-                                                    f"{proc.stderr.strip().splitlines()[-1:] if proc.stderr else ''}"
-    except subprocess.TimeoutExpired:
-        outcome = "timeout"
-    row["wall_s"] = time.perf_counter() - t0
+    start = last = time.monotonic()
+    last_mtime = None
+    outcome = None
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    while proc.poll() is None:
+        time.sleep(0.2)
+        now = time.monotonic()
+        try:
+            mtime = os.stat(out_path).st_mtime_ns
+        except OSError:
+            mtime = None
+        if mtime != last_mtime:
+            last_mtime, last = mtime, now
+        if now - start > args.tp_timeout:
+            outcome = f"timeout: over the {args.tp_timeout:.0f} s limit"
+        elif now - last > args.tp_stall:
+            outcome = f"timeout: no progress for {args.tp_stall:.0f} s"
+        if outcome:
+            proc.kill()
+            proc.wait()
+            break
+    row = {"wall_s": time.monotonic() - start}
     try:
         with open(out_path) as f:
             row.update(json.load(f))
@@ -276,11 +301,15 @@ def run_tp(name: str, args, save_model: str = "") -> dict:
         for p in (out_path, out_path + ".tmp"):
             if os.path.exists(p):
                 os.remove(p)
-    if outcome == "timeout":
-        row.update(status="timeout", runs=False,
-                   error=f"timeout after {args.tp_timeout:.0f} s (during {row.get('stage', 'start-up')})")
-    elif outcome is not None and row.get("status") is None:
-        row.update(status="error", runs=False, error=f"{outcome} (during {row.get('stage', 'start-up')})"[:400])
+    stage = row.get("stage", "start-up")
+    if outcome:
+        row.update(status="timeout", runs=False, error=f"{outcome} (during {stage})")
+    elif row.get("status") is None:  # the worker died without a final status (crash, killed for memory)
+        log.seek(0)
+        tail = [ln for ln in log.read().strip().splitlines() if ln.strip()][-1:]
+        row.update(status="error", runs=False,
+                   error=f"worker exit code {proc.returncode} during {stage}: {' '.join(tail)}"[:400])
+    log.close()
     return row
 
 
@@ -389,7 +418,8 @@ def write_markdown(rows, latency_rows, summary, meta, path: Path) -> str:
             f"`hfp_fx.count` (torch.utils.flop_counter) for both tools; gap = (achieved - target) / dense. "
             f"Torch-Pruning: MagnitudePruner, L1, global, pruning_ratio={meta['tp_ratio']}, "
             f"{meta['tp_steps']} iterative steps, stop at target by its own counter ({meta['tp_counter']}), "
-            f"timeout {meta['tp_timeout']:.0f} s per model.\n\n## Summary\n\n")
+            f"killed after {meta['tp_stall']:.0f} s without progress or {meta['tp_timeout']:.0f} s in all. "
+            f"Torch-Pruning is run with one generic configuration (no per-architecture `num_heads` etc.).\n\n## Summary\n\n")
     summ = [
         ["models covered (pruned model runs)", f"{hs['covered']}/{summary['models']}",
          f"{ts['covered']}/{summary['models']}"],
@@ -399,7 +429,7 @@ def write_markdown(rows, latency_rows, summary, meta, path: Path) -> str:
         ["median abs(achieved - target) / dense", pct(hs["abs_gap_median"]), pct(ts["abs_gap_median"])],
         ["max abs(achieved - target) / dense", pct(hs["abs_gap_max"]), pct(ts["abs_gap_max"])],
     ]
-    text += tabulate(summ, headers=["", "hfp_fx", "Torch-Pruning"], tablefmt="github")
+    text += tabulate(summ, headers=["", "hfp_fx", "Torch-Pruning"], tablefmt="github", disable_numparse=True)
     text += (f"\n\nhfp_fx pruned models equal to the masked reference: {hs['exact']}/{summary['models']}. "
              f"Torch-Pruning reached the target within its steps on {ts['reached_target']} of the "
              f"{ts['covered']} models it pruned; timeouts: {ts['timeouts']}.\n")
@@ -436,8 +466,8 @@ def write_markdown(rows, latency_rows, summary, meta, path: Path) -> str:
                  f"{meta['threads']} threads, torch.utils.benchmark blocked_autorange (min_run_time "
                  f"{meta['min_run_time']} s), median ± IQR in ms.\n\n")
         text += tabulate(lat, headers=["model", "input", "dense ms", "hfp_fx ms", "hfp MACs", "hfp speed-up",
-                                       "TP ms", "TP MACs", "TP speed-up"], tablefmt="github") + "\n"
-    text += "\n## Per model\n\n" + tabulate(table, headers=headers, tablefmt="github") + "\n"
+                                       "TP ms", "TP MACs", "TP speed-up"], tablefmt="github", disable_numparse=True) + "\n"
+    text += "\n## Per model\n\n" + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
     path.write_text(text)
     return text
 
@@ -456,7 +486,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-size", type=int, default=None,
                     help="input size for latency (default: the sweep's input size of that model)")
     ap.add_argument("--min-run-time", type=float, default=1.0)
-    ap.add_argument("--tp-timeout", type=float, default=120.0, help="seconds per model for Torch-Pruning")
+    ap.add_argument("--tp-stall", type=float, default=120.0,
+                    help="kill Torch-Pruning after this many seconds without progress (one build / one step)")
+    ap.add_argument("--tp-timeout", type=float, default=900.0, help="total seconds per model for Torch-Pruning")
     ap.add_argument("--tp-steps", type=int, default=20)
     ap.add_argument("--tp-ratio", type=float, default=0.9, help="Torch-Pruning pruning_ratio after all steps")
     ap.add_argument("--tp-counter", choices=["tp", "hfp"], default="tp",
@@ -485,7 +517,7 @@ def main(argv=None) -> int:
         print(f"note: latency models not in this sweep, skipped: {missing}", file=sys.stderr)
     with warnings.catch_warnings():  # warm-up: first-call costs stay out of the first model's build time
         warnings.simplefilter("ignore")
-        hfp_fx.dependency_graph(toy_model(), torch.randn(1, 3, 16, 16))
+        hfp_fx.dependency_graph(*warmup_model())
 
     rows, latency_rows = [], []
     tmpdir = tempfile.mkdtemp(prefix="vs_tp_")
@@ -532,16 +564,11 @@ def main(argv=None) -> int:
     except OSError:
         pass
 
-    try:
-        import importlib.metadata as md
-
-        tp_version = md.version("torch-pruning")
-    except Exception:  # noqa: BLE001
-        tp_version = "?"
+    tp_version = next((r["torch_pruning"]["tp_version"] for r in rows if r["torch_pruning"].get("tp_version")), "?")
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "torch_pruning": tp_version,
             "hfp_fx": hfp_fx.__version__, "threads": args.threads, "target": args.target,
             "tp_ratio": args.tp_ratio, "tp_steps": args.tp_steps, "tp_counter": args.tp_counter,
-            "tp_timeout": args.tp_timeout, "min_run_time": args.min_run_time}
+            "tp_timeout": args.tp_timeout, "tp_stall": args.tp_stall, "min_run_time": args.min_run_time}
     summary = summarize(rows, latency_rows, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ class Member:
 
     @property
     def module(self) -> str:
-        return self.target.rsplit(".", 1)[0] if "." in self.target else ""
+        return self.target.rsplit(".", 1)[0] if "." in self.target else "(root)"
 
     def __str__(self) -> str:
         return f"{self.target}[dim {self.dim}: {_ranges(self.offsets)}]"
@@ -83,7 +83,8 @@ class DependencyGraph:
         self.example_inputs = example_inputs
         self.roots = facts.elements.roots()
         self.seconds = seconds
-        #: parameters of the user's model that the traced graph never uses (still counted)
+        #: parameters of the user's model that the traced graph never uses (e.g. aux heads in eval
+        #: mode); the graph module, the pruned model and the cost model do not contain them
         self.unused_params = model_params - sum(p.numel() for p in self.gm.parameters())
         self.groups: List[PruneGroup] = []
         self._build_groups()
@@ -160,7 +161,7 @@ class DependencyGraph:
         return [g for g in self.groups if g.prunable]
 
     def prunable_fraction(self) -> float:
-        """Fraction of channels (units weighted by how many conv/linear features they are) that can be pruned."""
+        """Fraction of channels (units, i.e. group channels) that are in prunable groups."""
         total = sum(g.channels for g in self.groups)
         return sum(g.channels for g in self.prunable_groups) / total if total else 0.0
 

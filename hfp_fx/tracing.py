@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def trace(model: torch.nn.Module) -> TracedModel:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.fx.GraphModule):
-        return TracedModel(torch.fx.GraphModule(model, model.graph))
+        return TracedModel(torch.fx.GraphModule(model, copy.deepcopy(model.graph)))
     opaque: Dict[str, str] = {}
     for _ in range(MAX_OPAQUE_RETRIES):
         tracer = _RecordingTracer(opaque)

@@ -199,6 +199,8 @@ class ChannelAnalysis:
             self.macs.append(MacTerm(self.node.name, float(coeff), tuple(r for r in rows if r is not None)))
 
     def gate(self, arg: Union[int, str], m: ChannelMap, weight: Optional[Tuple[str, int]] = None) -> None:
+        if weight is not None:  # tied weights: one canonical name, so folding counts every use
+            weight = (self.canonical.get(weight[0], weight[0]), weight[1])
         self.gates.append(GateSite(self.node.name, arg, m.axis, m.ids, weight))
 
     # -- the walk -------------------------------------------------------------------------

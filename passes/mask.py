@@ -30,6 +30,7 @@ def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
     state = dict(gm.named_parameters(remove_duplicate=False))
     state.update(dict(gm.named_buffers(remove_duplicate=False)))
     count = 0
+    device = next((t.device for t in state.values()), torch.device("cpu"))
     for site in dg.facts.gates:
         keep = alive[site.ids]
         if bool(keep.all()):
@@ -40,7 +41,7 @@ def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
                 w = state[name]
                 shape = [1] * w.dim()
                 shape[dim] = -1
-                w.mul_(keep.to(w.dtype).reshape(shape))
+                w.mul_(keep.to(device=w.device, dtype=w.dtype).reshape(shape))
             continue
         node = nodes[site.node]
         arg = node.args[site.arg] if isinstance(site.arg, int) else node.kwargs[site.arg]
@@ -49,7 +50,7 @@ def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
         shape[site.axis] = -1
         buf = f"_hfp_mask_{count}"
         count += 1
-        gm.register_buffer(buf, keep.to(arg.meta["tensor_meta"].dtype).reshape(shape))
+        gm.register_buffer(buf, keep.to(device=device, dtype=arg.meta["tensor_meta"].dtype).reshape(shape))
         with gm.graph.inserting_before(node):
             getter = gm.graph.get_attr(buf)
             gated = gm.graph.call_function(torch.mul, (arg, getter))

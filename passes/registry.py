@@ -6,12 +6,15 @@ ops returning several tensors.  Rules unite elements, fix them with a reason, bi
 to channel axes, record MAC terms and gate sites through the ``analysis`` object
 (:class:`hfp_fx.passes.channel_analysis.ChannelAnalysis`).
 
-Example: teach hfp_fx that ``my_lib.fancy_act`` is a per-channel activation::
+Example: teach hfp_fx that ``fancy_act`` is a per-channel activation.  The function must reach
+the graph as one ``call_function`` node, so it is declared a leaf with ``torch.fx.wrap`` (at
+module level, in the module that calls it); otherwise FX traces into it and records its ops::
 
+    >>> import torch
     >>> from hfp_fx.passes.registry import register_function
     >>> from hfp_fx.passes.rules_tensor import passthrough
     >>> def fancy_act(x):
-    ...     return x.clamp(min=0)
+    ...     return x.clamp(min=0) + torch.special.erf(x).clamp(max=0)
     >>> _ = register_function(fancy_act)(passthrough)
 
 Module rules match the module's exact class (a subclass may change ``forward``); modules with a

@@ -113,7 +113,7 @@ def linear_core(a: A, node: Node, x, w: str, b: Optional[str], fin: int, fout: i
         return ChannelMap(len(out_shape) - 1, out_ids)
     if m is not None:  # applied along a non-channel dim (token mixing): channels pass through
         a.fix(out_ids, f"{describe(node, mod)} acts on a dim that is not the channel dim")
-        a.add_macs(tokens * fin / m.size, m.ids)
+        a.add_macs(tokens * fout * fin / m.size, m.ids)
         return m
     a.add_macs(tokens * fin, out_ids)
     return ChannelMap(len(out_shape) - 1, out_ids)

@@ -168,6 +168,11 @@ _REDUCTIONS_M = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm
                  "all", "any"]
 
 
+# positional (dim, keepdim) indices where they differ from (1, 2): norm(x, p, dim, keepdim),
+# std/var(x, dim, unbiased, keepdim)
+_REDUCTION_ARGS = {"norm": (2, 3), "std": (1, 3), "var": (1, 3)}
+
+
 @register_function(*_REDUCTIONS_F)
 @register_method(*_REDUCTIONS_M)
 @no_macs
@@ -176,8 +181,10 @@ def reduction(a: A, node: Node):
     if m is None:
         return tuple(None for _ in a.shape(node)) if _is_tuple_shape(a.shape(node)) else None
     in_shape = a.shape(node.args[0])
-    dims = a.arg(node, 1, "dim", None)
-    keepdim = bool(a.arg(node, 2, "keepdim", False))
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    dim_pos, keep_pos = _REDUCTION_ARGS.get(name, (1, 2))
+    dims = a.arg(node, dim_pos, "dim", None)
+    keepdim = bool(a.arg(node, keep_pos, "keepdim", False))
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         a.fix(m, f"{describe(node)} reduces over all dims, including channels")
         return None
@@ -408,8 +415,8 @@ def narrow(a: A, node: Node):
     return ChannelMap(m.axis, m.ids[start:start + length])
 
 
-@register_function(torch.select, torch.index_select, torch.gather, torch.take_along_dim)
-@register_method("select", "index_select", "gather")
+@register_function(torch.select, torch.index_select)
+@register_method("select", "index_select")
 @no_macs
 def select_like(a: A, node: Node):
     m = a.cmap(node.args[0])

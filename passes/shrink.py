@@ -41,9 +41,10 @@ def shrink_model(dg, alive: torch.Tensor, verify: bool = True, gm: torch.fx.Grap
                   list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     _slice_state(gm, dg, alive)
     for name, mod in gm.named_modules():
-        fixer = _MODULE_FIXERS.get(type(mod))
+        fixer = next((_MODULE_FIXERS[c] for c in type(mod).__mro__ if c in _MODULE_FIXERS), None)
         if fixer is not None:
             fixer(mod, name, old_shapes)
+    _fix_modules_from_maps(gm, dg, alive)
     for node in list(gm.graph.nodes):
         fixer = _fixer_for(node)
         if fixer is not None:
@@ -145,6 +146,26 @@ def _module_fixers() -> Dict[type, Callable]:
 
 
 _MODULE_FIXERS = _module_fixers()
+
+
+def _fix_modules_from_maps(gm: torch.fx.GraphModule, dg, alive) -> None:
+    """Attributes with no parameter to read them from: the channel count flowing through the node."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        m = _out_map(dg, node)
+        if m is None:
+            continue
+        kept = int(alive[m.ids].sum())
+        if isinstance(mod, (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)):
+            mod.num_features = kept
+        elif isinstance(mod, torch.nn.Unflatten) and _changed(m, alive):
+            sizes = list(mod.unflattened_size)
+            k = m.axis - (mod.dim % len(node.args[0].meta["tensor_meta"].shape))
+            if 0 <= k < len(sizes) and sizes[k] != -1:
+                sizes[k] = kept
+                mod.unflattened_size = tuple(sizes)
 
 
 # -------------------------------------------------------------------------------------------
@@ -267,6 +288,20 @@ def _fix_getitem(node: Node, dg, alive) -> None:
         in_d += 1
 
 
+def _fix_functional_conv_groups(node: Node, dg, alive) -> None:
+    """``F.conv2d(x, w, b, stride, padding, dilation, groups)``: groups follows the kept inputs."""
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    src = dg.facts.maps.get(node.args[0].name) if isinstance(node.args[0], Node) else None
+    if not isinstance(groups, int) or groups == 1 or not isinstance(src, ChannelMap) or not _changed(src, alive):
+        return
+    per_group = src.size // groups
+    new = int(alive[src.ids].sum()) // per_group
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new}
+
+
 def _fixer_for(node: Node):
     if node.op == "call_method":
         return _NODE_FIXERS.get(("call_method", node.target))
@@ -279,7 +314,11 @@ def _fixer_for(node: Node):
 
 
 _NODE_FIXERS: Dict[Any, Callable] = {
-    **{("call_method", n): _fix_sizes for n in ("view", "reshape", "expand")},
+    **{("call_method", n): _fix_sizes for n in ("view", "reshape", "expand", "broadcast_to")},
+    ("call_function", torch.broadcast_to): _fix_sizes,
+    **{("call_function", f): _fix_functional_conv_groups for f in (torch.nn.functional.conv1d,
+                                                                   torch.nn.functional.conv2d,
+                                                                   torch.nn.functional.conv3d)},
     ("call_function", torch.reshape): _fix_sizes,
     ("call_method", "unflatten"): _fix_unflatten,
     ("call_function", torch.unflatten): _fix_unflatten,
@@ -336,6 +375,7 @@ def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -
     if not scales:
         return
     nodes = {n.name: n for n in gm.graph.nodes}
+    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
     for name, site, scale in scales:
         node = nodes[site.node]
         keep = alive[site.ids]
@@ -345,7 +385,7 @@ def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -
         shape[site.axis] = -1
         values = torch.ones(int(keep.sum())) if scale is None else scale[keep]
         buf = f"_hfp_scale_{name}"
-        gm.register_buffer(buf, values.reshape(shape).clone())
+        gm.register_buffer(buf, values.reshape(shape).clone().to(device))
         with gm.graph.inserting_before(node):
             scaled = gm.graph.call_function(torch.mul, (arg, gm.graph.get_attr(buf)))
         if isinstance(site.arg, int):

@@ -303,3 +303,103 @@ def test_summary_networkx_and_dot():
     assert any(d.get("kind") == "group" for _, d in g.nodes(data=True))
     dot = dg.to_dot()
     assert dot.startswith("digraph") and "->" in dot
+
+
+class Reductions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Linear(8, 3)
+        self.inorm = nn.InstanceNorm2d(8)
+
+    def forward(self, x):
+        y = self.inorm(self.a(x))
+        n = y.norm(2, dim=2)  # (N, 8, W): p positional, channels kept
+        s = torch.std(y, 3, True, True).squeeze(3)
+        z = (n + s).mean(-1)
+        return self.b(z.broadcast_to(2, 8))
+
+
+class TokenMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.tok = nn.Linear(5, 7)  # mixes tokens, channels pass through
+        self.unflat = nn.Unflatten(1, (6, 1))
+        self.head = nn.Linear(6 * 7, 2)
+
+    def forward(self, x):
+        y = self.tok(self.embed(x).transpose(1, 2))  # (N, 6, 7)
+        return self.head(self.unflat(y).flatten(1))
+
+
+class FunctionalGroupedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.w = nn.Parameter(torch.randn(8, 1, 3, 3))
+        self.wg = nn.Parameter(torch.randn(8, 2, 1, 1))
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.conv2d(self.a(x), self.w, None, 1, 1, 1, 8)
+        y = F.conv2d(y, self.wg, None, 1, 0, 1, 4)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("model,x", [
+    (Reductions(), torch.randn(2, 3, 4, 4)),
+    (TokenMixer(), torch.randn(2, 5, 4)),
+    (FunctionalGroupedConv(), torch.randn(2, 3, 5, 5)),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
+def test_argument_rewrites_and_counts(model, x):
+    dg, small = check_model(model, x)
+    assert dg.prunable_groups
+
+
+def test_gather_fixes_channels():
+    class G(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            idx = torch.zeros_like(y, dtype=torch.long)
+            return self.b(torch.gather(y, 2, idx))
+
+    dg = hfp_fx.dependency_graph(G(), torch.randn(1, 3, 4, 4))
+    assert not groups_by_module(dg)["a"].prunable
+    check_model(G(), torch.randn(1, 3, 4, 4))
+
+
+def test_tied_weights_fold_gates_once():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 6)
+            self.c = nn.Linear(6, 6)
+            self.c.weight = self.b.weight
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.head(self.b(h) + self.c(h))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randn(3, 4)
+    prepared = hfp_fx.prepare(model, x, {"params": 0.9})
+    with torch.no_grad():
+        prepared.hfp.gate.uniform_(0.5, 1.5)
+        prepared.hfp.threshold = 0.0
+    small = hfp_fx.finalize(prepared).eval()
+    keep = small.meta["hfp"]["keep"]
+    with torch.no_grad():
+        for gid, kept in keep.items():
+            g = prepared.hfp.gate_of(gid)
+            off = torch.ones_like(g, dtype=torch.bool)
+            off[kept] = False
+            g[off] = 0
+        from helpers import assert_close
+
+        assert_close(prepared.eval()(x), small(x))
