@@ -12,6 +12,7 @@ from hfp_fx.hfp import HFPState, complexity, complexity_loss, finalize, gate_par
 from hfp_fx.projection import InfeasibleTarget, Plan
 from hfp_fx.io import load, save
 from hfp_fx.target import Target
+from hfp_fx.viz import ComplexityLog, plot_widths, render_graph
 from hfp_fx.graph import DependencyGraph, Member, PruneGroup
 from hfp_fx.tracing import TraceError
 
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
-    "save", "load", "Target", "Plan", "InfeasibleTarget", "HFPState",
+    "save", "load", "Target", "Plan", "render_graph", "plot_widths", "ComplexityLog", "InfeasibleTarget", "HFPState",
     "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError",
 ]

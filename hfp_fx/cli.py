@@ -56,6 +56,8 @@ def cmd_inspect(args) -> int:
         with open(args.dot, "w") as f:
             f.write(dg.to_dot())
         print(f"wrote {args.dot}")
+    if args.png:
+        print(f"wrote {hfp_fx.render_graph(dg, args.png)}")
     return 0
 
 
@@ -98,6 +100,8 @@ def cmd_prune(args) -> int:
         t = report["target"][name]
         print(f"{name:>6}: {dense[name]:,} -> {getattr(got, name):,} ({100 * getattr(got, name) / dense[name]:.2f}% of dense"
               + (f"; target {t:,})" if t else ")"))
+    if args.plot:
+        print(f"wrote {hfp_fx.plot_widths(small, args.plot, title=args.spec)}")
     if args.out:
         hfp_fx.save(small, args.out)
         print(f"saved {args.out} (load with hfp_fx.load(path, factory, example_inputs))")
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("inspect", cmd_inspect, "print the prune groups of a model")
     p.add_argument("--dot", help="write the dependency graph as Graphviz DOT to this file")
+    p.add_argument("--png", help="draw the dependency graph to this image (.png/.svg; graphviz or matplotlib)")
     p.add_argument("--members", type=int, default=3, help="member modules shown per group")
     p.add_argument("--prunable-only", action="store_true", help="list prunable groups only")
     add("count", cmd_count, "print parameters and MACs")
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1)
     p.add_argument("--exclude", nargs="*", help="module names never pruned")
     p.add_argument("--out", help="write the pruned model here (hfp_fx.save format)")
+    p.add_argument("--plot", help="write a per-group kept-width bar chart (PNG; needs matplotlib)")
     p.add_argument("--show", type=int, default=40, help="groups listed in the allocation table (0 = all)")
     p = add("bench", cmd_bench, "dense vs pruned latency")
     targets(p)

@@ -1,0 +1,138 @@
+"""Pictures: the dependency graph, per-group kept widths, complexity curves during training.
+
+matplotlib is optional (``pip install matplotlib``); the graph uses Graphviz's ``dot`` when it is
+on the PATH, else networkx + matplotlib.
+
+    >>> import torch, torchvision, hfp_fx
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> prepared = hfp_fx.prepare(torchvision.models.resnet18(), x, "50%")
+    >>> log = hfp_fx.ComplexityLog(prepared)
+    >>> log.step()  # call once per training step (or every N steps)
+    >>> round(log.history[-1]["macs_ratio"], 2)
+    2.0
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+
+__all__ = ["render_graph", "plot_widths", "ComplexityLog"]
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from exc
+    return plt
+
+
+def render_graph(dg, path: PathLike) -> Path:
+    """Draw a DependencyGraph to ``path`` (``.png``/``.svg``/``.pdf``; ``.dot`` writes DOT text)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    dot = dg.to_dot()
+    if fmt == "dot":
+        path.write_text(dot)
+        return path
+    exe = shutil.which("dot")
+    if exe:
+        subprocess.run([exe, f"-T{fmt}", "-o", str(path)], input=dot, text=True, check=True)
+        return path
+    log.info("graphviz 'dot' not found; drawing with networkx + matplotlib")
+    plt = _pyplot()
+    g = dg.to_networkx()
+    # layers (call_module nodes) top to bottom, groups to the right, edges = membership
+    layers = [n for n, d in g.nodes(data=True) if d["kind"] == "op" and d["op"] == "call_module"]
+    row = {n: i for i, n in enumerate(layers)}
+    groups = [n for n, d in g.nodes(data=True) if d["kind"] == "group"]
+    fig, ax = plt.subplots(figsize=(9, max(4, len(layers) * 0.16)))
+    for i, n in enumerate(layers):
+        ax.text(0, -i, g.nodes[n]["target"], fontsize=6, ha="right", va="center")
+    for gid in groups:
+        members = [v for _, v in g.out_edges(gid) if v in row]
+        if not members:
+            continue
+        y = -sum(row[v] for v in members) / len(members)
+        d = g.nodes[gid]
+        color = "#2a9d8f" if d["prunable"] else "#aaaaaa"
+        for v in members:
+            ax.plot([0.05, 1.0], [-row[v], y], color=color, lw=0.4, alpha=0.6)
+        ax.text(1.02, y, f"{gid} ({d['channels']})", fontsize=6, va="center", color=color)
+    ax.set_xlim(-1.2, 1.4)
+    ax.set_ylim(-len(layers), 1)
+    ax.set_axis_off()
+    ax.set_title("prune groups (green: prunable, grey: fixed) and the layers they touch", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_widths(small, path: PathLike, title: Optional[str] = None) -> Path:
+    """Bar chart of dense vs kept channels per prune group of a pruned model (``meta['hfp']``)."""
+    groups = small.meta["hfp"]["groups"]
+    plt = _pyplot()
+    names = list(groups)
+    dense = [groups[g]["dense"] for g in names]
+    kept = [groups[g]["kept"] for g in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.18), 3.5))
+    ax.bar(range(len(names)), dense, color="#dddddd", label="dense")
+    ax.bar(range(len(names)), kept, color="#1f77b4", label="kept")
+    ax.set_xlabel("prune group (in graph order)")
+    ax.set_ylabel("channels")
+    ax.set_title(title or "channels per prune group")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+class ComplexityLog:
+    """Record ``hfp_fx.complexity(prepared)`` during training and plot the ratio curves.
+
+    Call :meth:`step` once per training step (it is cheap: one cost-model evaluation).
+    """
+
+    def __init__(self, prepared: torch.nn.Module, every: int = 1):
+        self.prepared, self.every, self._n = prepared, max(1, every), 0
+        self.history: List[Dict[str, float]] = []
+
+    def step(self, **extra: float) -> None:
+        from hfp_fx.hfp import complexity
+
+        if self._n % self.every == 0:
+            row = complexity(self.prepared)
+            row.update(step=self._n, **extra)
+            self.history.append(row)
+        self._n += 1
+
+    def plot(self, path: PathLike) -> Path:
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        steps = [r["step"] for r in self.history]
+        for key in ("params_ratio", "macs_ratio"):
+            values = [r[key] for r in self.history]
+            if any(v is not None for v in values):
+                ax.plot(steps, values, label=key.replace("_", " ") + " (hard)")
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="target")
+        ax.set_xlabel("step")
+        ax.set_ylabel("current / target")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)

@@ -1,0 +1,24 @@
+"""Pictures: dependency graph, per-group widths, complexity curves."""
+import pytest
+import torch
+import torchvision
+
+import hfp_fx
+
+pytest.importorskip("matplotlib")
+
+
+def test_render_plot_and_log(tmp_path):
+    model, x = torchvision.models.mobilenet_v3_small(), torch.randn(1, 3, 64, 64)
+    dg = hfp_fx.dependency_graph(model, x)
+    for name in ("g.png", "g.svg", "g.dot"):
+        path = hfp_fx.render_graph(dg, tmp_path / name)
+        assert path.stat().st_size > 100
+    small = hfp_fx.prune(model, x, "50%")
+    assert hfp_fx.plot_widths(small, tmp_path / "w.png").stat().st_size > 1000
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.5})
+    log = hfp_fx.ComplexityLog(prepared, every=2)
+    for _ in range(4):
+        log.step(loss=1.0)
+    assert [r["step"] for r in log.history] == [0, 2] and log.history[0]["macs_ratio"] == pytest.approx(2.0, rel=1e-3)
+    assert log.plot(tmp_path / "c.png").stat().st_size > 1000
