@@ -244,10 +244,11 @@ def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphMod
                    min_channels=hfp.min_channels, round_to=hfp.round_to)
     alive = dg.alive(plan.keep)
     base = copy.deepcopy(dg.gm)
-    state = {k: v for k, v in prepared.state_dict().items() if not k.startswith("hfp.")}
-    base.load_state_dict(state, strict=True)
-    base = base.to(hfp.gate.device)
-    vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu().clamp(min=0)])  # see docs/concepts.md
+    # copies of the trained tensors, keeping their dtype and device (the prepared model may have
+    # been moved or cast since prepare); the prepared model itself is left untouched
+    state = {k: v.detach().clone() for k, v in prepared.state_dict().items() if not k.startswith("hfp.")}
+    base.load_state_dict(state, strict=True, assign=True)
+    vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu().double().clamp(min=0)])  # docs/concepts.md
     scales = _fold_gates(base, dg, vector)
     small = shrink_model(dg, alive, gm=base)
     add_scale_nodes(small, dg, alive, scales)

@@ -352,8 +352,10 @@ def _verify_shapes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor) -> None:
             expected[node.name] = tuple(shape)
         elif tm is not None and hasattr(tm, "shape"):
             expected[node.name] = tuple(tm.shape)
+    ref = next((t for t in gm.parameters() if t.is_floating_point()), None)
+    inputs = tuple(x.to(ref.dtype) if ref is not None and x.is_floating_point() else x for x in dg.example_inputs)
     try:
-        propagate_shapes(gm, dg.example_inputs)
+        propagate_shapes(gm, inputs)
     except Exception as exc:
         raise ShrinkError(f"the shrunk model does not run on the example inputs: {exc}") from exc
     for node in gm.graph.nodes:
@@ -375,7 +377,8 @@ def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -
     if not scales:
         return
     nodes = {n.name: n for n in gm.graph.nodes}
-    device = next((t.device for t in gm.parameters()), torch.device("cpu"))
+    ref = next((t for t in gm.parameters() if t.is_floating_point()), torch.empty(0))
+    device, dtype = ref.device, ref.dtype
     for name, site, scale in scales:
         node = nodes[site.node]
         keep = alive[site.ids]
@@ -385,7 +388,7 @@ def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -
         shape[site.axis] = -1
         values = torch.ones(int(keep.sum())) if scale is None else scale[keep]
         buf = f"_hfp_scale_{name}"
-        gm.register_buffer(buf, values.reshape(shape).clone().to(device))
+        gm.register_buffer(buf, values.reshape(shape).to(device=device, dtype=dtype).clone())
         with gm.graph.inserting_before(node):
             scaled = gm.graph.call_function(torch.mul, (arg, gm.graph.get_attr(buf)))
         if isinstance(site.arg, int):

@@ -1,0 +1,111 @@
+"""Bad input gets a clear error; the user's model is never touched; documented behaviours hold."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hfp_fx
+from helpers import assert_close, assert_unchanged, state_snapshot
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)), inplace=True)
+        y += self.conv2(y)  # in-place residual
+        return self.fc(y.mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def test_non_module_and_bad_inputs():
+    with pytest.raises(TypeError, match="nn.Module"):
+        hfp_fx.dependency_graph(lambda x: x, X)
+    with pytest.raises(TypeError, match="example_inputs"):
+        hfp_fx.dependency_graph(Net(), None)
+    with pytest.raises(TypeError, match=r"example_inputs\[1\]"):
+        hfp_fx.dependency_graph(Net(), (X, 3))
+    with pytest.raises(RuntimeError, match="example inputs"):
+        hfp_fx.dependency_graph(Net(), torch.randn(2, 5, 8, 8))
+    with pytest.raises(TypeError, match="nn.Module"):
+        hfp_fx.count("resnet", X)
+
+
+def test_nothing_prunable():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    dg = hfp_fx.dependency_graph(model, X)
+    assert not dg.prunable_groups and "model output" in dg.groups[0].reason
+    with pytest.raises(ValueError, match="no prunable"):
+        hfp_fx.prepare(model, X, "50%")
+    with pytest.raises(ValueError, match="no prunable"):
+        hfp_fx.prune(model, X, "50%")
+
+
+def test_user_model_is_never_modified():
+    model = Net().train()
+    snap = state_snapshot(model)
+    before_mode = [m.training for m in model.modules()]
+    dg = hfp_fx.dependency_graph(model, X)
+    hfp_fx.count(model, X)
+    keep = {g.id: [0, 1] for g in dg.prunable_groups}
+    hfp_fx.mask(model, X, keep)(X)
+    hfp_fx.shrink(model, X, keep)(X)
+    small = hfp_fx.prune(model, X, "50%")
+    small(X)
+    prepared = hfp_fx.prepare(model, X, "50%")
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = prepared(X).sum() + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hfp_fx.finalize(prepared)
+    assert_unchanged(model, snap)
+    assert [m.training for m in model.modules()] == before_mode
+
+
+def test_finalize_twice_and_prepared_untouched():
+    torch.manual_seed(0)
+    prepared = hfp_fx.prepare(Net(), X, {"params": 0.6})
+    with torch.no_grad():
+        prepared.hfp.gate.uniform_(0.2, 1.5)
+    before = copy.deepcopy(prepared.state_dict())
+    a, b = hfp_fx.finalize(prepared).eval(), hfp_fx.finalize(prepared).eval()
+    with torch.no_grad():
+        assert torch.equal(a(X), b(X))
+    for k, v in prepared.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_prepared_model_cast_to_double():
+    torch.manual_seed(0)
+    prepared = hfp_fx.prepare(Net(), X, {"macs": 0.5}).double().eval()
+    with torch.no_grad():
+        prepared.hfp.gate.uniform_(0.5, 1.5)
+    small = hfp_fx.finalize(prepared).eval()
+    out = small(X.double())
+    assert out.dtype == torch.float64
+    loss = hfp_fx.complexity_loss(prepared)
+    assert torch.isfinite(loss)
+
+
+def test_exclude_unknown_module():
+    with pytest.raises(ValueError, match="does not have"):
+        hfp_fx.prepare(Net(), X, "50%", exclude=["conv3"])
+
+
+def test_eval_and_train_mode_runs():
+    small = hfp_fx.prune(Net(), X, "50%")
+    small.train()(X).sum().backward()
+    small.eval()
+    with torch.no_grad():
+        assert_close(small(X), small(X))
