@@ -400,7 +400,7 @@ def write_markdown(rows, latency_rows, summary, meta, path: Path) -> str:
         if not t.get("runs"):
             return [t.get("status", "-") if t.get("status") != "error" else "error", "-", "-"]
         status = ("exact" if t.get("exact") else "INEXACT") if hfp else ("ok" if t.get("reached_target") else "ok, above target")
-        return [status, fmt(t.get("macs_ratio")), pct(t.get("gap"), "+.1f")]
+        return [status, fmt(t.get("macs_ratio")), pct(t.get("gap"), "+.2f")]
 
     table = []
     for r in rows:

@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -27,7 +28,7 @@ from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.shrink import shrink_model
-from hfp_fx.tracing import normalize_inputs, propagate_shapes, trace
+from hfp_fx.tracing import meta_copy, normalize_inputs, propagate_shapes, trace
 
 __all__ = ["dependency_graph", "count", "mask", "shrink"]
 
@@ -70,21 +71,14 @@ def count(model: torch.nn.Module, example_inputs: Any) -> Counts:
         raise TypeError(f"hfp_fx.count expects a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs)
     params = _unique_params(model)
-    state = {k: torch.empty_like(v, device="meta") for k, v in
-             list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))}
-    try:
-        with torch.nn.utils.stateless._reparametrize_module(model, state), torch.no_grad():
-            with FlopCounterMode(display=False) as counter:
-                model(*[torch.empty_like(x, device="meta") for x in inputs])
-    except Exception:  # noqa: BLE001 - ops without meta kernels: count on a real run
-        saved = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-        try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(*inputs)
-        finally:
-            with torch.no_grad():
-                for k, v in model.state_dict(keep_vars=True).items():
-                    v.copy_(saved[k])
+    try:  # a meta copy: no compute, and the user's model is never run
+        twin = meta_copy(model)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            twin(*[torch.empty_like(x, device="meta") for x in inputs])
+    except Exception:  # noqa: BLE001 - ops without meta kernels: count a real run of a copy
+        twin = copy.deepcopy(model)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            twin(*inputs)
     return Counts(params, counter.get_total_flops() // 2)
 
 

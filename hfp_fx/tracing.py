@@ -145,34 +145,45 @@ class _ShapeAndFlopProp(ShapeProp):
         return super().run_node(n)
 
 
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters and buffers are ``meta`` tensors.
+
+    Running it costs no FLOPs and no memory, and whatever its ``forward`` does to ``self``
+    (caches, counters, lazily built tensors) lands on the copy, never on the user's model.
+    """
+    memo = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in memo:
+            fake = torch.empty_like(t, device="meta")
+            memo[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(
+                t, torch.nn.Parameter) else fake
+    return copy.deepcopy(module, memo)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> None:
     """Fill ``node.meta['tensor_meta']`` (and ``node.meta['macs']``) for every node.
 
-    Runs on the ``meta`` device first (no compute, no state change); ops without meta kernels fall
-    back to a real run under ``no_grad`` with every buffer restored afterwards.
+    Runs a meta copy of ``gm`` first (no compute, no state change); ops without meta kernels fall
+    back to a real run of a full copy.  ``gm`` itself is never executed: its submodules are the
+    user's.
     """
-    meta_state = {
-        k: torch.empty_like(v, device="meta")
-        for k, v in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-    }
     meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
     try:
-        with torch.nn.utils.stateless._reparametrize_module(gm, meta_state), torch.no_grad():
-            _ShapeAndFlopProp(gm).propagate(*meta_inputs)
-        return
+        twin = meta_copy(gm)
+        with torch.no_grad():
+            _ShapeAndFlopProp(twin).propagate(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
-    saved = {k: v.detach().clone() for k, v in gm.state_dict(keep_vars=True).items()}
-    try:
-        with torch.no_grad():
-            _ShapeAndFlopProp(gm).propagate(*example_inputs)
-    except Exception as exc:
-        raise RuntimeError(
-            f"running {gm.__class__.__name__} on the example inputs failed: {type(exc).__name__}: {exc}. "
-            "Check that example_inputs match the model's forward signature and expected shapes."
-        ) from exc
-    finally:
-        with torch.no_grad():
-            for k, v in gm.state_dict(keep_vars=True).items():
-                if k in saved:
-                    v.copy_(saved[k])
+        twin = copy.deepcopy(gm)
+        try:
+            with torch.no_grad():
+                _ShapeAndFlopProp(twin).propagate(*example_inputs)
+        except Exception as exc2:
+            raise RuntimeError(
+                f"running {gm.__class__.__name__} on the example inputs failed: {type(exc2).__name__}: {exc2}. "
+                "Check that example_inputs match the model's forward signature and expected shapes."
+            ) from exc2
+    for node, twin_node in zip(gm.graph.nodes, twin.graph.nodes):
+        for key in ("tensor_meta", "macs"):
+            if key in twin_node.meta:
+                node.meta[key] = twin_node.meta[key]

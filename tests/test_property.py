@@ -1,24 +1,33 @@
-"""Property tests: random tiny CNN/MLP networks must satisfy every guarantee of the core API.
+"""Property tests: random tiny networks must satisfy every guarantee of the core API.
 
-A network is a list of block specs (conv, residual, concat, split/chunk, depthwise, grouped conv,
-squeeze-excitation, channel shuffle, pooling) plus a head; :class:`Net` builds the modules from
-the specs and its ``forward`` just runs them in order, so ``torch.fx`` traces through every
-block's own ``forward``.  For each drawn network, keep ratio and seed we check:
+The networks come from :mod:`netgen`: one or two inputs (``forward(x, y)``, the second image with
+its own stem, merged by add or cat), a trunk of conv / residual / concat (with nested concats and
+splits inside its branches, and an optional channel shuffle after it) / split / depthwise /
+grouped conv / squeeze-excitation (conv or linear gates) / channel shuffle / channels-last linear
+/ pooling blocks, and one or two heads (linear, flatten MLP, multi-layer linear, or the raw
+feature map) returned as a tensor, a tuple or a dict.  For each drawn network, keep ratio and
+seed we check:
 
 1. ``shrink`` computes what ``mask`` computes (and, keeping everything, what the model computes);
 2. the cost model's dense counts equal ``hfp_fx.count``, whose MACs equal an independent
    ``FlopCounterMode`` run on a real forward pass;
 3. the cost model's prediction for the pruned model equals ``hfp_fx.count`` of the shrunk model;
 4. the user's model is never modified;
-5. the channel analysis agrees with ``torch.utils.flop_counter`` on every node.
+5. the channel analysis agrees with ``torch.utils.flop_counter`` on every node;
+6. ``hfp_fx.prune`` meets a drawn params and/or MACs target (measured with ``hfp_fx.count``),
+   respects ``round_to``/``min_channels`` and leaves no slack a further block would fit in, or
+   raises :class:`hfp_fx.InfeasibleTarget` ("not reachable") exactly when the floor (every
+   prunable group at its minimum) is above the target.
 
 A second property checks only the grouping logic on plain conv chains with residual adds, against
 a union-find over the spec: convs whose outputs meet in an add form exactly one prune group.
+
+Each property is a plain ``check_*`` function plus its strategies (``PROPERTIES``), so
+``benchmarks/fuzz.py`` can run the same checks for many more examples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -28,345 +37,46 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import hfp_fx
-from helpers import assert_close, assert_unchanged, random_keep, state_snapshot
-
-MAX_W = 24
-ACTS = ("relu", "silu", "gelu", "hardswish")
-_ACT_MODULES = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU, "hardswish": nn.Hardswish}
-_ACT_FUNCTIONS = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "hardswish": F.hardswish}
+from helpers import assert_close, assert_unchanged, outputs, random_keep, state_snapshot
+from netgen import example_arg, kernels, make, net_specs, targets, widths
 
 
-# -------------------------------------------------------------------------------------------
-# building blocks
-# -------------------------------------------------------------------------------------------
-class Act(nn.Module):
-    """An activation, either as its ``nn`` module or as the functional call."""
-
-    def __init__(self, name: str, functional: bool):
-        super().__init__()
-        self.fn = _ACT_FUNCTIONS[name] if functional else None
-        self.mod = None if functional else _ACT_MODULES[name]()
-
-    def forward(self, x):
-        return self.fn(x) if self.mod is None else self.mod(x)
-
-
-class ConvBNAct(nn.Module):
-    def __init__(self, cin, cout, k, act, functional=False, groups=1, bias=False):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=bias)
-        self.bn = nn.BatchNorm2d(cout)
-        self.act = Act(act, functional) if act else None
-
-    def forward(self, x):
-        x = self.bn(self.conv(x))
-        return self.act(x) if self.act is not None else x
-
-
-class Residual(nn.Module):
-    def __init__(self, cin, cout, k, act, mid, use_torch_add):
-        super().__init__()
-        if mid:
-            self.body = nn.Sequential(ConvBNAct(cin, mid, k, act), ConvBNAct(mid, cout, k, None))
-        else:
-            self.body = ConvBNAct(cin, cout, k, None)
-        self.proj = ConvBNAct(cin, cout, 1, None) if cin != cout else None
-        self.act = Act(act, functional=True)
-        self.use_torch_add = use_torch_add
-
-    def forward(self, x):
-        shortcut = self.proj(x) if self.proj is not None else x
-        y = self.body(x)
-        return self.act(torch.add(y, shortcut) if self.use_torch_add else y + shortcut)
-
-
-class Concat(nn.Module):
-    """Branches (``None`` = the input itself) concatenated along channels."""
-
-    def __init__(self, cin, widths, k, act):
-        super().__init__()
-        self.branches = nn.ModuleList([nn.Identity() if w == 0 else ConvBNAct(cin, w, k, act) for w in widths])
-
-    def forward(self, x):
-        return torch.cat([b(x) for b in self.branches], dim=1)
-
-
-class SplitBranches(nn.Module):
-    """``split``/``chunk`` along channels, a conv (or nothing) per piece, then ``cat``."""
-
-    def __init__(self, sizes, widths, how, k, act):
-        super().__init__()
-        self.sizes, self.how = list(sizes), how
-        self.branches = nn.ModuleList([nn.Identity() if w == 0 else ConvBNAct(s, w, k, act)
-                                       for s, w in zip(sizes, widths)])
-
-    def forward(self, x):
-        if self.how == "torch.split":
-            pieces = torch.split(x, self.sizes, dim=1)
-        elif self.how == "Tensor.split":
-            pieces = x.split(self.sizes, 1)
-        elif self.how == "torch.chunk":
-            pieces = torch.chunk(x, len(self.sizes), dim=1)
-        else:
-            pieces = x.chunk(len(self.sizes), 1)
-        return torch.cat([b(pieces[i]) for i, b in enumerate(self.branches)], 1)
-
-
-class SqueezeExcite(nn.Module):
-    def __init__(self, c, hidden, pool_module):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1) if pool_module else None
-        self.fc1 = nn.Conv2d(c, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, c, 1)
-
-    def forward(self, x):
-        s = self.pool(x) if self.pool is not None else F.adaptive_avg_pool2d(x, 1)
-        s = torch.sigmoid(self.fc2(F.relu(self.fc1(s))))
-        return x * s
-
-
-class Shuffle(nn.Module):
-    def __init__(self, c, groups, minus_one):
-        super().__init__()
-        self.c, self.groups, self.minus_one = c, groups, minus_one
-
-    def forward(self, x):
-        b, h, w = x.size(0), x.size(2), x.size(3)
-        x = x.view(b, self.groups, self.c // self.groups, h, w)
-        x = torch.transpose(x, 1, 2).contiguous()
-        return x.view(b, -1 if self.minus_one else self.c, h, w)
-
-
-class Pool(nn.Module):
-    def __init__(self, kind, halve, functional):
-        super().__init__()
-        self.kind, self.halve, self.functional = kind, halve, functional
-        k, s, p = (2, 2, 0) if halve else (3, 1, 1)
-        self.args = (k, s, p)
-        self.mod = None if functional else (nn.MaxPool2d if kind == "max" else nn.AvgPool2d)(k, s, p)
-
-    def forward(self, x):
-        if self.mod is not None:
-            return self.mod(x)
-        return (F.max_pool2d if self.kind == "max" else F.avg_pool2d)(x, *self.args)
-
-
-class GapHead(nn.Module):
-    def __init__(self, c, n_out, flatten):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten() if flatten == "module" else None
-        self.how = flatten
-        self.fc = nn.Linear(c, n_out)
-
-    def forward(self, x):
-        x = self.pool(x)
-        if self.flatten is not None:
-            x = self.flatten(x)
-        elif self.how == "method":
-            x = x.flatten(1)
-        else:
-            x = torch.flatten(x, 1)
-        return self.fc(x)
-
-
-class FlatHead(nn.Module):
-    def __init__(self, features, hidden, n_out):
-        super().__init__()
-        self.fc1 = nn.Linear(features, hidden)
-        self.fc2 = nn.Linear(hidden, n_out)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
-
-
-# -------------------------------------------------------------------------------------------
-# specs: plain data, so hypothesis prints a readable counterexample
-# -------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Block:
-    kind: str
-    out: int  #: channels after the block
-    args: Tuple  #: kind-specific, see ``build_block``
-
-
-@dataclass(frozen=True)
-class NetSpec:
-    batch: int
-    blocks: Tuple[Block, ...]
-    head: Tuple  #: ("gap", n_out, flatten_how) or ("flat", hidden, n_out)
-
-
-def build_block(b: Block, cin: int, size: int) -> nn.Module:
-    a = b.args
-    if b.kind == "conv":  # (k, act, functional, bias)
-        return ConvBNAct(cin, b.out, a[0], a[1], functional=a[2], bias=a[3])
-    if b.kind == "residual":  # (k, act, mid, use_torch_add)
-        return Residual(cin, b.out, a[0], a[1], a[2], a[3])
-    if b.kind == "concat":  # (widths, k, act)
-        return Concat(cin, a[0], a[1], a[2])
-    if b.kind == "split":  # (sizes, widths, how, k, act)
-        return SplitBranches(a[0], a[1], a[2], a[3], a[4])
-    if b.kind == "depthwise":  # (mult, act)
-        return ConvBNAct(cin, cin * a[0], 3, a[1], groups=cin)
-    if b.kind == "grouped":  # (groups, k, act)
-        return ConvBNAct(cin, b.out, a[1], a[2], groups=a[0])
-    if b.kind == "se":  # (hidden, pool_module)
-        return SqueezeExcite(cin, a[0], a[1])
-    if b.kind == "shuffle":  # (groups, minus_one)
-        return Shuffle(cin, a[0], a[1])
-    if b.kind == "pool":  # (kind, halve, functional)
-        return Pool(a[0], a[1], a[2])
-    raise AssertionError(b.kind)
-
-
-class Net(nn.Module):
-    """The network a :class:`NetSpec` describes; ``forward`` runs the blocks in order."""
-
-    def __init__(self, spec: NetSpec, in_ch: int = 3, size: int = 8):
-        super().__init__()
-        c, s = in_ch, size
-        blocks = []
-        for b in spec.blocks:
-            blocks.append(build_block(b, c, s))
-            c = b.out
-            if b.kind == "pool" and b.args[1]:
-                s //= 2
-        self.blocks = nn.ModuleList(blocks)
-        if spec.head[0] == "gap":
-            self.head = GapHead(c, spec.head[1], spec.head[2])
-        else:
-            self.head = FlatHead(c * s * s, spec.head[1], spec.head[2])
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def randomize_norms(model: nn.Module) -> None:
-    """Non-trivial batch-norm affine parameters and statistics, so eval mode is not an identity."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
-                m.running_mean.normal_(0, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-
-
-def make(spec: NetSpec, seed: int) -> Tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(seed)
-    model = Net(spec)
-    randomize_norms(model)
-    return model.eval(), torch.randn(spec.batch, 3, 8, 8)
-
-
-# -------------------------------------------------------------------------------------------
-# strategies
-# -------------------------------------------------------------------------------------------
-widths = st.integers(2, MAX_W)
-acts = st.sampled_from(ACTS)
-kernels = st.sampled_from([1, 3])
-
-
-@st.composite
-def compositions(draw, total: int, parts: int):
-    """``parts`` positive integers summing to ``total``."""
-    cuts = sorted(draw(st.lists(st.integers(1, total - 1), min_size=parts - 1, max_size=parts - 1, unique=True)))
-    edges = [0] + cuts + [total]
-    return tuple(b - a for a, b in zip(edges, edges[1:]))
-
-
-@st.composite
-def blocks_for(draw, c: int, size: int) -> Block:
-    kinds = ["conv", "residual", "concat", "depthwise", "se", "pool"]
-    if c >= 2:
-        kinds += ["split", "shuffle"]
-    if c % 2 == 0:
-        kinds.append("grouped")
-    kind = draw(st.sampled_from(kinds))
-    if kind == "conv":
-        return Block("conv", draw(widths), (draw(kernels), draw(acts), draw(st.booleans()), draw(st.booleans())))
-    if kind == "residual":
-        out = draw(st.one_of(st.just(c), widths))
-        mid = draw(st.one_of(st.none(), widths))
-        return Block("residual", out, (draw(kernels), draw(acts), mid, draw(st.booleans())))
-    if kind == "concat":
-        n = draw(st.integers(2, 3))
-        branch = st.integers(2, 8) if c > 12 else st.one_of(st.just(0), st.integers(2, 8))
-        ws = tuple(draw(st.lists(branch, min_size=n, max_size=n)))
-        out = sum(c if w == 0 else w for w in ws)
-        return Block("concat", out, (ws, draw(kernels), draw(acts)))
-    if kind == "split":
-        how = draw(st.sampled_from(["torch.split", "Tensor.split", "torch.chunk", "Tensor.chunk"]))
-        if how.endswith("chunk"):
-            n = draw(st.sampled_from([p for p in (2, 3) if c % p == 0] or [1]))
-            sizes = (c // n,) * n
-        else:
-            sizes = draw(compositions(c, draw(st.integers(2, min(3, c)))))
-        ws = tuple(draw(st.lists(st.one_of(st.just(0), st.integers(2, 8)), min_size=len(sizes), max_size=len(sizes))))
-        out = sum(s if w == 0 else w for s, w in zip(sizes, ws))
-        return Block("split", out, (sizes, ws, how, draw(kernels), draw(acts)))
-    if kind == "depthwise":
-        mult = draw(st.sampled_from([1, 2])) if c <= 12 else 1
-        return Block("depthwise", c * mult, (mult, draw(acts)))
-    if kind == "grouped":
-        g = draw(st.sampled_from([g for g in (2, 4) if c % g == 0]))
-        out = g * draw(st.integers(1, MAX_W // g))
-        return Block("grouped", out, (g, draw(kernels), draw(acts)))
-    if kind == "se":
-        return Block("se", c, (draw(st.integers(2, 8)), draw(st.booleans())))
-    if kind == "shuffle":
-        g = draw(st.sampled_from([g for g in (2, 3, 4) if c % g == 0] or [1]))
-        return Block("shuffle", c, (g, draw(st.booleans())))
-    halve = size >= 2 and draw(st.booleans())
-    return Block("pool", c, (draw(st.sampled_from(["max", "avg"])), halve, draw(st.booleans())))
-
-
-@st.composite
-def net_specs(draw) -> NetSpec:
-    c, size, blocks = 3, 8, []
-    for _ in range(draw(st.integers(0, 6))):
-        b = draw(blocks_for(c, size))
-        blocks.append(b)
-        c = b.out
-        if b.kind == "pool" and b.args[1]:
-            size //= 2
-    if draw(st.booleans()):
-        head = ("gap", draw(st.integers(2, 10)), draw(st.sampled_from(["module", "method", "function"])))
-    else:
-        head = ("flat", draw(widths), draw(st.integers(2, 10)))
-    return NetSpec(draw(st.sampled_from([1, 2])), tuple(blocks), head)
-
-
-# -------------------------------------------------------------------------------------------
-# property 1-5: the core guarantees on random networks
-# -------------------------------------------------------------------------------------------
-def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+def flop_counter_macs(model: nn.Module, inputs) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+        model(*inputs)
     return counter.get_total_flops() // 2
 
 
-@settings(deadline=None)
-@given(spec=net_specs(), seed=st.integers(0, 2 ** 16), ratio=st.floats(0.05, 0.95))
-def test_random_network_guarantees(spec, seed, ratio):
-    model, x = make(spec, seed)
+def assert_same_structure(a, b):
+    """Same container types, dict keys and tensor shapes (values are compared by assert_close)."""
+    assert type(a) is type(b) or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)), (type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b), (list(a), list(b))
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+    assert [t.shape for t in outputs(a)] == [t.shape for t in outputs(b)]
+
+
+# -------------------------------------------------------------------------------------------
+# properties 1-5: the core guarantees on random networks
+# -------------------------------------------------------------------------------------------
+def check_guarantees(spec, seed, ratio):
+    model, inputs = make(spec, seed)
+    arg = example_arg(inputs)
     snap = state_snapshot(model)
     with torch.no_grad():
-        reference = model(x)
+        reference = model(*inputs)
 
-    dg = hfp_fx.dependency_graph(model, x)
+    dg = hfp_fx.dependency_graph(model, arg)
     # 5. the MAC rules agree with torch.utils.flop_counter node by node
     assert not dg.facts.mac_mismatch, dg.facts.mac_mismatch
 
     # 2. dense counts: cost model == count == an independent FlopCounterMode run
     cm = hfp_fx.CostModel(dg)
-    dense = hfp_fx.count(model, x)
+    dense = hfp_fx.count(model, arg)
     assert cm.counts() == dense
     assert dense.params == sum(p.numel() for p in model.parameters())
-    assert dense.macs == flop_counter_macs(model, x)
+    assert dense.macs == flop_counter_macs(model, inputs)
 
     # 1. shrink == mask (and shrink without pruning == the model)
     keep = random_keep(dg, seed, ratio)
@@ -374,20 +84,109 @@ def test_random_network_guarantees(spec, seed, ratio):
     small = hfp_fx.shrink(dg, keep=keep).eval()
     small.graph.lint()
     with torch.no_grad():
-        assert_close(masked(x), small(x))
-        assert_close(reference, hfp_fx.shrink(dg, keep={}).eval()(x))
+        out_masked, out_small = masked(*inputs), small(*inputs)
+        assert_same_structure(reference, out_small)
+        assert_same_structure(reference, out_masked)
+        assert_close(out_masked, out_small)
+        assert_close(reference, hfp_fx.shrink(dg, keep={}).eval()(*inputs))
 
     # 3. the cost model predicts the shrunk model exactly
     predicted = cm.counts(dg.alive(keep)[cm.unit_ids])
-    assert predicted == hfp_fx.count(small, x)
-    assert predicted.macs == flop_counter_macs(small, x)
+    assert predicted == hfp_fx.count(small, arg)
+    assert predicted.macs == flop_counter_macs(small, inputs)
     if any(len(v) < dg.group(k).channels for k, v in keep.items()):
         assert predicted.params < dense.params
 
     # 4. nothing above touched the user's model
     assert_unchanged(model, snap)
     with torch.no_grad():
-        assert_close(reference, model(x), rtol=0, atol=0)
+        assert_close(reference, model(*inputs), rtol=0, atol=0)
+
+
+GUARANTEES = dict(spec=net_specs(), seed=st.integers(0, 2 ** 16), ratio=st.floats(0.05, 0.95))
+
+
+@settings(deadline=None)
+@given(**GUARANTEES)
+def test_random_network_guarantees(spec, seed, ratio):
+    check_guarantees(spec, seed, ratio)
+
+
+# -------------------------------------------------------------------------------------------
+# property 6: one-shot prune meets a drawn target, or says why it cannot
+# -------------------------------------------------------------------------------------------
+def allowed_widths(n: int, min_channels: int, round_to: int):
+    """``(smallest allowed kept count, block size)`` of an ``n``-channel group, as documented:
+    kept counts are multiples of ``round_to`` (or the whole group) and at least ``min_channels``."""
+    step = round_to if n >= round_to else n
+    return min(n, -(-max(min_channels, 1) // step) * step), step
+
+
+def check_prune_target(spec, seed, target, importance, round_to, min_channels):
+    """Returns the outcome ("met", "infeasible" or "no prunable group") for the fuzz statistics."""
+    model, inputs = make(spec, seed)
+    arg = example_arg(inputs)
+    snap = state_snapshot(model)
+    dense = hfp_fx.count(model, arg)
+    budget = {k: int(v * getattr(dense, k)) for k, v in target.items()}
+    dg = hfp_fx.dependency_graph(model, arg)
+    groups = dg.prunable_groups
+    cm = hfp_fx.CostModel(dg)
+
+    def exceeds(keep):
+        c = cm.counts(dg.alive(keep)[cm.unit_ids])
+        return [k for k, t in budget.items() if getattr(c, k) > t]
+
+    # the floor: every prunable group at its smallest allowed width
+    floor = {g.id: list(range(allowed_widths(g.channels, min_channels, round_to)[0])) for g in groups}
+    try:
+        small = hfp_fx.prune(model, arg, target, importance, min_channels=min_channels, round_to=round_to)
+    except hfp_fx.InfeasibleTarget as exc:
+        assert "not reachable" in str(exc), str(exc)
+        assert exceeds(floor), f"{exc} but the floor meets {budget}"
+        assert_unchanged(model, snap)
+        return "infeasible"
+    except ValueError as exc:
+        if not groups and "no prunable channel group" in str(exc):
+            return "no prunable group"
+        raise
+    assert groups, "prune succeeded on a model without prunable groups"
+    assert not exceeds(floor)
+
+    # the target is met, measured independently, and the report says so
+    achieved = hfp_fx.count(small, arg)
+    for k, t in budget.items():
+        assert getattr(achieved, k) <= t, f"{k}: {getattr(achieved, k)} > target {t} (dense {getattr(dense, k)})"
+    report = small.meta["hfp"]
+    assert report["achieved"] == {"params": achieved.params, "macs": achieved.macs}
+
+    # widths respect round_to / min_channels, and no group could take one more block
+    keep = {gid: list(v) for gid, v in report["keep"].items()}
+    for g in groups:
+        kept = keep.get(g.id, list(range(g.channels)))
+        n = len(kept)
+        lo, step = allowed_widths(g.channels, min_channels, round_to)
+        assert n == g.channels or (n >= lo and n % step == 0), (g.id, n, g.channels, lo, step)
+        if n < g.channels:
+            grow = min(g.channels, (n // step + 1) * step) - n
+            extra = [i for i in range(g.channels) if i not in set(kept)][:grow]
+            assert exceeds({**keep, g.id: sorted(kept + extra)}), f"{g.id}: {n} -> {n + grow} channels still fits"
+
+    with torch.no_grad():
+        assert_same_structure(model(*inputs), small.eval()(*inputs))
+    assert_unchanged(model, snap)
+    return "met"
+
+
+PRUNE_TARGET = dict(spec=net_specs(), seed=st.integers(0, 2 ** 16), target=targets(),
+                    importance=st.sampled_from(["l1", "l2", "uniform"]), round_to=st.sampled_from([1, 1, 2, 4]),
+                    min_channels=st.sampled_from([1, 1, 2]))
+
+
+@settings(deadline=None)
+@given(**PRUNE_TARGET)
+def test_prune_meets_target(spec, seed, target, importance, round_to, min_channels):
+    check_prune_target(spec, seed, target, importance, round_to, min_channels)
 
 
 # -------------------------------------------------------------------------------------------
@@ -492,9 +291,7 @@ def expected_classes(blocks):
     return classes
 
 
-@settings(deadline=None)
-@given(blocks=chain_specs(), seed=st.integers(0, 2 ** 16))
-def test_residual_chain_grouping(blocks, seed):
+def check_chain_grouping(blocks, seed):
     torch.manual_seed(seed)
     model = Chain(blocks).eval()
     x = torch.randn(1, 3, 8, 8)
@@ -539,3 +336,20 @@ def test_residual_chain_grouping(blocks, seed):
     for gid, convs in seen.items():
         for c in convs:
             assert small.get_submodule(c).out_channels == len(keep[gid])
+
+
+CHAIN = dict(blocks=chain_specs(), seed=st.integers(0, 2 ** 16))
+
+
+@settings(deadline=None)
+@given(**CHAIN)
+def test_residual_chain_grouping(blocks, seed):
+    check_chain_grouping(blocks, seed)
+
+
+#: name -> (check function, its strategies as keyword arguments); used by benchmarks/fuzz.py
+PROPERTIES = {
+    "random_network_guarantees": (check_guarantees, GUARANTEES),
+    "prune_meets_target": (check_prune_target, PRUNE_TARGET),
+    "residual_chain_grouping": (check_chain_grouping, CHAIN),
+}
