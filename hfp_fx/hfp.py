@@ -246,7 +246,14 @@ def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphMod
     base = copy.deepcopy(dg.gm)
     # copies of the trained tensors, keeping their dtype and device (the prepared model may have
     # been moved or cast since prepare); the prepared model itself is left untouched
-    state = {k: v.detach().clone() for k, v in prepared.state_dict().items() if not k.startswith("hfp.")}
+    clones: Dict[int, torch.Tensor] = {}  # one clone per tensor, so tied weights stay tied
+    state = {}
+    for k, v in prepared.state_dict(keep_vars=True).items():
+        if not k.startswith("hfp."):
+            if id(v) not in clones:
+                copy_ = v.detach().clone()
+                clones[id(v)] = torch.nn.Parameter(copy_, v.requires_grad) if isinstance(v, torch.nn.Parameter) else copy_
+            state[k] = clones[id(v)]
     base.load_state_dict(state, strict=True, assign=True)
     vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu().double().clamp(min=0)])  # docs/concepts.md
     scales = _fold_gates(base, dg, vector)
