@@ -492,6 +492,10 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
         a.fix(m, f"{describe(node)} reshapes in a way the analysis cannot follow")
         return None
     bi, bj = block
+    if (0 in bi and len(bi) > 1) or (0 in bj and len(bj) > 1):
+        # e.g. (B, heads*d) -> (B*heads, d): the kept count would be baked in for one batch size
+        a.fix(m, f"{describe(node)} merges the channel dim with the batch dim")
+        return None
     block_in = [in_shape[d] for d in bi]
     view = [1] * len(bi)
     view[bi.index(m.axis)] = in_shape[m.axis]
