@@ -180,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (SpecError, hfp_fx.TraceError, ValueError) as exc:
+    except (SpecError, hfp_fx.TraceError, ValueError, TypeError, RuntimeError) as exc:
         print(f"hfp-fx: error: {exc}", file=sys.stderr)
         return 2
 

@@ -168,6 +168,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
     meaning MACs.  The result computes exactly what ``model`` computes (all gates start at 1).
     """
+    if int(min_channels) < 1 or int(round_to) < 1:
+        raise ValueError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
     dg = dependency_graph(model, example_inputs, exclude=exclude)
     resolved = Target.parse(target).resolve(CostModel(dg).counts())
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
@@ -178,6 +180,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
     check_feasible(state.cost, dg.prunable_groups, resolved, min_channels, round_to)
     prepared = insert_gates(dg, state)
+    prepared.train(model.training)  # the gates' schedule follows the model's mode
     prepared._hfp_graph = dg
     prepared.meta["hfp_exclude"] = list(exclude)
     return prepared

@@ -46,7 +46,7 @@ def save(model: torch.fx.GraphModule, path: Union[str, "os.PathLike"]) -> None:
 def load(path, model_factory: Callable[[], torch.nn.Module], example_inputs: Any) -> torch.fx.GraphModule:
     """Rebuild a pruned model saved by :func:`save` from its dense architecture."""
     blob = torch.load(path, weights_only=True, map_location="cpu")
-    plan = json.loads(blob["plan"])
+    plan = json.loads(blob["plan"]) if isinstance(blob, dict) and "plan" in blob else {}
     if plan.get("format") != FORMAT:
         raise ValueError(f"{path} is not an hfp_fx pruned-model file (format {plan.get('format')!r})")
     model = model_factory() if callable(model_factory) and not isinstance(model_factory, torch.nn.Module) \

@@ -34,6 +34,8 @@ def _check(name: str, value: Budget) -> Budget:
                 frac = float(text)
         except ValueError:
             raise ValueError(f"target {name}={value!r} is malformed; use e.g. '40%', 0.4 or an absolute count") from None
+        if not text.endswith("%") and frac > 1 and frac != int(frac):
+            raise ValueError(f"target {name}={value!r}: above 1 a target is an absolute count and must be whole")
         return _check(name, frac if text.endswith("%") or frac <= 1 else int(frac))
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:

@@ -33,7 +33,6 @@ def test_shrink_equals_mask(name):
     size = 32 if name in ("tiny_vit", "tiny_swin", "tiny_convnext") else 64
     dg, small = check_model(model, torch.randn(2, 3, size, size))
     assert dg.prunable_fraction() > 0.3
-    assert dg.seconds < 5
 
 
 def test_segmentation_dict_output():
