@@ -4,10 +4,12 @@ Each property (``PROPERTIES`` there: a ``check_*`` function and its hypothesis s
 as a ``@given`` test with ``settings(max_examples=N, database=None)`` and a fixed ``--seed``.  The
 test body counts examples and catches failures instead of raising, so one bug does not end the
 run: every failing example is counted, and the first example of each distinct failure (exception
-type, message with numbers blanked, and innermost frame) is recorded with its ``repr`` (evaluable with
-``from netgen import *``) and traceback.  Then, unless ``--no-shrink``, each distinct failure is
-looked for again by a second ``@given`` run that raises only on that failure, so hypothesis
-shrinks it to a minimal falsifying example.
+type, message with numbers blanked, innermost frame) is recorded with its ``repr`` (evaluable
+after ``from netgen import *``) and traceback.  Then each distinct failure is looked for again by
+a second ``@given`` run that raises only on that failure, so hypothesis shrinks it towards a
+minimal falsifying example (for at most ``--shrink-seconds``; 0 skips this).  Patterns of known
+library bugs are left out of the generated networks unless ``--known-bugs``
+(``netgen.AVOID_KNOWN_BUGS``).
 
     python benchmarks/fuzz.py                          # 500 examples per property, seed 0
     python benchmarks/fuzz.py --examples 200 --seed 3
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import json
 import platform
 import re
@@ -36,6 +40,7 @@ import hypothesis  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
+import netgen  # noqa: E402
 from test_property import PROPERTIES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,7 +64,13 @@ def _settings(examples: int) -> settings:
                                            HealthCheck.filter_too_much])
 
 
-def run_property(name: str, examples: int, seed: int, shrink: bool) -> dict:
+def quiet_check(check, kwargs):
+    """Run a check with stderr swallowed (torch's ShapeProp prints tracebacks it then re-raises)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return check(**kwargs)
+
+
+def run_property(name: str, examples: int, seed: int, shrink_seconds: float) -> dict:
     check, strategies = PROPERTIES[name]
     stats = {"examples": 0, "failures": 0, "outcomes": collections.Counter()}
     distinct: dict = {}
@@ -67,7 +78,7 @@ def run_property(name: str, examples: int, seed: int, shrink: bool) -> dict:
     def body(**kwargs):
         stats["examples"] += 1
         try:
-            outcome = check(**kwargs)
+            outcome = quiet_check(check, kwargs)
         except Exception as exc:  # noqa: BLE001 - record and go on
             stats["failures"] += 1
             key = signature(exc)
@@ -84,36 +95,42 @@ def run_property(name: str, examples: int, seed: int, shrink: bool) -> dict:
     hypothesis.seed(seed)(_settings(examples)(given(**strategies)(body)))()
     seconds = time.perf_counter() - start
 
-    if shrink:
+    if shrink_seconds > 0:
         for key in list(distinct)[:MAX_SHRINK]:
             distinct[key]["shrunk_example"], distinct[key]["shrink_seconds"] = shrink_failure(
-                check, strategies, key, examples, seed)
+                check, strategies, key, examples, seed, shrink_seconds)
 
     return {"examples": stats["examples"], "failures": stats["failures"], "seconds": round(seconds, 2),
             "outcomes": dict(stats["outcomes"]), "distinct_failures": list(distinct.values())}
 
 
-def shrink_failure(check, strategies, key: str, examples: int, seed: int):
-    """Let hypothesis find and shrink an example failing with signature ``key``."""
+def shrink_failure(check, strategies, key: str, examples: int, seed: int, budget: float):
+    """Let hypothesis find and shrink an example failing with signature ``key``, for at most
+    ``budget`` seconds: past it every example passes at once, so the shrinker stops quickly and
+    the smallest failing example seen so far (the shrinker only tries smaller ones) is returned."""
+    found = {"smallest": None}
+    start = time.perf_counter()
 
     class Match(Exception):
         pass
 
     def body(**kwargs):
+        if found["smallest"] is not None and time.perf_counter() - start > budget:
+            return
         try:
-            check(**kwargs)
+            quiet_check(check, kwargs)
         except Exception as exc:  # noqa: BLE001
             if signature(exc) == key:
-                raise Match(repr(kwargs)) from exc
+                found["smallest"] = repr(kwargs)
+                raise Match(found["smallest"]) from exc
 
-    start = time.perf_counter()
     try:
         hypothesis.seed(seed)(_settings(examples)(given(**strategies)(body)))()
     except Match as exc:
-        return exc.args[0], round(time.perf_counter() - start, 2)
-    except Exception as exc:  # noqa: BLE001 - e.g. flaky
-        return f"(shrinking failed: {type(exc).__name__}: {str(exc)[:300]})", round(time.perf_counter() - start, 2)
-    return "(not reproduced)", round(time.perf_counter() - start, 2)
+        found["smallest"] = exc.args[0]
+    except Exception:  # noqa: BLE001 - Flaky once the budget ran out: keep the smallest seen
+        pass
+    return found["smallest"] or "(not reproduced)", round(time.perf_counter() - start, 2)
 
 
 def main(argv=None) -> int:
@@ -122,7 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--properties", default=",".join(PROPERTIES),
                         help=f"comma-separated subset of {', '.join(PROPERTIES)}")
-    parser.add_argument("--no-shrink", action="store_true", help="do not shrink the failures found")
+    parser.add_argument("--shrink-seconds", type=float, default=120.0,
+                        help="time to shrink each distinct failure (0: do not shrink; default 120)")
+    parser.add_argument("--known-bugs", action="store_true",
+                        help="also generate the patterns of known library bugs (netgen.AVOID_KNOWN_BUGS)")
     parser.add_argument("--out", type=Path, default=RESULTS / "fuzz.json")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.properties.split(",") if n.strip()]
@@ -130,12 +150,13 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown properties {unknown}; choose from {list(PROPERTIES)}")
 
+    netgen.AVOID_KNOWN_BUGS = not args.known_bugs
     warnings.filterwarnings("ignore")  # opaque-submodule notices etc.: not failures
     results = {}
     start = time.perf_counter()
     for name in names:
         print(f"[fuzz] {name}: {args.examples} examples, seed {args.seed} ...", flush=True)
-        results[name] = r = run_property(name, args.examples, args.seed, not args.no_shrink)
+        results[name] = r = run_property(name, args.examples, args.seed, args.shrink_seconds)
         outcomes = ", ".join(f"{k} {v}" for k, v in sorted(r["outcomes"].items()))
         print(f"[fuzz] {name}: {r['examples']} run, {r['failures']} failed, {r['seconds']:.1f}s"
               + (f" ({outcomes})" if outcomes else ""), flush=True)
@@ -146,6 +167,7 @@ def main(argv=None) -> int:
     report = {
         "examples_per_property": args.examples,
         "seed": args.seed,
+        "known_bugs_generated": args.known_bugs,
         "properties": results,
         "total_examples": sum(r["examples"] for r in results.values()),
         "total_failures": sum(r["failures"] for r in results.values()),

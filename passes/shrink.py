@@ -185,7 +185,13 @@ def _kept_before(m: ChannelMap, alive, pos: int) -> int:
 
 
 def _fix_sizes(node: Node, dg, alive) -> None:
-    """view/reshape/expand: put the new channel count at the output channel axis."""
+    """view/reshape/expand: put the new channel count at the output channel axis.
+
+    When a reshape splits the channel dim alone into several dims (a channel shuffle's
+    ``view(b, g, c // g, h, w)``), the sizes of the other new dims are structural: an argument
+    computed at run time from the channel count (``c // g``) would change with pruning, so it is
+    replaced by its traced value.
+    """
     m = _out_map(dg, node)
     if not _changed(m, alive):
         return
@@ -195,18 +201,37 @@ def _fix_sizes(node: Node, dg, alive) -> None:
         packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
         if packed:
             sizes = list(sizes[0])
-        if sizes and not (isinstance(sizes[m.axis], int) and sizes[m.axis] == -1):
-            sizes[m.axis] = new
-        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
     else:  # torch.reshape(x, shape)
         key = 1 if len(node.args) > 1 else "shape"
         sizes = list(node.args[1] if key == 1 else node.kwargs["shape"])
-        if not (isinstance(sizes[m.axis], int) and sizes[m.axis] == -1):
-            sizes[m.axis] = new
-        if key == 1:
-            node.args = (node.args[0], tuple(sizes), *node.args[2:])
-        else:
-            node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
+    if not sizes:
+        return
+    if not (isinstance(sizes[m.axis], int) and sizes[m.axis] == -1):
+        sizes[m.axis] = new
+    for d in _structural_dims(node, dg, m):
+        if isinstance(sizes[d], Node):
+            sizes[d] = int(node.meta["tensor_meta"].shape[d])
+    if node.op == "call_method":
+        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+    elif key == 1:
+        node.args = (node.args[0], tuple(sizes), *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "shape": tuple(sizes)}
+
+
+def _structural_dims(node: Node, dg, m: ChannelMap) -> List[int]:
+    """Output dims that a reshape split off the input's channel dim, other than the channel axis."""
+    from hfp_fx.passes.rules_tensor import _blocks
+
+    src = dg.facts.maps.get(node.args[0].name) if isinstance(node.args[0], Node) else None
+    if node.target not in ("view", "reshape", torch.reshape) or not isinstance(src, ChannelMap):
+        return []
+    in_shape = list(node.args[0].meta["tensor_meta"].shape)
+    out_shape = list(node.meta["tensor_meta"].shape)
+    for bi, bj in _blocks(in_shape, out_shape):
+        if bi == [src.axis] and m.axis in bj:
+            return [d for d in bj if d != m.axis]
+    return []
 
 
 def _fix_unflatten(node: Node, dg, alive) -> None:

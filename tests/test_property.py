@@ -32,11 +32,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import hfp_fx
+from hfp_fx.passes.shrink import ShrinkError
 from helpers import assert_close, assert_unchanged, outputs, random_keep, state_snapshot
 from netgen import example_arg, kernels, make, net_specs, targets, widths
 
@@ -345,6 +347,39 @@ CHAIN = dict(blocks=chain_specs(), seed=st.integers(0, 2 ** 16))
 @given(**CHAIN)
 def test_residual_chain_grouping(blocks, seed):
     check_chain_grouping(blocks, seed)
+
+
+# -------------------------------------------------------------------------------------------
+# regression: channel shuffles whose groups dim is the pruned one (sizes computed at run time)
+# -------------------------------------------------------------------------------------------
+class RuntimeViewShuffle(nn.Module):
+    """torchvision's ShuffleNet shuffle, ``view(b, g, c // g, h, w)`` with ``c`` from ``x.size()``,
+    where the analysis makes the ``g`` dim the channel axis: more groups than channels per group
+    (``mult=1``: 12 channels in 4 groups), or a depthwise multiplier (``mult=2``: ids ``a a b b``
+    in 2 groups, only the ``g`` dim varies)."""
+
+    def __init__(self, mult: int):
+        super().__init__()
+        mid = 12 if mult == 1 else 2
+        self.groups = 4 if mult == 1 else 2
+        self.a = nn.Conv2d(3, mid, 1)
+        self.dw = nn.Conv2d(mid, mid * mult, 3, padding=1, groups=mid)
+        self.b = nn.Conv2d(mid * mult, 5, 1)
+
+    def forward(self, x):
+        x = self.dw(self.a(x))
+        b, c, h, w = x.size()
+        x = x.view(b, self.groups, c // self.groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+        return self.b(x)
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+def test_runtime_view_shuffle_on_the_groups_dim(mult):
+    model, x = RuntimeViewShuffle(mult).eval(), torch.randn(2, 3, 8, 8)
+    dg = hfp_fx.dependency_graph(model, x)
+    keep = {g.id: list(range(g.channels // 2)) for g in dg.prunable_groups}
+    with torch.no_grad():
+        assert_close(hfp_fx.mask(dg, keep=keep)(x), hfp_fx.shrink(dg, keep=keep)(x))
 
 
 #: name -> (check function, its strategies as keyword arguments); used by benchmarks/fuzz.py
