@@ -225,10 +225,13 @@ def _report(dg: DependencyGraph, plan: Plan, hfp_state=None) -> Dict[str, Any]:
             "groups": groups, "keep": plan.keep}
 
 
-def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphModule:
+def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 0.0) -> torch.fx.GraphModule:
     """Exact budget projection + gate folding + shrink (see module doc).
 
     ``target`` overrides the prepared target.  The result's ``meta["hfp"]`` holds the report.
+    Channels left over the budget after the gate threshold are removed by gate value
+    (``cost_power=0``); ``cost_power=1`` ranks them by gate value per unit of marginal cost,
+    which strips expensive groups first when the gates carry little information yet.
 
     Given a ``DistributedDataParallel`` wrapper, ``finalize`` is a collective: every rank must
     call it, and rank 0's buffers (batch-norm statistics, which DDP lets drift per rank) are
@@ -244,7 +247,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None) -> torch.fx.GraphMod
     saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
     initial = {gid: int((s > hfp.threshold).sum()) for gid, s in saliency.items()}
     plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
-                   min_channels=hfp.min_channels, round_to=hfp.round_to)
+                   min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power)
     alive = dg.alive(plan.keep)
     base = copy.deepcopy(dg.gm)
     # copies of the trained tensors, keeping their dtype and device (the prepared model may have
