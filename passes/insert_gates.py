@@ -20,6 +20,8 @@ from typing import List
 import torch
 import torch.fx
 
+from hfp_fx.passes.edit import input_of, replace_input
+
 __all__ = ["insert_gates", "SiteGate"]
 
 
@@ -51,18 +53,13 @@ def insert_gates(dg, hfp: torch.nn.Module) -> torch.fx.GraphModule:
         if bool((index == 0).all()):
             continue  # every channel here is fixed
         node = nodes[site.node]
-        arg = node.args[site.arg] if isinstance(site.arg, int) else node.kwargs[site.arg]
+        arg = input_of(node, site.arg)
         rank = len(arg.meta["tensor_meta"].shape)
         name = f"site{k}"
         hfp.sites.add_module(name, SiteGate(index, site.axis, rank))
         with graph.inserting_before(node):
             gated = graph.call_module(f"hfp.sites.{name}", (arg, vector))
-        if isinstance(site.arg, int):
-            args = list(node.args)
-            args[site.arg] = gated
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, site.arg: gated}
+        replace_input(node, site.arg, gated)
     graph.lint()
     gm.recompile()
     return gm

@@ -21,6 +21,8 @@ import copy
 import torch
 import torch.fx
 
+from hfp_fx.passes.edit import input_of, replace_input
+
 __all__ = ["apply_masks"]
 
 
@@ -44,7 +46,7 @@ def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
                 w.mul_(keep.to(device=w.device, dtype=w.dtype).reshape(shape))
             continue
         node = nodes[site.node]
-        arg = node.args[site.arg] if isinstance(site.arg, int) else node.kwargs[site.arg]
+        arg = input_of(node, site.arg)
         rank = len(arg.meta["tensor_meta"].shape)
         shape = [1] * rank
         shape[site.axis] = -1
@@ -54,11 +56,6 @@ def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
         with gm.graph.inserting_before(node):
             getter = gm.graph.get_attr(buf)
             gated = gm.graph.call_function(torch.mul, (arg, getter))
-        if isinstance(site.arg, int):
-            args = list(node.args)
-            args[site.arg] = gated
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, site.arg: gated}
+        replace_input(node, site.arg, gated)
     gm.recompile()
     return gm

@@ -25,6 +25,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import iter_maps
+from hfp_fx.passes.edit import input_of, replace_input
 
 __all__ = ["shrink_model", "add_scale_nodes", "ShrinkError"]
 
@@ -407,7 +408,7 @@ def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -
     for name, site, scale in scales:
         node = nodes[site.node]
         keep = alive[site.ids]
-        arg = node.args[site.arg] if isinstance(site.arg, int) else node.kwargs[site.arg]
+        arg = input_of(node, site.arg)
         rank = len(arg.meta["tensor_meta"].shape)
         shape = [1] * rank
         shape[site.axis] = -1
@@ -416,11 +417,6 @@ def add_scale_nodes(gm: torch.fx.GraphModule, dg, alive: torch.Tensor, scales) -
         gm.register_buffer(buf, values.reshape(shape).to(device=device, dtype=dtype).clone())
         with gm.graph.inserting_before(node):
             scaled = gm.graph.call_function(torch.mul, (arg, gm.graph.get_attr(buf)))
-        if isinstance(site.arg, int):
-            args = list(node.args)
-            args[site.arg] = scaled
-            node.args = tuple(args)
-        else:
-            node.kwargs = {**node.kwargs, site.arg: scaled}
+        replace_input(node, site.arg, scaled)
     gm.graph.lint()
     gm.recompile()
