@@ -137,14 +137,15 @@ def load_fashion_mnist(data_dir: Path):
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random horizontal flip and random translation by up to ``pad`` pixels (zero padding)."""
     b, _, h, w = x.shape
-    flip = torch.rand(b, generator=gen) < 0.5
+    dev = x.device  # random draws on the CPU generator (same stream on every device), applied on x's device
+    flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     xp = F.pad(x, (pad, pad, pad, pad), value=-MEAN / STD)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]
-    return xp[torch.arange(b)[:, None, None], 0, rows, cols].unsqueeze(1)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, :]
+    return xp[torch.arange(b, device=dev)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
 # -------------------------------------------------------------------------------------- model
@@ -213,8 +214,9 @@ class Trainer:
     """Global cosine schedule over ``epochs`` epochs; each run trains a slice [start, stop)."""
 
     def __init__(self, train, test, args):
-        self.train_x, self.train_y = train
-        self.test_x, self.test_y = test
+        self.device = torch.device(args.device)
+        self.train_x, self.train_y = (t.to(self.device) for t in train)
+        self.test_x, self.test_y = (t.to(self.device) for t in test)
         self.args = args
         self.steps_per_epoch = math.ceil(len(self.train_y) / args.batch_size)
         self.total_steps = args.epochs * self.steps_per_epoch
@@ -261,7 +263,7 @@ class Trainer:
         n = len(self.train_y)
         for epoch in range(start, stop):
             gen = torch.Generator().manual_seed(a.seed * 1000 + epoch)
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen).to(self.device)
             t0, tot, seen = time.perf_counter(), 0.0, 0
             closs_sum = 0.0
             for b in range(self.steps_per_epoch):
@@ -317,7 +319,7 @@ def record_hfp(log: dict, prepared, step: int, epoch: float, ce: float, closs: f
 
 # ------------------------------------------------------------------------------------ helpers
 def group_table(model: nn.Module, example: torch.Tensor) -> List[dict]:
-    dg = hfp_fx.dependency_graph(model.eval(), example)
+    dg = hfp_fx.dependency_graph(copy.deepcopy(model).cpu().eval(), example)
     return [{"id": g.id, "name": g.name, "channels": g.channels, "modules": g.modules}
             for g in dg.prunable_groups]
 
@@ -329,7 +331,7 @@ def widths_of(model: nn.Module, example: torch.Tensor, dense_groups: List[dict])
 
 
 def counts_entry(model: nn.Module, example: torch.Tensor, dense: hfp_fx.Counts) -> dict:
-    c = hfp_fx.count(model.eval(), example)
+    c = hfp_fx.count(copy.deepcopy(model).cpu().eval(), example)
     return {"params": c.params, "macs": c.macs, "params_ratio": c.params / dense.params,
             "macs_ratio": c.macs / dense.macs}
 
@@ -429,12 +431,15 @@ def parse_args(argv=None):
     p.add_argument("--dual-rate", type=float, default=0.02)
     p.add_argument("--threshold", type=float, default=0.3, help="gate threshold (library default 0.05)")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--gate-max", type=float, default=None, help="cap on gate values (prepare(gate_max=...))")
+    p.add_argument("--cost-power", type=float, default=1.0, help="prepare(cost_power=...)")
     p.add_argument("--gate-lr", type=float, default=0.01, help="constant SGD lr of the gate parameter group")
     p.add_argument("--gate-momentum", type=float, default=0.9)
     p.add_argument("--gate-lr-schedule", action="store_true", help="gates follow the cosine schedule too")
     p.add_argument("--log-every", type=int, default=20, help="HFP trace period in steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="training device, e.g. cuda (figures in the docs: cpu)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
     a = p.parse_args(argv)
@@ -492,7 +497,7 @@ def main(argv=None) -> dict:
     # (0) dense baseline; its checkpoint after W epochs is the start of every pruned run
     if "dense" in a.runs or need_warm:
         seed_all(a.seed)
-        model = FashionResNet(a.widths, a.blocks)
+        model = FashionResNet(a.widths, a.blocks).to(trainer.device)
         opt = trainer.optimizer(model)
         t0 = time.perf_counter()
         trainer.run("dense", model, opt, 0, a.warm)
@@ -516,7 +521,8 @@ def main(argv=None) -> dict:
         seed_all(a.seed + 1)
         t0 = time.perf_counter()
         prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
-                                  lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps)
+                                  lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
+                                  gate_max=a.gate_max, cost_power=a.cost_power).to(trainer.device)
         opt = trainer.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}
         stop = a.warm + a.hfp_epochs
@@ -543,7 +549,7 @@ def main(argv=None) -> dict:
     if "l1-macs40" in a.runs:
         seed_all(a.seed + 2)
         t0 = time.perf_counter()
-        small = hfp_fx.prune(warm_model(), example, target_macs, importance="l1")
+        small = hfp_fx.prune(warm_model(), example, target_macs, importance="l1").to(trainer.device)
         acc0 = trainer.evaluate(small)
         print(f"  [l1-macs40] one-shot pruned model before fine-tuning: {acc0:.2f}%", flush=True)
         opt = trainer.optimizer(small)
@@ -557,7 +563,7 @@ def main(argv=None) -> dict:
         ws, pr, mr = uniform_widths(a.widths, a.blocks, example, a.target)
         print(f"  [uniform] widths {ws}: params {pr:.3f}, MACs {mr:.3f}", flush=True)
         seed_all(a.seed + 3)
-        model = FashionResNet(ws, a.blocks)
+        model = FashionResNet(ws, a.blocks).to(trainer.device)
         opt = trainer.optimizer(model)
         t0 = time.perf_counter()
         trainer.run("uniform", model, opt, 0, a.epochs)

@@ -40,8 +40,13 @@ class HFPState(torch.nn.Module):
 
     def __init__(self, dg: DependencyGraph, target: ResolvedTarget, *, threshold: float = 0.05,
                  count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
-                 dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1):
+                 dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1,
+                 gate_max: Optional[float] = None, cost_power: float = 1.0):
         super().__init__()
+        if not 0.0 <= cost_power <= 1.0:
+            raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
+        if gate_max is not None and not gate_max > threshold:
+            raise ValueError(f"gate_max must be above the threshold {threshold}, got {gate_max}")
         if count not in ("ste", "sigmoid"):
             raise ValueError(f"count must be 'ste' or 'sigmoid', got {count!r}")
         if threshold < 0:
@@ -58,6 +63,10 @@ class HFPState(torch.nn.Module):
                              if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("columns", self.cost.columns(units), persistent=False)
         self.register_buffer("lambdas", torch.full((2,), float(lambda_init), dtype=torch.float64))
+        # targets as a tensor (0 = not targeted) so the loss never syncs with the host; integer,
+        # so that casting the prepared model (.half()) cannot round them
+        self.register_buffer("targets", torch.tensor([0 if t is None else int(t) for t in (target.params, target.macs)],
+                                                     dtype=torch.long), persistent=False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         # element id -> index into the gate vector (0 = fixed channel, constant 1)
         vec = torch.zeros(dg.roots.numel(), dtype=torch.long)
@@ -71,6 +80,8 @@ class HFPState(torch.nn.Module):
         self.threshold, self.count_mode, self.temperature = float(threshold), count, float(temperature)
         self.lambda_init, self.dual_rate, self.warmup_steps = float(lambda_init), float(dual_rate), int(warmup_steps)
         self.min_channels, self.round_to = int(min_channels), int(round_to)
+        self.gate_max = None if gate_max is None else float(gate_max)
+        self.cost_power = float(cost_power)
 
     # -- gates ---------------------------------------------------------------------------------
     def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,12 +90,21 @@ class HFPState(torch.nn.Module):
     def saliency(self) -> torch.Tensor:
         return self.gate.detach().clamp(min=0)
 
+    def gate_values(self) -> torch.Tensor:
+        """What a kept channel is multiplied by: the gate, capped at ``gate_max`` when set.
+
+        The cap anchors each group's scale: a batch norm after the consuming layer makes a
+        uniform shrink of all gates of a group free for the task loss, so without it the gates
+        of a group can sink together; with it, channels the task loss needs stay at the cap.
+        """
+        return self.gate if self.gate_max is None else self.gate.clamp(max=self.gate_max)
+
     def effective_gates(self) -> torch.Tensor:
         # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
         # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
-        g = self.gate
-        hard = g * (g > self.threshold).to(g.dtype)
-        return g + (hard - g).detach()  # exact zeros forward, identity gradient
+        g = self.gate_values()
+        hard = g * (self.gate > self.threshold).to(g.dtype)
+        return g + (hard - g).detach()  # exact zeros forward, identity gradient below the cap
 
     def forward(self) -> torch.Tensor:
         return torch.cat([self.gate.new_ones(1), self.effective_gates()])
@@ -114,6 +134,8 @@ class HFPState(torch.nn.Module):
             # only kept channels are pushed: a gate already below the threshold is left to the task
             # loss (which may revive it) instead of being driven through zero
             surrogate = s * alive / mean
+            if self.cost_power != 1.0:
+                surrogate = _CompressSpread.apply(surrogate, self.cost_power)
             k = alive + surrogate - surrogate.detach()
         return keep.index_put((self.columns,), k.double())
 
@@ -121,33 +143,48 @@ class HFPState(torch.nn.Module):
         return self.cost.evaluate(self.keep_values(soft))
 
     def current_lambdas(self) -> torch.Tensor:
-        warm = 1.0 if self.warmup_steps <= 0 else min(1.0, float(self.steps + 1) / self.warmup_steps)
-        return self.lambdas * warm
+        if self.warmup_steps <= 0:
+            return self.lambdas.clone()  # a snapshot: the dual step below updates the buffer in place
+        return self.lambdas * ((self.steps + 1).double() / self.warmup_steps).clamp(max=1.0)
 
     def loss(self) -> torch.Tensor:
-        params, macs = self.counts(soft=True)
-        lam = self.current_lambdas()
-        total = params.new_zeros(())
-        ratios = []
-        for i, (value, t) in enumerate(((params, self.target.params), (macs, self.target.macs))):
-            if t is None:
-                ratios.append(None)
-                continue
-            r = value / t
-            ratios.append(float(r.detach()))
-            # psi(r) = max(0, log r), written so r -> 0 cannot produce 0 * inf gradients
-            total = total + lam[i] * torch.log(torch.clamp(r, min=1.0))
+        # Everything stays on the gates' device: no .item()/float() host syncs per step.
+        targeted = self.targets > 0
+        ratios = torch.stack(self.counts(soft=True)) / self.targets.clamp(min=1).double()
+        # psi(r) = max(0, log r), written so r -> 0 cannot produce 0 * inf gradients
+        psi = torch.log(torch.clamp(torch.where(targeted, ratios, torch.ones_like(ratios)), min=1.0))
+        total = (self.current_lambdas() * psi).sum()
         if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
+            with torch.no_grad():  # dual ascent: raise lambda while over target, decay it under
                 self.steps += 1
-                for i, r in enumerate(ratios):
-                    if r is None:
-                        continue
-                    if r > 1:
-                        self.lambdas[i] *= 1 + self.dual_rate
-                    else:
-                        self.lambdas[i] = max(self.lambda_init, float(self.lambdas[i]) * (1 - self.dual_rate))
+                over = ratios.detach() > 1
+                moved = torch.where(over, self.lambdas * (1 + self.dual_rate),
+                                    (self.lambdas * (1 - self.dual_rate)).clamp(min=self.lambda_init))
+                self.lambdas.copy_(torch.where(targeted, moved, self.lambdas))
         return (total * max(self.gate.numel(), 1)).to(self.gate.dtype)
+
+
+class _CompressSpread(torch.autograd.Function):
+    """Identity forward; backward maps each gradient entry ``d`` to ``sign(d) |d|^p``, rescaled so
+    the mean magnitude is unchanged (``lambda`` keeps its meaning).  ``p = 1``: each gate is pushed
+    by its channel's marginal cost (the plain gradient); ``p = 0``: every kept gate is pushed
+    equally (global gate-magnitude pruning); in between, expensive channels are pushed harder,
+    but by less than their cost ratio."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, power: float) -> torch.Tensor:
+        ctx.power = power
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mag = grad.abs()
+        nonzero = mag > 0
+        mean = mag.sum() / nonzero.sum().clamp(min=1)
+        compressed = mag.clamp(min=torch.finfo(mag.dtype).tiny) ** ctx.power
+        ref = (compressed * nonzero).sum() / nonzero.sum().clamp(min=1)
+        return torch.where(nonzero, grad.sign() * compressed * (mean / ref.clamp(min=torch.finfo(mag.dtype).tiny)),
+                           torch.zeros_like(grad)), None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -162,7 +199,8 @@ def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
 def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude: Sequence[str] = (),
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
-            warmup_steps: int = 0) -> torch.fx.GraphModule:
+            warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0
+            ) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -174,7 +212,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     resolved = Target.parse(target).resolve(CostModel(dg).counts())
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
-                     min_channels=min_channels, round_to=round_to)
+                     min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
@@ -261,7 +299,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
                 clones[id(v)] = torch.nn.Parameter(copy_, v.requires_grad) if isinstance(v, torch.nn.Parameter) else copy_
             state[k] = clones[id(v)]
     base.load_state_dict(state, strict=True, assign=True)
-    vector = torch.cat([torch.ones(1), hfp.gate.detach().cpu().double().clamp(min=0)])  # docs/concepts.md
+    vector = torch.cat([torch.ones(1), hfp.gate_values().detach().cpu().double().clamp(min=0)])  # docs/concepts.md
     scales = _fold_gates(base, dg, vector)
     small = shrink_model(dg, alive, gm=base)
     add_scale_nodes(small, dg, alive, scales)
