@@ -11,16 +11,17 @@ from hfp_fx.cost import CostModel, Counts
 from hfp_fx.hfp import HFPState, complexity, complexity_loss, finalize, gate_parameters, prepare, prune
 from hfp_fx.projection import InfeasibleTarget, Plan
 from hfp_fx.io import load, save
+from hfp_fx.progress import set_progress
 from hfp_fx.target import Target
 from hfp_fx.viz import ComplexityLog, plot_widths, render_graph
 from hfp_fx.graph import DependencyGraph, Member, PruneGroup
-from hfp_fx.tracing import TraceError
+from hfp_fx.tracing import ShapePropagationError, TraceError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
-    "save", "load", "Target", "Plan", "render_graph", "plot_widths", "ComplexityLog", "InfeasibleTarget", "HFPState",
-    "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError",
+    "save", "load", "set_progress", "Target", "Plan", "render_graph", "plot_widths", "ComplexityLog", "InfeasibleTarget", "HFPState",
+    "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError", "ShapePropagationError",
 ]

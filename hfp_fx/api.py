@@ -28,7 +28,8 @@ from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.shrink import shrink_model
-from hfp_fx.tracing import meta_copy, normalize_inputs, propagate_shapes, trace
+from hfp_fx.progress import stages
+from hfp_fx.tracing import meta_copy, normalize_inputs, propagate_shapes, shape_only, trace
 
 __all__ = ["dependency_graph", "count", "mask", "shrink"]
 
@@ -56,10 +57,15 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
         raise ValueError(f"exclude names modules that {type(model).__name__} does not have: {unknown}. "
                          "Use qualified names as listed by model.named_modules().")
     start = time.perf_counter()
-    traced = trace(model)
-    propagate_shapes(traced.graph_module, inputs)
-    facts = ChannelAnalysis(traced.graph_module, root=model, exclude=exclude, opaque=traced.opaque).run()
-    return DependencyGraph(facts, inputs, _unique_params(model), seconds=time.perf_counter() - start)
+    with stages("dependency_graph", ["trace", "shapes", "channels", "groups"]) as stage:
+        with stage("trace"):
+            traced = trace(model)
+        with stage("shapes"):
+            propagate_shapes(traced.graph_module, inputs)
+        with stage("channels"):
+            facts = ChannelAnalysis(traced.graph_module, root=model, exclude=exclude, opaque=traced.opaque).run()
+        with stage("groups"):
+            return DependencyGraph(facts, inputs, _unique_params(model), seconds=time.perf_counter() - start)
 
 
 def count(model: torch.nn.Module, example_inputs: Any) -> Counts:
@@ -72,11 +78,11 @@ def count(model: torch.nn.Module, example_inputs: Any) -> Counts:
     inputs = normalize_inputs(example_inputs)
     params = _unique_params(model)
     try:  # a meta copy: no compute, and the user's model is never run
-        twin = meta_copy(model)
+        twin = shape_only(meta_copy(model))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             twin(*[torch.empty_like(x, device="meta") for x in inputs])
     except Exception:  # noqa: BLE001 - ops without meta kernels: count a real run of a copy
-        twin = copy.deepcopy(model)
+        twin = shape_only(copy.deepcopy(model))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             twin(*inputs)
     return Counts(params, counter.get_total_flops() // 2)
@@ -90,11 +96,11 @@ def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = N
     kept whole.  This is the reference ``shrink`` must equal.
     """
     dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs)
-    return apply_masks(dg, dg.alive(keep))
+    return apply_masks(dg, dg.alive(keep)).train(dg.gm.training)
 
 
 def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None
            ) -> torch.fx.GraphModule:
     """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes."""
     dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs)
-    return shrink_model(dg, dg.alive(keep))
+    return shrink_model(dg, dg.alive(keep)).train(dg.gm.training)

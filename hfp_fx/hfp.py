@@ -29,6 +29,7 @@ from hfp_fx.cost import CostModel, Counts
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.shrink import add_scale_nodes, shrink_model
+from hfp_fx.progress import stages
 from hfp_fx.projection import Plan, check_feasible, project
 from hfp_fx.target import ResolvedTarget, Target
 
@@ -284,12 +285,32 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     sal = hfp.saliency().cpu()
     saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
     initial = {gid: int((s > hfp.threshold).sum()) for gid, s in saliency.items()}
-    plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
-                   min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power)
-    alive = dg.alive(plan.keep)
+    with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
+        with stage("budget projection"):
+            plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
+                           min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power)
+            alive = dg.alive(plan.keep)
+        with stage("fold gates"):
+            base = _trained_copy(prepared, dg)
+            vector = torch.cat([torch.ones(1), hfp.gate_values().detach().cpu().double().clamp(min=0)])
+            scales = _fold_gates(base, dg, vector)  # docs/concepts.md, "Finalize"
+        with stage("shrink"):
+            small = shrink_model(dg, alive, gm=base)
+            add_scale_nodes(small, dg, alive, scales)
+    small.train(prepared.training)  # the mode the prepared model is in now
+    small.meta["hfp"] = _report(dg, plan)
+    small.meta["hfp"]["scale_sites"] = [s[0] for s in scales]
+    small.meta["hfp"]["exclude"] = prepared.meta.get("hfp_exclude", [])
+    return small
+
+
+def _trained_copy(prepared: torch.fx.GraphModule, dg: DependencyGraph) -> torch.fx.GraphModule:
+    """The traced dense graph holding copies of the prepared model's trained tensors.
+
+    Copies keep their dtype and device (the prepared model may have been moved or cast since
+    ``prepare``); the prepared model itself is left untouched.
+    """
     base = copy.deepcopy(dg.gm)
-    # copies of the trained tensors, keeping their dtype and device (the prepared model may have
-    # been moved or cast since prepare); the prepared model itself is left untouched
     clones: Dict[int, torch.Tensor] = {}  # one clone per tensor, so tied weights stay tied
     state = {}
     for k, v in prepared.state_dict(keep_vars=True).items():
@@ -299,14 +320,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
                 clones[id(v)] = torch.nn.Parameter(copy_, v.requires_grad) if isinstance(v, torch.nn.Parameter) else copy_
             state[k] = clones[id(v)]
     base.load_state_dict(state, strict=True, assign=True)
-    vector = torch.cat([torch.ones(1), hfp.gate_values().detach().cpu().double().clamp(min=0)])  # docs/concepts.md
-    scales = _fold_gates(base, dg, vector)
-    small = shrink_model(dg, alive, gm=base)
-    add_scale_nodes(small, dg, alive, scales)
-    small.meta["hfp"] = _report(dg, plan)
-    small.meta["hfp"]["scale_sites"] = [s[0] for s in scales]
-    small.meta["hfp"]["exclude"] = prepared.meta.get("hfp_exclude", [])
-    return small
+    return base
 
 
 def _broadcast_buffers(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
@@ -385,15 +399,20 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     produce it, divided by its group's mean, so channels are ranked globally.  ``cost_power``
     (default 0) ranks by saliency alone; 1 ranks by saliency per unit of marginal cost.
     """
-    dg = dependency_graph(model, example_inputs, exclude=exclude)
-    if not dg.prunable_groups:
-        raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
-                         "hfp_fx.dependency_graph(model, x).summary() for the reasons")
-    cm = CostModel(dg)
-    resolved = Target.parse(target).resolve(cm.counts())
-    plan = project(cm, dg.prunable_groups, _magnitude_saliency(dg, importance), resolved,
-                   min_channels=min_channels, round_to=round_to, cost_power=cost_power)
-    small = shrink_model(dg, dg.alive(plan.keep))
+    with stages("prune", ["dependency graph", "budget projection", "shrink"]) as stage:
+        with stage("dependency graph"):
+            dg = dependency_graph(model, example_inputs, exclude=exclude)
+        if not dg.prunable_groups:
+            raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
+                             "hfp_fx.dependency_graph(model, x).summary() for the reasons")
+        with stage("budget projection"):
+            cm = CostModel(dg)
+            resolved = Target.parse(target).resolve(cm.counts())
+            plan = project(cm, dg.prunable_groups, _magnitude_saliency(dg, importance), resolved,
+                           min_channels=min_channels, round_to=round_to, cost_power=cost_power)
+        with stage("shrink"):
+            small = shrink_model(dg, dg.alive(plan.keep))
+    small.train(model.training)
     small.meta["hfp"] = _report(dg, plan)
     small.meta["hfp"]["scale_sites"] = []
     small.meta["hfp"]["exclude"] = list(exclude)

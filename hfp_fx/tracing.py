@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata  # the record ShapeProp stores
 from torch.utils.flop_counter import FlopCounterMode
 
 from hfp_fx.passes.registry import counts_no_macs, is_rule_leaf
@@ -103,7 +103,9 @@ def trace(model: torch.nn.Module) -> TracedModel:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.fx.GraphModule):
-        return TracedModel(torch.fx.GraphModule(model, copy.deepcopy(model.graph)))
+        gm = torch.fx.GraphModule(model, copy.deepcopy(model.graph))
+        gm.training = model.training
+        return TracedModel(gm)
     opaque: Dict[str, str] = {}
     for _ in range(MAX_OPAQUE_RETRIES):
         tracer = _RecordingTracer(opaque)
@@ -127,22 +129,68 @@ def trace(model: torch.nn.Module) -> TracedModel:
                 stacklevel=3,
             )
         name = type(model).__name__
-        return TracedModel(torch.fx.GraphModule(tracer.root, graph, class_name=name), opaque)
+        gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
+        gm.training = model.training  # the flag only: .train() would reach the user's submodules
+        return TracedModel(gm, opaque)
     raise TraceError(f"gave up after making {MAX_OPAQUE_RETRIES} submodules of {type(model).__name__} opaque")
 
 
-class _ShapeAndFlopProp(ShapeProp):
-    """ShapeProp that also stores each node's multiply-accumulates in ``node.meta['macs']``."""
+class ShapePropagationError(RuntimeError):
+    """Running the model on the example inputs failed at one node (named in the message)."""
+
+
+class _ShapeAndFlopProp(torch.fx.Interpreter):
+    """Records each node's output ``tensor_meta`` and its multiply-accumulates (``meta['macs']``).
+
+    Like :class:`torch.fx.passes.shape_prop.ShapeProp`, but a failing node raises
+    :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
+    """
 
     def run_node(self, n):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        if n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module):
-            with FlopCounterMode(display=False) as counter:
+        counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
+        try:
+            if counted:
+                with FlopCounterMode(display=False) as counter:
+                    result = super().run_node(n)
+                n.meta["macs"] = counter.get_total_flops() // 2
+            else:
                 result = super().run_node(n)
-            n.meta["macs"] = counter.get_total_flops() // 2
-            return result
-        n.meta["macs"] = 0
-        return super().run_node(n)
+                n.meta["macs"] = 0
+        except Exception as exc:  # noqa: BLE001 - re-raised with the node that failed
+            what = f"module {n.target} ({type(module).__name__})" if module is not None else f"{n.op} {_op_name(n)}"
+            cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
+            raise ShapePropagationError(f"node `{n.name}`, {what}: {cause}") from exc
+        found = False
+
+        def tensor_meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = torch.fx.node.map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _op_name(n: torch.fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def shape_only(module: torch.nn.Module) -> torch.nn.Module:
+    """Put the normalisation layers of a *copy* in eval mode before a shape/MAC pass.
+
+    Their output shapes do not depend on the mode, but in training mode batch norm refuses a
+    batch with one value per channel (batch 1 at 1x1 resolution), which example inputs often are.
+    """
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.eval()
+    return module
 
 
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -169,20 +217,20 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tenso
     """
     meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
     try:
-        twin = meta_copy(gm)
+        twin = shape_only(meta_copy(gm))
         with torch.no_grad():
-            _ShapeAndFlopProp(twin).propagate(*meta_inputs)
+            _ShapeAndFlopProp(twin).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
-        twin = copy.deepcopy(gm)
+        twin = shape_only(copy.deepcopy(gm))
         try:
             with torch.no_grad():
-                _ShapeAndFlopProp(twin).propagate(*example_inputs)
-        except Exception as exc2:
-            raise RuntimeError(
-                f"running {gm.__class__.__name__} on the example inputs failed: {type(exc2).__name__}: {exc2}. "
+                _ShapeAndFlopProp(twin).run(*example_inputs)
+        except ShapePropagationError as exc2:
+            raise ShapePropagationError(
+                f"running {gm.__class__.__name__} on the example inputs failed at {exc2}. "
                 "Check that example_inputs match the model's forward signature and expected shapes."
-            ) from exc2
+            ) from exc2.__cause__
     for node, twin_node in zip(gm.graph.nodes, twin.graph.nodes):
         for key in ("tensor_meta", "macs"):
             if key in twin_node.meta:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import hfp_fx
 from helpers import assert_close, assert_unchanged, state_snapshot
@@ -34,7 +35,7 @@ def test_non_module_and_bad_inputs():
         hfp_fx.dependency_graph(Net(), None)
     with pytest.raises(TypeError, match=r"example_inputs\[1\]"):
         hfp_fx.dependency_graph(Net(), (X, 3))
-    with pytest.raises(RuntimeError, match="example inputs"):
+    with pytest.raises(hfp_fx.ShapePropagationError, match=r"example inputs failed at node `\w+`, module \w+ \(Conv2d\)"):
         hfp_fx.dependency_graph(Net(), torch.randn(2, 5, 8, 8))
     with pytest.raises(TypeError, match="nn.Module"):
         hfp_fx.count("resnet", X)
@@ -109,3 +110,24 @@ def test_eval_and_train_mode_runs():
     small.eval()
     with torch.no_grad():
         assert_close(small(X), small(X))
+
+
+def test_train_mode_batch_norm_with_one_value_per_channel_is_analysed():
+    """Batch 1 at a 1x1 resolution: training-mode batch norm would refuse to run, but shapes are known."""
+    model = torchvision.models.resnet18()
+    assert model.training
+    x = torch.randn(1, 3, 32, 32)  # layer4 sees 1x1 feature maps
+    small = hfp_fx.prune(model, x, "50%")
+    assert model.training and hfp_fx.count(small, x).macs <= 0.5 * hfp_fx.count(model, x).macs
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_results_follow_the_mode_of_their_input(training):
+    model = torchvision.models.resnet18().train(training)
+    x = torch.randn(2, 3, 64, 64)
+    assert hfp_fx.prune(model, x, "50%").training is training
+    assert hfp_fx.shrink(model, x, {}).training is training
+    assert hfp_fx.mask(model, x, {}).training is training
+    prepared = hfp_fx.prepare(model, x, "60%")
+    assert hfp_fx.finalize(prepared.train(not training)).training is (not training)
+    assert model.training is training and all(m.training is training for m in model.modules())
