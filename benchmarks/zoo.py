@@ -64,7 +64,11 @@ def timm_models(per_family: int = 2):
     for module in timm.list_modules():
         names = sorted(timm.list_models(module=module), key=_size_rank)
         chosen += names[:per_family]
+        FAMILY.update((n, module) for n in names[:per_family])
     return chosen
+
+
+FAMILY = {}  # timm model name -> its timm module (family)
 
 
 def build(suite: str, name: str):
@@ -113,7 +117,7 @@ def random_keep(dg, seed: int = 0, ratio: float = 0.5):
 
 
 def run_one(suite: str, name: str) -> dict:
-    row = {"model": name, "suite": suite}
+    row = {"model": name, "suite": suite, "family": FAMILY.get(name, name.split("_")[0])}
     try:
         torch.manual_seed(0)
         model, x = build(suite, name)
@@ -122,7 +126,8 @@ def run_one(suite: str, name: str) -> dict:
             dg = hfp_fx.dependency_graph(model, x)
         row.update(traceable=True, seconds=round(dg.seconds, 3), nodes=len(dg.gm.graph.nodes), groups=len(dg.groups),
                    prunable_groups=len(dg.prunable_groups), prunable_fraction=round(dg.prunable_fraction(), 4),
-                   mac_mismatch=len(dg.facts.mac_mismatch), opaque=len(dg.facts.opaque))
+                   mac_mismatch=len(dg.facts.mac_mismatch), opaque=len(dg.facts.opaque),
+                   shape_specialized=dg.shape_specialized)
         keep = random_keep(dg)
         dense = hfp_fx.count(model, x)
         masked = hfp_fx.mask(dg, keep=keep).eval()
@@ -172,9 +177,12 @@ def main(argv=None):
         jobs = [j for j in jobs if j[1] in args.only]
     jobs = jobs[: args.limit]
     rows = []
+    partial = Path(args.out).with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for i, (suite, name) in enumerate(jobs):
         row = run_one(suite, name)
         rows.append(row)
+        partial.write_text(json.dumps(rows, indent=1))  # survives an interrupted sweep
         status = "exact" if row.get("exact") else f"FAIL {row.get('error', row.get('max_rel_err'))}"
         print(f"[{i + 1}/{len(jobs)}] {suite}/{name}: {status} "
               f"(graph {row.get('seconds', '-')} s, prunable {row.get('prunable_fraction', '-')})",
@@ -193,7 +201,8 @@ def main(argv=None):
         "refused_untraceable": sum(bool(r.get("refused")) for r in rows),
         "failed": [r["model"] for r in rows if not r.get("exact") and not r.get("refused")],
         "with_opaque_submodules": sum(1 for r in rows if r.get("opaque")),
-        "families": len({r["model"].split("_")[0] for r in rows}),
+        "traced_with_example_shapes": sum(1 for r in rows if r.get("shape_specialized")),
+        "families": len({r["family"] for r in rows}),
         "graph_seconds_median": statistics.median(secs) if secs else None,
         "graph_seconds_max": max(secs) if secs else None,
         "prunable_fraction_median": statistics.median([r["prunable_fraction"] for r in rows if "prunable_fraction" in r])
@@ -204,6 +213,7 @@ def main(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"summary": summary, "rows": rows}, f, indent=1)
+    partial.unlink(missing_ok=True)
     return 0 if not summary["failed"] else 1
 
 

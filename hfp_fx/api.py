@@ -59,13 +59,15 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
     start = time.perf_counter()
     with stages("dependency_graph", ["trace", "shapes", "channels", "groups"]) as stage:
         with stage("trace"):
-            traced = trace(model)
+            traced = trace(model, inputs)
         with stage("shapes"):
             propagate_shapes(traced.graph_module, inputs)
         with stage("channels"):
             facts = ChannelAnalysis(traced.graph_module, root=model, exclude=exclude, opaque=traced.opaque).run()
         with stage("groups"):
-            return DependencyGraph(facts, inputs, _unique_params(model), seconds=time.perf_counter() - start)
+            dg = DependencyGraph(facts, inputs, _unique_params(model), seconds=time.perf_counter() - start)
+    dg.shape_specialized = traced.shape_specialized  # traced with the example's concrete shapes
+    return dg
 
 
 def count(model: torch.nn.Module, example_inputs: Any) -> Counts:

@@ -86,6 +86,8 @@ class DependencyGraph:
         #: parameters of the user's model that the traced graph never uses (e.g. aux heads in eval
         #: mode); the graph module, the pruned model and the cost model do not contain them
         self.unused_params = model_params - sum(p.numel() for p in self.gm.parameters())
+        #: True when the root's forward branches on shapes and was traced with the example's shapes
+        self.shape_specialized = False
         self.groups: List[PruneGroup] = []
         self._build_groups()
         self._by_id = {g.id: g for g in self.groups}

@@ -48,6 +48,8 @@ class TracedModel:
     graph_module: torch.fx.GraphModule
     #: qualified name of each submodule that was made opaque -> why its tracing failed
     opaque: Dict[str, str] = field(default_factory=dict)
+    #: traced with the example inputs' concrete shapes (the model branches on shapes)
+    shape_specialized: bool = False
 
 
 class _RecordingTracer(torch.fx.Tracer):
@@ -77,6 +79,99 @@ class _RecordingTracer(torch.fx.Tracer):
             self._stack.pop()
 
 
+class _ValueProxy(torch.fx.Proxy):
+    """A proxy that also knows the value its node takes on the example inputs (as meta tensors).
+
+    Python control flow on shapes (``if x.shape[1] != c``, ``for i in range(x.size(0))``,
+    ``a, b = x.shape[:2]``) then follows the example, as in ``transformers.utils.fx``.
+    """
+
+    def _value(self, why: str):
+        value = self.node.meta.get("hfp_value", _UNKNOWN)
+        if value is _UNKNOWN or isinstance(value, torch.Tensor):
+            raise torch.fx.proxy.TraceError(
+                f"{why} of `{self.node.name}` depends on tensor values, not only on shapes")
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self._value("a branch on the value"))
+
+    def __len__(self) -> int:
+        value = self.node.meta.get("hfp_value", _UNKNOWN)
+        if isinstance(value, torch.Tensor):
+            return len(value)
+        return len(self._value("len()"))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __index__(self) -> int:
+        return int(self._value("an integer use"))
+
+    __int__ = __index__
+
+
+_UNKNOWN = object()
+
+
+class _ShapeTracer(_RecordingTracer):
+    """Traces with the example inputs' shapes known: every node's value is computed on meta copies.
+
+    The graph is specialised to the example's shapes wherever the model branches on them.
+    """
+
+    def __init__(self, root: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...],
+                 opaque_names: Sequence[str] = ()):
+        super().__init__(opaque_names)
+        self.meta_root = meta_copy(root)
+        for m in self.meta_root.modules():  # shapes only: see shape_only()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+                m.eval()
+        self.example = [torch.empty_like(x, device="meta") for x in example_inputs]
+        self._placeholders = 0
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        try:
+            proxy.node.meta["hfp_value"] = self._evaluate(kind, target, args, kwargs)
+        except Exception:  # noqa: BLE001 - unknown values only matter if control flow needs them
+            proxy.node.meta["hfp_value"] = _UNKNOWN
+        return proxy
+
+    def _evaluate(self, kind, target, args, kwargs):
+        if kind == "placeholder":
+            self._placeholders += 1
+            return self.example[self._placeholders - 1]
+
+        def value(a):
+            node = a.node if isinstance(a, torch.fx.Proxy) else a
+            if isinstance(node, torch.fx.Node):
+                v = node.meta.get("hfp_value", _UNKNOWN)
+                if v is _UNKNOWN:
+                    raise LookupError(node.name)
+                return v
+            return a
+
+        args = torch.fx.node.map_aggregate(args, value)
+        kwargs = torch.fx.node.map_aggregate(kwargs, value)
+        with torch.no_grad():
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if kind == "call_module":
+                return self.meta_root.get_submodule(target)(*args, **kwargs)
+            if kind == "get_attr":
+                obj = self.meta_root
+                for part in target.split("."):
+                    obj = getattr(obj, part)
+                return obj
+        return _UNKNOWN
+
+
 def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
     """Accept a tensor or a tuple/list of tensors and return a tuple."""
     if isinstance(example_inputs, torch.Tensor):
@@ -94,7 +189,7 @@ def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
     )
 
 
-def trace(model: torch.nn.Module) -> TracedModel:
+def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None) -> TracedModel:
     """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
 
     The returned GraphModule shares submodules with ``model``; callers that modify weights must
@@ -107,13 +202,19 @@ def trace(model: torch.nn.Module) -> TracedModel:
         gm.training = model.training
         return TracedModel(gm)
     opaque: Dict[str, str] = {}
+    with_shapes = False  # switched on when the root's own forward needs the example's shapes
     for _ in range(MAX_OPAQUE_RETRIES):
-        tracer = _RecordingTracer(opaque)
+        tracer = _ShapeTracer(model, example_inputs, opaque) if with_shapes else _RecordingTracer(opaque)
         try:
             graph = tracer.trace(model)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
             failed = tracer.failed_in
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+            if (not failed or failed in opaque) and example_inputs is not None and not with_shapes:
+                log.info("plain tracing of %s failed (%s); retrying with the example's shapes",
+                         type(model).__name__, cause)
+                with_shapes, opaque = True, {}
+                continue
             if not failed or failed in opaque:
                 raise TraceError(
                     f"torch.fx cannot trace {type(model).__name__} (failing in its own forward): {cause}. "
@@ -128,10 +229,16 @@ def trace(model: torch.nn.Module) -> TracedModel:
                 "not pruned): " + "; ".join(f"{k} ({v})" for k, v in opaque.items()),
                 stacklevel=3,
             )
+        if with_shapes:
+            for node in graph.nodes:
+                node.meta.pop("hfp_value", None)
+            warnings.warn(f"hfp_fx: {type(model).__name__} branches on tensor shapes in its forward; it was "
+                          "traced with the example inputs' shapes, so the graph (and the pruned model) is "
+                          "specialised to them", stacklevel=3)
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
         gm.training = model.training  # the flag only: .train() would reach the user's submodules
-        return TracedModel(gm, opaque)
+        return TracedModel(gm, opaque, shape_specialized=with_shapes)
     raise TraceError(f"gave up after making {MAX_OPAQUE_RETRIES} submodules of {type(model).__name__} opaque")
 
 

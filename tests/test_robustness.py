@@ -131,3 +131,55 @@ def test_results_follow_the_mode_of_their_input(training):
     prepared = hfp_fx.prepare(model, x, "60%")
     assert hfp_fx.finalize(prepared.train(not training)).training is (not training)
     assert model.training is training and all(m.training is training for m in model.modules())
+
+
+class ShapeBranchingRoot(nn.Module):
+    """Python control flow on shapes in the root's own forward: plain symbolic_trace fails."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:  # odd sizes are padded
+            x = F.pad(x, (0, 1, 0, 1))
+        b, c = x.shape[:2]
+        y = F.relu(self.bn1(self.conv1(x)))
+        for _ in range(x.size(0) // b):  # once
+            y = y + F.relu(self.bn2(self.conv2(y)))
+        return self.head(y.reshape(b, y.size(1), -1).mean(-1))
+
+
+def test_root_branching_on_shapes_is_traced_with_the_example_shapes():
+    model = ShapeBranchingRoot().eval()
+    x = torch.randn(2, 3, 9, 9)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    with pytest.warns(UserWarning, match="specialised"):
+        dg = hfp_fx.dependency_graph(model, x)
+    assert any(n.target is F.pad for n in dg.gm.graph.nodes)  # the odd-size branch was taken
+    assert [g.channels for g in dg.prunable_groups] == [16]
+    keep = {dg.prunable_groups[0].id: [0, 3, 4, 9, 15]}
+    small = hfp_fx.shrink(dg, keep=keep)
+    torch.testing.assert_close(small(x), hfp_fx.mask(dg, keep=keep)(x), rtol=1e-5, atol=1e-5)
+    assert small(x).shape == model(x).shape
+    with pytest.warns(UserWarning):
+        dg_even = hfp_fx.dependency_graph(model, torch.randn(2, 3, 8, 8))
+    assert not any(n.target is F.pad for n in dg_even.gm.graph.nodes)
+
+
+def test_root_branching_on_values_still_names_the_cause():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:
+                x = x * 2
+            return self.conv(x)
+
+    with pytest.raises(hfp_fx.TraceError, match="depends on tensor values"):
+        hfp_fx.dependency_graph(Root(), X)
