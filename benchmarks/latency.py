@@ -88,6 +88,10 @@ def main(argv=None) -> int:
     rows = []
     jobs = [(m, t, r) for m in args.models for t in args.targets for r in args.round_to]
     dense_cache = {}
+    meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
+            "channels_last": args.channels_last, "compile": args.compile,
+            "cpu": (os.uname().machine if hasattr(os, "uname") else ""), "complete": False}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name, target, round_to in progress(jobs, len(jobs), "latency"):
         model = torchvision.models.get_model(name, weights=None).eval()
         size = 224
@@ -118,10 +122,9 @@ def main(argv=None) -> int:
             print(f"{name} macs={target:.0%} round_to={round_to} batch={batch}: {dense['median_ms']:.1f} -> "
                   f"{pruned['median_ms']:.1f} ms, speed-up {speedup:.2f}x, efficiency {row['efficiency']:.2f}",
                   file=sys.stderr, flush=True)
-    meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
-            "channels_last": args.channels_last, "compile": args.compile,
-            "cpu": (os.uname().machine if hasattr(os, "uname") else "")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:  # after every model: an interrupted run keeps what it measured
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta["complete"] = True
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     md = write_markdown(rows, meta, Path(args.out).with_suffix(".md"))

@@ -81,7 +81,9 @@ def count(model: torch.nn.Module, example_inputs: Any) -> Counts:
     params = _unique_params(model)
     try:  # a meta copy: no compute, and the user's model is never run
         twin = shape_only(meta_copy(model))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # grad mode stays on (free on meta tensors): FlopCounterMode's module tracker hooks
+        # autograd and fails under no_grad when a parameter itself is a submodule's input
+        with FlopCounterMode(display=False) as counter:
             twin(*[torch.empty_like(x, device="meta") for x in inputs])
     except Exception:  # noqa: BLE001 - ops without meta kernels: count a real run of a copy
         twin = shape_only(copy.deepcopy(model))

@@ -183,3 +183,19 @@ def test_root_branching_on_values_still_names_the_cause():
 
     with pytest.raises(hfp_fx.TraceError, match="depends on tensor values"):
         hfp_fx.dependency_graph(Root(), X)
+
+
+def test_count_when_a_parameter_is_a_submodule_input():
+    """FlopCounterMode's module tracker used to fail under no_grad on such inputs (timm's CaiT)."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.token = nn.Parameter(torch.randn(1, 4, 8))
+            self.mix = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.mix(self.token) + x
+
+    c = hfp_fx.count(Tokens(), torch.randn(1, 4, 8))
+    assert c.params == 32 + 72 and c.macs == 4 * 8 * 8
