@@ -149,6 +149,33 @@ def run_one(suite: str, name: str) -> dict:
     return row
 
 
+def report(rows):
+    """Print the table and return the summary of a list of result rows."""
+    table = [[r["model"], r.get("nodes"), r.get("groups"), r.get("prunable_groups"),
+              f"{100 * r['prunable_fraction']:.0f}%" if "prunable_fraction" in r else "-",
+              f"{r['macs_dense'] / 1e6:.0f}M -> {r['macs_pruned'] / 1e6:.0f}M" if "macs_pruned" in r else "-",
+              "yes" if r.get("exact") else "NO", r.get("seconds")] for r in rows]
+    print(tabulate(table, headers=["model", "nodes", "groups", "prunable", "prunable ch", "MACs dense -> pruned",
+                                   "exact", "graph s"], tablefmt="github"))
+    secs = [r["seconds"] for r in rows if "seconds" in r]
+    summary = {
+        "models": len(rows), "exact": sum(bool(r.get("exact")) for r in rows),
+        "cost_model_exact": sum(bool(r.get("cost_model_exact")) for r in rows),
+        "traceable": sum(bool(r.get("traceable")) for r in rows),
+        "refused_untraceable": sum(bool(r.get("refused")) for r in rows),
+        "failed": [r["model"] for r in rows if not r.get("exact") and not r.get("refused")],
+        "with_opaque_submodules": sum(1 for r in rows if r.get("opaque")),
+        "traced_with_example_shapes": sum(1 for r in rows if r.get("shape_specialized")),
+        "families": len({r["family"] for r in rows}),
+        "graph_seconds_median": statistics.median(secs) if secs else None,
+        "graph_seconds_max": max(secs) if secs else None,
+        "prunable_fraction_median": statistics.median([r["prunable_fraction"] for r in rows if "prunable_fraction" in r])
+        if secs else None,
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+    }
+    return summary
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["all", "classification", "segmentation", "detection", "timm"],
@@ -158,11 +185,19 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="model names to run")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    ap.add_argument("--from-partial", metavar="PATH", help="only summarise the rows of an interrupted run "
+                    "(the .partial.json next to --out) into --out")
     args = ap.parse_args(argv)
     if args.timm:
         args.suite = "timm"
         if args.out == str(RESULTS / "zoo.json"):
             args.out = str(RESULTS / "zoo_timm.json")
+    if args.from_partial:
+        rows = json.loads(Path(args.from_partial).read_text())
+        summary = dict(report(rows), interrupted=True)
+        print(json.dumps(summary, indent=2))
+        Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+        return 0
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     jobs = []
     if args.suite in ("all", "classification"):
@@ -187,28 +222,7 @@ def main(argv=None):
         print(f"[{i + 1}/{len(jobs)}] {suite}/{name}: {status} "
               f"(graph {row.get('seconds', '-')} s, prunable {row.get('prunable_fraction', '-')})",
               file=sys.stderr, flush=True)
-    table = [[r["model"], r.get("nodes"), r.get("groups"), r.get("prunable_groups"),
-              f"{100 * r['prunable_fraction']:.0f}%" if "prunable_fraction" in r else "-",
-              f"{r['macs_dense'] / 1e6:.0f}M -> {r['macs_pruned'] / 1e6:.0f}M" if "macs_pruned" in r else "-",
-              "yes" if r.get("exact") else "NO", r.get("seconds")] for r in rows]
-    print(tabulate(table, headers=["model", "nodes", "groups", "prunable", "prunable ch", "MACs dense -> pruned",
-                                   "exact", "graph s"], tablefmt="github"))
-    secs = [r["seconds"] for r in rows if "seconds" in r]
-    summary = {
-        "models": len(rows), "exact": sum(bool(r.get("exact")) for r in rows),
-        "cost_model_exact": sum(bool(r.get("cost_model_exact")) for r in rows),
-        "traceable": sum(bool(r.get("traceable")) for r in rows),
-        "refused_untraceable": sum(bool(r.get("refused")) for r in rows),
-        "failed": [r["model"] for r in rows if not r.get("exact") and not r.get("refused")],
-        "with_opaque_submodules": sum(1 for r in rows if r.get("opaque")),
-        "traced_with_example_shapes": sum(1 for r in rows if r.get("shape_specialized")),
-        "families": len({r["family"] for r in rows}),
-        "graph_seconds_median": statistics.median(secs) if secs else None,
-        "graph_seconds_max": max(secs) if secs else None,
-        "prunable_fraction_median": statistics.median([r["prunable_fraction"] for r in rows if "prunable_fraction" in r])
-        if secs else None,
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-    }
+    summary = report(rows)
     print(json.dumps(summary, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
