@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -189,6 +190,23 @@ def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
     )
 
 
+def _defaults_beyond(model: torch.nn.Module, example_inputs) -> Optional[Dict[str, Any]]:
+    """``forward`` parameters the example inputs do not supply, bound to their defaults.
+
+    Without this FX makes them placeholders, and ``if mask is not None:`` on a placeholder is
+    always true, so the graph would take the branch a call with the default never takes.
+    """
+    if example_inputs is None:
+        return None
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    extra = {p.name: p.default for p in positional[len(example_inputs):] if p.default is not p.empty}
+    return extra or None
+
+
 def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None) -> TracedModel:
     """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
 
@@ -206,7 +224,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
     for _ in range(MAX_OPAQUE_RETRIES):
         tracer = _ShapeTracer(model, example_inputs, opaque) if with_shapes else _RecordingTracer(opaque)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults_beyond(model, example_inputs))
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
             failed = tracer.failed_in
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]

@@ -199,3 +199,22 @@ def test_count_when_a_parameter_is_a_submodule_input():
 
     c = hfp_fx.count(Tokens(), torch.randn(1, 4, 8))
     assert c.params == 32 + 72 and c.macs == 4 * 8 * 8
+
+
+def test_forward_arguments_beyond_the_example_inputs_take_their_defaults():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x, mask=None, scale: float = 2.0):
+            y = F.relu(self.conv1(x))
+            if mask is not None:  # a placeholder would always take this branch
+                y = y * mask
+            return self.conv2(y) * scale
+
+    model = Masked().eval()
+    small = hfp_fx.prune(model, X, "50%")
+    reference = hfp_fx.mask(model, X, small.meta["hfp"]["keep"])
+    torch.testing.assert_close(small(X), reference(X))
+    assert hfp_fx.count(small, X).macs <= 0.5 * hfp_fx.count(model, X).macs
