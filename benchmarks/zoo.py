@@ -185,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="model names to run")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    ap.add_argument("--update", action="store_true", help="rerun only the --only models and replace their rows "
+                    "in the existing --out file")
     ap.add_argument("--from-partial", metavar="PATH", help="only summarise the rows of an interrupted run "
                     "(the .partial.json next to --out) into --out")
     args = ap.parse_args(argv)
@@ -222,6 +224,10 @@ def main(argv=None):
         print(f"[{i + 1}/{len(jobs)}] {suite}/{name}: {status} "
               f"(graph {row.get('seconds', '-')} s, prunable {row.get('prunable_fraction', '-')})",
               file=sys.stderr, flush=True)
+    if args.update:
+        fresh = {r["model"]: r for r in rows}
+        old = json.loads(Path(args.out).read_text())["rows"]
+        rows = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
     summary = report(rows)
     print(json.dumps(summary, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

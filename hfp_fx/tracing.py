@@ -343,8 +343,9 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tenso
     meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
     try:
         twin = shape_only(meta_copy(gm))
-        with torch.no_grad():
-            _ShapeAndFlopProp(twin).run(*meta_inputs)
+        # grad mode on: free on meta tensors, and FlopCounterMode's module tracker fails under
+        # no_grad when a parameter is a module's input (see api.count)
+        _ShapeAndFlopProp(twin).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
         twin = shape_only(copy.deepcopy(gm))

@@ -730,6 +730,7 @@ def sdpa(a: A, node: Node):
         else:
             a.union(batch[0].ids, batch[1].ids)
             a.union(batch[0].ids, batch[2].ids)
+            _bind_attn_mask(a, node, batch[0], rank)
             if out_map is not None:
                 a.fix(out_map, f"{describe(node)} would produce channels on two axes")
             out_map = batch[0]
@@ -743,6 +744,22 @@ def sdpa(a: A, node: Node):
     else:
         a.add_macs(coeff)
     return out_map
+
+
+def _bind_attn_mask(a: A, node: Node, heads: ChannelMap, rank: int) -> None:
+    """An ``attn_mask`` with one slice per head (a relative-position bias) must lose the same heads."""
+    mask = a.arg(node, 3, "attn_mask")
+    if not isinstance(mask, Node):
+        return
+    ms = a.shape(mask)
+    axis = heads.axis - rank + len(ms)  # broadcasting aligns the trailing dims
+    if axis < 0 or ms[axis] == 1:
+        return
+    mm = a.cmap(mask)
+    if mm is not None and mm.axis == axis and len(mm.ids) == len(heads.ids):
+        a.union(mm.ids, heads.ids)
+    else:
+        a.fix(heads, f"{describe(node)}: its attn_mask has per-head values that are not pruned with the heads")
 
 
 def _is_tuple_shape(s) -> bool:

@@ -205,7 +205,9 @@ def _fix_sizes(node: Node, dg, alive) -> None:
     else:  # torch.reshape(x, shape)
         key = 1 if len(node.args) > 1 else "shape"
         sizes = list(node.args[1] if key == 1 else node.kwargs["shape"])
-    if not sizes:
+    if not sizes or (len(sizes) == 1 and isinstance(sizes[0], Node) and len(node.meta["tensor_meta"].shape) > 1):
+        # no sizes, or one computed at run time (``x.view(y.shape)``): it follows the pruned
+        # tensors it is read from; the shape check after shrinking verifies that it does
         return
     if not (isinstance(sizes[m.axis], int) and sizes[m.axis] == -1):
         sizes[m.axis] = new

@@ -145,6 +145,25 @@ class ManualAttention(Attention):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class BiasedAttention(Attention):
+    """A per-head relative-position bias as ``attn_mask`` (timm vit_relpos, coatnet, maxvit)."""
+
+    def __init__(self, dim=16, num_heads=4, tokens=5):
+        super().__init__(dim, num_heads)
+        self.bias_table = nn.Parameter(torch.randn(2 * tokens - 1, num_heads))
+        idx = torch.arange(tokens)
+        self.register_buffer("index", (idx[:, None] - idx[None, :] + tokens - 1).flatten())
+        self.tokens = tokens
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.bias_table[self.index].view(self.tokens, self.tokens, -1).permute(2, 0, 1).unsqueeze(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
 class Block(nn.Module):
     def __init__(self, attn_cls):
         super().__init__()
@@ -168,6 +187,7 @@ class Block(nn.Module):
     (GroupedAndTransposed(), torch.randn(2, 3, 5, 5)),
     (Block(Attention), torch.randn(2, 5, 8)),
     (Block(ManualAttention), torch.randn(2, 5, 8)),
+    (Block(BiasedAttention), torch.randn(2, 5, 8)),
 ], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else "")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rule_models(model, x, seed):
@@ -403,3 +423,10 @@ def test_tied_weights_fold_gates_once():
         from helpers import assert_close
 
         assert_close(prepared.eval()(x), small(x))
+
+
+def test_per_head_attn_mask_fixes_the_heads_with_a_reason():
+    dg = hfp_fx.dependency_graph(Block(BiasedAttention), torch.randn(2, 5, 8))
+    heads = [g for g in dg.groups if any(m.target == "attn.qkv.weight" and m.dim == 0 for m in g.members)]
+    assert heads and not any(g.prunable for g in heads)
+    assert any("attn_mask has per-head values" in g.reason for g in heads)
