@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="resnet18 + mobilenet_v2, batch 1, 50%% only")
     ap.add_argument("--out", default=str(RESULTS / "latency.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure the rest")
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.targets, args.batch, args.round_to, args.min_run_time = \
@@ -86,7 +87,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    jobs = [(m, t, r) for m in args.models for t in args.targets for r in args.round_to]
+    if args.resume and Path(args.out).exists():
+        rows = json.loads(Path(args.out).read_text())["rows"]
+    done = {(r["model"], r["target"], r["round_to"]) for r in rows}
+    jobs = [(m, t, r) for m in args.models for t in args.targets for r in args.round_to if (m, t, r) not in done]
     dense_cache = {}
     meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
             "channels_last": args.channels_last, "compile": args.compile,
@@ -99,7 +103,12 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             t0 = time.perf_counter()
-            small = hfp_fx.prune(model, example, {"macs": target}, round_to=round_to)
+            try:
+                small = hfp_fx.prune(model, example, {"macs": target}, round_to=round_to)
+            except hfp_fx.InfeasibleTarget as exc:  # e.g. ViT below its fixed-channel floor
+                rows.append({"model": name, "target": target, "round_to": round_to, "infeasible": str(exc)})
+                print(f"{name} macs={target:.0%} round_to={round_to}: infeasible ({exc})", file=sys.stderr)
+                continue
             prune_s = time.perf_counter() - t0
         dense_c, small_c = hfp_fx.count(model, example), hfp_fx.count(small, example)
         for batch in args.batch:
@@ -136,6 +145,8 @@ def main(argv=None) -> int:
 def write_markdown(rows, meta, path: Path) -> str:
     from tabulate import tabulate
 
+    skipped = [r for r in rows if "infeasible" in r]
+    rows = [r for r in rows if "infeasible" not in r]
     table = [[r["model"], f"{r['target']:.0%}", r["round_to"], r["batch"], f"{r['macs_ratio']:.3f}",
               f"{r['dense_ms']:.1f} ± {r['dense_iqr_ms']:.1f}", f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}",
               f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}"] for r in rows]
@@ -146,6 +157,8 @@ def write_markdown(rows, meta, path: Path) -> str:
     effs = [r["efficiency"] for r in rows]
     if effs:
         text += f"\n\nmedian efficiency {statistics.median(effs):.2f}\n"
+    for r in skipped:
+        text += f"\n{r['model']} at {r['target']:.0%} MACs (round_to={r['round_to']}): infeasible, {r['infeasible']}\n"
     path.write_text(text)
     return text
 
@@ -158,6 +171,7 @@ def plot(rows, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    rows = [r for r in rows if "infeasible" not in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (model, rt), marker in zip(sorted({(r["model"], r["round_to"]) for r in rows}), "os^vD<>ph*x+" * 4):
         pts = sorted((1 / r["macs_ratio"], r["speedup"]) for r in rows

@@ -207,6 +207,19 @@ def _defaults_beyond(model: torch.nn.Module, example_inputs) -> Optional[Dict[st
     return extra or None
 
 
+def _drop_none_guards(graph: torch.fx.Graph) -> None:
+    """Remove the ``_assert_is_none`` guards FX adds for arguments bound to ``None``.
+
+    They only check that callers pass nothing there; and compiling a GraphModule that calls
+    this wrapped FX helper registers its dotted name for patching, which breaks every later
+    ``symbolic_trace`` in the process (a ``KeyError`` in torch.fx).
+    """
+    guard = getattr(torch.fx._symbolic_trace, "_assert_is_none", None)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is guard and not node.users:
+            graph.erase_node(node)
+
+
 def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None) -> TracedModel:
     """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
 
@@ -247,6 +260,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
                 "not pruned): " + "; ".join(f"{k} ({v})" for k, v in opaque.items()),
                 stacklevel=3,
             )
+        _drop_none_guards(graph)
         if with_shapes:
             for node in graph.nodes:
                 node.meta.pop("hfp_value", None)

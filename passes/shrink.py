@@ -194,8 +194,9 @@ def _fix_sizes(node: Node, dg, alive) -> None:
     replaced by its traced value.
     """
     m = _out_map(dg, node)
-    if not _changed(m, alive):
+    if m is None:
         return
+    changed = _changed(m, alive)
     new = int(alive[m.ids].sum())
     if node.op == "call_method":
         sizes = list(node.args[1:])
@@ -209,9 +210,13 @@ def _fix_sizes(node: Node, dg, alive) -> None:
         # no sizes, or one computed at run time (``x.view(y.shape)``): it follows the pruned
         # tensors it is read from; the shape check after shrinking verifies that it does
         return
+    if not changed and not isinstance(sizes[m.axis], Node):
+        return
+    # A size read at run time (``B, N, C = x.shape; y.reshape(B, N, C)``) may come from a
+    # tensor whose channels are pruned differently, so the channel size is always a literal.
     if not (isinstance(sizes[m.axis], int) and sizes[m.axis] == -1):
         sizes[m.axis] = new
-    for d in _structural_dims(node, dg, m):
+    for d in _structural_dims(node, dg, m) if changed else ():
         if isinstance(sizes[d], Node):
             sizes[d] = int(node.meta["tensor_meta"].shape[d])
     if node.op == "call_method":

@@ -218,3 +218,19 @@ def test_forward_arguments_beyond_the_example_inputs_take_their_defaults():
     reference = hfp_fx.mask(model, X, small.meta["hfp"]["keep"])
     torch.testing.assert_close(small(X), reference(X))
     assert hfp_fx.count(small, X).macs <= 0.5 * hfp_fx.count(model, X).macs
+
+
+def test_defaults_bound_to_none_leave_later_traces_working():
+    """A pruned model must not carry FX's None guards: compiling one broke every later trace."""
+
+    class Optional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x, mask=None):
+            return self.out(self.conv(x) if mask is None else self.conv(x * mask))
+
+    small = hfp_fx.prune(Optional(), X, "50%")
+    assert "assert_is_none" not in small.code
+    torch.fx.symbolic_trace(torchvision.models.resnet18())  # still traces
