@@ -96,6 +96,10 @@ def main(argv=None) -> int:
             "channels_last": args.channels_last, "compile": args.compile,
             "cpu": (os.uname().machine if hasattr(os, "uname") else ""), "complete": False}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
     for name, target, round_to in progress(jobs, len(jobs), "latency"):
         model = torchvision.models.get_model(name, weights=None).eval()
         size = 224
@@ -131,11 +135,9 @@ def main(argv=None) -> int:
             print(f"{name} macs={target:.0%} round_to={round_to} batch={batch}: {dense['median_ms']:.1f} -> "
                   f"{pruned['median_ms']:.1f} ms, speed-up {speedup:.2f}x, efficiency {row['efficiency']:.2f}",
                   file=sys.stderr, flush=True)
-        with open(args.out, "w") as f:  # after every model: an interrupted run keeps what it measured
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write()  # after every model: an interrupted run keeps what it measured
     meta["complete"] = True
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write()
     md = write_markdown(rows, meta, Path(args.out).with_suffix(".md"))
     print(md)
     plot(rows, Path(args.out).with_suffix(".png"))

@@ -54,8 +54,10 @@ def _bars_wanted() -> bool:
 
 
 class _Stages:
-    def __init__(self, desc: str, names: Sequence[str], bar):
-        self.desc, self.names, self.bar = desc, list(names), bar
+    """Times each stage; logs it at ``level`` and advances ``bar`` (None for nested calls)."""
+
+    def __init__(self, desc: str, bar, level: int):
+        self.desc, self.bar, self.level = desc, bar, level
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -63,22 +65,9 @@ class _Stages:
             self.bar.set_postfix_str(name, refresh=True)
         start = time.perf_counter()
         yield
-        log.info("%s: %s done in %.2f s", self.desc, name, time.perf_counter() - start)
+        log.log(self.level, "%s: %s done in %.2f s", self.desc, name, time.perf_counter() - start)
         if self.bar is not None:
             self.bar.update(1)
-
-
-class _Quiet:
-    """Stages of a call nested in another: timings go to DEBUG, the outer bar stays."""
-
-    def __init__(self, desc: str):
-        self.desc = desc
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        log.debug("%s: %s done in %.2f s", self.desc, name, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -87,7 +76,7 @@ def stages(desc: str, names: Sequence[str]):
     if getattr(_active, "depth", 0):
         _active.depth += 1
         try:
-            yield _Quiet(desc)
+            yield _Stages(desc, None, logging.DEBUG)  # the outer call's bar stays
         finally:
             _active.depth -= 1
         return
@@ -98,7 +87,7 @@ def stages(desc: str, names: Sequence[str]):
     _active.depth = 1
     start = time.perf_counter()
     try:
-        yield _Stages(desc, names, bar)
+        yield _Stages(desc, bar, logging.INFO)
     finally:
         _active.depth = 0
         if bar is not None:

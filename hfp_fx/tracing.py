@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -124,10 +125,7 @@ class _ShapeTracer(_RecordingTracer):
     def __init__(self, root: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...],
                  opaque_names: Sequence[str] = ()):
         super().__init__(opaque_names)
-        self.meta_root = meta_copy(root)
-        for m in self.meta_root.modules():  # shapes only: see shape_only()
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase):
-                m.eval()
+        self.meta_root = shape_only(meta_copy(root))
         self.example = [torch.empty_like(x, device="meta") for x in example_inputs]
         self._placeholders = 0
 
@@ -166,10 +164,7 @@ class _ShapeTracer(_RecordingTracer):
             if kind == "call_module":
                 return self.meta_root.get_submodule(target)(*args, **kwargs)
             if kind == "get_attr":
-                obj = self.meta_root
-                for part in target.split("."):
-                    obj = getattr(obj, part)
-                return obj
+                return operator.attrgetter(target)(self.meta_root)
         return _UNKNOWN
 
 
@@ -234,10 +229,11 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
         return TracedModel(gm)
     opaque: Dict[str, str] = {}
     with_shapes = False  # switched on when the root's own forward needs the example's shapes
+    defaults = _defaults_beyond(model, example_inputs)
     for _ in range(MAX_OPAQUE_RETRIES):
         tracer = _ShapeTracer(model, example_inputs, opaque) if with_shapes else _RecordingTracer(opaque)
         try:
-            graph = tracer.trace(model, concrete_args=_defaults_beyond(model, example_inputs))
+            graph = tracer.trace(model, concrete_args=defaults)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
             failed = tracer.failed_in
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
