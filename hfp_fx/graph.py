@@ -19,6 +19,23 @@ from hfp_fx.passes.channel_analysis import ChannelFacts, iter_maps
 __all__ = ["Member", "PruneGroup", "DependencyGraph"]
 
 
+def _positions_by_group(group: torch.Tensor) -> Dict[int, Tuple[int, ...]]:
+    """Group index -> the positions holding it (ascending), for one axis; -1 entries skipped.
+
+    Works on runs of equal values (an axis is a few contiguous blocks, even after a concat).
+    """
+    n = group.numel()
+    if n == 0:
+        return {}
+    cuts = (torch.nonzero(group[1:] != group[:-1]).flatten() + 1).tolist()
+    starts, ends = [0] + cuts, cuts + [n]
+    found: Dict[int, List[int]] = {}
+    for gi, a, b in zip(group[starts].tolist(), starts, ends):
+        if gi >= 0:
+            found.setdefault(gi, []).extend(range(a, b))
+    return {gi: tuple(p) for gi, p in found.items()}
+
+
 def _ranges(positions: Sequence[int]) -> str:
     """``[0,1,2,5,6]`` -> ``"0:3,5:7"``."""
     out, start, prev = [], None, None
@@ -103,23 +120,40 @@ class DependencyGraph:
     def _build_groups(self) -> None:
         roots = self.roots
         n = roots.numel()
+        # Two units belong to one group when every costed axis holds them equally often: hash
+        # each unit's occurrence counts over the rows with two random weights per row (int64
+        # arithmetic wraps, which keeps it a hash).  Rows are mostly the same few tensors (a
+        # conv's output ids label its weight, bias, BN, MAC terms and gate): hash each distinct
+        # tensor once with the sum of its rows' weights, which gives the same sums.
         gen = torch.Generator().manual_seed(1234)
+        rows = self.rows()
         h1 = torch.zeros(n, dtype=torch.long)
         h2 = torch.zeros(n, dtype=torch.long)
         seen = torch.zeros(n, dtype=torch.bool)
-        for ids in self.rows():
-            u, c = torch.unique(roots[ids], return_counts=True)
-            w = torch.randint(1, 2 ** 62, (2,), generator=gen)
-            h1.index_add_(0, u, c * w[0])
-            h2.index_add_(0, u, c * w[1])
-            seen[u] = True
-        reasons = self.facts.elements.fixed_reasons()
+        if rows:
+            w = torch.randint(1, 2 ** 62, (len(rows), 2), generator=gen)
+            slot: Dict[int, int] = {}
+            distinct: List[torch.Tensor] = []
+            for r in rows:
+                if id(r) not in slot:
+                    slot[id(r)] = len(distinct)
+                    distinct.append(r.reshape(-1))
+            summed = torch.zeros(len(distinct), 2, dtype=torch.long).index_add_(
+                0, torch.tensor([slot[id(r)] for r in rows]), w)
+            lengths = torch.tensor([r.numel() for r in distinct])
+            elem_units = roots[torch.cat(distinct)]
+            h1.index_add_(0, elem_units, summed[:, 0].repeat_interleave(lengths))
+            h2.index_add_(0, elem_units, summed[:, 1].repeat_interleave(lengths))
+            seen[elem_units] = True
+        reasons = self.facts.elements.fixed_units()
         units = torch.nonzero(seen & (roots == torch.arange(n))).flatten()
         fixed = torch.zeros(n, dtype=torch.long)
-        if reasons:
-            fixed[torch.tensor(list(reasons), dtype=torch.long)] = 1
-        keys = torch.stack([h1[units], h2[units], fixed[units]], 1)
-        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        for fixed_units in reasons.values():
+            fixed[fixed_units] = 1
+        # one int64 key per unit: both hashes mixed (odd multiplier, wrapping), lowest bit = fixed
+        mixed = h1[units] ^ (h2[units] * -7046029254386353131)
+        keys = (mixed & -2) | fixed[units]
+        _, inverse = torch.unique(keys, return_inverse=True)
         n_groups = int(inverse.max()) + 1 if units.numel() else 0
         first = torch.full((n_groups,), n, dtype=torch.long).scatter_reduce(0, inverse, units, "amin")
         rank = torch.empty(n_groups, dtype=torch.long)
@@ -132,17 +166,18 @@ class DependencyGraph:
         ordered = [t for t in torch.split(by_group, sizes)] if n_groups else []
         self._group_of_unit = group_of
         members: List[List[Member]] = [[] for _ in ordered]
+        runs_of: Dict[int, Dict[int, List[int]]] = {}  # id(ids) -> group -> ascending positions
         for name, dims in self.facts.params.items():
             for dim, ids in dims.items():
-                g = group_of[roots[ids]]
-                for gi in torch.unique(g).tolist():
-                    if gi >= 0:
-                        members[gi].append(Member(name, dim, tuple(torch.nonzero(g == gi).flatten().tolist())))
+                if id(ids) not in runs_of:
+                    runs_of[id(ids)] = _positions_by_group(group_of[roots[ids.reshape(-1)]])
+                for gi, positions in runs_of[id(ids)].items():
+                    members[gi].append(Member(name, dim, positions))
         group_reasons: List[set] = [set() for _ in ordered]
-        for u, why in reasons.items():
-            gi = int(group_of[u])
-            if gi >= 0:
-                group_reasons[gi].update(why)
+        for why, fixed_units in reasons.items():
+            for gi in torch.unique(group_of[fixed_units]).tolist():
+                if gi >= 0:
+                    group_reasons[gi].add(why)
         for gi, us in enumerate(ordered):
             why = sorted(group_reasons[gi])
             mem = members[gi]

@@ -16,7 +16,7 @@ layer maps channel ``c`` to ``H*W`` consecutive features), and ids may appear in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -112,14 +112,14 @@ class ElementTable:
     def roots(self) -> torch.Tensor:
         """``roots()[e]`` is the unit (smallest element of the class) of element ``e``."""
         if self._frozen is None:
-            self._frozen = torch.tensor([self._find(i) for i in range(len(self._parent))], dtype=torch.long)
+            find = self._find
+            self._frozen = torch.tensor([find(i) for i in range(len(self._parent))], dtype=torch.long)
         return self._frozen
 
-    def fixed_reasons(self) -> Dict[int, Set[str]]:
-        """Unit -> set of reasons it cannot be pruned."""
+    def fixed_units(self) -> Dict[str, torch.Tensor]:
+        """Reason -> the units it fixes (sorted, unique)."""
         roots = self.roots()
-        out: Dict[int, Set[str]] = {}
+        by_reason: Dict[str, List[torch.Tensor]] = {}
         for ids, reason in self._fixes:
-            for r in torch.unique(roots[ids]).tolist():
-                out.setdefault(r, set()).add(reason)
-        return out
+            by_reason.setdefault(reason, []).append(roots[ids])
+        return {reason: torch.unique(torch.cat(units)) for reason, units in by_reason.items()}

@@ -285,7 +285,11 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
         try:
-            if counted:
+            shortcut = _same_meta_result(self, n, module)
+            if shortcut is not None:
+                result = shortcut
+                n.meta["macs"] = 0
+            elif counted:
                 with FlopCounterMode(display=False) as counter:
                     result = super().run_node(n)
                 n.meta["macs"] = counter.get_total_flops() // 2
@@ -310,6 +314,43 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
             n.meta["tensor_meta"] = meta
         n.meta["type"] = type(result)
         return result
+
+
+#: Modules and functions whose output is a tensor of their first argument's shape and dtype, with
+#: no multiply-accumulates.  On meta tensors their result is made directly: running them costs
+#: far more (meta batch norm goes through Python decompositions) and says nothing new.
+_SAME_META_MODULES = frozenset([
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+    torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
+    torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish,
+    torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout2d,
+])
+_SAME_META_FUNCTIONS = frozenset([
+    torch.nn.functional.batch_norm, torch.nn.functional.layer_norm, torch.nn.functional.group_norm,
+    torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.silu, torch.nn.functional.gelu,
+    torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid, torch.nn.functional.dropout,
+    torch.relu, torch.sigmoid, torch.tanh,
+])
+
+
+def _same_meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module) -> Optional[torch.Tensor]:
+    """``empty_like`` of the first argument for a shape-keeping op on a meta tensor, else None."""
+    if n.op == "call_module":
+        known = type(module) in _SAME_META_MODULES
+    elif n.op == "call_function":
+        try:
+            known = n.target in _SAME_META_FUNCTIONS
+        except TypeError:  # unhashable target
+            known = False
+    else:
+        known = False
+    if not known or not n.args or not isinstance(n.args[0], torch.fx.Node):
+        return None
+    x = interp.env.get(n.args[0])
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta":
+        return None
+    return torch.empty_like(x)
 
 
 def _op_name(n: torch.fx.Node) -> str:
@@ -343,31 +384,81 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Module:
+    """A module holding copies of exactly what ``gm``'s graph calls and reads, for an Interpreter.
+
+    Much cheaper than ``deepcopy(gm)`` (no recompile, intermediate containers are empty modules).
+    Modules with a coupling rule are standard torch layers: a shallow copy with its own
+    parameter/buffer dicts isolates them.  Any other module (opaque user code that may write to
+    ``self``) is deep-copied.  ``device="meta"`` turns every tensor into a meta tensor.
+    """
+    memo: Dict[int, Any] = {}
+
+    def tensor(t):
+        if device is None or not isinstance(t, torch.Tensor):
+            return t
+        if id(t) not in memo:
+            fake = torch.empty_like(t, device=device)
+            memo[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(
+                t, torch.nn.Parameter) else fake
+        return memo[id(t)]
+
+    def module_copy(m: torch.nn.Module) -> torch.nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        if is_rule_leaf(m):
+            c = copy.copy(m)
+            c.__dict__ = dict(m.__dict__)  # own attribute dict: setattr on the copy stays there
+            c._parameters = {k: tensor(v) if v is not None else None for k, v in m._parameters.items()}
+            c._buffers = {k: tensor(v) if v is not None else None for k, v in m._buffers.items()}
+            c._modules = {k: module_copy(v) if v is not None else None for k, v in m._modules.items()}
+        else:
+            for t in list(m.parameters()) + list(m.buffers()):
+                tensor(t)
+            c = copy.deepcopy(m, memo) if device is not None else copy.deepcopy(m)
+        memo[id(m)] = c
+        return c
+
+    twin = torch.nn.Module()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        *path, leaf = node.target.split(".")
+        owner, twin_owner = gm, twin
+        for part in path:
+            owner = getattr(owner, part)
+            if part not in twin_owner._modules:
+                twin_owner.add_module(part, torch.nn.Module())
+            twin_owner = twin_owner._modules[part]
+        value = getattr(owner, leaf)
+        if isinstance(value, torch.nn.Module):
+            twin_owner._modules[leaf] = module_copy(value)
+        elif isinstance(value, torch.nn.Parameter):
+            twin_owner._parameters[leaf] = tensor(value)
+        else:
+            object.__setattr__(twin_owner, leaf, tensor(value))
+    return shape_only(twin)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> None:
     """Fill ``node.meta['tensor_meta']`` (and ``node.meta['macs']``) for every node.
 
-    Runs a meta copy of ``gm`` first (no compute, no state change); ops without meta kernels fall
-    back to a real run of a full copy.  ``gm`` itself is never executed: its submodules are the
-    user's.
+    Runs the graph on a meta twin of ``gm``'s modules first (no compute, no state change); ops
+    without meta kernels fall back to a real run on a full copy.  ``gm``'s own modules are never
+    executed: they are the user's.
     """
     meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
     try:
-        twin = shape_only(meta_copy(gm))
         # grad mode on: free on meta tensors, and FlopCounterMode's module tracker fails under
         # no_grad when a parameter is a module's input (see api.count)
-        _ShapeAndFlopProp(twin).run(*meta_inputs)
+        _ShapeAndFlopProp(_graph_twin(gm, "meta"), graph=gm.graph).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
-        twin = shape_only(copy.deepcopy(gm))
         try:
             with torch.no_grad():
-                _ShapeAndFlopProp(twin).run(*example_inputs)
+                _ShapeAndFlopProp(_graph_twin(gm, None), graph=gm.graph).run(*example_inputs)
         except ShapePropagationError as exc2:
             raise ShapePropagationError(
                 f"running {gm.__class__.__name__} on the example inputs failed at {exc2}. "
                 "Check that example_inputs match the model's forward signature and expected shapes."
             ) from exc2.__cause__
-    for node, twin_node in zip(gm.graph.nodes, twin.graph.nodes):
-        for key in ("tensor_meta", "macs"):
-            if key in twin_node.meta:
-                node.meta[key] = twin_node.meta[key]
