@@ -495,6 +495,8 @@ def main(argv=None) -> int:
                     help="counter for Torch-Pruning's stopping rule: its own (documented) or hfp_fx.count")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(RESULTS / "vs_torch_pruning.json"))
+    ap.add_argument("--from-partial", action="store_true",
+                    help="summarise the rows an interrupted sweep left in OUT's .partial.json and stop")
     # hidden worker mode
     ap.add_argument("--tp-worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -503,6 +505,13 @@ def main(argv=None) -> int:
     if args.tp_worker:
         return tp_worker(args)
 
+    if args.from_partial:
+        out = Path(args.out)
+        if not out.with_suffix(".partial.json").exists():
+            ap.error(f"{out.with_suffix('.partial.json')} does not exist (no interrupted sweep to summarise)")
+        saved = json.loads(out.with_suffix(".partial.json").read_text())
+        finish(saved["rows"], saved["latency"], argparse.Namespace(**saved["args"]), out)
+        return 0
     torch.set_num_threads(args.threads)
     names = sorted(torchvision.models.list_models(module=torchvision.models))
     if args.models:
@@ -520,6 +529,9 @@ def main(argv=None) -> int:
         hfp_fx.dependency_graph(*warmup_model())
 
     rows, latency_rows = [], []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")
     tmpdir = tempfile.mkdtemp(prefix="vs_tp_")
     bar = progress(names, len(names), "vs torch-pruning")
     for i, name in enumerate(bar):
@@ -557,6 +569,8 @@ def main(argv=None) -> int:
             bar.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr, flush=True)
+        with open(partial, "w") as f:  # an interrupted sweep keeps its rows (see --from-partial)
+            json.dump({"args": vars(args), "rows": rows, "latency": latency_rows}, f, indent=1)
         del model, small
         gc.collect()
     try:
@@ -564,18 +578,22 @@ def main(argv=None) -> int:
     except OSError:
         pass
 
+    finish(rows, latency_rows, args, out)
+    partial.unlink(missing_ok=True)
+    return 0
+
+
+def finish(rows, latency_rows, args, out: Path) -> None:
+    """Write the JSON and markdown results of ``rows``."""
     tp_version = next((r["torch_pruning"]["tp_version"] for r in rows if r["torch_pruning"].get("tp_version")), "?")
     meta = {"torch": torch.__version__, "torchvision": torchvision.__version__, "torch_pruning": tp_version,
             "hfp_fx": hfp_fx.__version__, "threads": args.threads, "target": args.target,
             "tp_ratio": args.tp_ratio, "tp_steps": args.tp_steps, "tp_counter": args.tp_counter,
             "tp_timeout": args.tp_timeout, "tp_stall": args.tp_stall, "min_run_time": args.min_run_time}
     summary = summarize(rows, latency_rows, args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump({"meta": meta, "summary": summary, "rows": rows, "latency": latency_rows}, f, indent=1)
     print(write_markdown(rows, latency_rows, summary, meta, out.with_suffix(".md")))
-    return 0
 
 
 if __name__ == "__main__":
