@@ -304,7 +304,7 @@ class Trainer:
 def record_hfp(log: dict, prepared, step: int, epoch: float, ce: float, closs: float) -> None:
     c = hfp_fx.complexity(prepared)
     hfp = prepared.hfp
-    g = hfp.gate.detach()
+    g = hfp.scaled_gates().detach()
     per_group = {}
     for i, gid in enumerate(hfp.group_ids):
         gg = g[hfp.offsets[i]:hfp.offsets[i + 1]]
@@ -432,6 +432,7 @@ def parse_args(argv=None):
     p.add_argument("--threshold", type=float, default=0.3, help="gate threshold (library default 0.05)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--gate-max", type=float, default=None, help="cap on gate values (prepare(gate_max=...))")
+    p.add_argument("--relative-gates", action="store_true", help="prepare(relative_gates=True)")
     p.add_argument("--cost-power", type=float, default=1.0, help="prepare(cost_power=...)")
     p.add_argument("--gate-lr", type=float, default=0.01, help="constant SGD lr of the gate parameter group")
     p.add_argument("--gate-momentum", type=float, default=0.9)
@@ -522,7 +523,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
                                   lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
-                                  gate_max=a.gate_max, cost_power=a.cost_power).to(trainer.device)
+                                  gate_max=a.gate_max, cost_power=a.cost_power,
+                                  relative_gates=a.relative_gates).to(trainer.device)
         opt = trainer.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}
         stop = a.warm + a.hfp_epochs

@@ -42,7 +42,7 @@ class HFPState(torch.nn.Module):
     def __init__(self, dg: DependencyGraph, target: ResolvedTarget, *, threshold: float = 0.05,
                  count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
                  dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1,
-                 gate_max: Optional[float] = None, cost_power: float = 1.0):
+                 gate_max: Optional[float] = None, cost_power: float = 1.0, relative_gates: bool = False):
         super().__init__()
         if not 0.0 <= cost_power <= 1.0:
             raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
@@ -83,13 +83,29 @@ class HFPState(torch.nn.Module):
         self.min_channels, self.round_to = int(min_channels), int(round_to)
         self.gate_max = None if gate_max is None else float(gate_max)
         self.cost_power = float(cost_power)
+        self.relative_gates = bool(relative_gates)
 
     # -- gates ---------------------------------------------------------------------------------
     def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
         return self._element_index[ids]
 
+    def scaled_gates(self) -> torch.Tensor:
+        """The gates the threshold and the forward pass see.
+
+        Plain gates by default.  With ``relative_gates`` each gate is divided by the largest gate
+        of its group: when batch norm follows the consuming layer, shrinking all gates of a group
+        together changes nothing the task loss sees, so absolute gate values drift with the cost
+        push; relative ones cannot, and the push can only move a group's channels apart.
+        """
+        if not self.relative_gates or self.gate.numel() == 0:
+            return self.gate
+        n_groups = len(self.group_ids)
+        top = torch.zeros(n_groups, device=self.gate.device, dtype=self.gate.dtype).scatter_reduce(
+            0, self.group_index, self.gate, "amax", include_self=False)
+        return self.gate / top.clamp(min=torch.finfo(self.gate.dtype).tiny)[self.group_index]
+
     def saliency(self) -> torch.Tensor:
-        return self.gate.detach().clamp(min=0)
+        return self.scaled_gates().detach().clamp(min=0)
 
     def gate_values(self) -> torch.Tensor:
         """What a kept channel is multiplied by: the gate, capped at ``gate_max`` when set.
@@ -98,13 +114,14 @@ class HFPState(torch.nn.Module):
         uniform shrink of all gates of a group free for the task loss, so without it the gates
         of a group can sink together; with it, channels the task loss needs stay at the cap.
         """
-        return self.gate if self.gate_max is None else self.gate.clamp(max=self.gate_max)
+        g = self.scaled_gates()
+        return g if self.gate_max is None else g.clamp(max=self.gate_max)
 
     def effective_gates(self) -> torch.Tensor:
         # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
         # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
         g = self.gate_values()
-        hard = g * (self.gate > self.threshold).to(g.dtype)
+        hard = g * (self.scaled_gates() > self.threshold).to(g.dtype)
         return g + (hard - g).detach()  # exact zeros forward, identity gradient below the cap
 
     def forward(self) -> torch.Tensor:
@@ -117,8 +134,9 @@ class HFPState(torch.nn.Module):
     # -- soft channel counts ------------------------------------------------------------------
     def keep_values(self, soft: bool = True) -> torch.Tensor:
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
-        s = self.gate.clamp(min=0)
-        alive = (self.gate > self.threshold).to(s.dtype)
+        scaled = self.scaled_gates()
+        s = scaled.clamp(min=0)
+        alive = (scaled > self.threshold).to(s.dtype)
         keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=s.device)
         if s.numel() == 0:
             return keep
@@ -200,8 +218,8 @@ def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
 def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude: Sequence[str] = (),
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
-            warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0
-            ) -> torch.fx.GraphModule:
+            warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
+            relative_gates: bool = False) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -213,7 +231,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     resolved = Target.parse(target).resolve(CostModel(dg).counts())
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
-                     min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power)
+                     min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power,
+                     relative_gates=relative_gates)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
@@ -240,7 +259,7 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
     hfp = _unwrap(prepared).hfp
     with torch.no_grad():
         hp, hm = hfp.cost.evaluate(hfp.keep_values(soft=False))
-        s = hfp.gate.clamp(min=0)
+        s = hfp.scaled_gates().clamp(min=0)
         soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=s.device).index_put(
             (hfp.columns,), torch.sigmoid((s - hfp.threshold) / max(hfp.temperature, 1e-6)).double())
         sp, sm = hfp.cost.evaluate(soft_keep)

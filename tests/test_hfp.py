@@ -82,11 +82,12 @@ class TinyNet(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
-def test_training_drives_complexity_to_target_and_finalize_is_exact():
+@pytest.mark.parametrize("options", [{}, {"relative_gates": True}], ids=["absolute", "relative"])
+def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     torch.manual_seed(0)
     model, x = TinyNet(), torch.randn(8, 3, 8, 8)
     y = torch.randint(0, 4, (8,))
-    prepared = hfp_fx.prepare(model, x, {"macs": 0.5}, lambda_init=0.02)
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.5}, lambda_init=0.02, **options)
     opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
     history = []
     for _ in range(200):
@@ -111,6 +112,25 @@ def test_training_drives_complexity_to_target_and_finalize_is_exact():
             off[kept] = False
             g[off] = 0.0
         assert_close(prepared(x), small(x))
+
+
+def test_relative_gates_ignore_a_groups_common_scale():
+    torch.manual_seed(0)
+    model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, "50%", relative_gates=True).eval()
+    assert_close(prepared(x), model(x))
+    hfp = prepared.hfp
+    gid = hfp.group_ids[0]
+    with torch.no_grad():
+        hfp.gate_of(gid).uniform_(0.5, 1.0)
+        before, kept = prepared(x), hfp_fx.complexity(prepared)["kept_channels"]
+        hfp.gate_of(gid).mul_(0.01)  # far below the threshold in absolute terms
+        assert_close(prepared(x), before)
+        assert hfp_fx.complexity(prepared)["kept_channels"] == kept
+    # the cost push has no component along a group's common scale
+    hfp_fx.complexity_loss(prepared).backward()
+    g, grad = hfp.gate_of(gid).detach(), hfp.gate.grad[hfp.offsets[0]:hfp.offsets[1]]
+    assert float((g * grad).sum()).__abs__() <= 1e-6 * float(grad.abs().sum() * g.abs().max())
 
 
 def test_complexity_loss_is_zero_under_target_and_differentiable():
