@@ -74,6 +74,32 @@ def test_user_model_is_never_modified():
     assert [m.training for m in model.modules()] == before_mode
 
 
+class _WritesToItself(nn.Module):
+    """Untraceable (branches on a value, so it stays opaque) and writes to ``self`` when run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+        self.register_buffer("seen", torch.zeros(8))
+        self.calls = 0
+
+    def forward(self, x):
+        if x.sum() > -1e30:  # a value branch: no meta kernel can answer it either
+            self.calls += 1
+            self.seen.add_(x.detach().mean((0, 2, 3)))
+        return self.conv(x)
+
+
+def test_opaque_module_writing_to_itself_runs_on_a_copy():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _WritesToItself(), nn.Flatten(1),
+                          nn.Linear(8 * 64, 4))
+    snap = state_snapshot(model)
+    dg = hfp_fx.dependency_graph(model, X)  # meta pass fails on the branch, then a real run of a copy
+    hfp_fx.count(model, X)
+    assert "2" in dg.facts.opaque and model[2].calls == 0
+    assert_unchanged(model, snap)
+
+
 def test_finalize_twice_and_prepared_untouched():
     torch.manual_seed(0)
     prepared = hfp_fx.prepare(Net(), X, {"params": 0.6})
