@@ -281,6 +281,10 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
     :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_traceback = False  # our message already names the node; FX would append the graph
+
     def run_node(self, n):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
@@ -348,9 +352,20 @@ def _same_meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module) ->
     if not known or not n.args or not isinstance(n.args[0], torch.fx.Node):
         return None
     x = interp.env.get(n.args[0])
-    if not isinstance(x, torch.Tensor) or x.device.type != "meta":
-        return None
+    if not isinstance(x, torch.Tensor) or x.device.type != "meta" or not _fits(module, x):
+        return None  # run it: a real call raises the layer's own error for a mismatched input
     return torch.empty_like(x)
+
+
+def _fits(module, x: torch.Tensor) -> bool:
+    """Whether a norm layer accepts ``x`` (its parameters match the input's channels)."""
+    if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)):
+        features = getattr(module, "num_features", getattr(module, "num_channels", None))
+        return x.dim() >= 2 and x.shape[1] == features
+    if isinstance(module, torch.nn.LayerNorm):
+        k = len(module.normalized_shape)
+        return tuple(x.shape[-k:]) == tuple(module.normalized_shape)
+    return True
 
 
 def _op_name(n: torch.fx.Node) -> str:

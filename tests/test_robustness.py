@@ -39,6 +39,10 @@ def test_non_module_and_bad_inputs():
         hfp_fx.dependency_graph(Net(), torch.randn(2, 5, 8, 8))
     with pytest.raises(TypeError, match="nn.Module"):
         hfp_fx.count("resnet", X)
+    # a norm layer given the wrong width is run (not skipped by the shape shortcut) and named
+    with pytest.raises(hfp_fx.ShapePropagationError, match=r"module 0 \(BatchNorm2d\): RuntimeError: running_mean") as err:
+        hfp_fx.dependency_graph(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 8, 1)), torch.randn(1, 5, 4, 4))
+    assert "While executing" not in str(err.value)
 
 
 def test_nothing_prunable():
