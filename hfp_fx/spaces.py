@@ -43,34 +43,31 @@ class ChannelMap:
 
 
 class ElementTable:
-    """Union-find over channel elements, with the reasons that fix a class.
+    """Equivalence classes of channel elements, with the reasons that fix a class.
 
+    ``union`` only records pairs; the classes are resolved once, in :meth:`roots`, by a
+    vectorised connected-components pass (the rules never ask for a class while they run).
     Roots are always the smallest id of their class, so a unit's id orders channels the way the
     first producer laid them out.
     """
 
     def __init__(self):
-        self._parent: List[int] = []
+        self._count = 0
+        self._pairs: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self._fixes: List[Tuple[torch.Tensor, str]] = []
         self._frozen: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
-        return len(self._parent)
+        return self._count
 
     def new(self, n: int, fixed_reason: Optional[str] = None) -> torch.Tensor:
-        start = len(self._parent)
-        self._parent.extend(range(start, start + n))
+        start = self._count
+        self._count += n
+        self._frozen = None
         ids = torch.arange(start, start + n, dtype=torch.long)
         if fixed_reason is not None:
             self.fix(ids, fixed_reason)
         return ids
-
-    def _find(self, a: int) -> int:
-        parent = self._parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Unite ``a[i]`` with ``b[i]`` for every i (shapes must match)."""
@@ -78,21 +75,11 @@ class ElementTable:
             return
         if a.shape != b.shape:
             raise ValueError(f"cannot unite channel maps of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
-        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-        if pairs.numel() == 0:
-            return
-        pairs = torch.unique(pairs, dim=0)
-        self._frozen = None
-        find = self._find
-        parent = self._parent
-        for x, y in pairs.tolist():
-            rx, ry = find(x), find(y)
-            if rx != ry:
-                if rx < ry:
-                    parent[ry] = rx
-                else:
-                    parent[rx] = ry
+        a, b = a.reshape(-1), b.reshape(-1)
+        differ = a != b
+        if bool(differ.any()):
+            self._pairs.append((a[differ], b[differ]))
+            self._frozen = None
 
     def union_along(self, ids: torch.Tensor, dims: Tuple[int, ...]) -> None:
         """Unite all entries of ``ids`` that differ only in the coordinates ``dims``."""
@@ -112,8 +99,7 @@ class ElementTable:
     def roots(self) -> torch.Tensor:
         """``roots()[e]`` is the unit (smallest element of the class) of element ``e``."""
         if self._frozen is None:
-            find = self._find
-            self._frozen = torch.tensor([find(i) for i in range(len(self._parent))], dtype=torch.long)
+            self._frozen = _smallest_in_component(self._count, self._pairs)
         return self._frozen
 
     def fixed_units(self) -> Dict[str, torch.Tensor]:
@@ -123,3 +109,31 @@ class ElementTable:
         for ids, reason in self._fixes:
             by_reason.setdefault(reason, []).append(roots[ids])
         return {reason: torch.unique(torch.cat(units)) for reason, units in by_reason.items()}
+
+
+def _smallest_in_component(n: int, pairs: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """For nodes ``0..n-1`` and the edges in ``pairs``: each node's smallest connected node.
+
+    Label propagation with hooking and pointer jumping: every label is a node of the same
+    component and only decreases; the roots (``label[r] == r``) of an edge's two ends are
+    hooked onto the smaller one, then every node jumps to its root.  At the fixed point both
+    ends of every edge share a label, and it is the component's minimum (that node can only
+    label itself).  Rounds are O(log n) in practice, each a few vector ops over the edges.
+    """
+    label = torch.arange(n, dtype=torch.long)
+    if not pairs:
+        return label
+    u = torch.cat([a for a, _ in pairs])
+    v = torch.cat([b for _, b in pairs])
+    while True:
+        lu, lv = label[u], label[v]
+        low = torch.minimum(lu, lv)
+        hooked = label.scatter_reduce(0, lu, low, "amin").scatter_reduce(0, lv, low, "amin")
+        while True:  # pointer jumping until every node points at a root
+            jumped = hooked[hooked]
+            if torch.equal(jumped, hooked):
+                break
+            hooked = jumped
+        if torch.equal(hooked, label):
+            return label
+        label = hooked
