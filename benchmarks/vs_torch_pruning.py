@@ -476,6 +476,10 @@ def args_pct(v: float) -> str:
     return f"{100 * v:g}%"
 
 
+# options that change a row's meaning: a resumed sweep must use the interrupted sweep's values
+RESUME_MUST_MATCH = ("target", "latency_size", "min_run_time", "tp_steps", "tp_ratio", "tp_counter", "threads")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", help="model names (default: all torchvision classification models)")
@@ -497,6 +501,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "vs_torch_pruning.json"))
     ap.add_argument("--from-partial", action="store_true",
                     help="summarise the rows an interrupted sweep left in OUT's .partial.json and stop")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows an interrupted sweep left in OUT's .partial.json and run only the rest")
     # hidden worker mode
     ap.add_argument("--tp-worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -532,6 +538,16 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")
+    if args.resume and partial.exists():
+        saved = json.loads(partial.read_text())
+        changed = {k: (v, saved["args"].get(k)) for k, v in vars(args).items()
+                   if k in RESUME_MUST_MATCH and saved["args"].get(k) != v}
+        if changed:
+            ap.error(f"--resume: these options differ from the interrupted sweep's (now, then): {changed}")
+        rows, latency_rows = saved["rows"], saved["latency"]
+        done = {r["model"] for r in rows}
+        print(f"resuming: {len(done)} models kept from {partial}", file=sys.stderr)
+        names = [n for n in names if n not in done]
     tmpdir = tempfile.mkdtemp(prefix="vs_tp_")
     bar = progress(names, len(names), "vs torch-pruning")
     for i, name in enumerate(bar):
