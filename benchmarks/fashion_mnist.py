@@ -1,29 +1,33 @@
-"""Evidence benchmark for HFP training: a small ResNet on Fashion-MNIST, pruned to 40% MACs.
+"""Evidence benchmark for HFP training: a ResNet-style CNN on Fashion-MNIST, pruned to 40% MACs.
 
 Every run gets the same total budget of ``E`` training epochs (``--epochs``) over the 60k
 training images, with one global cosine learning-rate schedule over those ``E`` epochs:
 
 * ``dense``        the unpruned model, trained ``E`` epochs from scratch;
-* ``hfp-macs40``   HFP: the dense run's checkpoint after ``W`` warm epochs (``--warm``) is
-                   ``hfp_fx.prepare``-d with ``{"macs": 0.4}``, trained ``H`` epochs
-                   (``--hfp-epochs``) with ``cross_entropy + hfp_fx.complexity_loss``, then
-                   ``hfp_fx.finalize``-d and the small model is fine-tuned for ``E - W - H`` epochs;
+* ``hfp-macs40``   HFP: the dense run's state after ``W`` warm epochs (``--warm``, default 0: the
+                   initial weights) is ``hfp_fx.prepare``-d with ``{"macs": 0.4}``, trained ``H``
+                   epochs (``--hfp-epochs``) with ``cross_entropy + hfp_fx.complexity_loss``, then
+                   ``hfp_fx.finalize``-d and the small model is trained on for ``E - W - H`` epochs;
 * ``hfp-params40`` the same with ``{"params": 0.4}``;
 * ``l1-macs40``    one-shot ``hfp_fx.prune(..., {"macs": 0.4}, importance="l1")`` of the same
-                   ``W``-epoch dense checkpoint, fine-tuned ``E - W`` epochs;
+                   ``W``-epoch dense state, trained on for ``E - W`` epochs;
 * ``uniform``      the same architecture with every width scaled by one factor so that MACs are
                    at most 40% of dense (picked with ``hfp_fx.count``), trained ``E`` epochs from scratch.
 
-HFP hyper-parameters (chosen from a sweep of about 20 configurations at E=10; see ``--help``): gates in their own SGD
-group (lr 0.01 constant, momentum 0.9, no weight decay), ``threshold=0.3`` (library default 0.05),
-``lambda_init=1e-3``, ``dual_rate=0.02``, ``warmup_steps=0`` (library defaults).  With the library's
-threshold 0.05 the gates of a group shrink together (the consuming conv is followed by batch norm,
-so a uniform shrink costs the task loss nothing) until they sit near 0.05, where the task-loss
-gradient of a gate grows roughly like 1/g and gates were thrown to values from -387 to +179.
+Defaults: widths 24/48/96 with two residual blocks per stage (392k params, 12.4M MACs), ``W=0``,
+``H=1``.  HFP hyper-parameters (from sweeps of about 30 configurations at E=10, see
+docs/benchmarks.md): gates in their own SGD group (lr 0.01 constant, momentum 0.9, no weight
+decay), ``threshold=0.3`` (library default 0.05), ``gate_max=1``, ``cost_power=0.5``,
+``lambda_init=1e-3``, ``dual_rate=0.02``, ``warmup_steps=0``.  With uncapped gates and the
+library's threshold 0.05 the gates of a group shrink together (the consuming conv is followed
+by batch norm, so a uniform shrink costs the task loss nothing) until they sit near 0.05, where
+the task-loss gradient of a gate grows roughly like 1/g.
 
-The pruned runs start from the warm dense checkpoint (not from scratch) because that is how HFP
-and one-shot pruning are used in practice, and it lets both share exactly the same starting
-weights; the ``W`` warm epochs count towards their ``E``-epoch budget.
+Why ``W=0``: with this epoch budget, what the pruned network is trained for after pruning
+matters more than what the dense network learned before it; learning the widths during the
+first epoch and training the small network for the other nine beat pruning after two dense
+epochs (``--warm 2 --hfp-epochs 2``) by 0.4 pt.  ``l1-macs40`` at ``W=0`` is magnitude pruning
+at initialisation.
 
 Data: Debian's ``dataset-fashion-mnist`` package (IDX files, gzipped, under
 ``/usr/share/datasets/fashion-mnist``); the script installs it with apt-get when it is missing.
@@ -34,6 +38,7 @@ Results: a markdown table on stdout, ``benchmarks/results/fashion_mnist.json`` a
                                                   # measured while another job kept the load at ~6)
     python benchmarks/fashion_mnist.py --quick    # smoke check: 6k images, E=3 (3.5 min measured under load)
     python benchmarks/fashion_mnist.py --runs dense hfp-macs40 --epochs 6
+    python benchmarks/fashion_mnist.py --merge a.json b.json   # one table from runs split over processes
 """
 from __future__ import annotations
 
@@ -414,14 +419,14 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=10, help="total epoch budget E of every run")
-    p.add_argument("--warm", type=int, default=2, help="dense warm epochs W before pruning (HFP and L1)")
-    p.add_argument("--hfp-epochs", type=int, default=2, help="epochs H of HFP training with gates")
+    p.add_argument("--warm", type=int, default=0, help="dense warm epochs W before pruning (HFP and L1)")
+    p.add_argument("--hfp-epochs", type=int, default=1, help="epochs H of HFP training with gates")
     p.add_argument("--target", type=float, default=0.4, help="params / MACs fraction of the pruned runs")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
-    p.add_argument("--quick", action="store_true", help="smoke check: 6k training images, E=3, W=1, H=1")
+    p.add_argument("--quick", action="store_true", help="smoke check: 6k training images, E=3, H=1")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0 = all)")
-    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--blocks", type=int, nargs="+", default=[1, 1, 1])
+    p.add_argument("--widths", type=int, nargs="+", default=[24, 48, 96])
+    p.add_argument("--blocks", type=int, nargs="+", default=[2, 2, 2])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -431,9 +436,10 @@ def parse_args(argv=None):
     p.add_argument("--dual-rate", type=float, default=0.02)
     p.add_argument("--threshold", type=float, default=0.3, help="gate threshold (library default 0.05)")
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--gate-max", type=float, default=None, help="cap on gate values (prepare(gate_max=...))")
+    p.add_argument("--gate-max", type=float, default=1.0,
+                   help="cap on gate values (prepare(gate_max=...)); 0 = no cap")
     p.add_argument("--relative-gates", action="store_true", help="prepare(relative_gates=True)")
-    p.add_argument("--cost-power", type=float, default=1.0, help="prepare(cost_power=...)")
+    p.add_argument("--cost-power", type=float, default=0.5, help="prepare(cost_power=...)")
     p.add_argument("--gate-lr", type=float, default=0.01, help="constant SGD lr of the gate parameter group")
     p.add_argument("--gate-momentum", type=float, default=0.9)
     p.add_argument("--gate-lr-schedule", action="store_true", help="gates follow the cosine schedule too")
@@ -443,9 +449,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="training device, e.g. cuda (figures in the docs: cpu)")
     p.add_argument("--data-dir", type=Path, default=DATA_DIR)
     p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only combine the runs of these result files (one configuration split over processes "
+                        "with --runs) into OUT and its plot")
     a = p.parse_args(argv)
     if a.quick:
-        a.epochs, a.warm, a.hfp_epochs = 3, 1, 1
+        a.epochs, a.hfp_epochs = 3, 1
         a.train_subset = a.train_subset or 6000
         a.log_every = min(a.log_every, 5)
     if a.warm < 0 or a.hfp_epochs < 1 or a.warm + a.hfp_epochs > a.epochs:
@@ -457,8 +466,45 @@ def parse_args(argv=None):
     return a
 
 
+# options that may differ between the parts of one merged result (they do not change a run's outcome)
+MERGE_MAY_DIFFER = {"runs", "out", "threads", "log_every", "merge", "device", "data_dir"}
+
+
+def merge_results(paths: Sequence[Path]) -> dict:
+    """One result holding the runs of ``paths``, which must share every outcome-changing option."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        differ = sorted(k for k in set(first["config"]) | set(part["config"])
+                        if k not in MERGE_MAY_DIFFER and first["config"].get(k) != part["config"].get(k))
+        if differ:
+            raise SystemExit(f"error: cannot merge {path} into {paths[0]}: options differ: "
+                             + ", ".join(f"{k}={part['config'].get(k)!r} vs {first['config'].get(k)!r}" for k in differ))
+        twice = sorted(set(first["runs"]) & set(part["runs"]))
+        if twice:
+            raise SystemExit(f"error: runs {twice} appear in more than one file")
+    merged = copy.deepcopy(first)
+    merged["config"]["runs"] = [r for part in parts for r in part["config"]["runs"]]
+    merged["config"]["merged_from"] = [str(p) for p in paths]
+    for part in parts[1:]:
+        merged["runs"].update(part["runs"])
+        merged.setdefault("warm", part.get("warm"))
+    order = {name: i for i, name in enumerate(RUNS)}
+    merged["runs"] = dict(sorted(merged["runs"].items(), key=lambda kv: order.get(kv[0], len(order))))
+    merged["seconds_total"] = round(sum(part["seconds_total"] for part in parts), 1)
+    return merged
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.merge:
+        result = merge_results(a.merge)
+        print(markdown_table(result))
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, a.out.with_suffix(".png"))
+        print(f"\nwrote {a.out} and {a.out.with_suffix('.png')}")
+        return result
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
     data_dir = ensure_dataset(a.data_dir)
@@ -523,7 +569,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
                                   lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
-                                  gate_max=a.gate_max, cost_power=a.cost_power,
+                                  gate_max=a.gate_max or None, cost_power=a.cost_power,
                                   relative_gates=a.relative_gates).to(trainer.device)
         opt = trainer.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}
