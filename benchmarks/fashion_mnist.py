@@ -393,7 +393,7 @@ def plot(result: dict, path: Path) -> None:
     for i, (name, vals, color) in enumerate(series):
         ax2.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name, color=color)
     ax2.set_xticks(x)
-    ax2.set_xticklabels(labels, fontsize=7)
+    ax2.set_xticklabels(labels, fontsize=7, rotation=35, ha="right")
     ax2.set_ylabel("kept channels")
     ax2.set_title("kept width per prune group")
     ax2.legend(fontsize=8)

@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx
 from torch.fx.passes.shape_prop import _extract_tensor_metadata  # the record ShapeProp stores
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from hfp_fx.passes.registry import counts_no_macs, is_rule_leaf
 
@@ -290,9 +290,12 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
         try:
             shortcut = _same_meta_result(self, n, module)
+            layer = _layer_meta_result(self, n, module) if shortcut is None and counted else None
             if shortcut is not None:
                 result = shortcut
                 n.meta["macs"] = 0
+            elif layer is not None:
+                result, n.meta["macs"] = layer
             elif counted:
                 with FlopCounterMode(display=False) as counter:
                     result = super().run_node(n)
@@ -355,6 +358,55 @@ def _same_meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module) ->
     if not isinstance(x, torch.Tensor) or x.device.type != "meta" or not _fits(module, x):
         return None  # run it: a real call raises the layer's own error for a mismatched input
     return torch.empty_like(x)
+
+
+_CONV_DIMS = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}
+
+
+def _layer_meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module) -> Optional[Tuple[torch.Tensor, int]]:
+    """(output, MACs) of a plain ``ConvNd``/``Linear`` module on a meta tensor, without running it.
+
+    Meta convolutions go through Python shape checks that cost most of the shape pass on conv
+    nets; the output shape is the documented formula and the MACs come from
+    ``torch.utils.flop_counter``'s own counting function, so both equal what running the layer
+    under ``FlopCounterMode`` records (``tests/test_property.py`` checks this).  Anything unusual
+    (a subclass, hooks, a non-contiguous or mismatched input) returns None: the layer is run.
+    """
+    if module is None or (module._forward_hooks or module._forward_pre_hooks) or len(n.args) != 1 or n.kwargs:
+        return None
+    x = interp.env.get(n.args[0]) if isinstance(n.args[0], torch.fx.Node) else None
+    weight = getattr(module, "weight", None)
+    if (not isinstance(x, torch.Tensor) or x.device.type != "meta" or not x.is_contiguous()
+            or not isinstance(weight, torch.Tensor) or weight.device.type != "meta" or weight.dtype != x.dtype):
+        return None
+    requires_grad = x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
+    if type(module) is torch.nn.Linear:
+        if x.dim() < 2 or x.shape[-1] != module.in_features or weight.shape != (module.out_features, x.shape[-1]):
+            return None
+        out = torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device="meta")
+        rows = x.numel() // module.in_features
+        macs = rows * module.in_features * module.out_features  # an (rows x in) @ (in x out) mm
+        return out.requires_grad_(requires_grad), macs
+    nd = _CONV_DIMS.get(type(module))
+    if nd is None or module.padding_mode != "zeros" or x.dim() != nd + 2 or x.shape[1] != module.in_channels:
+        return None
+    if weight.shape != (module.out_channels, module.in_channels // module.groups, *module.kernel_size):
+        return None
+    spatial = []
+    for i in range(nd):
+        size, kernel, dilation = x.shape[2 + i], module.kernel_size[i], module.dilation[i]
+        if module.padding == "same":
+            out_size = size
+        else:
+            pad = 0 if module.padding == "valid" else module.padding[i]
+            out_size = (size + 2 * pad - dilation * (kernel - 1) - 1) // module.stride[i] + 1
+        if out_size < 1:
+            return None  # the layer raises its own error
+        spatial.append(out_size)
+    out_shape = [x.shape[0], module.out_channels, *spatial]
+    out = torch.empty(out_shape, dtype=x.dtype, device="meta")
+    macs = conv_flop_count(list(x.shape), list(weight.shape), out_shape) // 2
+    return out.requires_grad_(requires_grad), macs
 
 
 def _fits(module, x: torch.Tensor) -> bool:

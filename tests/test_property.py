@@ -382,6 +382,54 @@ def test_runtime_view_shuffle_on_the_groups_dim(mult):
         assert_close(hfp_fx.mask(dg, keep=keep)(x), hfp_fx.shrink(dg, keep=keep)(x))
 
 
+# -------------------------------------------------------------------------------------------
+# the shape pass computes ConvNd/Linear outputs and MACs without running them: same as running
+# -------------------------------------------------------------------------------------------
+@st.composite
+def plain_layers(draw):
+    """A Conv1d/2d/3d or Linear with drawn hyper-parameters, and an input shape it accepts."""
+    if draw(st.booleans()):
+        layer = nn.Linear(draw(st.integers(1, 9)), draw(st.integers(1, 9)), bias=draw(st.booleans()))
+        lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
+        return layer, (*lead, layer.in_features)
+    nd = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    in_ch, out_ch = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    padding = draw(st.one_of(st.just("same"), st.just("valid"),
+                             st.tuples(*[st.integers(0, 2)] * nd)))
+    stride = (1,) * nd if padding == "same" else tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    layer = getattr(nn, f"Conv{nd}d")(in_ch, out_ch, kernel, stride=stride, padding=padding,
+                                      dilation=dilation, groups=groups, bias=draw(st.booleans()))
+    spatial = tuple(draw(st.integers(1, 9)) for _ in range(nd))
+    return layer, (draw(st.integers(1, 3)), in_ch, *spatial)
+
+
+@settings(deadline=None, max_examples=150)
+@given(case=plain_layers())
+def test_layer_shortcut_equals_running_the_layer(case):
+    from hfp_fx.tracing import _layer_meta_result, meta_copy
+
+    layer, shape = case
+    twin = meta_copy(layer)
+    gm = torch.fx.symbolic_trace(nn.Sequential(twin))
+    node = next(n for n in gm.graph.nodes if n.op == "call_module")
+    interp = torch.fx.Interpreter(gm)
+    x = torch.empty(shape, device="meta")
+    interp.env[node.args[0]] = x
+    try:
+        with FlopCounterMode(display=False) as counter:
+            expected = twin(x)
+    except RuntimeError:  # the input is too small for this kernel: the layer must be run
+        assert _layer_meta_result(interp, node, twin) is None
+        return
+    out, macs = _layer_meta_result(interp, node, twin)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert out.requires_grad == expected.requires_grad
+    assert macs == counter.get_total_flops() // 2
+
+
 #: name -> (check function, its strategies as keyword arguments); used by benchmarks/fuzz.py
 PROPERTIES = {
     "random_network_guarantees": (check_guarantees, GUARANTEES),
