@@ -442,13 +442,20 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     Running it costs no FLOPs and no memory, and whatever its ``forward`` does to ``self``
     (caches, counters, lazily built tensors) lands on the copy, never on the user's model.
     """
-    memo = {}
+    memo: Dict[int, Any] = {}
     for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in memo:
-            fake = torch.empty_like(t, device="meta")
-            memo[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(
-                t, torch.nn.Parameter) else fake
+        _tensor_copy(t, memo, "meta")
     return copy.deepcopy(module, memo)
+
+
+def _tensor_copy(t: torch.Tensor, memo: Dict[int, Any], device: Optional[str]) -> torch.Tensor:
+    """``t`` as an empty tensor on ``device`` (``None``: a detached clone), a ``Parameter`` again if
+    it was one; made once per tensor and kept in ``memo`` (a ``copy.deepcopy`` memo)."""
+    if id(t) not in memo:
+        c = t.detach().clone() if device is None else torch.empty_like(t, device=device)
+        memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(
+            t, torch.nn.Parameter) else c
+    return memo[id(t)]
 
 
 def _graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Module:
@@ -457,18 +464,14 @@ def _graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Mod
     Much cheaper than ``deepcopy(gm)`` (no recompile, intermediate containers are empty modules).
     Modules with a coupling rule are standard torch layers: a shallow copy with its own
     parameter/buffer dicts isolates them.  Any other module (opaque user code that may write to
-    ``self``) is deep-copied.  ``device="meta"`` turns every tensor into a meta tensor.
+    ``self``) is deep-copied.  ``device="meta"`` turns every tensor into a meta tensor; with
+    ``device=None`` every tensor is cloned, since the graph may write to one it reads with
+    ``get_attr`` (``self.w.add_(1)`` in a root ``forward``).
     """
     memo: Dict[int, Any] = {}
 
     def tensor(t):
-        if device is None or not isinstance(t, torch.Tensor):
-            return t
-        if id(t) not in memo:
-            fake = torch.empty_like(t, device=device)
-            memo[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(
-                t, torch.nn.Parameter) else fake
-        return memo[id(t)]
+        return _tensor_copy(t, memo, device) if isinstance(t, torch.Tensor) else t
 
     def module_copy(m: torch.nn.Module) -> torch.nn.Module:
         if id(m) in memo:
@@ -482,7 +485,7 @@ def _graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Mod
         else:
             for t in list(m.parameters()) + list(m.buffers()):
                 tensor(t)
-            c = copy.deepcopy(m, memo) if device is not None else copy.deepcopy(m)
+            c = copy.deepcopy(m, memo)
         memo[id(m)] = c
         return c
 

@@ -104,6 +104,30 @@ def test_opaque_module_writing_to_itself_runs_on_a_copy():
     assert_unchanged(model, snap)
 
 
+class _WritesToItsParameter(nn.Module):
+    """A root whose traced graph writes to a parameter it reads (``get_attr`` + ``add_``), with an
+    opaque submodule that sends the shape pass to its real-run fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.opaque = _WritesToItself()
+        self.shift = nn.Parameter(torch.zeros(8, 1, 1))
+        self.head = nn.Linear(8 * 64, 4)
+
+    def forward(self, x):
+        self.shift.add_(1)
+        return self.head(self.opaque(self.stem(x) + self.shift).flatten(1))
+
+
+def test_graph_writing_to_a_parameter_runs_on_a_copy():
+    model = _WritesToItsParameter()
+    snap = state_snapshot(model)
+    with torch.no_grad():  # lets the in-place write on a leaf through in the fallback run
+        hfp_fx.dependency_graph(model, X)
+    assert_unchanged(model, snap)
+
+
 def test_finalize_twice_and_prepared_untouched():
     torch.manual_seed(0)
     prepared = hfp_fx.prepare(Net(), X, {"params": 0.6})
