@@ -28,9 +28,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import _extract_tensor_metadata  # the record ShapeProp stores
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
+from hfp_fx.meta_shortcuts import meta_result, tensor_metadata
 from hfp_fx.passes.registry import counts_no_macs, is_rule_leaf
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class _RecordingTracer(torch.fx.Tracer):
 
     def __init__(self, opaque_names: Sequence[str] = ()):
         super().__init__()
+        # Buffers become ``get_attr`` nodes as parameters do, so that an in-place write to one in
+        # a traced ``forward`` (``self.steps.add_(1)``) is recorded in the graph instead of being
+        # run on the user's buffer while tracing and then lost.
+        self.proxy_buffer_attributes = True
         self.opaque_names = set(opaque_names)
         self._stack: list = []
         self.failed_in: Optional[str] = None
@@ -289,13 +293,10 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
         try:
-            shortcut = _same_meta_result(self, n, module)
-            layer = _layer_meta_result(self, n, module) if shortcut is None and counted else None
+            shortcut = meta_result(self, n, module)
             if shortcut is not None:
-                result = shortcut
-                n.meta["macs"] = 0
-            elif layer is not None:
-                result, n.meta["macs"] = layer
+                result, macs = shortcut
+                n.meta["macs"] = macs if counted else 0
             elif counted:
                 with FlopCounterMode(display=False) as counter:
                     result = super().run_node(n)
@@ -313,7 +314,7 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                return tensor_metadata(obj)
             return obj
 
         meta = torch.fx.node.map_aggregate(result, tensor_meta)
@@ -321,103 +322,6 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
             n.meta["tensor_meta"] = meta
         n.meta["type"] = type(result)
         return result
-
-
-#: Modules and functions whose output is a tensor of their first argument's shape and dtype, with
-#: no multiply-accumulates.  On meta tensors their result is made directly: running them costs
-#: far more (meta batch norm goes through Python decompositions) and says nothing new.
-_SAME_META_MODULES = frozenset([
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-    torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish,
-    torch.nn.Hardsigmoid, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish,
-    torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout2d,
-])
-_SAME_META_FUNCTIONS = frozenset([
-    torch.nn.functional.batch_norm, torch.nn.functional.layer_norm, torch.nn.functional.group_norm,
-    torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.silu, torch.nn.functional.gelu,
-    torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid, torch.nn.functional.dropout,
-    torch.relu, torch.sigmoid, torch.tanh,
-])
-
-
-def _same_meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module) -> Optional[torch.Tensor]:
-    """``empty_like`` of the first argument for a shape-keeping op on a meta tensor, else None."""
-    if n.op == "call_module":
-        known = type(module) in _SAME_META_MODULES
-    elif n.op == "call_function":
-        try:
-            known = n.target in _SAME_META_FUNCTIONS
-        except TypeError:  # unhashable target
-            known = False
-    else:
-        known = False
-    if not known or not n.args or not isinstance(n.args[0], torch.fx.Node):
-        return None
-    x = interp.env.get(n.args[0])
-    if not isinstance(x, torch.Tensor) or x.device.type != "meta" or not _fits(module, x):
-        return None  # run it: a real call raises the layer's own error for a mismatched input
-    return torch.empty_like(x)
-
-
-_CONV_DIMS = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}
-
-
-def _layer_meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module) -> Optional[Tuple[torch.Tensor, int]]:
-    """(output, MACs) of a plain ``ConvNd``/``Linear`` module on a meta tensor, without running it.
-
-    Meta convolutions go through Python shape checks that cost most of the shape pass on conv
-    nets; the output shape is the documented formula and the MACs come from
-    ``torch.utils.flop_counter``'s own counting function, so both equal what running the layer
-    under ``FlopCounterMode`` records (``tests/test_property.py`` checks this).  Anything unusual
-    (a subclass, hooks, a non-contiguous or mismatched input) returns None: the layer is run.
-    """
-    if module is None or (module._forward_hooks or module._forward_pre_hooks) or len(n.args) != 1 or n.kwargs:
-        return None
-    x = interp.env.get(n.args[0]) if isinstance(n.args[0], torch.fx.Node) else None
-    weight = getattr(module, "weight", None)
-    if (not isinstance(x, torch.Tensor) or x.device.type != "meta" or not x.is_contiguous()
-            or not isinstance(weight, torch.Tensor) or weight.device.type != "meta" or weight.dtype != x.dtype):
-        return None
-    requires_grad = x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False))
-    if type(module) is torch.nn.Linear:
-        if x.dim() < 2 or x.shape[-1] != module.in_features or weight.shape != (module.out_features, x.shape[-1]):
-            return None
-        out = torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device="meta")
-        rows = x.numel() // module.in_features
-        macs = rows * module.in_features * module.out_features  # an (rows x in) @ (in x out) mm
-        return out.requires_grad_(requires_grad), macs
-    nd = _CONV_DIMS.get(type(module))
-    if nd is None or module.padding_mode != "zeros" or x.dim() != nd + 2 or x.shape[1] != module.in_channels:
-        return None
-    if weight.shape != (module.out_channels, module.in_channels // module.groups, *module.kernel_size):
-        return None
-    spatial = []
-    for i in range(nd):
-        size, kernel, dilation = x.shape[2 + i], module.kernel_size[i], module.dilation[i]
-        if module.padding == "same":
-            out_size = size
-        else:
-            pad = 0 if module.padding == "valid" else module.padding[i]
-            out_size = (size + 2 * pad - dilation * (kernel - 1) - 1) // module.stride[i] + 1
-        if out_size < 1:
-            return None  # the layer raises its own error
-        spatial.append(out_size)
-    out_shape = [x.shape[0], module.out_channels, *spatial]
-    out = torch.empty(out_shape, dtype=x.dtype, device="meta")
-    macs = conv_flop_count(list(x.shape), list(weight.shape), out_shape) // 2
-    return out.requires_grad_(requires_grad), macs
-
-
-def _fits(module, x: torch.Tensor) -> bool:
-    """Whether a norm layer accepts ``x`` (its parameters match the input's channels)."""
-    if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)):
-        features = getattr(module, "num_features", getattr(module, "num_channels", None))
-        return x.dim() >= 2 and x.shape[1] == features
-    if isinstance(module, torch.nn.LayerNorm):
-        k = len(module.normalized_shape)
-        return tuple(x.shape[-k:]) == tuple(module.normalized_shape)
-    return True
 
 
 def _op_name(n: torch.fx.Node) -> str:

@@ -27,6 +27,7 @@ Each property is a plain ``check_*`` function plus its strategies (``PROPERTIES`
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -409,7 +410,8 @@ def plain_layers(draw):
 @settings(deadline=None, max_examples=150)
 @given(case=plain_layers())
 def test_layer_shortcut_equals_running_the_layer(case):
-    from hfp_fx.tracing import _layer_meta_result, meta_copy
+    from hfp_fx.meta_shortcuts import meta_result
+    from hfp_fx.tracing import meta_copy
 
     layer, shape = case
     twin = meta_copy(layer)
@@ -422,11 +424,121 @@ def test_layer_shortcut_equals_running_the_layer(case):
         with FlopCounterMode(display=False) as counter:
             expected = twin(x)
     except RuntimeError:  # the input is too small for this kernel: the layer must be run
-        assert _layer_meta_result(interp, node, twin) is None
+        assert meta_result(interp, node, twin) is None
         return
-    out, macs = _layer_meta_result(interp, node, twin)
+    out, macs = meta_result(interp, node, twin)
     assert out.shape == expected.shape and out.dtype == expected.dtype
-    assert out.requires_grad == expected.requires_grad
+    assert macs == counter.get_total_flops() // 2
+
+
+_SHAPE_KEEPING = [("call_module", nn.ReLU(), {}), ("call_module", nn.ReLU(inplace=True), {}),
+                  ("call_module", nn.GELU(), {}), ("call_module", nn.SiLU(inplace=True), {}),
+                  ("call_module", nn.Identity(), {}), ("call_module", nn.Dropout(), {}),
+                  ("call_function", F.relu, {}), ("call_function", torch.sigmoid, {}),
+                  ("call_function", F.relu, {"inplace": True}), ("call_function", F.gelu, {})]
+_BINARY = [("call_function", f) for f in (operator.add, operator.mul, operator.sub, operator.truediv, torch.add,
+                                          torch.mul)] + [("call_method", m) for m in ("add", "mul", "__radd__")]
+
+
+@st.composite
+def meta_ops(draw):
+    """``(op kind, target, args, kwargs)``: an op the shape pass may build without running it."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.float64]))
+    grad = draw(st.booleans())
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
+
+    layout = draw(st.sampled_from(["contiguous", "permuted", "strided"]))
+
+    def tensor(s, dt=dtype):
+        t = torch.empty(s, dtype=dt, device="meta")
+        if layout == "permuted" and len(s) >= 2:  # dense, not contiguous (channels-last is one such)
+            t = t.transpose(0, -1).contiguous().transpose(0, -1)
+        elif layout == "strided" and draw(st.booleans()):  # overlapping-free but not dense
+            t = torch.empty((*s[:-1], 2 * s[-1]), dtype=dt, device="meta")[..., ::2]
+        if grad:
+            t = t.requires_grad_() * 1  # a non-leaf, as inside a real network
+        return t
+
+    kind = draw(st.sampled_from(["same", "norm", "binary", "cat", "pool"]))
+    if kind == "norm":
+        x = tensor((*shape, 3) if len(shape) < 2 else shape)
+        norm = draw(st.sampled_from(["layer", "batch", "group"]))
+        if norm == "layer":
+            module = nn.LayerNorm(x.shape[-1], device="meta", dtype=dtype)
+        elif norm == "group" or x.dim() > 5:
+            module = nn.GroupNorm(1, x.shape[1], device="meta", dtype=dtype)
+        else:
+            bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[x.dim()]
+            module = bn(x.shape[1], device="meta", dtype=dtype).eval()
+        return "call_module", module, (x,), {}
+    if kind == "same":
+        op_kind, target, kwargs = draw(st.sampled_from(_SHAPE_KEEPING))
+        return op_kind, target, (tensor(shape),), kwargs
+    if kind == "binary":
+        op_kind, target = draw(st.sampled_from(_BINARY))
+        start = draw(st.integers(0, len(shape) - 1))
+        other_shape = tuple(draw(st.sampled_from([1, s])) for s in shape)[start:]
+        other = draw(st.sampled_from(["broadcast", "float32", "float", "int"]))
+        other = {"broadcast": lambda: tensor(other_shape), "float32": lambda: tensor(shape, torch.float32),
+                 "float": lambda: draw(st.floats(-2, 2, allow_nan=False)), "int": lambda: draw(st.integers(-3, 3))}[other]()
+        x = tensor(shape)
+        return op_kind, target, (x, other) if op_kind == "call_method" or draw(st.booleans()) else (other, x), {}
+    if kind == "cat":
+        dim = draw(st.integers(-len(shape), len(shape) - 1))
+        parts = []
+        for _ in range(draw(st.integers(1, 3))):
+            s = list(shape)
+            s[dim] = draw(st.integers(1, 3))
+            parts.append(tensor(tuple(s)))
+        return "call_function", torch.cat, (tuple(parts), dim), {}
+    size = draw(st.one_of(st.integers(1, 3), st.tuples(st.one_of(st.none(), st.integers(1, 3)),
+                                                       st.one_of(st.none(), st.integers(1, 3)))))
+    x = tensor((*shape[:2], 5, 6))
+    if draw(st.booleans()):
+        return "call_module", nn.AdaptiveAvgPool2d(size), (x,), {}
+    return "call_function", F.adaptive_avg_pool2d, (x, size), {}
+
+
+@settings(deadline=None, max_examples=300)
+@given(case=meta_ops())
+def test_meta_shortcuts_equal_running_the_op(case):
+    """Shape, dtype, contiguity, strides of non-unit dims and MACs match a real run."""
+    from hfp_fx.meta_shortcuts import meta_result
+
+    op_kind, target, args, kwargs = case
+    graph, root, env = torch.fx.Graph(), nn.Module(), {}
+
+    def placeholder(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        node = graph.placeholder(f"x{len(env)}")
+        env[node] = v
+        return node
+
+    graph_args = torch.fx.node.map_aggregate(args, placeholder)
+    if op_kind == "call_module":
+        root.op = target
+        node = graph.call_module("op", graph_args, kwargs)
+    else:
+        node = getattr(graph, op_kind)(target, graph_args, kwargs)
+    graph.output(node)
+    interp = torch.fx.Interpreter(torch.fx.GraphModule(root, graph))
+    interp.env.update(env)
+    module = root.op if op_kind == "call_module" else None
+    try:
+        with FlopCounterMode(display=False) as counter:
+            expected = interp.run_node(node)
+    except (RuntimeError, ValueError):  # the op refuses these inputs: no shortcut may accept them either
+        assert meta_result(interp, node, module) is None
+        return
+    found = meta_result(interp, node, module)
+    if found is None:
+        return  # running the op is always allowed
+    out, macs = found
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert out.is_contiguous() == expected.is_contiguous()
+    assert [st_ for st_, n in zip(out.stride(), out.shape) if n > 1] == \
+        [st_ for st_, n in zip(expected.stride(), expected.shape) if n > 1]
     assert macs == counter.get_total_flops() // 2
 
 

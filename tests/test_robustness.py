@@ -128,6 +128,47 @@ def test_graph_writing_to_a_parameter_runs_on_a_copy():
     assert_unchanged(model, snap)
 
 
+class _CountsItsCalls(nn.Module):
+    """A traced ``forward`` that writes to a buffer it owns and whose output depends on it."""
+
+    def __init__(self, opaque: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = _WritesToItself() if opaque else nn.Conv2d(8, 8, 1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.head(torch.relu(self.mid(self.body(self.stem(x))))) * self.calls
+
+
+@pytest.mark.parametrize("opaque", [False, True])
+def test_buffer_written_by_forward_is_recorded_not_run_on_the_user_model(opaque):
+    torch.manual_seed(0)
+    model = _CountsItsCalls(opaque)
+    snap = state_snapshot(model)
+    prepared = hfp_fx.prepare(model, X, {"macs": 0.9})
+    assert_unchanged(model, snap)  # tracing (and its retry with an opaque submodule) left it alone
+    assert float(prepared.calls) == 0
+    with torch.no_grad():
+        first, second = prepared(X), prepared(X)
+    assert float(prepared.calls) == 2  # the write is part of the graph
+    assert_close(second, 2 * first)
+    small = hfp_fx.finalize(prepared)
+    assert float(small.calls) == 2  # the state travels with the pruned model
+    assert "add_" in small.code
+    hfp = prepared.hfp
+    with torch.no_grad():  # reference: the prepared model with the removed channels' gates at zero
+        for gid, kept in small.meta["hfp"]["keep"].items():
+            off = torch.ones_like(hfp.gate_of(gid), dtype=torch.bool)
+            off[kept] = False
+            hfp.gate_of(gid)[off] = 0.0
+        assert_close(small(X), prepared(X))
+    assert float(small.calls) == float(prepared.calls) == 3
+
+
 def test_finalize_twice_and_prepared_untouched():
     torch.manual_seed(0)
     prepared = hfp_fx.prepare(Net(), X, {"params": 0.6})
