@@ -44,3 +44,18 @@ def test_detection_backbone_fpn():
     model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
     dg, _ = check_model(model.backbone, torch.randn(1, 3, 64, 64), train_mode=False)
     assert dg.prunable_groups
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "tiny_convnext", "tiny_swin"])
+def test_shape_pass_stays_on_meta_tensors(name, caplog):
+    """Standard models never need the real-run fallback of the shape pass (it costs compute and a copy
+    of the weights); a shortcut producing a tensor the next op rejects would send them there."""
+    import hfp_fx
+    from hfp_fx.tracing import propagate_shapes, trace
+
+    x = torch.randn(1, 3, 32, 32) if name.startswith("tiny") else torch.randn(1, 3, 64, 64)
+    traced = trace(SMALL_ZOO[name]().eval(), (x,))
+    with caplog.at_level("DEBUG", logger="hfp_fx.tracing"):
+        propagate_shapes(traced.graph_module, (x,))
+    assert not [r for r in caplog.records if "real forward pass" in r.getMessage()]
+    assert hfp_fx.count(traced.graph_module, x).macs == sum(n.meta["macs"] for n in traced.graph_module.graph.nodes)
