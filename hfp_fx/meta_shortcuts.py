@@ -136,7 +136,7 @@ def _fits(module, x: torch.Tensor) -> bool:
 
 def _same_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
     if n.op == "call_module":
-        known = type(module) in _SAME_SHAPE_MODULES and not (module._forward_hooks or module._forward_pre_hooks)
+        known = type(module) in _SAME_SHAPE_MODULES
     else:
         known = n.op == "call_function" and _hashable_in(n.target, _SAME_SHAPE_FUNCTIONS)
     if not known or not args or not _meta_float(args[0]) or (module is not None and not _fits(module, args[0])):
@@ -234,8 +234,7 @@ def _cat(n: torch.fx.Node, module, args, kwargs) -> Result:
 # -- adaptive average pooling -----------------------------------------------------------------
 def _adaptive_avg_pool(n: torch.fx.Node, module, args, kwargs) -> Result:
     if n.op == "call_module":
-        if type(module) is not torch.nn.AdaptiveAvgPool2d or len(args) != 1 or kwargs or \
-                module._forward_hooks or module._forward_pre_hooks:
+        if type(module) is not torch.nn.AdaptiveAvgPool2d or len(args) != 1 or kwargs:
             return None
         size = module.output_size
     elif n.op == "call_function" and _hashable_in(n.target, {F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d}):
@@ -264,8 +263,7 @@ def _layer(n: torch.fx.Node, module, args, kwargs) -> Result:
     Meta convolutions go through Python shape checks; the output shape is the documented
     formula and the MACs come from ``torch.utils.flop_counter``'s own counting function.
     """
-    if module is None or type(module) not in (*_CONV_DIMS, torch.nn.Linear) or \
-            module._forward_hooks or module._forward_pre_hooks or len(args) != 1 or kwargs:
+    if module is None or type(module) not in (*_CONV_DIMS, torch.nn.Linear) or len(args) != 1 or kwargs:
         return None
     x, weight = args[0], getattr(module, "weight", None)
     if (not _plain(x) or not isinstance(weight, torch.Tensor) or weight.device.type != "meta"
@@ -317,6 +315,8 @@ def meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module: Optional
     """
     if n.op not in ("call_module", "call_function", "call_method"):
         return None
+    if module is not None and (module._forward_hooks or module._forward_pre_hooks):
+        return None  # a hook may change the output or count MACs of its own: run the module
     try:
         args, kwargs = interp.fetch_args_kwargs_from_env(n)
     except Exception:  # noqa: BLE001 - a missing input: let the normal path report it
