@@ -30,6 +30,7 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from hfp_fx.meta_memo import MetaMemo, call_key
 from hfp_fx.meta_shortcuts import meta_result, tensor_metadata
 from hfp_fx.passes.registry import counts_no_macs, is_rule_leaf
 
@@ -66,6 +67,30 @@ class _RecordingTracer(torch.fx.Tracer):
         self.opaque_names = set(opaque_names)
         self._stack: list = []
         self.failed_in: Optional[str] = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
+        # torch.fx finds a tensor attribute's qualified name by scanning every named parameter
+        # (then buffer) of the root on each access: quadratic on models whose traced forward reads
+        # parameters itself (swin's ``logit_scale`` and position tables).  One id -> name map per
+        # root instead, in the same order, so the same (first) name wins for shared tensors.
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        name = self._tensor_names().get(id(attr_val))
+        if name is None:  # not registered on the root: torch.fx decides (a plain tensor attribute)
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def _tensor_names(self) -> Dict[int, str]:
+        if getattr(self, "_names_of", (None,))[0] is not self.root:
+            names: Dict[int, str] = {}
+            for n, p in self.root.named_parameters():
+                names.setdefault(id(p), n)
+            for n, b in self.root.named_buffers():
+                names.setdefault(id(b), n)
+            self._names_of = (self.root, names)
+        return self._names_of[1]
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque_names or is_rule_leaf(m):
@@ -285,17 +310,28 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
     :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, memoize: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.extra_traceback = False  # our message already names the node; FX would append the graph
+        self.memo = MetaMemo()
+        self.memoize = memoize
+
+    def _memo_key(self, n: torch.fx.Node, module: Optional[torch.nn.Module], counted: bool):
+        if not self.memoize or n.op not in ("call_module", "call_function", "call_method"):
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        key = call_key(n.op, module if module is not None else n.target, args, kwargs)
+        return None if key is None else (counted, key)
 
     def run_node(self, n):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
         try:
             shortcut = meta_result(self, n, module)
-            if shortcut is not None:
-                result, macs = shortcut
+            key = None if shortcut is not None else self._memo_key(n, module, counted)
+            reused = self.memo.get(key) if key is not None else None
+            if shortcut is not None or reused is not None:
+                result, macs = shortcut if shortcut is not None else reused
                 n.meta["macs"] = macs if counted else 0
             elif counted:
                 with FlopCounterMode(display=False) as counter:
@@ -304,6 +340,8 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
             else:
                 result = super().run_node(n)
                 n.meta["macs"] = 0
+            if key is not None and reused is None:
+                self.memo.put(key, result, n.meta["macs"])
         except Exception as exc:  # noqa: BLE001 - re-raised with the node that failed
             what = f"module {n.target} ({type(module).__name__})" if module is not None else f"{n.op} {_op_name(n)}"
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]

@@ -542,6 +542,87 @@ def test_meta_shortcuts_equal_running_the_op(case):
     assert macs == counter.get_total_flops() // 2
 
 
+@st.composite
+def repeated_calls(draw):
+    """``(op kind, target, args, kwargs)`` from a small space, so that two draws often coincide."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float16]))
+    grad = draw(st.booleans())
+
+    def tensor(*shape):
+        t = torch.empty(shape, dtype=dtype, device="meta")
+        if draw(st.booleans()) and len(shape) >= 2:
+            t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return t.requires_grad_() * 1 if grad else t
+
+    kind = draw(st.sampled_from(["mha", "linear", "matmul", "reshape", "conv", "sdpa", "pointwise"]))
+    if kind == "pointwise":  # keeps the input's strides
+        return "call_function", torch.exp, (tensor(2, 3),), {}
+    if kind == "mha":
+        embed, heads, batch_first = draw(st.sampled_from([4, 8])), draw(st.sampled_from([1, 2])), draw(st.booleans())
+        mha = nn.MultiheadAttention(embed, heads, bias=draw(st.booleans()), batch_first=batch_first,
+                                    device="meta", dtype=dtype)
+        x = tensor(draw(st.sampled_from([1, 3])), 2, embed)
+        kwargs = {"need_weights": draw(st.booleans()), "average_attn_weights": draw(st.booleans())}
+        return "call_module", mha, (x, x, x), kwargs
+    if kind == "linear":
+        x = tensor(draw(st.sampled_from([1, 2])), draw(st.sampled_from([3, 4])))
+        return "call_function", F.linear, (x, tensor(draw(st.sampled_from([2, 5])), x.shape[-1])), {}
+    if kind == "matmul":
+        a = tensor(draw(st.sampled_from([1, 2])), 3, draw(st.sampled_from([2, 4])))
+        return "call_function", torch.matmul, (a, tensor(a.shape[-1], draw(st.sampled_from([1, 3])))), {}
+    if kind == "reshape":
+        x = tensor(2, 3, 4)
+        return "call_method", "reshape", (x, draw(st.sampled_from([(6, 4), (4, 6), (-1,), (2, 12)]))), {}
+    if kind == "conv":
+        conv = nn.Conv2d(4, draw(st.sampled_from([2, 4])), draw(st.sampled_from([1, 3])),
+                         stride=draw(st.sampled_from([1, 2])), groups=draw(st.sampled_from([1, 2])),
+                         device="meta", dtype=dtype)
+        x = tensor(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+        return "call_module", conv.train(draw(st.booleans())), (x,), {}
+    q = tensor(1, 2, draw(st.sampled_from([3, 4])), 4)
+    return "call_function", F.scaled_dot_product_attention, (q, q, tensor(1, 2, q.shape[2], 2)), \
+        {"is_causal": draw(st.booleans())}
+
+
+def _run_counting(call):
+    op_kind, target, args, kwargs = call
+    with FlopCounterMode(display=False) as counter:
+        if op_kind == "call_module":
+            out = target(*args, **kwargs)
+        elif op_kind == "call_method":
+            out = getattr(args[0], target)(*args[1:], **kwargs)
+        else:
+            out = target(*args, **kwargs)
+    return out, counter.get_total_flops() // 2
+
+
+def _layouts(out):
+    return torch.fx.node.map_aggregate(
+        out, lambda t: (tuple(t.shape), t.stride(), t.dtype) if isinstance(t, torch.Tensor) else t)
+
+
+@settings(deadline=None, max_examples=300)
+@given(first=repeated_calls(), second=repeated_calls())
+def test_meta_memo_reuses_only_equal_calls(first, second):
+    """Two calls with the same key give the same output layouts and MACs, and the memo hands
+    back exactly those for the second call."""
+    from hfp_fx.meta_memo import MetaMemo, call_key
+
+    key_first = call_key(first[0], first[1], first[2], first[3])
+    key_second = call_key(second[0], second[1], second[2], second[3])
+    assert key_first is not None
+    if key_first != key_second:
+        return
+    out_first, macs_first = _run_counting(first)
+    out_second, macs_second = _run_counting(second)
+    assert _layouts(out_first) == _layouts(out_second) and macs_first == macs_second
+    memo = MetaMemo()
+    memo.put(key_first, out_first, macs_first)
+    reused, macs = memo.get(key_second)
+    assert _layouts(reused) == _layouts(out_second) and macs == macs_second
+    assert type(reused) is type(out_second)
+
+
 #: name -> (check function, its strategies as keyword arguments); used by benchmarks/fuzz.py
 PROPERTIES = {
     "random_network_guarantees": (check_guarantees, GUARANTEES),

@@ -59,3 +59,34 @@ def test_shape_pass_stays_on_meta_tensors(name, caplog):
         propagate_shapes(traced.graph_module, (x,))
     assert not [r for r in caplog.records if "real forward pass" in r.getMessage()]
     assert hfp_fx.count(traced.graph_module, x).macs == sum(n.meta["macs"] for n in traced.graph_module.graph.nodes)
+
+
+def _layout(tensor_meta):
+    """``tensor_meta`` without ``requires_grad`` (reused results carry no autograd state)."""
+    if isinstance(tensor_meta, (tuple, list)) and not hasattr(tensor_meta, "stride"):
+        return [_layout(t) for t in tensor_meta]
+    if tensor_meta is None:
+        return None
+    return tensor_meta.shape, tensor_meta.dtype, tensor_meta.stride, tensor_meta.memory_format
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_shape_pass_memo_changes_nothing(name):
+    """Repeated transformer blocks are run once on meta tensors; every node still gets the shapes,
+    strides and MACs that running it gives."""
+    from hfp_fx.tracing import _graph_twin, _ShapeAndFlopProp, trace
+
+    model = {"vit": lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
+                                              hidden_dim=32, mlp_dim=64, num_classes=10),
+             "swin": lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                             window_size=[4, 4], num_classes=10)}[name]()
+    x = torch.empty(2, 3, 32, 32, device="meta")
+    facts = []
+    for memoize in (False, True):
+        gm = trace(model.eval(), (x,)).graph_module
+        interp = _ShapeAndFlopProp(_graph_twin(gm, "meta"), graph=gm.graph, memoize=memoize)
+        interp.run(x)
+        facts.append([(n.name, _layout(n.meta.get("tensor_meta")), n.meta.get("macs")) for n in gm.graph.nodes])
+        hits = interp.memo.hits
+    assert facts[0] == facts[1]
+    assert hits >= 2  # attention of blocks 2.. (and their MLP parts without a shortcut)
