@@ -1,8 +1,9 @@
 """Latency of rewritten models: dense vs ``hfp_fx.prune`` at several MACs targets.
 
 For each model and MACs target, prune one-shot (L1 saliency, exact global projection) and time
-dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up, median and IQR
-over blocked runs).  Reports the MACs ratio, the measured speed-up and the *latency
+dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up), alternately for
+``--rounds`` rounds so that the machine's drift hits both alike: latency is the median (± IQR)
+over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the measured speed-up and the *latency
 efficiency* = speed-up / (dense MACs / pruned MACs): 1.0 means the pruned model is exactly as
 much faster as it is smaller.  ``--round-to 1 8 16`` shows what hardware-friendly widths do.
 
@@ -44,16 +45,30 @@ def progress(iterable, total, desc):
         return iterable
 
 
-def measure(model, x, min_run_time: float, device: str) -> dict:
-    """Median and IQR latency in milliseconds."""
+def _timer(model, x, device: str) -> benchmark.Timer:
     with torch.inference_mode():
         for _ in range(3):  # warm-up (oneDNN primitive caches, compile)
             model(x)
         if device == "cuda":
             torch.cuda.synchronize()
-        timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
-        m = timer.blocked_autorange(min_run_time=min_run_time)
-    return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+    return benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+
+
+def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: float, device: str) -> dict:
+    """Dense and pruned timed alternately, ``rounds`` times each: drift of the machine's speed (other
+    load, frequency) hits both alike, and the speed-up is the median of the per-round ratios."""
+    timers = {"dense": _timer(dense, dense_x, device), "pruned": _timer(pruned, pruned_x, device)}
+    times = {"dense": [], "pruned": []}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, timer in timers.items():
+                times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[f"{name}_ms"], out[f"{name}_iqr_ms"], out[f"{name}_rounds_ms"] = statistics.median(ts), q[2] - q[0], ts
+    out["speedup"] = statistics.median(d / p for d, p in zip(times["dense"], times["pruned"]))
+    return out
 
 
 def prepare_for_timing(model, x, channels_last: bool, compile_: bool, device: str):
@@ -74,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--round-to", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating dense/pruned measurements per row")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -83,7 +99,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.targets, args.batch, args.round_to, args.min_run_time = \
-            ["resnet18", "mobilenet_v2"], [0.5], [1], [1, 8], 0.3
+            ["resnet18", "mobilenet_v2"], [0.5], [1], [1, 8], 0.2
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
@@ -91,9 +107,9 @@ def main(argv=None) -> int:
         rows = json.loads(Path(args.out).read_text())["rows"]
     done = {(r["model"], r["target"], r["round_to"]) for r in rows}
     jobs = [(m, t, r) for m in args.models for t in args.targets for r in args.round_to if (m, t, r) not in done]
-    dense_cache = {}
     meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
-            "channels_last": args.channels_last, "compile": args.compile,
+            "channels_last": args.channels_last, "compile": args.compile, "rounds": args.rounds,
+            "min_run_time": args.min_run_time,
             "cpu": (os.uname().machine if hasattr(os, "uname") else ""), "complete": False}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
@@ -117,23 +133,16 @@ def main(argv=None) -> int:
         dense_c, small_c = hfp_fx.count(model, example), hfp_fx.count(small, example)
         for batch in args.batch:
             x = torch.randn(batch, 3, size, size, device=args.device)
-            key = (name, batch)
-            if key not in dense_cache:
-                dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
-                dense_cache[key] = measure(dm, dx, args.min_run_time, args.device)
+            dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
             sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
-            pruned = measure(sm, sx, args.min_run_time, args.device)
-            dense = dense_cache[key]
-            speedup = dense["median_ms"] / pruned["median_ms"]
+            timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
             mac_reduction = dense_c.macs / small_c.macs
             row = {"model": name, "target": target, "round_to": round_to, "batch": batch,
                    "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
-                   "dense_ms": dense["median_ms"], "dense_iqr_ms": dense["iqr_ms"],
-                   "pruned_ms": pruned["median_ms"], "pruned_iqr_ms": pruned["iqr_ms"],
-                   "speedup": speedup, "efficiency": speedup / mac_reduction, "prune_seconds": prune_s}
+                   **timing, "efficiency": timing["speedup"] / mac_reduction, "prune_seconds": prune_s}
             rows.append(row)
-            print(f"{name} macs={target:.0%} round_to={round_to} batch={batch}: {dense['median_ms']:.1f} -> "
-                  f"{pruned['median_ms']:.1f} ms, speed-up {speedup:.2f}x, efficiency {row['efficiency']:.2f}",
+            print(f"{name} macs={target:.0%} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "
+                  f"{row['pruned_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, efficiency {row['efficiency']:.2f}",
                   file=sys.stderr, flush=True)
         write()  # after every model: an interrupted run keeps what it measured
     meta["complete"] = True
@@ -153,7 +162,8 @@ def write_markdown(rows, meta, path: Path) -> str:
               f"{r['dense_ms']:.1f} ± {r['dense_iqr_ms']:.1f}", f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}",
               f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}"] for r in rows]
     text = (f"Device {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, channels_last="
-            f"{meta['channels_last']}, compile={meta['compile']}. Latency: median ± IQR.\n\n")
+            f"{meta['channels_last']}, compile={meta['compile']}, "
+            f"{meta.get('rounds', 1)} alternating rounds. Latency: median ± IQR over rounds.\n\n")
     text += tabulate(table, headers=["model", "MACs target", "round_to", "batch", "MACs ratio", "dense ms",
                                      "pruned ms", "speed-up", "efficiency"], tablefmt="github")
     effs = [r["efficiency"] for r in rows]
