@@ -3,9 +3,10 @@
 For each model and MACs target, prune one-shot (L1 saliency, exact global projection) and time
 dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up), alternately for
 ``--rounds`` rounds so that the machine's drift hits both alike: latency is the median (± IQR)
-over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the measured speed-up and the *latency
-efficiency* = speed-up / (dense MACs / pruned MACs): 1.0 means the pruned model is exactly as
-much faster as it is smaller.  ``--round-to 1 8 16`` shows what hardware-friendly widths do.
+over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the
+measured speed-up and the *latency efficiency* = speed-up / (dense MACs / pruned MACs): 1.0
+means the pruned model is exactly as much faster as it is smaller.  ``--round-to 1 8 16`` shows
+what hardware-friendly widths do.
 
     python benchmarks/latency.py                          # defaults below, CPU
     python benchmarks/latency.py --quick                  # two small models, batch 1

@@ -8,8 +8,8 @@ argument and every constant argument, and for a ``torch.nn`` module its configur
 layout of its parameters and buffers.  :class:`MetaMemo` keeps the result layout and MACs of the
 first such call and rebuilds them for the next ones.
 
-What is not memoised (``call_key`` returns ``None``): in-place ops, ``out=`` and
-``inplace=True`` calls, real (non-meta) tensors, tensor subclasses, modules defined outside
+What is not memoised (``call_key`` returns ``None``): in-place ops, ``out=`` calls and calls
+with an ``inplace`` flag set (by keyword or position), real (non-meta) tensors, tensor subclasses, modules defined outside
 ``torch.nn`` (their ``forward`` may read anything) and ``torch.nn`` modules with hooks or with
 attributes that are not plain constants.  Rebuilt tensors carry no autograd state, as the
 results of :mod:`hfp_fx.meta_shortcuts` do.
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Optional, Tuple
 
 import torch
+
+from hfp_fx.meta_shortcuts import in_place
 
 __all__ = ["MetaMemo", "call_key"]
 
@@ -88,10 +90,10 @@ def _module_key(m: torch.nn.Module) -> Hashable:
     return (type(m), tuple(items))
 
 
-def _in_place(target: Any, kwargs: Dict[str, Any]) -> bool:
+def _writes_input(target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    """An in-place op by name (``add_``), an ``out=`` call, or an ``inplace`` flag set."""
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return (name.endswith("_") and not name.endswith("__")) or "out" in kwargs or kwargs.get("inplace") is True \
-        or getattr(target, "inplace", False) is True
+    return (name.endswith("_") and not name.endswith("__")) or "out" in kwargs or in_place(target, args, kwargs)
 
 
 def call_key(op: str, target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Hashable]:
@@ -99,7 +101,7 @@ def call_key(op: str, target: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
 
     ``target`` is the function, the method name, or the called module.
     """
-    if _in_place(target, kwargs):
+    if _writes_input(target, args, kwargs):
         return None
     try:
         return (op, _key(target) if op == "call_module" else _key_target(target), _key(args), _key(kwargs))
@@ -155,7 +157,7 @@ class MetaMemo:
         self.hits = 0
 
     def get(self, key: Optional[Hashable]) -> Optional[Tuple[Any, int]]:
-        """A fresh ``(result, MACs)`` for ``key`` if an equal call was recorded."""
+        """A fresh ``(result, MACs)`` for ``key`` if an equal call was recorded (``None`` for key ``None``)."""
         found = self._seen.get(key) if key is not None else None
         if found is None:
             return None
@@ -163,6 +165,8 @@ class MetaMemo:
         return _rebuild(found[0]), found[1]
 
     def put(self, key: Optional[Hashable], result: Any, macs: int) -> None:
+        """Record ``result``'s layout and ``macs`` under ``key`` (nothing for key ``None`` or a result
+        with anything but tensors and constants)."""
         if key is None:
             return
         try:

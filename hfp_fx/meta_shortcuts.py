@@ -20,19 +20,16 @@ Example::
 
     >>> import torch, torch.fx
     >>> gm = torch.fx.symbolic_trace(lambda x, y: torch.cat([x + y, x], 1))
-    >>> interp = torch.fx.Interpreter(gm)
     >>> x = torch.empty(2, 3, 4, device="meta")
-    >>> interp.env.update({n: x for n in gm.graph.nodes if n.op == "placeholder"})
     >>> add = next(n for n in gm.graph.nodes if n.op == "call_function")
-    >>> interp.env[add] = meta_result(interp, add, None)[0]
-    >>> cat = add.next
-    >>> meta_result(interp, cat, None)[0].shape
+    >>> total, macs = meta_result(add, None, (x, x), {})
+    >>> meta_result(add.next, None, ([total, x], 1), {})[0].shape
     torch.Size([2, 6, 4])
 """
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx
@@ -40,7 +37,7 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils.flop_counter import conv_flop_count
 
-__all__ = ["meta_result", "tensor_metadata"]
+__all__ = ["meta_result", "tensor_metadata", "in_place"]
 
 Result = Optional[Tuple[torch.Tensor, int]]
 
@@ -147,7 +144,7 @@ def _same_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
     if type(module) in _POINTWISE_MODULES or (module is None and n.target in _POINTWISE_FUNCTIONS):
         if not _dense(x):
             return None
-        if _in_place(n, module, args, kwargs):
+        if in_place(module if module is not None else n.target, args, kwargs):
             # the result is the input itself; a leaf that requires grad makes the real op raise
             return (x, 0) if not (x.requires_grad and x.grad_fn is None) else None
         return _like(x), 0
@@ -161,10 +158,13 @@ def _same_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
 _INPLACE_POSITION = {F.relu: 1, F.relu6: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.dropout: 3}
 
 
-def _in_place(n: torch.fx.Node, module, args, kwargs) -> bool:
-    if n.op == "call_module":
-        return bool(getattr(module, "inplace", False))
-    position = _INPLACE_POSITION.get(n.target)
+def in_place(target: Any, args, kwargs) -> bool:
+    """Whether calling ``target`` (a module or a function) with these arguments is asked to write
+    its result into its input: the module's ``inplace`` flag, or the functional's, by keyword or
+    by position."""
+    if isinstance(target, torch.nn.Module):
+        return bool(getattr(target, "inplace", False))
+    position = _INPLACE_POSITION.get(target) if _hashable_in(target, _INPLACE_POSITION) else None
     return bool(kwargs.get("inplace", False) or (position is not None and len(args) > position and args[position]))
 
 
@@ -307,23 +307,19 @@ def _hashable_in(target, table) -> bool:
 SHORTCUTS: Tuple[Callable[..., Result], ...] = (_same_shape, _elementwise, _layer, _cat, _adaptive_avg_pool)
 
 
-def meta_result(interp: torch.fx.Interpreter, n: torch.fx.Node, module: Optional[torch.nn.Module]) -> Result:
+def meta_result(n: torch.fx.Node, module: Optional[torch.nn.Module], args: Tuple[Any, ...],
+                kwargs: Dict[str, Any]) -> Result:
     """``(output, MACs)`` of node ``n`` built from a shape rule, or ``None`` if it must be run.
 
-    ``interp.env`` holds the values of ``n``'s inputs (as during ``Interpreter.run``); ``module``
-    is the called module for ``call_module`` nodes.
+    ``args`` and ``kwargs`` are the values of ``n``'s arguments (``Interpreter.fetch_args_kwargs_from_env``);
+    ``module`` is the called module for ``call_module`` nodes.
     """
     if n.op not in ("call_module", "call_function", "call_method"):
         return None
     if module is not None and (module._forward_hooks or module._forward_pre_hooks):
         return None  # a hook may change the output or count MACs of its own: run the module
-    try:
-        args, kwargs = interp.fetch_args_kwargs_from_env(n)
-    except Exception:  # noqa: BLE001 - a missing input: let the normal path report it
-        return None
     for rule in SHORTCUTS:
         found = rule(n, module, args, kwargs)
         if found is not None:
             return found
     return None
-

@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import logging
@@ -67,6 +68,7 @@ class _RecordingTracer(torch.fx.Tracer):
         self.opaque_names = set(opaque_names)
         self._stack: list = []
         self.failed_in: Optional[str] = None
+        self._names_of: Tuple[Optional[torch.nn.Module], Dict[int, str]] = (None, {})
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
         # torch.fx finds a tensor attribute's qualified name by scanning every named parameter
@@ -83,7 +85,7 @@ class _RecordingTracer(torch.fx.Tracer):
         return parameter_proxy_cache[name]
 
     def _tensor_names(self) -> Dict[int, str]:
-        if getattr(self, "_names_of", (None,))[0] is not self.root:
+        if self._names_of[0] is not self.root:
             names: Dict[int, str] = {}
             for n, p in self.root.named_parameters():
                 names.setdefault(id(p), n)
@@ -316,32 +318,13 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         self.memo = MetaMemo()
         self.memoize = memoize
 
-    def _memo_key(self, n: torch.fx.Node, module: Optional[torch.nn.Module], counted: bool):
-        if not self.memoize or n.op not in ("call_module", "call_function", "call_method"):
-            return None
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        key = call_key(n.op, module if module is not None else n.target, args, kwargs)
-        return None if key is None else (counted, key)
-
     def run_node(self, n):
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        counted = n.op in ("call_module", "call_function", "call_method") and not counts_no_macs(n, module)
         try:
-            shortcut = meta_result(self, n, module)
-            key = None if shortcut is not None else self._memo_key(n, module, counted)
-            reused = self.memo.get(key) if key is not None else None
-            if shortcut is not None or reused is not None:
-                result, macs = shortcut if shortcut is not None else reused
-                n.meta["macs"] = macs if counted else 0
-            elif counted:
-                with FlopCounterMode(display=False) as counter:
-                    result = super().run_node(n)
-                n.meta["macs"] = counter.get_total_flops() // 2
+            if n.op in ("call_module", "call_function", "call_method"):
+                result, n.meta["macs"] = self._call(n, module)
             else:
-                result = super().run_node(n)
-                n.meta["macs"] = 0
-            if key is not None and reused is None:
-                self.memo.put(key, result, n.meta["macs"])
+                result, n.meta["macs"] = super().run_node(n), 0
         except Exception as exc:  # noqa: BLE001 - re-raised with the node that failed
             what = f"module {n.target} ({type(module).__name__})" if module is not None else f"{n.op} {_op_name(n)}"
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
@@ -360,6 +343,24 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
             n.meta["tensor_meta"] = meta
         n.meta["type"] = type(result)
         return result
+
+    def _call(self, n: torch.fx.Node, module: Optional[torch.nn.Module]) -> Tuple[Any, int]:
+        """Output and MACs of a call node: from a shape rule, from an equal earlier call, or run."""
+        counted = not counts_no_macs(n, module)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        found = meta_result(n, module, args, kwargs)
+        if found is not None:
+            return found[0], found[1] if counted else 0
+        key = call_key(n.op, module if module is not None else n.target, args, kwargs) if self.memoize else None
+        key = (counted, key) if key is not None else None
+        reused = self.memo.get(key)
+        if reused is not None:
+            return reused
+        with FlopCounterMode(display=False) if counted else contextlib.nullcontext() as counter:
+            result = getattr(self, n.op)(n.target, args, kwargs)
+        macs = counter.get_total_flops() // 2 if counted else 0
+        self.memo.put(key, result, macs)
+        return result, macs
 
 
 def _op_name(n: torch.fx.Node) -> str:

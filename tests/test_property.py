@@ -424,9 +424,9 @@ def test_layer_shortcut_equals_running_the_layer(case):
         with FlopCounterMode(display=False) as counter:
             expected = twin(x)
     except RuntimeError:  # the input is too small for this kernel: the layer must be run
-        assert meta_result(interp, node, twin) is None
+        assert meta_result(node, twin, *interp.fetch_args_kwargs_from_env(node)) is None
         return
-    out, macs = meta_result(interp, node, twin)
+    out, macs = meta_result(node, twin, *interp.fetch_args_kwargs_from_env(node))
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert macs == counter.get_total_flops() // 2
 
@@ -529,9 +529,9 @@ def test_meta_shortcuts_equal_running_the_op(case):
         with FlopCounterMode(display=False) as counter:
             expected = interp.run_node(node)
     except (RuntimeError, ValueError):  # the op refuses these inputs: no shortcut may accept them either
-        assert meta_result(interp, node, module) is None
+        assert meta_result(node, module, *interp.fetch_args_kwargs_from_env(node)) is None
         return
-    found = meta_result(interp, node, module)
+    found = meta_result(node, module, *interp.fetch_args_kwargs_from_env(node))
     if found is None:
         return  # running the op is always allowed
     out, macs = found
