@@ -216,15 +216,24 @@ def uniform_widths(widths: Sequence[int], blocks: Sequence[int], example: torch.
 
 # ----------------------------------------------------------------------------------- training
 class Trainer:
-    """Global cosine schedule over ``epochs`` epochs; each run trains a slice [start, stop)."""
+    """Global cosine schedule from ``lr`` over ``epochs`` epochs; each run trains a slice [start, stop)."""
 
-    def __init__(self, train, test, args):
+    def __init__(self, train, test, args, epochs: Optional[int] = None, lr: Optional[float] = None):
         self.device = torch.device(args.device)
         self.train_x, self.train_y = (t.to(self.device) for t in train)
         self.test_x, self.test_y = (t.to(self.device) for t in test)
         self.args = args
+        self.epochs = args.epochs if epochs is None else int(epochs)
+        self.lr = args.lr if lr is None else float(lr)
         self.steps_per_epoch = math.ceil(len(self.train_y) / args.batch_size)
-        self.total_steps = args.epochs * self.steps_per_epoch
+        self.total_steps = self.epochs * self.steps_per_epoch
+
+    def with_schedule(self, epochs: int, lr: float) -> "Trainer":
+        """The same data and options with another schedule (the fine-tuning phase)."""
+        other = copy.copy(self)
+        other.epochs, other.lr = int(epochs), float(lr)
+        other.total_steps = other.epochs * other.steps_per_epoch
+        return other
 
     def lr_factor(self, step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
@@ -237,13 +246,13 @@ class Trainer:
             if id(p) in gate_ids:
                 continue
             (no_decay if p.dim() <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": a.weight_decay, "base_lr": a.lr, "scheduled": True},
-                  {"params": no_decay, "weight_decay": 0.0, "base_lr": a.lr, "scheduled": True}]
+        groups = [{"params": decay, "weight_decay": a.weight_decay, "base_lr": self.lr, "scheduled": True},
+                  {"params": no_decay, "weight_decay": 0.0, "base_lr": self.lr, "scheduled": True}]
         if gates:
             groups.append({"params": list(gates), "weight_decay": 0.0, "base_lr": a.gate_lr,
                            "momentum": a.gate_momentum,
                            "nesterov": a.gate_momentum > 0, "scheduled": a.gate_lr_schedule})
-        return torch.optim.SGD(groups, lr=a.lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True)
 
     def set_lr(self, opt: torch.optim.Optimizer, step: int) -> None:
         f = self.lr_factor(step)
@@ -302,7 +311,7 @@ class Trainer:
                          f" closs {closs_sum / self.steps_per_epoch:.3g}")
                 if log is not None:
                     log.setdefault("epoch_acc", []).append([epoch + 1, acc])
-            print(f"  [{name}] epoch {epoch + 1}/{a.epochs} lr {opt.param_groups[0]['lr']:.4f} "
+            print(f"  [{name}] epoch {epoch + 1}/{self.epochs} lr {opt.param_groups[0]['lr']:.4f} "
                   f"loss {tot / seen:.4f} test {acc:.2f}% ({time.perf_counter() - t0:.1f}s){extra}", flush=True)
 
 
@@ -350,6 +359,12 @@ def git_describe() -> Optional[str]:
         return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
     except OSError:
         return None
+
+
+def dense_signature(a) -> dict:
+    """The options a saved dense model was trained with (all must match to reuse it)."""
+    keys = ("epochs", "widths", "blocks", "batch_size", "lr", "weight_decay", "no_augment", "seed", "train_subset")
+    return {k: getattr(a, k) for k in keys}
 
 
 def seed_all(seed: int) -> None:
@@ -422,6 +437,14 @@ def parse_args(argv=None):
     p.add_argument("--warm", type=int, default=0, help="dense warm epochs W before pruning (HFP and L1)")
     p.add_argument("--hfp-epochs", type=int, default=1, help="epochs H of HFP training with gates")
     p.add_argument("--target", type=float, default=0.4, help="params / MACs fraction of the pruned runs")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="F > 0: prune the dense model after all E epochs and give the pruned runs a new cosine "
+                        "schedule of F epochs from --finetune-lr (uniform then trains E + F epochs from scratch); "
+                        "0: the pruned runs continue the dense run's schedule after W epochs")
+    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--dense-checkpoint", type=Path, default=None,
+                   help="with --finetune-epochs: load the trained dense model from this file if it exists, "
+                        "else save it there")
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--quick", action="store_true", help="smoke check: 6k training images, E=3, H=1")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0 = all)")
@@ -440,6 +463,8 @@ def parse_args(argv=None):
                    help="cap on gate values (prepare(gate_max=...)); 0 = no cap")
     p.add_argument("--relative-gates", action="store_true", help="prepare(relative_gates=True)")
     p.add_argument("--cost-power", type=float, default=0.5, help="prepare(cost_power=...)")
+    p.add_argument("--ramp-epochs", type=float, default=0.0,
+                   help="prepare(ramp_steps=...) in epochs: the target falls from dense to --target over them")
     p.add_argument("--gate-lr", type=float, default=0.01, help="constant SGD lr of the gate parameter group")
     p.add_argument("--gate-momentum", type=float, default=0.9)
     p.add_argument("--gate-lr-schedule", action="store_true", help="gates follow the cosine schedule too")
@@ -457,7 +482,10 @@ def parse_args(argv=None):
         a.epochs, a.hfp_epochs = 3, 1
         a.train_subset = a.train_subset or 6000
         a.log_every = min(a.log_every, 5)
-    if a.warm < 0 or a.hfp_epochs < 1 or a.warm + a.hfp_epochs > a.epochs:
+    if a.finetune_epochs:
+        if a.warm or not 1 <= a.hfp_epochs <= a.finetune_epochs:
+            p.error("with --finetune-epochs F: need --warm 0 and 1 <= hfp-epochs <= F")
+    elif a.warm < 0 or a.hfp_epochs < 1 or a.warm + a.hfp_epochs > a.epochs:
         p.error("need warm >= 0, hfp-epochs >= 1 and warm + hfp-epochs <= epochs")
     if len(a.widths) != len(a.blocks):
         p.error("--widths and --blocks need the same length")
@@ -467,7 +495,7 @@ def parse_args(argv=None):
 
 
 # options that may differ between the parts of one merged result (they do not change a run's outcome)
-MERGE_MAY_DIFFER = {"runs", "out", "threads", "log_every", "merge", "device", "data_dir"}
+MERGE_MAY_DIFFER = {"runs", "out", "threads", "log_every", "merge", "device", "data_dir", "dense_checkpoint"}
 
 
 def merge_results(paths: Sequence[Path]) -> dict:
@@ -541,19 +569,43 @@ def main(argv=None) -> dict:
 
     need_warm = any(r in a.runs for r in ("hfp-macs40", "hfp-params40", "l1-macs40"))
     warm_state = None
-    # (0) dense baseline; its checkpoint after W epochs is the start of every pruned run
-    if "dense" in a.runs or need_warm:
+    # The pruned runs' schedule: the rest of the global one (fine-tune 0), or a new one of F epochs
+    # that starts from the fully trained dense model (fine-tune F)
+    if a.finetune_epochs:
+        phase, start, end = trainer.with_schedule(a.finetune_epochs, a.finetune_lr), 0, a.finetune_epochs
+    else:
+        phase, start, end = trainer, a.warm, a.epochs
+    # (0) dense baseline; its state after W epochs (all E with fine-tuning) starts every pruned run
+    checkpoint = a.dense_checkpoint
+    if a.finetune_epochs and checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        if saved["signature"] != dense_signature(a):
+            raise SystemExit(f"error: {checkpoint} was trained with other options: {saved['signature']}")
+        warm_state = saved["state"]
+        result["warm"] = {"epochs": a.epochs, "accuracy": saved["accuracy"], "seconds": saved["seconds"],
+                          "checkpoint": str(checkpoint)}
+        print(f"dense model from {checkpoint}: {saved['accuracy']:.2f}%", flush=True)
+        if "dense" in a.runs:
+            model = FashionResNet(a.widths, a.blocks)
+            model.load_state_dict(warm_state)
+            finish("dense", model.to(trainer.device), saved["seconds"], widths=dense_widths)
+    elif "dense" in a.runs or need_warm:
         seed_all(a.seed)
         model = FashionResNet(a.widths, a.blocks).to(trainer.device)
         opt = trainer.optimizer(model)
         t0 = time.perf_counter()
-        trainer.run("dense", model, opt, 0, a.warm)
+        warm_epochs = a.epochs if a.finetune_epochs else a.warm
+        trainer.run("dense", model, opt, 0, warm_epochs)
         warm_seconds = time.perf_counter() - t0
         warm_state = copy.deepcopy(model.state_dict())
-        warm_acc = trainer.evaluate(model) if a.warm else None
-        result["warm"] = {"epochs": a.warm, "accuracy": warm_acc, "seconds": round(warm_seconds, 1)}
+        warm_acc = trainer.evaluate(model) if warm_epochs else None
+        result["warm"] = {"epochs": warm_epochs, "accuracy": warm_acc, "seconds": round(warm_seconds, 1)}
+        if a.finetune_epochs and checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": warm_state, "accuracy": warm_acc, "seconds": round(warm_seconds, 1),
+                        "signature": dense_signature(a)}, checkpoint)
         if "dense" in a.runs:
-            trainer.run("dense", model, opt, a.warm, a.epochs)
+            trainer.run("dense", model, opt, warm_epochs, a.epochs)
             finish("dense", model, time.perf_counter() - t0, widths=dense_widths)
 
     def warm_model() -> nn.Module:
@@ -570,11 +622,12 @@ def main(argv=None) -> dict:
         prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
                                   lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
                                   gate_max=a.gate_max or None, cost_power=a.cost_power,
-                                  relative_gates=a.relative_gates).to(trainer.device)
-        opt = trainer.optimizer(prepared, hfp_fx.gate_parameters(prepared))
+                                  relative_gates=a.relative_gates,
+                                  ramp_steps=int(round(a.ramp_epochs * trainer.steps_per_epoch))).to(trainer.device)
+        opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}
-        stop = a.warm + a.hfp_epochs
-        trainer.run(name, prepared, opt, a.warm, stop, hfp=True, log=log)
+        stop = start + a.hfp_epochs
+        phase.run(name, prepared, opt, start, stop, hfp=True, log=log)
         before = trainer.evaluate(prepared)
         prepared.eval()
         c = hfp_fx.complexity(prepared)
@@ -585,8 +638,8 @@ def main(argv=None) -> dict:
               f"MACs {c['macs'] / c['dense_macs']:.3f}) -> small model {after:.2f}% "
               f"(params {report['achieved']['params'] / report['dense']['params']:.3f}, "
               f"MACs {report['achieved']['macs'] / report['dense']['macs']:.3f})", flush=True)
-        opt = trainer.optimizer(small)
-        trainer.run(name, small, opt, stop, a.epochs)
+        opt = phase.optimizer(small)
+        phase.run(name, small, opt, stop, end)
         log.update({"acc_gated_before_finalize": before, "acc_after_finalize": after,
                     "hard_ratio_before_finalize": {"params": c["params"] / c["dense_params"],
                                                    "macs": c["macs"] / c["dense_macs"]}})
@@ -600,8 +653,8 @@ def main(argv=None) -> dict:
         small = hfp_fx.prune(warm_model(), example, target_macs, importance="l1").to(trainer.device)
         acc0 = trainer.evaluate(small)
         print(f"  [l1-macs40] one-shot pruned model before fine-tuning: {acc0:.2f}%", flush=True)
-        opt = trainer.optimizer(small)
-        trainer.run("l1-macs40", small, opt, a.warm, a.epochs)
+        opt = phase.optimizer(small)
+        phase.run("l1-macs40", small, opt, start, end)
         widths = {gid: g["kept"] for gid, g in small.meta["hfp"]["groups"].items()}
         finish("l1-macs40", small, time.perf_counter() - t0 + result["warm"]["seconds"], widths=widths,
                acc_after_prune=acc0)
@@ -612,9 +665,10 @@ def main(argv=None) -> dict:
         print(f"  [uniform] widths {ws}: params {pr:.3f}, MACs {mr:.3f}", flush=True)
         seed_all(a.seed + 3)
         model = FashionResNet(ws, a.blocks).to(trainer.device)
-        opt = trainer.optimizer(model)
+        scratch = trainer.with_schedule(a.epochs + a.finetune_epochs, a.lr)  # the same total epochs
+        opt = scratch.optimizer(model)
         t0 = time.perf_counter()
-        trainer.run("uniform", model, opt, 0, a.epochs)
+        scratch.run("uniform", model, opt, 0, scratch.epochs)
         finish("uniform", model, time.perf_counter() - t0, stage_widths=list(ws))
 
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)

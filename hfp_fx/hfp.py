@@ -42,8 +42,11 @@ class HFPState(torch.nn.Module):
     def __init__(self, dg: DependencyGraph, target: ResolvedTarget, *, threshold: float = 0.05,
                  count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
                  dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1,
-                 gate_max: Optional[float] = None, cost_power: float = 1.0, relative_gates: bool = False):
+                 gate_max: Optional[float] = None, cost_power: float = 1.0, relative_gates: bool = False,
+                 ramp_steps: int = 0):
         super().__init__()
+        if int(ramp_steps) < 0:
+            raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
         if not 0.0 <= cost_power <= 1.0:
             raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
         if gate_max is not None and not gate_max > threshold:
@@ -69,6 +72,9 @@ class HFPState(torch.nn.Module):
         self.register_buffer("targets", torch.tensor([0 if t is None else int(t) for t in (target.params, target.macs)],
                                                      dtype=torch.long), persistent=False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.dense = self.cost.counts()
+        self.register_buffer("dense_counts", torch.tensor([self.dense.params, self.dense.macs], dtype=torch.long),
+                             persistent=False)
         # element id -> index into the gate vector (0 = fixed channel, constant 1)
         vec = torch.zeros(dg.roots.numel(), dtype=torch.long)
         unit_pos = torch.zeros(dg.roots.numel(), dtype=torch.long)
@@ -77,13 +83,13 @@ class HFPState(torch.nn.Module):
         self._element_index = vec
         self.sites = torch.nn.Module()
         self.target = target
-        self.dense = self.cost.counts()
         self.threshold, self.count_mode, self.temperature = float(threshold), count, float(temperature)
         self.lambda_init, self.dual_rate, self.warmup_steps = float(lambda_init), float(dual_rate), int(warmup_steps)
         self.min_channels, self.round_to = int(min_channels), int(round_to)
         self.gate_max = None if gate_max is None else float(gate_max)
         self.cost_power = float(cost_power)
         self.relative_gates = bool(relative_gates)
+        self.ramp_steps = int(ramp_steps)
 
     # -- gates ---------------------------------------------------------------------------------
     def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
@@ -166,10 +172,25 @@ class HFPState(torch.nn.Module):
             return self.lambdas.clone()  # a snapshot: the dual step below updates the buffer in place
         return self.lambdas * ((self.steps + 1).double() / self.warmup_steps).clamp(max=1.0)
 
+    def current_targets(self) -> torch.Tensor:
+        """The targets the loss compares with now (float64; 0 = not targeted).
+
+        With ``ramp_steps`` they fall from the dense counts to the final targets along the cubic
+        ``1 - (1 - t / ramp_steps) ** 3`` (fast at first, gentle near the end): the widths are
+        then decided while the network learns instead of all at once from its initial weights.
+        """
+        final = self.targets.double()
+        if self.ramp_steps <= 0:
+            return final
+        progress = (self.steps.double() / self.ramp_steps).clamp(max=1.0)
+        reached = 1.0 - (1.0 - progress) ** 3
+        dense = self.dense_counts.double()
+        return torch.where(self.targets > 0, dense - (dense - final) * reached, final)
+
     def loss(self) -> torch.Tensor:
         # Everything stays on the gates' device: no .item()/float() host syncs per step.
         targeted = self.targets > 0
-        ratios = torch.stack(self.counts(soft=True)) / self.targets.clamp(min=1).double()
+        ratios = torch.stack(self.counts(soft=True)) / self.current_targets().clamp(min=1.0)
         # psi(r) = max(0, log r), written so r -> 0 cannot produce 0 * inf gradients
         psi = torch.log(torch.clamp(torch.where(targeted, ratios, torch.ones_like(ratios)), min=1.0))
         total = (self.current_lambdas() * psi).sum()
@@ -219,7 +240,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
-            relative_gates: bool = False) -> torch.fx.GraphModule:
+            relative_gates: bool = False, ramp_steps: int = 0) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -232,7 +253,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
                      min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power,
-                     relative_gates=relative_gates)
+                     relative_gates=relative_gates, ramp_steps=ramp_steps)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
@@ -263,12 +284,14 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
         soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=s.device).index_put(
             (hfp.columns,), torch.sigmoid((s - hfp.threshold) / max(hfp.temperature, 1e-6)).double())
         sp, sm = hfp.cost.evaluate(soft_keep)
+        current = hfp.current_targets().tolist()
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
            "kept_channels": int((s > hfp.threshold).sum()), "prunable_channels": int(s.numel())}
-    for name, t in (("params", hfp.target.params), ("macs", hfp.target.macs)):
+    for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs))):
         out[f"target_{name}"] = t
         out[f"{name}_ratio"] = out[name] / t if t else None
+        out[f"current_target_{name}"] = current[i] if t else None  # where the ramp is now
     return out
 
 

@@ -127,6 +127,11 @@ class ComplexityLog:
             values = [r[key] for r in self.history]
             if any(v is not None for v in values):
                 ax.plot(steps, values, label=key.replace("_", " ") + " (hard)")
+            name = key[:-len("_ratio")]
+            ramp = [r.get(f"current_target_{name}") for r in self.history]
+            if any(v is not None and v != r[f"target_{name}"] for v, r in zip(ramp, self.history)):
+                ax.plot(steps, [None if v is None else v / r[f"target_{name}"] for v, r in zip(ramp, self.history)],
+                        ls=":", label=f"{name} target ramp")
         ax.axhline(1.0, color="k", ls="--", lw=1, label="target")
         ax.set_xlabel("step")
         ax.set_ylabel("current / target")

@@ -114,6 +114,33 @@ def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
         assert_close(prepared(x), small(x))
 
 
+def test_target_ramp_falls_from_dense_to_target():
+    torch.manual_seed(0)
+    model, x = TinyNet(), torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 4, (8,))
+    ramp = 100
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.5}, lambda_init=0.02, ramp_steps=ramp)
+    hfp = prepared.hfp
+    dense, final = hfp.dense.macs, hfp.target.macs
+    with torch.no_grad():  # (no dual step)
+        assert float(hfp_fx.complexity_loss(prepared)) == 0.0  # the ramp starts at the dense model
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
+    targets, ratios = [], []  # current target, hard MACs / current target
+    for _ in range(200):
+        c = hfp_fx.complexity(prepared)
+        targets.append(c["current_target_macs"])
+        ratios.append(c["macs"] / c["current_target_macs"])
+        loss = nn.functional.cross_entropy(prepared(x), y) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert targets[0] == dense and targets[ramp] == targets[-1] == final
+    assert all(a >= b for a, b in zip(targets, targets[1:]))  # never rises
+    assert dense > targets[ramp // 2] > final
+    assert hfp_fx.complexity(prepared)["current_target_params"] is None  # params not targeted
+    assert min(ratios[-20:]) <= 1.0  # at the final target by the end
+
+
 def test_relative_gates_ignore_a_groups_common_scale():
     torch.manual_seed(0)
     model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
