@@ -73,7 +73,7 @@ DEB_PACKAGE = "dataset-fashion-mnist"
 FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
          "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
 MEAN, STD = 0.2860, 0.3530
-RUNS = ("dense", "hfp-macs40", "hfp-params40", "l1-macs40", "uniform")
+RUNS = ("dense", "hfp-macs40", "hfp-params40", "hfp-scratch", "l1-macs40", "uniform")
 
 
 # --------------------------------------------------------------------------------------- data
@@ -361,6 +361,21 @@ def git_describe() -> Optional[str]:
         return None
 
 
+def reinitialised(small: nn.Module) -> nn.Module:
+    """A copy of ``small`` (a finalized model) with fresh weights, initialised like FashionResNet."""
+    fresh = copy.deepcopy(small)
+    for m in fresh.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    with torch.no_grad():
+        for name, buf in fresh.named_buffers():
+            if name.startswith("_hfp_scale_"):
+                buf.fill_(1.0)  # gate values that could not be folded: not part of a fresh model
+    return fresh
+
+
 def dense_signature(a) -> dict:
     """The options a saved dense model was trained with (all must match to reuse it)."""
     keys = ("epochs", "widths", "blocks", "batch_size", "lr", "weight_decay", "no_augment", "seed", "train_subset")
@@ -482,6 +497,8 @@ def parse_args(argv=None):
         a.epochs, a.hfp_epochs = 3, 1
         a.train_subset = a.train_subset or 6000
         a.log_every = min(a.log_every, 5)
+    if "hfp-scratch" in a.runs and "hfp-macs40" not in a.runs:
+        p.error("the hfp-scratch run retrains the widths of the hfp-macs40 run: request both")
     if a.finetune_epochs:
         if a.warm or not 1 <= a.hfp_epochs <= a.finetune_epochs:
             p.error("with --finetune-epochs F: need --warm 0 and 1 <= hfp-epochs <= F")
@@ -645,6 +662,15 @@ def main(argv=None) -> dict:
                                                    "macs": c["macs"] / c["dense_macs"]}})
         widths = {gid: g["kept"] for gid, g in report["groups"].items()}
         finish(name, small, time.perf_counter() - t0 + result["warm"]["seconds"], widths=widths, hfp=log)
+        if name == "hfp-macs40" and "hfp-scratch" in a.runs:
+            found = reinitialised(small)
+            seed_all(a.seed + 4)
+            # the widths cost W + H epochs to find: the rest of the budget trains them from scratch
+            scratch = trainer.with_schedule(a.epochs + a.finetune_epochs - a.warm - a.hfp_epochs, a.lr)
+            opt = scratch.optimizer(found)
+            t1 = time.perf_counter()
+            scratch.run("hfp-scratch", found, opt, 0, scratch.epochs)
+            finish("hfp-scratch", found, time.perf_counter() - t1, widths=widths)
 
     # (b) one-shot L1 + fine-tune
     if "l1-macs40" in a.runs:
