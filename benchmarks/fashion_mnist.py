@@ -477,6 +477,7 @@ def parse_args(argv=None):
     p.add_argument("--gate-max", type=float, default=1.0,
                    help="cap on gate values (prepare(gate_max=...)); 0 = no cap")
     p.add_argument("--relative-gates", action="store_true", help="prepare(relative_gates=True)")
+    p.add_argument("--no-revive", action="store_true", help="prepare(revive=False): removed channels stay removed")
     p.add_argument("--cost-power", type=float, default=0.5, help="prepare(cost_power=...)")
     p.add_argument("--ramp-epochs", type=float, default=0.0,
                    help="prepare(ramp_steps=...) in epochs: the target falls from dense to --target over them")
@@ -639,7 +640,7 @@ def main(argv=None) -> dict:
         prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
                                   lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
                                   gate_max=a.gate_max or None, cost_power=a.cost_power,
-                                  relative_gates=a.relative_gates,
+                                  relative_gates=a.relative_gates, revive=not a.no_revive,
                                   ramp_steps=int(round(a.ramp_epochs * trainer.steps_per_epoch))).to(trainer.device)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}

@@ -43,7 +43,7 @@ class HFPState(torch.nn.Module):
                  count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
                  dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1,
                  gate_max: Optional[float] = None, cost_power: float = 1.0, relative_gates: bool = False,
-                 ramp_steps: int = 0):
+                 ramp_steps: int = 0, revive: bool = True):
         super().__init__()
         if int(ramp_steps) < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
@@ -90,6 +90,7 @@ class HFPState(torch.nn.Module):
         self.cost_power = float(cost_power)
         self.relative_gates = bool(relative_gates)
         self.ramp_steps = int(ramp_steps)
+        self.revive = bool(revive)
 
     # -- gates ---------------------------------------------------------------------------------
     def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
@@ -128,6 +129,10 @@ class HFPState(torch.nn.Module):
         # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
         g = self.gate_values()
         hard = g * (self.scaled_gates() > self.threshold).to(g.dtype)
+        if not self.revive:
+            # a removed channel's gate gets no gradient, so it stays removed: without this, gates
+            # that the cost push has parked at the threshold flicker in and out from step to step
+            return hard
         return g + (hard - g).detach()  # exact zeros forward, identity gradient below the cap
 
     def forward(self) -> torch.Tensor:
@@ -240,7 +245,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
-            relative_gates: bool = False, ramp_steps: int = 0) -> torch.fx.GraphModule:
+            relative_gates: bool = False, ramp_steps: int = 0, revive: bool = True) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -253,7 +258,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
                      min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power,
-                     relative_gates=relative_gates, ramp_steps=ramp_steps)
+                     relative_gates=relative_gates, ramp_steps=ramp_steps, revive=revive)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")

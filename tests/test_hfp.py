@@ -82,7 +82,8 @@ class TinyNet(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("options", [{}, {"relative_gates": True}], ids=["absolute", "relative"])
+@pytest.mark.parametrize("options", [{}, {"relative_gates": True}, {"revive": False}],
+                         ids=["absolute", "relative", "no-revive"])
 def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     torch.manual_seed(0)
     model, x = TinyNet(), torch.randn(8, 3, 8, 8)
@@ -139,6 +140,25 @@ def test_target_ramp_falls_from_dense_to_target():
     assert dense > targets[ramp // 2] > final
     assert hfp_fx.complexity(prepared)["current_target_params"] is None  # params not targeted
     assert min(ratios[-20:]) <= 1.0  # at the final target by the end
+
+
+@pytest.mark.parametrize("revive", [True, False])
+def test_removed_channels_get_task_gradient_only_when_revivable(revive):
+    torch.manual_seed(0)
+    model, x = TinyNet(), torch.randn(4, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, "50%", revive=revive)
+    hfp = prepared.hfp
+    with torch.no_grad():
+        hfp.gate[::3] = 0.0  # remove every third channel
+    removed = torch.zeros_like(hfp.gate, dtype=torch.bool)
+    removed[::3] = True
+    prepared(x).square().sum().backward()  # task loss only
+    grad = hfp.gate.grad
+    assert bool((grad[~removed] != 0).any())
+    if revive:  # the task loss sees what a removed channel would add back
+        assert bool((grad[removed] != 0).any())
+    else:
+        assert bool((grad[removed] == 0).all())
 
 
 def test_relative_gates_ignore_a_groups_common_scale():
