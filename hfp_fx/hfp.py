@@ -122,13 +122,30 @@ class HFPState(torch.nn.Module):
         of a group can sink together; with it, channels the task loss needs stay at the cap.
         """
         g = self.scaled_gates()
+        if not self.revive:
+            g = g.clamp(min=self.threshold)  # a group's kept top gate may have sunk below the threshold
         return g if self.gate_max is None else g.clamp(max=self.gate_max)
+
+    def alive(self) -> torch.Tensor:
+        """Which channels are kept now (bool, no gradient): gates above the threshold.
+
+        With ``revive=False`` each group's largest gate is kept too: when batch norm follows the
+        consumer, a group's gates can sink below the threshold together, and a group that goes
+        dark for good (a residual stream, say) would silence the whole network.
+        """
+        scaled = self.scaled_gates().detach()
+        alive = scaled > self.threshold
+        if not self.revive and scaled.numel():
+            top = torch.zeros(len(self.group_ids), device=scaled.device, dtype=scaled.dtype).scatter_reduce(
+                0, self.group_index, scaled, "amax", include_self=False)
+            alive = alive | (scaled >= top[self.group_index])
+        return alive
 
     def effective_gates(self) -> torch.Tensor:
         # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
         # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
         g = self.gate_values()
-        hard = g * (self.scaled_gates() > self.threshold).to(g.dtype)
+        hard = g * self.alive().to(g.dtype)
         if not self.revive:
             # a removed channel's gate gets no gradient, so it stays removed: without this, gates
             # that the cost push has parked at the threshold flicker in and out from step to step
@@ -147,7 +164,7 @@ class HFPState(torch.nn.Module):
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
         scaled = self.scaled_gates()
         s = scaled.clamp(min=0)
-        alive = (scaled > self.threshold).to(s.dtype)
+        alive = self.alive().to(s.dtype)
         keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=s.device)
         if s.numel() == 0:
             return keep
@@ -292,7 +309,7 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
         current = hfp.current_targets().tolist()
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
-           "kept_channels": int((s > hfp.threshold).sum()), "prunable_channels": int(s.numel())}
+           "kept_channels": int(hfp.alive().sum()), "prunable_channels": int(s.numel())}
     for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs))):
         out[f"target_{name}"] = t
         out[f"{name}_ratio"] = out[name] / t if t else None
@@ -331,7 +348,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     resolved = hfp.target if target is None else Target.parse(target).resolve(hfp.dense)
     sal = hfp.saliency().cpu()
     saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
-    initial = {gid: int((s > hfp.threshold).sum()) for gid, s in saliency.items()}
+    alive_now = hfp.alive().cpu()
+    initial = {gid: int(alive_now[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) for i, gid in enumerate(hfp.group_ids)}
     with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
         with stage("budget projection"):
             plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
