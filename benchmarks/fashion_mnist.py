@@ -13,6 +13,13 @@ training images, with one global cosine learning-rate schedule over those ``E`` 
                    ``W``-epoch dense state, trained on for ``E - W`` epochs;
 * ``uniform``      the same architecture with every width scaled by one factor so that MACs are
                    at most 40% of dense (picked with ``hfp_fx.count``), trained ``E`` epochs from scratch.
+* ``hfp-scratch``  the widths ``hfp-macs40`` found, re-initialised and trained from scratch for the
+                   ``E - W - H`` epochs left (separates the allocation from the training dynamics).
+
+``--finetune-epochs F`` switches to the prune-a-trained-model protocol: the pruned runs start
+from the dense model after all ``E`` epochs and get a new cosine schedule of ``F`` epochs from
+``--finetune-lr``; ``uniform`` then trains ``E + F`` epochs from scratch (``--dense-checkpoint``
+saves or reuses the trained dense model).
 
 Defaults: widths 24/48/96 with two residual blocks per stage (392k params, 12.4M MACs), ``W=0``,
 ``H=1``.  HFP hyper-parameters (from sweeps of about 30 configurations at E=10, see
