@@ -14,7 +14,8 @@ training images, with one global cosine learning-rate schedule over those ``E`` 
 * ``uniform``      the same architecture with every width scaled by one factor so that MACs are
                    at most 40% of dense (picked with ``hfp_fx.count``), trained ``E`` epochs from scratch.
 * ``hfp-scratch``  the widths ``hfp-macs40`` found, re-initialised and trained from scratch for the
-                   ``E - W - H`` epochs left (separates the allocation from the training dynamics).
+                   epochs left of the budget, ``E - W - H`` (``E + F - H`` with fine-tuning); it
+                   separates the allocation from the training dynamics.
 
 ``--finetune-epochs F`` switches to the prune-a-trained-model protocol: the pruned runs start
 from the dense model after all ``E`` epochs and get a new cosine schedule of ``F`` epochs from
@@ -484,7 +485,6 @@ def parse_args(argv=None):
     p.add_argument("--gate-max", type=float, default=1.0,
                    help="cap on gate values (prepare(gate_max=...)); 0 = no cap")
     p.add_argument("--relative-gates", action="store_true", help="prepare(relative_gates=True)")
-    p.add_argument("--no-revive", action="store_true", help="prepare(revive=False): removed channels stay removed")
     p.add_argument("--cost-power", type=float, default=0.5, help="prepare(cost_power=...)")
     p.add_argument("--ramp-epochs", type=float, default=0.0,
                    help="prepare(ramp_steps=...) in epochs: the target falls from dense to --target over them")
@@ -603,7 +603,7 @@ def main(argv=None) -> dict:
     # (0) dense baseline; its state after W epochs (all E with fine-tuning) starts every pruned run
     checkpoint = a.dense_checkpoint
     if a.finetune_epochs and checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if saved["signature"] != dense_signature(a):
             raise SystemExit(f"error: {checkpoint} was trained with other options: {saved['signature']}")
         warm_state = saved["state"]
@@ -647,7 +647,7 @@ def main(argv=None) -> dict:
         prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
                                   lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
                                   gate_max=a.gate_max or None, cost_power=a.cost_power,
-                                  relative_gates=a.relative_gates, revive=not a.no_revive,
+                                  relative_gates=a.relative_gates,
                                   ramp_steps=int(round(a.ramp_epochs * trainer.steps_per_epoch))).to(trainer.device)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}

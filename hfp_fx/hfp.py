@@ -43,7 +43,7 @@ class HFPState(torch.nn.Module):
                  count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
                  dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1,
                  gate_max: Optional[float] = None, cost_power: float = 1.0, relative_gates: bool = False,
-                 ramp_steps: int = 0, revive: bool = True):
+                 ramp_steps: int = 0):
         super().__init__()
         if int(ramp_steps) < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
@@ -90,7 +90,6 @@ class HFPState(torch.nn.Module):
         self.cost_power = float(cost_power)
         self.relative_gates = bool(relative_gates)
         self.ramp_steps = int(ramp_steps)
-        self.revive = bool(revive)
 
     # -- gates ---------------------------------------------------------------------------------
     def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
@@ -122,34 +121,13 @@ class HFPState(torch.nn.Module):
         of a group can sink together; with it, channels the task loss needs stay at the cap.
         """
         g = self.scaled_gates()
-        if not self.revive:
-            g = g.clamp(min=self.threshold)  # a group's kept top gate may have sunk below the threshold
         return g if self.gate_max is None else g.clamp(max=self.gate_max)
-
-    def alive(self) -> torch.Tensor:
-        """Which channels are kept now (bool, no gradient): gates above the threshold.
-
-        With ``revive=False`` each group's largest gate is kept too: when batch norm follows the
-        consumer, a group's gates can sink below the threshold together, and a group that goes
-        dark for good (a residual stream, say) would silence the whole network.
-        """
-        scaled = self.scaled_gates().detach()
-        alive = scaled > self.threshold
-        if not self.revive and scaled.numel():
-            top = torch.zeros(len(self.group_ids), device=scaled.device, dtype=scaled.dtype).scatter_reduce(
-                0, self.group_index, scaled, "amax", include_self=False)
-            alive = alive | (scaled >= top[self.group_index])
-        return alive
 
     def effective_gates(self) -> torch.Tensor:
         # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
         # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
         g = self.gate_values()
-        hard = g * self.alive().to(g.dtype)
-        if not self.revive:
-            # a removed channel's gate gets no gradient, so it stays removed: without this, gates
-            # that the cost push has parked at the threshold flicker in and out from step to step
-            return hard
+        hard = g * (self.scaled_gates() > self.threshold).to(g.dtype)
         return g + (hard - g).detach()  # exact zeros forward, identity gradient below the cap
 
     def forward(self) -> torch.Tensor:
@@ -164,7 +142,7 @@ class HFPState(torch.nn.Module):
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
         scaled = self.scaled_gates()
         s = scaled.clamp(min=0)
-        alive = self.alive().to(s.dtype)
+        alive = (scaled > self.threshold).to(s.dtype)
         keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=s.device)
         if s.numel() == 0:
             return keep
@@ -262,7 +240,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
-            relative_gates: bool = False, ramp_steps: int = 0, revive: bool = True) -> torch.fx.GraphModule:
+            relative_gates: bool = False, ramp_steps: int = 0) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -275,7 +253,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
                      min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power,
-                     relative_gates=relative_gates, ramp_steps=ramp_steps, revive=revive)
+                     relative_gates=relative_gates, ramp_steps=ramp_steps)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
@@ -309,7 +287,7 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
         current = hfp.current_targets().tolist()
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
-           "kept_channels": int(hfp.alive().sum()), "prunable_channels": int(s.numel())}
+           "kept_channels": int((s > hfp.threshold).sum()), "prunable_channels": int(s.numel())}
     for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs))):
         out[f"target_{name}"] = t
         out[f"{name}_ratio"] = out[name] / t if t else None
@@ -348,8 +326,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     resolved = hfp.target if target is None else Target.parse(target).resolve(hfp.dense)
     sal = hfp.saliency().cpu()
     saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
-    alive_now = hfp.alive().cpu()
-    initial = {gid: int(alive_now[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) for i, gid in enumerate(hfp.group_ids)}
+    initial = {gid: int((s > hfp.threshold).sum()) for gid, s in saliency.items()}
     with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
         with stage("budget projection"):
             plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,

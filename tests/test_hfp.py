@@ -82,8 +82,7 @@ class TinyNet(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("options", [{}, {"relative_gates": True}, {"revive": False}],
-                         ids=["absolute", "relative", "no-revive"])
+@pytest.mark.parametrize("options", [{}, {"relative_gates": True}], ids=["absolute", "relative"])
 def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     torch.manual_seed(0)
     model, x = TinyNet(), torch.randn(8, 3, 8, 8)
@@ -106,7 +105,6 @@ def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     # reference semantics: the prepared model with the removed channels' gates at zero
     hfp = prepared.hfp
     with torch.no_grad():
-        hfp.gate.copy_(hfp.gate_values().clamp(min=0))  # what finalize folds for a kept channel
         hfp.threshold = 0.0
         for gid, kept in report["keep"].items():
             g = hfp.gate_of(gid)
@@ -141,41 +139,6 @@ def test_target_ramp_falls_from_dense_to_target():
     assert dense > targets[ramp // 2] > final
     assert hfp_fx.complexity(prepared)["current_target_params"] is None  # params not targeted
     assert min(ratios[-20:]) <= 1.0  # at the final target by the end
-
-
-@pytest.mark.parametrize("revive", [True, False])
-def test_removed_channels_get_task_gradient_only_when_revivable(revive):
-    torch.manual_seed(0)
-    model, x = TinyNet(), torch.randn(4, 3, 8, 8)
-    prepared = hfp_fx.prepare(model, x, "50%", revive=revive)
-    hfp = prepared.hfp
-    with torch.no_grad():
-        hfp.gate[::3] = 0.0  # remove every third channel
-    removed = torch.zeros_like(hfp.gate, dtype=torch.bool)
-    removed[::3] = True
-    prepared(x).square().sum().backward()  # task loss only
-    grad = hfp.gate.grad
-    assert bool((grad[~removed] != 0).any())
-    if revive:  # the task loss sees what a removed channel would add back
-        assert bool((grad[removed] != 0).any())
-    else:
-        assert bool((grad[removed] == 0).all())
-
-
-def test_without_revival_a_group_keeps_its_largest_gate():
-    torch.manual_seed(0)
-    model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
-    prepared = hfp_fx.prepare(model, x, "50%", revive=False).eval()
-    hfp = prepared.hfp
-    gid = hfp.group_ids[0]
-    with torch.no_grad():
-        g = hfp.gate_of(gid)
-        g.copy_(torch.linspace(-0.2, 0.01, g.numel()))  # the whole group sank below the threshold
-    alive = hfp.alive()[hfp.offsets[0]:hfp.offsets[1]]
-    assert int(alive.sum()) == 1 and bool(alive[-1])  # the largest gate stays on ...
-    # ... at the threshold's value, never at its own (tiny or negative) one
-    assert float(hfp.effective_gates()[hfp.offsets[0] + g.numel() - 1]) == pytest.approx(hfp.threshold)
-    assert hfp_fx.complexity(prepared)["kept_channels"] == hfp.gate.numel() - g.numel() + 1
 
 
 def test_relative_gates_ignore_a_groups_common_scale():
