@@ -22,3 +22,11 @@ def test_render_plot_and_log(tmp_path):
         log.step(loss=1.0)
     assert [r["step"] for r in log.history] == [0, 2] and log.history[0]["macs_ratio"] == pytest.approx(2.0, rel=1e-3)
     assert log.plot(tmp_path / "c.png").stat().st_size > 1000
+    ramped = hfp_fx.prepare(model, x, {"macs": 0.5}, ramp_steps=3).train()
+    log = hfp_fx.ComplexityLog(ramped)
+    for _ in range(4):
+        log.step()
+        hfp_fx.complexity_loss(ramped)  # advances the ramp (training mode, gradients on)
+    ramp = [r["current_target_macs"] / r["target_macs"] for r in log.history]
+    assert ramp[0] == pytest.approx(2.0) and ramp[-1] == 1.0 and ramp == sorted(ramp, reverse=True)
+    assert log.plot(tmp_path / "ramp.png").stat().st_size > 1000
