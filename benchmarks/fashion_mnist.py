@@ -226,13 +226,12 @@ def uniform_widths(widths: Sequence[int], blocks: Sequence[int], example: torch.
 class Trainer:
     """Global cosine schedule from ``lr`` over ``epochs`` epochs; each run trains a slice [start, stop)."""
 
-    def __init__(self, train, test, args, epochs: Optional[int] = None, lr: Optional[float] = None):
+    def __init__(self, train, test, args):
         self.device = torch.device(args.device)
         self.train_x, self.train_y = (t.to(self.device) for t in train)
         self.test_x, self.test_y = (t.to(self.device) for t in test)
         self.args = args
-        self.epochs = args.epochs if epochs is None else int(epochs)
-        self.lr = args.lr if lr is None else float(lr)
+        self.epochs, self.lr = args.epochs, args.lr  # with_schedule() makes another schedule
         self.steps_per_epoch = math.ceil(len(self.train_y) / args.batch_size)
         self.total_steps = self.epochs * self.steps_per_epoch
 
@@ -601,6 +600,11 @@ def main(argv=None) -> dict:
     else:
         phase, start, end = trainer, a.warm, a.epochs
     # (0) dense baseline; its state after W epochs (all E with fine-tuning) starts every pruned run
+    def warm_model() -> nn.Module:
+        m = FashionResNet(a.widths, a.blocks)
+        m.load_state_dict(warm_state)
+        return m.eval()
+
     checkpoint = a.dense_checkpoint
     if a.finetune_epochs and checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -611,9 +615,7 @@ def main(argv=None) -> dict:
                           "checkpoint": str(checkpoint)}
         print(f"dense model from {checkpoint}: {saved['accuracy']:.2f}%", flush=True)
         if "dense" in a.runs:
-            model = FashionResNet(a.widths, a.blocks)
-            model.load_state_dict(warm_state)
-            finish("dense", model.to(trainer.device), saved["seconds"], widths=dense_widths)
+            finish("dense", warm_model().to(trainer.device), saved["seconds"], widths=dense_widths)
     elif "dense" in a.runs or need_warm:
         seed_all(a.seed)
         model = FashionResNet(a.widths, a.blocks).to(trainer.device)
@@ -632,11 +634,6 @@ def main(argv=None) -> dict:
         if "dense" in a.runs:
             trainer.run("dense", model, opt, warm_epochs, a.epochs)
             finish("dense", model, time.perf_counter() - t0, widths=dense_widths)
-
-    def warm_model() -> nn.Module:
-        m = FashionResNet(a.widths, a.blocks)
-        m.load_state_dict(warm_state)
-        return m.eval()
 
     # (a) HFP
     for name, target in (("hfp-macs40", {"macs": a.target}), ("hfp-params40", {"params": a.target})):
