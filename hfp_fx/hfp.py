@@ -2,12 +2,19 @@
 
 The method (our specification, consistent with the HFP paper's abstract; see docs/concepts.md):
 
-* every prunable group gets one gate vector ``g`` (init 1) applied where its channels are
-  consumed (:mod:`hfp_fx.passes.insert_gates`); in the forward pass gates with ``g <= tau``
-  act as exact zeros (straight-through), so the network always trains the architecture it
-  will be pruned to;
-* the per-channel keep value is straight-through: forward ``1[g > tau]`` (exact hard
-  counts), gradient that of ``g / mean(g of kept channels in the group)`` on kept channels;
+* ``gates="width"`` (default): every prunable group gets one trainable width ``w`` (the kept
+  fraction, init 1) and a fixed ranking of its channels (filter magnitude at ``prepare``); the
+  channels ranked below ``round(w * n)`` act as exact zeros in the forward pass, so the network
+  always trains the architecture it will be pruned to.  The gradient reaches ``w`` through the
+  group's boundary channel (straight-through), so ``d task / d w`` measures what one more
+  channel of this group is worth and the cost push what it costs: at equilibrium the two
+  balance in every group, the holistic allocation.
+* ``gates="channel"``: one gate vector ``g`` (init 1) per group applied where its channels are
+  consumed (:mod:`hfp_fx.passes.insert_gates`); gates with ``g <= tau`` act as exact zeros
+  (straight-through); the per-channel keep value is straight-through: forward ``1[g > tau]``,
+  gradient that of ``g / mean(g of kept channels in the group)`` on kept channels.  When batch
+  norm follows the consumer a group's common gate scale is free for the task loss, so the
+  cost push sinks a group's gates together (docs/benchmarks.md, Fashion-MNIST);
 * the cost model (:mod:`hfp_fx.cost`) turns keep values into params and MACs;
   ``complexity_loss = sum_X lambda_X * max(0, log(X / X_target)) * U`` over the targeted X,
   with ``U`` the number of prunable channels so that ``lambda`` is the mean push per gate.
@@ -35,6 +42,8 @@ from hfp_fx.target import ResolvedTarget, Target
 
 __all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters"]
 
+GATE_KINDS = ("width", "channel")
+
 
 class HFPState(torch.nn.Module):
     """Gates, cost model, target and loss schedule of a prepared model (``prepared.hfp``)."""
@@ -43,8 +52,13 @@ class HFPState(torch.nn.Module):
                  count: str = "ste", temperature: float = 0.02, lambda_init: float = 1e-3,
                  dual_rate: float = 0.02, warmup_steps: int = 0, min_channels: int = 1, round_to: int = 1,
                  gate_max: Optional[float] = None, cost_power: float = 1.0, relative_gates: bool = False,
-                 ramp_steps: int = 0):
+                 ramp_steps: int = 0, gates: str = "width"):
         super().__init__()
+        if gates not in GATE_KINDS:
+            raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
+        if gates == "width" and (relative_gates or gate_max is not None or count != "ste" or cost_power != 1.0):
+            raise ValueError("relative_gates, gate_max, count and cost_power shape per-channel gates: "
+                             "use them with gates='channel'")
         if int(ramp_steps) < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
         if not 0.0 <= cost_power <= 1.0:
@@ -61,7 +75,17 @@ class HFPState(torch.nn.Module):
         sizes = [g.channels for g in groups]
         self.offsets: List[int] = [0] + list(torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist()) if sizes else [0]
         units = torch.cat([g.units for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
-        self.gate = torch.nn.Parameter(torch.ones(units.numel()))
+        self.gates = gates
+        self.num_channels = int(units.numel())
+        if gates == "channel":
+            self.gate = torch.nn.Parameter(torch.ones(units.numel()))
+        else:
+            self.width = torch.nn.Parameter(torch.ones(len(sizes)))
+            # persistent: a reloaded prepared model keeps the ranking its widths were trained with
+            self.register_buffer("rank", _channel_ranks(dg), persistent=True)
+            self.register_buffer("group_size", torch.repeat_interleave(
+                torch.tensor(sizes, dtype=torch.float32), torch.tensor(sizes, dtype=torch.long))
+                if sizes else torch.zeros(0), persistent=False)
         self.register_buffer("group_index", torch.repeat_interleave(torch.arange(len(sizes)),
                                                                     torch.tensor(sizes, dtype=torch.long))
                              if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
@@ -92,8 +116,39 @@ class HFPState(torch.nn.Module):
         self.ramp_steps = int(ramp_steps)
 
     # -- gates ---------------------------------------------------------------------------------
+    @property
+    def trainable(self) -> torch.nn.Parameter:
+        """The gate parameter: per-group widths (``gates="width"``) or per-channel gates."""
+        return self.width if self.gates == "width" else self.gate
+
     def vector_index(self, ids: torch.Tensor) -> torch.Tensor:
         return self._element_index[ids]
+
+    def position(self) -> torch.Tensor:
+        """``gates="width"``: per channel, its group's kept width minus the channel's rank.
+
+        A channel is kept while this is above 0.5.  The forward pass sees widths clipped to
+        [0, 1] (and at least ``min_channels``), the gradient passes unclipped, so a width pushed
+        past 1 comes straight back under the cost push.
+        """
+        w = self.width + (self.width.clamp(0, 1) - self.width).detach()
+        n = self.group_size
+        floor = n.clamp(max=float(self.min_channels))
+        return torch.maximum(w[self.group_index] * n, floor) - self.rank
+
+    def alive(self) -> torch.Tensor:
+        """Per prunable channel: kept (True) or acting as zero (False) in the forward pass now."""
+        if self.gates == "width":
+            return self.position() > 0.5
+        return self.scaled_gates() > self.threshold
+
+    def _width_mask(self) -> torch.Tensor:
+        d = self.position()
+        hard = (d > 0.5).to(d.dtype)
+        # straight-through on the boundary channel only (0 <= d <= 1): d task / d width is what
+        # fading that one channel in or out is worth, the first-order value of one channel
+        window = ((d >= 0) & (d <= 1)).to(d.dtype)
+        return hard + (d - d.detach()) * window
 
     def scaled_gates(self) -> torch.Tensor:
         """The gates the threshold and the forward pass see.
@@ -111,6 +166,9 @@ class HFPState(torch.nn.Module):
         return self.gate / top.clamp(min=torch.finfo(self.gate.dtype).tiny)[self.group_index]
 
     def saliency(self) -> torch.Tensor:
+        """Per channel, what the budget projection of ``finalize`` ranks by (kept: higher)."""
+        if self.gates == "width":
+            return self.position().detach()
         return self.scaled_gates().detach().clamp(min=0)
 
     def gate_values(self) -> torch.Tensor:
@@ -120,26 +178,36 @@ class HFPState(torch.nn.Module):
         uniform shrink of all gates of a group free for the task loss, so without it the gates
         of a group can sink together; with it, channels the task loss needs stay at the cap.
         """
+        if self.gates == "width":
+            return torch.ones_like(self.rank)  # kept channels pass unscaled
         g = self.scaled_gates()
         return g if self.gate_max is None else g.clamp(max=self.gate_max)
 
     def effective_gates(self) -> torch.Tensor:
         # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
         # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
+        if self.gates == "width":
+            return self._width_mask()
         g = self.gate_values()
         hard = g * (self.scaled_gates() > self.threshold).to(g.dtype)
         return g + (hard - g).detach()  # exact zeros forward, identity gradient below the cap
 
     def forward(self) -> torch.Tensor:
-        return torch.cat([self.gate.new_ones(1), self.effective_gates()])
+        return torch.cat([self.trainable.new_ones(1), self.effective_gates()])
 
     def gate_of(self, gid: str) -> torch.Tensor:
+        if self.gates != "channel":
+            raise TypeError("gate_of: per-channel gates exist with gates='channel' only")
         i = self.group_ids.index(gid)
         return self.gate[self.offsets[i]:self.offsets[i + 1]]
 
     # -- soft channel counts ------------------------------------------------------------------
     def keep_values(self, soft: bool = True) -> torch.Tensor:
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
+        keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=self.trainable.device)
+        if self.gates == "width":
+            k = self._width_mask() if soft else self.alive().double()
+            return keep.index_put((self.columns,), k.double())
         scaled = self.scaled_gates()
         s = scaled.clamp(min=0)
         alive = (scaled > self.threshold).to(s.dtype)
@@ -201,7 +269,14 @@ class HFPState(torch.nn.Module):
                 moved = torch.where(over, self.lambdas * (1 + self.dual_rate),
                                     (self.lambdas * (1 - self.dual_rate)).clamp(min=self.lambda_init))
                 self.lambdas.copy_(torch.where(targeted, moved, self.lambdas))
-        return (total * max(self.gate.numel(), 1)).to(self.gate.dtype)
+        return (total * max(self.num_channels, 1)).to(self.trainable.dtype)
+
+    def soft_keep(self) -> torch.Tensor:
+        """A smooth keep value per channel, for reporting (``complexity``'s ``*_soft``)."""
+        if self.gates == "width":
+            return self.position().detach().clamp(0, 1)
+        s = self.scaled_gates().detach().clamp(min=0)
+        return torch.sigmoid((s - self.threshold) / max(self.temperature, 1e-6))
 
 
 class _CompressSpread(torch.autograd.Function):
@@ -227,6 +302,14 @@ class _CompressSpread(torch.autograd.Function):
                            torch.zeros_like(grad)), None
 
 
+def _channel_ranks(dg: DependencyGraph) -> torch.Tensor:
+    """Rank of every prunable channel within its group (0 = largest filter L1 norm, kept last)."""
+    scores = _magnitude_saliency(dg, "l1")
+    ranks = [torch.argsort(torch.argsort(scores[g.id], descending=True, stable=True), stable=True)
+             for g in dg.prunable_groups]
+    return torch.cat(ranks).float() if ranks else torch.zeros(0)
+
+
 def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
     while hasattr(model, "module") and not hasattr(model, "hfp"):
         model = model.module  # DistributedDataParallel / DataParallel
@@ -240,7 +323,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
-            relative_gates: bool = False, ramp_steps: int = 0) -> torch.fx.GraphModule:
+            relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width") -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -253,7 +336,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     state = HFPState(dg, resolved, threshold=threshold, count=count, temperature=temperature,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps,
                      min_channels=min_channels, round_to=round_to, gate_max=gate_max, cost_power=cost_power,
-                     relative_gates=relative_gates, ramp_steps=ramp_steps)
+                     relative_gates=relative_gates, ramp_steps=ramp_steps, gates=gates)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
@@ -266,8 +349,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
 
 
 def gate_parameters(prepared: torch.nn.Module) -> List[torch.nn.Parameter]:
-    """The gate parameters, e.g. for their own optimizer parameter group."""
-    return [_unwrap(prepared).hfp.gate]
+    """The gate parameters (widths or per-channel gates), e.g. for their own optimizer parameter group."""
+    return [_unwrap(prepared).hfp.trainable]
 
 
 def complexity_loss(prepared: torch.nn.Module) -> torch.Tensor:
@@ -280,14 +363,15 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
     hfp = _unwrap(prepared).hfp
     with torch.no_grad():
         hp, hm = hfp.cost.evaluate(hfp.keep_values(soft=False))
-        s = hfp.scaled_gates().clamp(min=0)
-        soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=s.device).index_put(
-            (hfp.columns,), torch.sigmoid((s - hfp.threshold) / max(hfp.temperature, 1e-6)).double())
+        soft = hfp.soft_keep()
+        soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=soft.device).index_put(
+            (hfp.columns,), soft.double())
         sp, sm = hfp.cost.evaluate(soft_keep)
         current = hfp.current_targets().tolist()
+        kept = int(hfp.alive().sum())
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
-           "kept_channels": int((s > hfp.threshold).sum()), "prunable_channels": int(s.numel())}
+           "kept_channels": kept, "prunable_channels": hfp.num_channels}
     for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs))):
         out[f"target_{name}"] = t
         out[f"{name}_ratio"] = out[name] / t if t else None
@@ -324,9 +408,9 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     hfp: HFPState = prepared.hfp
     dg: DependencyGraph = prepared._hfp_graph
     resolved = hfp.target if target is None else Target.parse(target).resolve(hfp.dense)
-    sal = hfp.saliency().cpu()
+    sal, alive_now = hfp.saliency().cpu(), hfp.alive().cpu()
     saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
-    initial = {gid: int((s > hfp.threshold).sum()) for gid, s in saliency.items()}
+    initial = {gid: int(alive_now[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) for i, gid in enumerate(hfp.group_ids)}
     with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
         with stage("budget projection"):
             plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,

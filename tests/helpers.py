@@ -36,6 +36,30 @@ def outputs(out):
     return []
 
 
+def apply_plan(prepared, keep) -> None:
+    """Switch the removed channels of ``keep`` (a finalize report's plan) off in ``prepared``.
+
+    This is finalize's reference semantics: the prepared model with the removed channels' gates
+    at zero.  With per-group widths the kept channels must be the top of the group's ranking.
+    """
+    hfp = prepared.hfp
+    with torch.no_grad():
+        if hfp.gates == "channel":
+            hfp.threshold = 0.0  # channels the projection added back count as kept whatever their gate
+        for i, gid in enumerate(hfp.group_ids):
+            lo, hi = hfp.offsets[i], hfp.offsets[i + 1]
+            kept = torch.as_tensor(keep.get(gid, range(hi - lo)), dtype=torch.long)
+            if hfp.gates == "width":
+                ranks = sorted(int(r) for r in hfp.rank[lo:hi][kept])
+                assert ranks == list(range(len(ranks))), f"{gid}: kept channels are not the top-ranked ones"
+                hfp.width[i] = len(ranks) / (hi - lo)
+            else:
+                g = hfp.gate_of(gid)
+                off = torch.ones_like(g, dtype=torch.bool)
+                off[kept] = False
+                g[off] = 0.0
+
+
 def assert_close(a, b, rtol=1e-4, atol=1e-5):
     for x, y in zip(outputs(a), outputs(b)):
         assert x.shape == y.shape

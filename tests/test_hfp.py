@@ -5,7 +5,7 @@ import torch.nn as nn
 import torchvision
 
 import hfp_fx
-from helpers import assert_close, assert_unchanged, state_snapshot
+from helpers import apply_plan, assert_close, assert_unchanged, state_snapshot
 
 MODELS = {
     "resnet18": lambda: torchvision.models.resnet18(),
@@ -82,7 +82,8 @@ class TinyNet(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("options", [{}, {"relative_gates": True}], ids=["absolute", "relative"])
+@pytest.mark.parametrize("options", [{}, {"gates": "channel"}, {"gates": "channel", "relative_gates": True}],
+                         ids=["width", "channel", "channel-relative"])
 def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     torch.manual_seed(0)
     model, x = TinyNet(), torch.randn(8, 3, 8, 8)
@@ -103,14 +104,8 @@ def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     report = small.meta["hfp"]
     assert report["achieved"]["macs"] <= report["target"]["macs"]
     # reference semantics: the prepared model with the removed channels' gates at zero
-    hfp = prepared.hfp
+    apply_plan(prepared, report["keep"])
     with torch.no_grad():
-        hfp.threshold = 0.0
-        for gid, kept in report["keep"].items():
-            g = hfp.gate_of(gid)
-            off = torch.ones_like(g, dtype=torch.bool)
-            off[kept] = False
-            g[off] = 0.0
         assert_close(prepared(x), small(x))
 
 
@@ -144,7 +139,7 @@ def test_target_ramp_falls_from_dense_to_target():
 def test_relative_gates_ignore_a_groups_common_scale():
     torch.manual_seed(0)
     model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
-    prepared = hfp_fx.prepare(model, x, "50%", relative_gates=True).eval()
+    prepared = hfp_fx.prepare(model, x, "50%", gates="channel", relative_gates=True).eval()
     assert_close(prepared(x), model(x))
     hfp = prepared.hfp
     gid = hfp.group_ids[0]
@@ -167,7 +162,7 @@ def test_complexity_loss_is_zero_under_target_and_differentiable():
     prepared = hfp_fx.prepare(model, x, "30%")
     loss = hfp_fx.complexity_loss(prepared)
     loss.backward()
-    grad = prepared.hfp.gate.grad
+    grad = hfp_fx.gate_parameters(prepared)[0].grad
     assert loss > 0 and grad is not None and bool((grad > 0).all())
     c = hfp_fx.complexity(prepared)
     assert c["macs"] == c["dense_macs"] and c["macs_ratio"] == pytest.approx(1 / 0.3, rel=1e-3)
@@ -208,7 +203,7 @@ def test_safe_save_and_load_with_scale_nodes(tmp_path):
 
     torch.manual_seed(0)
     model, x = Block(ManualAttention), torch.randn(2, 5, 8)
-    prepared = hfp_fx.prepare(model, x, {"macs": 0.7})
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.7}, gates="channel")
     with torch.no_grad():
         prepared.hfp.gate.uniform_(0.5, 1.5)
     small = hfp_fx.finalize(prepared).eval()

@@ -75,4 +75,4 @@ def test_prepared_model_compiles_for_training():
     compiled = torch.compile(prepared, backend="aot_eager")
     loss = compiled(X).sum() + hfp_fx.complexity_loss(prepared)
     loss.backward()
-    assert prepared.hfp.gate.grad is not None
+    assert hfp_fx.gate_parameters(prepared)[0].grad is not None

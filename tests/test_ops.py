@@ -408,7 +408,7 @@ def test_tied_weights_fold_gates_once():
 
     torch.manual_seed(0)
     model, x = Tied(), torch.randn(3, 4)
-    prepared = hfp_fx.prepare(model, x, {"params": 0.9})
+    prepared = hfp_fx.prepare(model, x, {"params": 0.9}, gates="channel")
     with torch.no_grad():
         prepared.hfp.gate.uniform_(0.5, 1.5)
         prepared.hfp.threshold = 0.0

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 
 import hfp_fx
-from helpers import assert_close, assert_unchanged, state_snapshot
+from helpers import apply_plan, assert_close, assert_unchanged, state_snapshot
 
 
 class Net(nn.Module):
@@ -159,19 +159,15 @@ def test_buffer_written_by_forward_is_recorded_not_run_on_the_user_model(opaque)
     small = hfp_fx.finalize(prepared)
     assert float(small.calls) == 2  # the state travels with the pruned model
     assert "add_" in small.code
-    hfp = prepared.hfp
-    with torch.no_grad():  # reference: the prepared model with the removed channels' gates at zero
-        for gid, kept in small.meta["hfp"]["keep"].items():
-            off = torch.ones_like(hfp.gate_of(gid), dtype=torch.bool)
-            off[kept] = False
-            hfp.gate_of(gid)[off] = 0.0
+    apply_plan(prepared, small.meta["hfp"]["keep"])  # reference: the removed channels switched off
+    with torch.no_grad():
         assert_close(small(X), prepared(X))
     assert float(small.calls) == float(prepared.calls) == 3
 
 
 def test_finalize_twice_and_prepared_untouched():
     torch.manual_seed(0)
-    prepared = hfp_fx.prepare(Net(), X, {"params": 0.6})
+    prepared = hfp_fx.prepare(Net(), X, {"params": 0.6}, gates="channel")
     with torch.no_grad():
         prepared.hfp.gate.uniform_(0.2, 1.5)
     before = copy.deepcopy(prepared.state_dict())
@@ -184,7 +180,7 @@ def test_finalize_twice_and_prepared_untouched():
 
 def test_prepared_model_cast_to_double():
     torch.manual_seed(0)
-    prepared = hfp_fx.prepare(Net(), X, {"macs": 0.5}).double().eval()
+    prepared = hfp_fx.prepare(Net(), X, {"macs": 0.5}, gates="channel").double().eval()
     with torch.no_grad():
         prepared.hfp.gate.uniform_(0.5, 1.5)
     small = hfp_fx.finalize(prepared).eval()
