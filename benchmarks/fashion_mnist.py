@@ -23,13 +23,14 @@ from the dense model after all ``E`` epochs and get a new cosine schedule of ``F
 saves or reuses the trained dense model).
 
 Defaults: widths 24/48/96 with two residual blocks per stage (392k params, 12.4M MACs), ``W=0``,
-``H=1``.  HFP hyper-parameters (from sweeps of about 30 configurations at E=10, see
-docs/benchmarks.md): gates in their own SGD group (lr 0.01 constant, momentum 0.9, no weight
-decay), ``threshold=0.3`` (library default 0.05), ``gate_max=1``, ``cost_power=0.5``,
-``lambda_init=1e-3``, ``dual_rate=0.02``, ``warmup_steps=0``.  With uncapped gates and the
-library's threshold 0.05 the gates of a group shrink together (the consuming conv is followed
-by batch norm, so a uniform shrink costs the task loss nothing) until they sit near 0.05, where
-the task-loss gradient of a gate grows roughly like 1/g.
+``H=1``.  HFP hyper-parameters: the library's per-group widths (``--gates width``) in their own
+SGD group (lr 0.001 constant, momentum 0.9, no weight decay), ``lambda_init=1e-3``,
+``dual_rate=0.02``, ``warmup_steps=0``.  ``--gates channel`` runs the per-channel gates with the
+settings found by sweeps of about 30 configurations (docs/benchmarks.md): lr 0.01,
+``threshold=0.3`` (library default 0.05), ``gate_max=1``, ``cost_power=0.5``.  With uncapped
+gates and the library's threshold 0.05 the gates of a group shrink together (the consuming conv
+is followed by batch norm, so a uniform shrink costs the task loss nothing) until they sit near
+0.05, where the task-loss gradient of a gate grows roughly like 1/g.
 
 Why ``W=0``: with this epoch budget, what the pruned network is trained for after pruning
 matters more than what the dense network learned before it; learning the widths during the
@@ -325,11 +326,9 @@ class Trainer:
 def record_hfp(log: dict, prepared, step: int, epoch: float, ce: float, closs: float) -> None:
     c = hfp_fx.complexity(prepared)
     hfp = prepared.hfp
-    g = hfp.scaled_gates().detach()
-    per_group = {}
-    for i, gid in enumerate(hfp.group_ids):
-        gg = g[hfp.offsets[i]:hfp.offsets[i + 1]]
-        per_group[gid] = int((gg > hfp.threshold).sum())
+    alive = hfp.alive()
+    per_group = {gid: int(alive[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) for i, gid in enumerate(hfp.group_ids)}
+    g = hfp.trainable.detach()  # the widths or the per-channel gates
     log.setdefault("trace", []).append({
         "step": step, "epoch": round(epoch, 4), "ce": round(ce, 4), "closs": round(closs, 5),
         "params_ratio": round(c["params"] / c["dense_params"], 4), "macs_ratio": round(c["macs"] / c["dense_macs"], 4),
@@ -479,7 +478,9 @@ def parse_args(argv=None):
     # HFP hyper-parameters (hfp_fx.prepare and the gate parameter group)
     p.add_argument("--lambda-init", type=float, default=1e-3)
     p.add_argument("--dual-rate", type=float, default=0.02)
-    p.add_argument("--threshold", type=float, default=0.3, help="gate threshold (library default 0.05)")
+    p.add_argument("--gates", choices=("width", "channel"), default="width", help="prepare(gates=...)")
+    p.add_argument("--threshold", type=float, default=0.3,
+                   help="gates=channel: gate threshold (library default 0.05)")
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--gate-max", type=float, default=1.0,
                    help="cap on gate values (prepare(gate_max=...)); 0 = no cap")
@@ -487,7 +488,8 @@ def parse_args(argv=None):
     p.add_argument("--cost-power", type=float, default=0.5, help="prepare(cost_power=...)")
     p.add_argument("--ramp-epochs", type=float, default=0.0,
                    help="prepare(ramp_steps=...) in epochs: the target falls from dense to --target over them")
-    p.add_argument("--gate-lr", type=float, default=0.01, help="constant SGD lr of the gate parameter group")
+    p.add_argument("--gate-lr", type=float, default=None,
+                   help="constant SGD lr of the gate parameter group (default: 0.001 for widths, 0.01 for gates)")
     p.add_argument("--gate-momentum", type=float, default=0.9)
     p.add_argument("--gate-lr-schedule", action="store_true", help="gates follow the cosine schedule too")
     p.add_argument("--log-every", type=int, default=20, help="HFP trace period in steps")
@@ -500,6 +502,8 @@ def parse_args(argv=None):
                    help="only combine the runs of these result files (one configuration split over processes "
                         "with --runs) into OUT and its plot")
     a = p.parse_args(argv)
+    if a.gate_lr is None:
+        a.gate_lr = 0.001 if a.gates == "width" else 0.01
     if a.quick:
         a.epochs, a.hfp_epochs = 3, 1
         a.train_subset = a.train_subset or 6000
@@ -641,11 +645,12 @@ def main(argv=None) -> dict:
             continue
         seed_all(a.seed + 1)
         t0 = time.perf_counter()
-        prepared = hfp_fx.prepare(warm_model(), example, target, threshold=a.threshold,
+        channel_options = dict(threshold=a.threshold, gate_max=a.gate_max or None, cost_power=a.cost_power,
+                               relative_gates=a.relative_gates) if a.gates == "channel" else {}
+        prepared = hfp_fx.prepare(warm_model(), example, target, gates=a.gates,
                                   lambda_init=a.lambda_init, dual_rate=a.dual_rate, warmup_steps=a.warmup_steps,
-                                  gate_max=a.gate_max or None, cost_power=a.cost_power,
-                                  relative_gates=a.relative_gates,
-                                  ramp_steps=int(round(a.ramp_epochs * trainer.steps_per_epoch))).to(trainer.device)
+                                  ramp_steps=int(round(a.ramp_epochs * trainer.steps_per_epoch)),
+                                  **channel_options).to(trainer.device)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         log: dict = {"target": target}
         stop = start + a.hfp_epochs

@@ -168,7 +168,8 @@ class HFPState(torch.nn.Module):
     def saliency(self) -> torch.Tensor:
         """Per channel, what the budget projection of ``finalize`` ranks by (kept: higher)."""
         if self.gates == "width":
-            return self.position().detach()
+            # as a fraction of the group: untrained widths (all 1) then prune every group alike
+            return self.position().detach() / self.group_size
         return self.scaled_gates().detach().clamp(min=0)
 
     def gate_values(self) -> torch.Tensor:

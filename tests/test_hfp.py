@@ -1,6 +1,8 @@
 """HFP: prepare -> complexity loss -> finalize / prune hit the targets exactly."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torchvision
 
@@ -211,3 +213,46 @@ def test_safe_save_and_load_with_scale_nodes(tmp_path):
     again = hfp_fx.load(tmp_path / "m.pt", lambda: Block(ManualAttention), x).eval()
     with torch.no_grad():
         assert torch.equal(again(x), small(x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), seed=st.integers(0, 3))
+def test_widths_keep_the_top_ranked_channels_exactly(widths, seed):
+    """With per-group widths the prepared model is the masked model of the top-ranked channels,
+    its hard counts are that model's, and finalize keeps at least those (it only adds back)."""
+    torch.manual_seed(seed)
+    model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.01 + 0.99 * min(widths)}).eval()
+    hfp = prepared.hfp
+    assert len(hfp.group_ids) == 3 and hfp.gates == "width"
+    with torch.no_grad():
+        hfp.width.copy_(torch.tensor(widths))
+    keep = {}
+    for i, gid in enumerate(hfp.group_ids):
+        lo, hi = hfp.offsets[i], hfp.offsets[i + 1]
+        kept = max(1, int(torch.tensor(widths[i] * (hi - lo) - 0.5).ceil()))  # ranks < n * w - 0.5
+        kept = min(kept, hi - lo)
+        keep[gid] = sorted(int(c) for c in torch.nonzero(hfp.rank[lo:hi] < kept).flatten())
+        assert int(hfp.alive()[lo:hi].sum()) == len(keep[gid]) == kept
+    with torch.no_grad():
+        assert_close(prepared(x), hfp_fx.mask(model, x, keep)(x))
+    c = hfp_fx.complexity(prepared)
+    small = hfp_fx.shrink(model, x, keep)
+    counted = hfp_fx.count(small, x)
+    assert (c["params"], c["macs"]) == (counted.params, counted.macs)
+    final = hfp_fx.finalize(prepared, target={"macs": 1.0}).meta["hfp"]["groups"]
+    assert all(final[gid]["kept"] >= len(keep[gid]) for gid in keep)
+
+
+def test_width_cost_push_and_per_channel_options():
+    model, x = TinyNet(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, "30%").train()
+    hfp_fx.complexity_loss(prepared).backward()
+    grad = prepared.hfp.width.grad
+    # over target, the cost pushes every group's width down (through its boundary channel)
+    assert bool((grad > 0).all())
+    for option in ({"relative_gates": True}, {"gate_max": 1.0}, {"count": "sigmoid"}, {"cost_power": 0.5}):
+        with pytest.raises(ValueError, match="gates='channel'"):
+            hfp_fx.prepare(model, x, "30%", **option)
+    with pytest.raises(ValueError, match="gates must be"):
+        hfp_fx.prepare(model, x, "30%", gates="filter")
