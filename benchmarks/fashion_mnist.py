@@ -22,12 +22,13 @@ from the dense model after all ``E`` epochs and get a new cosine schedule of ``F
 ``--finetune-lr``; ``uniform`` then trains ``E + F`` epochs from scratch (``--dense-checkpoint``
 saves or reuses the trained dense model).
 
-Defaults: widths 24/48/96 with two residual blocks per stage (392k params, 12.4M MACs), ``W=0``,
-``H=1``.  HFP hyper-parameters: the library's per-group widths (``--gates width``) in their own
-SGD group (lr 0.001 constant, momentum 0.9, no weight decay), ``lambda_init=1e-3``,
+Defaults: widths 24/48/96 with two residual blocks per stage (392k params, 12.4M MACs), ``W=0``.
+HFP hyper-parameters: the library's per-group widths (``--gates width``) in their own SGD group
+(lr 0.17 constant, momentum 0.9, no weight decay), ``H=3`` gated epochs with the target ramped
+from dense to 40% over the first 2 (``--ramp-epochs 2``), ``lambda_init=1e-3``,
 ``dual_rate=0.02``, ``warmup_steps=0``.  ``--gates channel`` runs the per-channel gates with the
-settings found by sweeps of about 30 configurations (docs/benchmarks.md): lr 0.01,
-``threshold=0.3`` (library default 0.05), ``gate_max=1``, ``cost_power=0.5``.  With uncapped
+settings found by sweeps of about 30 configurations (docs/benchmarks.md): ``H=1``, no ramp,
+lr 0.01, ``threshold=0.3`` (library default 0.05), ``gate_max=1``, ``cost_power=0.5``.  With uncapped
 gates and the library's threshold 0.05 the gates of a group shrink together (the consuming conv
 is followed by batch norm, so a uniform shrink costs the task loss nothing) until they sit near
 0.05, where the task-loss gradient of a gate grows roughly like 1/g.
@@ -456,7 +457,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=int, default=10, help="total epoch budget E of every run")
     p.add_argument("--warm", type=int, default=0, help="dense warm epochs W before pruning (HFP and L1)")
-    p.add_argument("--hfp-epochs", type=int, default=1, help="epochs H of HFP training with gates")
+    p.add_argument("--hfp-epochs", type=int, default=None,
+                   help="epochs H of HFP training with gates (default: 3 for widths, 1 for per-channel gates)")
     p.add_argument("--target", type=float, default=0.4, help="params / MACs fraction of the pruned runs")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="F > 0: prune the dense model after all E epochs and give the pruned runs a new cosine "
@@ -486,10 +488,11 @@ def parse_args(argv=None):
                    help="cap on gate values (prepare(gate_max=...)); 0 = no cap")
     p.add_argument("--relative-gates", action="store_true", help="prepare(relative_gates=True)")
     p.add_argument("--cost-power", type=float, default=0.5, help="prepare(cost_power=...)")
-    p.add_argument("--ramp-epochs", type=float, default=0.0,
-                   help="prepare(ramp_steps=...) in epochs: the target falls from dense to --target over them")
+    p.add_argument("--ramp-epochs", type=float, default=None,
+                   help="prepare(ramp_steps=...) in epochs: the target falls from dense to --target over them "
+                        "(default: 2 for widths, 0 for per-channel gates)")
     p.add_argument("--gate-lr", type=float, default=None,
-                   help="constant SGD lr of the gate parameter group (default: 0.001 for widths, 0.01 for gates)")
+                   help="constant SGD lr of the gate parameter group (default: 0.17 for widths, 0.01 for gates)")
     p.add_argument("--gate-momentum", type=float, default=0.9)
     p.add_argument("--gate-lr-schedule", action="store_true", help="gates follow the cosine schedule too")
     p.add_argument("--log-every", type=int, default=20, help="HFP trace period in steps")
@@ -502,10 +505,13 @@ def parse_args(argv=None):
                    help="only combine the runs of these result files (one configuration split over processes "
                         "with --runs) into OUT and its plot")
     a = p.parse_args(argv)
-    if a.gate_lr is None:
-        a.gate_lr = 0.001 if a.gates == "width" else 0.01
+    width = a.gates == "width"  # per-kind defaults, from the runs in docs/benchmarks.md
+    a.gate_lr = (0.17 if width else 0.01) if a.gate_lr is None else a.gate_lr
+    a.hfp_epochs = (3 if width else 1) if a.hfp_epochs is None else a.hfp_epochs
+    a.ramp_epochs = (2.0 if width else 0.0) if a.ramp_epochs is None else a.ramp_epochs
     if a.quick:
         a.epochs, a.hfp_epochs = 3, 1
+        a.ramp_epochs = min(a.ramp_epochs, 0.5)
         a.train_subset = a.train_subset or 6000
         a.log_every = min(a.log_every, 5)
     if "hfp-scratch" in a.runs and "hfp-macs40" not in a.runs:

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     gates = hfp_fx.gate_parameters(prepared)
     others = [p for p in prepared.parameters() if all(p is not g for g in gates)]
     opt = torch.optim.SGD([{"params": others, "lr": 0.01, "weight_decay": 1e-4},
-                           {"params": gates, "lr": 0.002, "weight_decay": 0.0}], momentum=0.9)
+                           {"params": gates, "lr": 0.1, "weight_decay": 0.0}], momentum=0.9)
 
     prepared.train()
     for step, (x, y) in enumerate(batches(a.steps, a.batch, a.size, 10)):

@@ -130,8 +130,15 @@ class HFPState(torch.nn.Module):
         A channel is kept while this is above 0.5.  The forward pass sees widths clipped to
         [0, 1] (and at least ``min_channels``), the gradient passes unclipped, so a width pushed
         past 1 comes straight back under the cost push.
+
+        The gradient reaching a width is divided by the mean group size: a width's gradient is
+        its group size times a per-channel one (task and cost alike), so without this the step
+        a learning rate gives would grow with the model's widths; with it, one learning rate
+        moves widths alike in small and large models.
         """
-        w = self.width + (self.width.clamp(0, 1) - self.width).detach()
+        mean_size = self.num_channels / max(len(self.group_ids), 1)
+        w = self.width.detach() + (self.width - self.width.detach()) / mean_size
+        w = w + (w.clamp(0, 1) - w).detach()
         n = self.group_size
         floor = n.clamp(max=float(self.min_channels))
         return torch.maximum(w[self.group_index] * n, floor) - self.rank
