@@ -81,11 +81,12 @@ class HFPState(torch.nn.Module):
             self.gate = torch.nn.Parameter(torch.ones(units.numel()))
         else:
             self.width = torch.nn.Parameter(torch.ones(len(sizes)))
-            # persistent: a reloaded prepared model keeps the ranking its widths were trained with
+            # persistent: a reloaded prepared model keeps the ranking its widths were trained with.
+            # Integer buffers, so that casting the prepared model (.half()) cannot round them.
             self.register_buffer("rank", _channel_ranks(dg), persistent=True)
             self.register_buffer("group_size", torch.repeat_interleave(
-                torch.tensor(sizes, dtype=torch.float32), torch.tensor(sizes, dtype=torch.long))
-                if sizes else torch.zeros(0), persistent=False)
+                torch.tensor(sizes, dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
+                if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("group_index", torch.repeat_interleave(torch.arange(len(sizes)),
                                                                     torch.tensor(sizes, dtype=torch.long))
                              if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
@@ -137,11 +138,12 @@ class HFPState(torch.nn.Module):
         moves widths alike in small and large models.
         """
         mean_size = self.num_channels / max(len(self.group_ids), 1)
-        w = self.width.detach() + (self.width - self.width.detach()) / mean_size
+        width = self.width.double()  # float64 whatever the model's dtype: ranks go to thousands
+        w = width.detach() + (width - width.detach()) / mean_size
         w = w + (w.clamp(0, 1) - w).detach()
-        n = self.group_size
+        n = self.group_size.double()
         floor = n.clamp(max=float(self.min_channels))
-        return torch.maximum(w[self.group_index] * n, floor) - self.rank
+        return torch.maximum(w[self.group_index] * n, floor) - self.rank.double()
 
     def alive(self) -> torch.Tensor:
         """Per prunable channel: kept (True) or acting as zero (False) in the forward pass now."""
@@ -155,7 +157,7 @@ class HFPState(torch.nn.Module):
         # straight-through on the boundary channel only (0 <= d <= 1): d task / d width is what
         # fading that one channel in or out is worth, the first-order value of one channel
         window = ((d >= 0) & (d <= 1)).to(d.dtype)
-        return hard + (d - d.detach()) * window
+        return (hard + (d - d.detach()) * window).to(self.width.dtype)
 
     def scaled_gates(self) -> torch.Tensor:
         """The gates the threshold and the forward pass see.
@@ -176,7 +178,7 @@ class HFPState(torch.nn.Module):
         """Per channel, what the budget projection of ``finalize`` ranks by (kept: higher)."""
         if self.gates == "width":
             # as a fraction of the group: untrained widths (all 1) then prune every group alike
-            return self.position().detach() / self.group_size
+            return self.position().detach() / self.group_size.double()
         return self.scaled_gates().detach().clamp(min=0)
 
     def gate_values(self) -> torch.Tensor:
@@ -187,7 +189,7 @@ class HFPState(torch.nn.Module):
         of a group can sink together; with it, channels the task loss needs stay at the cap.
         """
         if self.gates == "width":
-            return torch.ones_like(self.rank)  # kept channels pass unscaled
+            return self.width.new_ones(self.rank.shape)  # kept channels pass unscaled
         g = self.scaled_gates()
         return g if self.gate_max is None else g.clamp(max=self.gate_max)
 
@@ -315,7 +317,7 @@ def _channel_ranks(dg: DependencyGraph) -> torch.Tensor:
     scores = _magnitude_saliency(dg, "l1")
     ranks = [torch.argsort(torch.argsort(scores[g.id], descending=True, stable=True), stable=True)
              for g in dg.prunable_groups]
-    return torch.cat(ranks).float() if ranks else torch.zeros(0)
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:

@@ -256,3 +256,16 @@ def test_width_cost_push_and_per_channel_options():
             hfp_fx.prepare(model, x, "30%", **option)
     with pytest.raises(ValueError, match="gates must be"):
         hfp_fx.prepare(model, x, "30%", gates="filter")
+
+
+def test_widths_survive_a_cast_to_half():
+    """Ranks and group sizes are integers: casting the prepared model cannot round them."""
+    model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, "50%").eval()
+    with torch.no_grad():
+        prepared.hfp.width.fill_(0.5)
+    alive = prepared.hfp.alive().clone()
+    half = prepared.half()
+    assert half.hfp.rank.dtype == torch.long and half.hfp.width.dtype == torch.float16
+    assert torch.equal(half.hfp.alive(), alive)
+    assert half.hfp.effective_gates().dtype == torch.float16
