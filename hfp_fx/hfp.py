@@ -143,7 +143,11 @@ class HFPState(torch.nn.Module):
         w = w + (w.clamp(0, 1) - w).detach()
         n = self.group_size.double()
         floor = n.clamp(max=float(self.min_channels))
-        return torch.maximum(w[self.group_index] * n, floor) - self.rank.double()
+        kept = w[self.group_index] * n
+        # the floor straight-through too: a width held at min_channels still feels both losses
+        # (and can grow back) instead of losing its gradient
+        kept = kept + (torch.maximum(kept, floor) - kept).detach()
+        return kept - self.rank.double()
 
     def alive(self) -> torch.Tensor:
         """Per prunable channel: kept (True) or acting as zero (False) in the forward pass now."""
@@ -154,9 +158,10 @@ class HFPState(torch.nn.Module):
     def _width_mask(self) -> torch.Tensor:
         d = self.position()
         hard = (d > 0.5).to(d.dtype)
-        # straight-through on the boundary channel only (0 <= d <= 1): d task / d width is what
-        # fading that one channel in or out is worth, the first-order value of one channel
-        window = ((d >= 0) & (d <= 1)).to(d.dtype)
+        # straight-through on the boundary channel only (0 < d <= 1, one channel per group even
+        # when n * width is whole): d task / d width is what fading that one channel in or out
+        # is worth, the first-order value of one channel
+        window = ((d > 0) & (d <= 1)).to(d.dtype)
         return (hard + (d - d.detach()) * window).to(self.width.dtype)
 
     def scaled_gates(self) -> torch.Tensor:
@@ -512,7 +517,7 @@ def _magnitude_saliency(dg: DependencyGraph, importance: str) -> Dict[str, torch
         for dim, ids in dims.items():
             if dim > 1:
                 continue
-            flat = w.detach().double().transpose(0, dim).reshape(w.shape[dim], -1)
+            flat = w.detach().double().cpu().transpose(0, dim).reshape(w.shape[dim], -1)
             per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
             scores[dim].index_add_(0, roots[ids], per)
     out = {}

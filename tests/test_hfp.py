@@ -269,3 +269,20 @@ def test_widths_survive_a_cast_to_half():
     assert half.hfp.rank.dtype == torch.long and half.hfp.width.dtype == torch.float16
     assert torch.equal(half.hfp.alive(), alive)
     assert half.hfp.effective_gates().dtype == torch.float16
+
+
+def test_width_gradient_flows_through_one_boundary_channel_and_past_the_floor():
+    model, x = TinyNet(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, "50%", min_channels=4)
+    hfp = prepared.hfp
+    sizes = torch.tensor([hfp.offsets[i + 1] - hfp.offsets[i] for i in range(len(hfp.group_ids))], dtype=torch.float64)
+    mean_size = hfp.num_channels / len(hfp.group_ids)
+    for width in (0.5, 0.37, 0.01):  # whole n * width, fractional, below the min_channels floor
+        hfp.width.grad = None
+        with torch.no_grad():
+            hfp.width.fill_(width)
+        hfp.effective_gates().sum().backward()
+        # d(sum of masks)/d width = n / mean_size: exactly one channel per group carries it
+        assert torch.allclose(hfp.width.grad.double(), sizes / mean_size), (width, hfp.width.grad)
+        if width == 0.01:
+            assert all(int(hfp.alive()[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) == 4 for i in range(3))
