@@ -327,8 +327,7 @@ class Trainer:
 def record_hfp(log: dict, prepared, step: int, epoch: float, ce: float, closs: float) -> None:
     c = hfp_fx.complexity(prepared)
     hfp = prepared.hfp
-    alive = hfp.alive()
-    per_group = {gid: int(alive[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) for i, gid in enumerate(hfp.group_ids)}
+    per_group = hfp.kept_per_group()
     g = hfp.trainable.detach()  # the widths or the per-channel gates
     log.setdefault("trace", []).append({
         "step": step, "epoch": round(epoch, 4), "ce": round(ce, 4), "closs": round(closs, 5),

@@ -77,6 +77,9 @@ class HFPState(torch.nn.Module):
         units = torch.cat([g.units for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
         self.gates = gates
         self.num_channels = int(units.numel())
+        self.register_buffer("group_index", torch.repeat_interleave(torch.arange(len(sizes)),
+                                                                    torch.tensor(sizes, dtype=torch.long))
+                             if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
         if gates == "channel":
             self.gate = torch.nn.Parameter(torch.ones(units.numel()))
         else:
@@ -84,12 +87,8 @@ class HFPState(torch.nn.Module):
             # persistent: a reloaded prepared model keeps the ranking its widths were trained with.
             # Integer buffers, so that casting the prepared model (.half()) cannot round them.
             self.register_buffer("rank", _channel_ranks(dg), persistent=True)
-            self.register_buffer("group_size", torch.repeat_interleave(
-                torch.tensor(sizes, dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
-                if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
-        self.register_buffer("group_index", torch.repeat_interleave(torch.arange(len(sizes)),
-                                                                    torch.tensor(sizes, dtype=torch.long))
-                             if sizes else torch.zeros(0, dtype=torch.long), persistent=False)
+            self.register_buffer("group_size", torch.tensor(sizes, dtype=torch.long)[self.group_index],
+                                 persistent=False)
         self.register_buffer("columns", self.cost.columns(units), persistent=False)
         self.register_buffer("lambdas", torch.full((2,), float(lambda_init), dtype=torch.float64))
         # targets as a tensor (0 = not targeted) so the loss never syncs with the host; integer,
@@ -154,6 +153,12 @@ class HFPState(torch.nn.Module):
         if self.gates == "width":
             return self.position() > 0.5
         return self.scaled_gates() > self.threshold
+
+    def kept_per_group(self) -> Dict[str, int]:
+        """Channels the forward pass keeps now, per group id."""
+        counts = torch.zeros(len(self.group_ids), dtype=torch.long, device=self.group_index.device)
+        counts.index_add_(0, self.group_index, self.alive().long())
+        return dict(zip(self.group_ids, counts.tolist()))
 
     def _width_mask(self) -> torch.Tensor:
         d = self.position()
@@ -220,17 +225,15 @@ class HFPState(torch.nn.Module):
     def keep_values(self, soft: bool = True) -> torch.Tensor:
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
         keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=self.trainable.device)
+        if not soft:
+            return keep.index_put((self.columns,), self.alive().double())
         if self.gates == "width":
-            k = self._width_mask() if soft else self.alive().double()
-            return keep.index_put((self.columns,), k.double())
+            return keep.index_put((self.columns,), self._width_mask().double())
         scaled = self.scaled_gates()
         s = scaled.clamp(min=0)
         alive = (scaled > self.threshold).to(s.dtype)
-        keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=s.device)
         if s.numel() == 0:
             return keep
-        if not soft:
-            return keep.index_put((self.columns,), alive.double())
         if self.count_mode == "sigmoid":
             k = torch.sigmoid((s - self.threshold) / self.temperature)
         else:
@@ -423,9 +426,9 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     hfp: HFPState = prepared.hfp
     dg: DependencyGraph = prepared._hfp_graph
     resolved = hfp.target if target is None else Target.parse(target).resolve(hfp.dense)
-    sal, alive_now = hfp.saliency().cpu(), hfp.alive().cpu()
+    sal = hfp.saliency().cpu()
     saliency = {gid: sal[hfp.offsets[i]:hfp.offsets[i + 1]] for i, gid in enumerate(hfp.group_ids)}
-    initial = {gid: int(alive_now[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) for i, gid in enumerate(hfp.group_ids)}
+    initial = hfp.kept_per_group()
     with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
         with stage("budget projection"):
             plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
