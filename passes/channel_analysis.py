@@ -64,6 +64,15 @@ class GateSite:
     ids: torch.Tensor
     weight: Optional[Tuple[str, int]] = None
 
+    @property
+    def name(self) -> str:
+        """A stable name derived from the graph (consumer node and argument), e.g. ``fc_0``.
+
+        Gate modules and scale buffers are named after it, so saved files do not depend on the
+        order in which rules recorded their sites.
+        """
+        return f"{self.node}_{self.arg}"
+
 
 @dataclass
 class ChannelFacts:

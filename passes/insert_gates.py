@@ -90,12 +90,12 @@ def insert_gates(dg, hfp: torch.nn.Module) -> torch.fx.GraphModule:
     with graph.inserting_after(anchor):
         vector = graph.call_module("hfp", ())
     sites_of = Counter(site.node for site in dg.facts.gates)
-    for k, site in enumerate(dg.facts.gates):
+    for site in dg.facts.gates:
         index = hfp.vector_index(site.ids)
         if bool((index == 0).all()):
             continue  # every channel here is fixed
         node = nodes[site.node]
-        name = f"site{k}"
+        name = site.name
         dim = _weight_gate_dim(gm, node, site, index.numel()) if sites_of[site.node] == 1 else None
         if dim is not None:
             weight = gm.get_submodule(node.target).weight
