@@ -1,11 +1,13 @@
-"""Teach hfp_fx a custom op: until it has a rule, the channels through it are fixed (with a reason).
+"""Teach hfp_fx a custom op: until it has a handler, the channels through it are fixed (with a reason).
 
     python examples/custom_op.py
 
 ``scaled_swish`` stands for any function FX must not trace into (a custom kernel, a C++
 extension): ``torch.fx.wrap`` keeps it as one graph node.  hfp_fx knows nothing about it, so it
-refuses to prune the channels that flow through it.  One line registers it as a per-channel
-(pass-through) op, after which those channels are prunable and the pruned model stays exact.
+refuses to prune the channels that flow through it.  One handler in a rule set of our own
+declares it a per-channel (pass-through) op that does no MACs; passed as ``rules=``, it makes
+those channels prunable for these calls only, and the pruned model stays exact.  hfp_fx's
+default rules are not changed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import hfp_fx
-from hfp_fx.passes.registry import register_function
+from hfp_fx.passes.registry import OpHandler, default_rules
 from hfp_fx.passes.rules_tensor import passthrough
 
 log = logging.getLogger("custom_op")
@@ -41,8 +43,8 @@ class Net(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def prunable_fraction(model: nn.Module, x: torch.Tensor) -> float:
-    dg = hfp_fx.dependency_graph(model, x)
+def prunable_fraction(model: nn.Module, x: torch.Tensor, rules=None) -> float:
+    dg = hfp_fx.dependency_graph(model, x, rules=rules)
     for g in dg.groups:
         if not g.prunable and g.name.startswith("conv"):
             log.info("  %s (%s): not prunable: %s", g.id, g.name, g.reason)
@@ -55,15 +57,17 @@ def main(argv=None) -> dict:
     before = prunable_fraction(model, x)
     log.info("before registering a rule: %.0f%% of channels prunable", 100 * before)
 
-    register_function(scaled_swish)(passthrough)  # elementwise: channel c in -> channel c out
-    after = prunable_fraction(model, x)
+    rules = default_rules()  # a copy of hfp_fx's handlers
+    rules.register(OpHandler(passthrough, macs=False), functions=[scaled_swish])  # channel c in -> channel c out
+    after = prunable_fraction(model, x, rules)
     log.info("after: %.0f%% of channels prunable", 100 * after)
+    log.info("the default rules still refuse it: %.0f%% prunable", 100 * prunable_fraction(model, x))
 
-    small = hfp_fx.prune(model, x, {"macs": 0.5})
-    reference = hfp_fx.mask(model, x, keep=small.meta["hfp"]["keep"])  # same shapes, removed channels zeroed
+    small = hfp_fx.prune(model, x, {"macs": 0.5}, rules=rules)
+    reference = hfp_fx.mask(model, x, small.meta["hfp"]["keep"], rules=rules)  # same shapes, removed channels zeroed
     error = float((small(x) - reference.eval()(x)).abs().max())
     log.info("pruned to %s MACs; max |pruned - masked| = %.2e", f"{small.meta['hfp']['achieved']['macs']:,}", error)
-    return {"before": before, "after": after, "max_error": error}
+    return {"before": before, "after": after, "default_after": prunable_fraction(model, x), "max_error": error}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from hfp_fx.progress import set_progress
 from hfp_fx.target import Target
 from hfp_fx.viz import ComplexityLog, plot_widths, render_graph
 from hfp_fx.graph import DependencyGraph, Member, PruneGroup
-from hfp_fx.tracing import ShapePropagationError, TraceError
+from hfp_fx.shapes import ShapePropagationError
+from hfp_fx.tracing import TraceError
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -27,9 +26,12 @@ from hfp_fx.cost import Counts
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.mask import apply_masks
+from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.tracing import meta_copy, normalize_inputs, propagate_shapes, shape_only, trace
+from hfp_fx.copies import clone_copy, meta_copy, shape_only
+from hfp_fx.shapes import propagate_shapes
+from hfp_fx.tracing import normalize_inputs, trace
 
 __all__ = ["dependency_graph", "count", "mask", "shrink"]
 
@@ -40,11 +42,14 @@ def _unique_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Sequence[str] = ()) -> DependencyGraph:
+def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Sequence[str] = (),
+                     rules: Optional[OpRegistry] = None) -> DependencyGraph:
     """Trace ``model`` and group its channels into prune groups.
 
     ``exclude`` names submodules (qualified names, e.g. ``"layer4"``) whose channels must never
-    be pruned.
+    be pruned.  ``rules`` is the set of op handlers to use (default: hfp_fx's own,
+    ``hfp_fx.passes.registry.DEFAULT_RULES``); pass ``default_rules()`` extended with your own
+    handlers to teach hfp_fx an op for this call only.
     """
     if isinstance(model, DependencyGraph):
         return model
@@ -59,13 +64,14 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
     start = time.perf_counter()
     with stages("dependency_graph", ["trace", "shapes", "channels", "groups"]) as stage:
         with stage("trace"):
-            traced = trace(model, inputs)
+            traced = trace(model, inputs, rules)
         with stage("shapes"):
-            propagate_shapes(traced.graph_module, inputs)
+            propagate_shapes(traced.graph_module, inputs, rules)
         with stage("channels"):
-            facts = ChannelAnalysis(traced.graph_module, root=model, exclude=exclude, opaque=traced.opaque).run()
+            facts = ChannelAnalysis(traced.graph_module, root=model, exclude=exclude, opaque=traced.opaque,
+                                    rules=rules, example_inputs=inputs).run()
         with stage("groups"):
-            dg = DependencyGraph(facts, inputs, _unique_params(model), seconds=time.perf_counter() - start)
+            dg = DependencyGraph(facts, _unique_params(model), seconds=time.perf_counter() - start)
     dg.shape_specialized = traced.shape_specialized  # traced with the example's concrete shapes
     return dg
 
@@ -86,25 +92,25 @@ def count(model: torch.nn.Module, example_inputs: Any) -> Counts:
         with FlopCounterMode(display=False) as counter:
             twin(*[torch.empty_like(x, device="meta") for x in inputs])
     except Exception:  # noqa: BLE001 - ops without meta kernels: count a real run of a copy
-        twin = shape_only(copy.deepcopy(model))
+        twin = shape_only(clone_copy(model))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             twin(*inputs)
     return Counts(params, counter.get_total_flops() // 2)
 
 
-def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None
-         ) -> torch.fx.GraphModule:
+def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
+         rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
     """Same shapes as ``model``; the channels not in ``keep`` contribute exactly zero.
 
     ``keep`` maps a prune group id to the sorted channel indices to keep; groups not named are
     kept whole.  This is the reference ``shrink`` must equal.
     """
-    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs)
-    return apply_masks(dg, dg.alive(keep)).train(dg.gm.training)
+    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs, rules=rules)
+    return apply_masks(dg.facts, dg.alive(keep)).train(dg.gm.training)
 
 
-def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None
-           ) -> torch.fx.GraphModule:
+def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
+           rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
     """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes."""
-    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs)
-    return shrink_model(dg, dg.alive(keep)).train(dg.gm.training)
+    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs, rules=rules)
+    return shrink_model(dg.facts, dg.alive(keep)).train(dg.gm.training)

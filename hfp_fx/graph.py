@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from hfp_fx.passes.channel_analysis import ChannelFacts, iter_maps
+from hfp_fx.passes.channel_analysis import ChannelFacts
 
 __all__ = ["Member", "PruneGroup", "DependencyGraph"]
 
@@ -93,11 +93,10 @@ class DependencyGraph:
     Build it with :func:`hfp_fx.dependency_graph`.
     """
 
-    def __init__(self, facts: ChannelFacts, example_inputs: Tuple[torch.Tensor, ...], model_params: int,
-                 seconds: float = 0.0):
+    def __init__(self, facts: ChannelFacts, model_params: int, seconds: float = 0.0):
         self.facts = facts
         self.gm: torch.fx.GraphModule = facts.gm
-        self.example_inputs = example_inputs
+        self.example_inputs: Tuple[torch.Tensor, ...] = facts.example_inputs
         self.roots = facts.elements.roots()
         self.seconds = seconds
         #: parameters of the user's model that the traced graph never uses (e.g. aux heads in eval
@@ -218,68 +217,29 @@ class DependencyGraph:
             alive[g.units[idx]] = True
         return alive[self.roots]
 
-    def kept(self, ids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Boolean mask over positions labelled ``ids``."""
-        return alive[ids]
-
-    # -- presentation -----------------------------------------------------------------------
+    # -- presentation (hfp_fx/viz.py) ---------------------------------------------------------
     def summary(self, max_members: int = 3, only_prunable: bool = False) -> str:
-        from tabulate import tabulate
+        """A table of groups: id, channels, member modules, prunable or why not."""
+        from hfp_fx.viz import summary_table
 
-        rows = []
-        for g in self.groups:
-            if only_prunable and not g.prunable:
-                continue
-            mods = g.modules
-            shown = ", ".join(mods[:max_members]) + (f" (+{len(mods) - max_members})" if len(mods) > max_members else "")
-            status = "yes" if g.prunable else f"no: {_short(g.reason)}"
-            rows.append([g.id, g.channels, shown, status])
-        table = tabulate(rows, headers=["group", "channels", "members", "prunable"], tablefmt="github")
-        total = sum(g.channels for g in self.groups)
-        pr = sum(g.channels for g in self.prunable_groups)
-        return (f"{table}\n\n{len(self.groups)} groups, {len(self.prunable_groups)} prunable; "
-                f"{pr}/{total} channels prunable ({100 * pr / max(total, 1):.1f}%)")
+        return summary_table(self, max_members, only_prunable)
 
     def to_networkx(self):
         """A DiGraph of FX nodes (data flow) and group nodes linked to the modules they touch."""
-        import networkx as nx
+        from hfp_fx.viz import to_networkx
 
-        roots, group_of = self.roots, self._group_of_unit
-        g = nx.DiGraph()
-        for node in self.gm.graph.nodes:
-            gids = set()
-            for m in iter_maps(self.facts.maps.get(node.name)):
-                gids.update(int(x) for x in torch.unique(group_of[roots[m.ids]]).tolist() if x >= 0)
-            g.add_node(node.name, kind="op", op=node.op, target=str(node.target),
-                       groups=sorted(f"g{x}" for x in gids))
-            for inp in node.all_input_nodes:
-                g.add_edge(inp.name, node.name, kind="data")
-        module_nodes = {n.target: n.name for n in self.gm.graph.nodes if n.op == "call_module"}
-        for grp in self.groups:
-            g.add_node(grp.id, kind="group", channels=grp.channels, prunable=grp.prunable, reason=grp.reason or "")
-            for mod in grp.modules:
-                if mod in module_nodes:
-                    g.add_edge(grp.id, module_nodes[mod], kind="member")
-        return g
+        return to_networkx(self)
 
     def to_dot(self) -> str:
         """Graphviz DOT text: ops as boxes, prunable groups in colour, fixed groups grey."""
-        g = self.to_networkx()
-        palette = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5"]
-        lines = ["digraph hfp {", "  rankdir=TB; node [fontname=Helvetica fontsize=10];"]
-        for n, d in g.nodes(data=True):
-            if d["kind"] == "group":
-                color = palette[int(n[1:]) % len(palette)] if d["prunable"] else "#dddddd"
-                label = f"{n}\\n{d['channels']} ch" + ("" if d["prunable"] else "\\nfixed")
-                lines.append(f'  "{n}" [shape=ellipse style=filled fillcolor="{color}" label="{label}"];')
-            else:
-                label = f"{n}\\n{d['target']}" if d["op"] != "placeholder" else n
-                lines.append(f'  "{n}" [shape=box label="{_esc(label)}"];')
-        for u, v, d in g.edges(data=True):
-            style = "dashed" if d["kind"] == "member" else "solid"
-            lines.append(f'  "{u}" -> "{v}" [style={style}];')
-        lines.append("}")
-        return "\n".join(lines)
+        from hfp_fx.viz import to_dot
+
+        return to_dot(self)
+
+    def groups_of(self, ids: torch.Tensor) -> List[str]:
+        """Ids of the groups that own some of these elements (sorted by group index)."""
+        gidx = torch.unique(self._group_of_unit[self.roots[ids]]).tolist()
+        return [f"g{x}" for x in sorted(gidx) if x >= 0]
 
 
 def _summarize(reasons: List[str], shown: int = 2) -> Optional[str]:
@@ -287,12 +247,3 @@ def _summarize(reasons: List[str], shown: int = 2) -> Optional[str]:
         return None
     text = "; ".join(reasons[:shown])
     return text + (f" (and {len(reasons) - shown} more)" if len(reasons) > shown else "")
-
-
-def _short(text: Optional[str], n: int = 70) -> str:
-    text = text or ""
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _esc(s: str) -> str:
-    return s.replace('"', "'")

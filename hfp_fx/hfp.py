@@ -35,8 +35,10 @@ from hfp_fx.api import dependency_graph
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.insert_gates import insert_gates
+from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import add_scale_nodes, shrink_model
 from hfp_fx.progress import stages
+from hfp_fx.saliency import magnitude_saliency
 from hfp_fx.projection import Plan, check_feasible, project
 from hfp_fx.target import ResolvedTarget, Target
 
@@ -322,7 +324,7 @@ class _CompressSpread(torch.autograd.Function):
 
 def _channel_ranks(dg: DependencyGraph) -> torch.Tensor:
     """Rank of every prunable channel within its group (0 = largest filter L1 norm, kept last)."""
-    scores = _magnitude_saliency(dg, "l1")
+    scores = magnitude_saliency(dg, "l1")
     ranks = [torch.argsort(torch.argsort(scores[g.id], descending=True, stable=True), stable=True)
              for g in dg.prunable_groups]
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
@@ -341,11 +343,13 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
-            relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width") -> torch.fx.GraphModule:
+            relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
+            rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
     meaning MACs.  The result computes exactly what ``model`` computes (all gates start at 1).
+    ``rules``: the op handlers to use (see :func:`hfp_fx.dependency_graph`).
     """
     if int(min_channels) < 1 or int(round_to) < 1:
         raise ValueError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
@@ -359,7 +363,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
     check_feasible(state.cost, dg.prunable_groups, resolved, min_channels, round_to)
-    prepared = insert_gates(dg, state)
+    prepared = insert_gates(dg.facts, state)
     prepared.train(model.training)  # the gates' schedule follows the model's mode
     prepared._hfp_graph = dg
     prepared.meta["hfp_exclude"] = list(exclude)
@@ -439,8 +443,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
             vector = torch.cat([torch.ones(1), hfp.gate_values().detach().cpu().double().clamp(min=0)])
             scales = _fold_gates(base, dg, vector)  # docs/concepts.md, "Finalize"
         with stage("shrink"):
-            small = shrink_model(dg, alive, gm=base)
-            add_scale_nodes(small, dg, alive, scales)
+            small = shrink_model(dg.facts, alive, gm=base)
+            add_scale_nodes(small, alive, scales)
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = _report(dg, plan)
     small.meta["hfp"]["scale_sites"] = [s[0] for s in scales]
@@ -507,37 +511,12 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, vector: torch.Ten
     return pending
 
 
-def _magnitude_saliency(dg: DependencyGraph, importance: str) -> Dict[str, torch.Tensor]:
-    if importance not in ("l1", "l2", "uniform"):
-        raise ValueError(f"importance must be 'l1', 'l2' or 'uniform', got {importance!r}")
-    roots = dg.roots
-    tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
-    scores = {0: torch.zeros(roots.numel(), dtype=torch.float64), 1: torch.zeros(roots.numel(), dtype=torch.float64)}
-    for name, dims in dg.facts.params.items():
-        w = tensors.get(name)
-        if w is None or w.dim() < 2 or not name.endswith("weight"):
-            continue
-        for dim, ids in dims.items():
-            if dim > 1:
-                continue
-            flat = w.detach().double().cpu().transpose(0, dim).reshape(w.shape[dim], -1)
-            per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
-            scores[dim].index_add_(0, roots[ids], per)
-    out = {}
-    for g in dg.prunable_groups:
-        s = scores[0][g.units]
-        if not bool((s > 0).any()):
-            s = scores[1][g.units]
-        if importance == "uniform" or not bool((s > 0).any()):
-            s = torch.ones(g.channels, dtype=torch.float64)
-        out[g.id] = s / s.mean()
-    return out
-
-
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
-          cost_power: float = 0.0) -> torch.fx.GraphModule:
+          cost_power: float = 0.0, rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
+
+    ``rules``: the op handlers to use (see :func:`hfp_fx.dependency_graph`).
 
     Saliency is each channel's mean |weight| (``"l1"``) or RMS (``"l2"``) over the filters that
     produce it, divided by its group's mean, so channels are ranked globally.  ``cost_power``
@@ -545,17 +524,17 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     """
     with stages("prune", ["dependency graph", "budget projection", "shrink"]) as stage:
         with stage("dependency graph"):
-            dg = dependency_graph(model, example_inputs, exclude=exclude)
+            dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules)
         if not dg.prunable_groups:
             raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                              "hfp_fx.dependency_graph(model, x).summary() for the reasons")
         with stage("budget projection"):
             cm = CostModel(dg)
             resolved = Target.parse(target).resolve(cm.counts())
-            plan = project(cm, dg.prunable_groups, _magnitude_saliency(dg, importance), resolved,
+            plan = project(cm, dg.prunable_groups, magnitude_saliency(dg, importance), resolved,
                            min_channels=min_channels, round_to=round_to, cost_power=cost_power)
         with stage("shrink"):
-            small = shrink_model(dg, dg.alive(plan.keep))
+            small = shrink_model(dg.facts, dg.alive(plan.keep))
     small.train(model.training)
     small.meta["hfp"] = _report(dg, plan)
     small.meta["hfp"]["scale_sites"] = []

@@ -59,9 +59,9 @@ def load(path, model_factory: Callable[[], torch.nn.Module], example_inputs: Any
                          "pass the same architecture (and example input shapes) that was pruned")
     keep = {gid: list(idx) for gid, idx in plan["keep"].items()}
     alive = dg.alive(keep)
-    small = shrink_model(dg, alive)
+    small = shrink_model(dg.facts, alive)
     sites = {f"site{k}": s for k, s in enumerate(dg.facts.gates)}
-    add_scale_nodes(small, dg, alive, [(name, sites[name], None) for name in plan["scale_sites"]])
+    add_scale_nodes(small, alive, [(name, sites[name], None) for name in plan["scale_sites"]])
     small.load_state_dict(blob["state_dict"], strict=True)
     small.meta["hfp"] = {"keep": keep, "exclude": plan["exclude"], "scale_sites": plan["scale_sites"],
                          "groups": {gid: {"name": gid, "dense": d, "kept": k} for gid, (d, k) in plan["groups"].items()},

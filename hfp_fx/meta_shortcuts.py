@@ -28,7 +28,6 @@ Example::
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils.flop_counter import conv_flop_count
 
-__all__ = ["meta_result", "tensor_metadata", "in_place"]
+__all__ = ["meta_result", "tensor_metadata", "in_place", "pointwise_shape", "norm_shape", "arithmetic_shape",
+           "cat_shape", "adaptive_avg_pool2d_shape", "layer_shape"]
 
 Result = Optional[Tuple[torch.Tensor, int]]
 
@@ -94,26 +94,7 @@ def _new(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tuple(shape), tuple(reversed(stride)), dtype=like.dtype, device="meta")
 
 
-# -- shape-keeping ops: norms, activations, dropout ------------------------------------------
-#: element-wise: the output keeps the input's strides
-_POINTWISE_MODULES = frozenset([
-    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish, torch.nn.Hardsigmoid,
-    torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish, torch.nn.Identity,
-    torch.nn.Dropout, torch.nn.Dropout2d,
-])
-_POINTWISE_FUNCTIONS = frozenset([F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.dropout,
-                                  torch.relu, torch.sigmoid, torch.tanh])
-#: normalisations: contiguous in, contiguous out (layer norm: any dense input, contiguous out)
-_NORM_MODULES = frozenset([
-    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-    torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d,
-    torch.nn.InstanceNorm3d,
-])
-_NORM_FUNCTIONS = frozenset([F.batch_norm, F.layer_norm, F.group_norm])
-_SAME_SHAPE_MODULES = _POINTWISE_MODULES | _NORM_MODULES
-_SAME_SHAPE_FUNCTIONS = _POINTWISE_FUNCTIONS | _NORM_FUNCTIONS
-
-
+# -- shape-keeping ops: activations, dropout, norms --------------------------------------------
 def _fits(module, x: torch.Tensor) -> bool:
     """Whether a norm layer accepts ``x`` (its parameters match the input's channels)."""
     if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)):
@@ -131,24 +112,30 @@ def _fits(module, x: torch.Tensor) -> bool:
     return True
 
 
-def _same_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
-    if n.op == "call_module":
-        known = type(module) in _SAME_SHAPE_MODULES
-    else:
-        known = n.op == "call_function" and _hashable_in(n.target, _SAME_SHAPE_FUNCTIONS)
-    if not known or not args or not _meta_float(args[0]) or (module is not None and not _fits(module, args[0])):
-        return None  # a mismatched norm is run, so that it raises its own error
-    if n.op == "call_module" and (len(args) != 1 or kwargs):
+def _one_input(n: torch.fx.Node, module, args, kwargs) -> bool:
+    """A floating meta input, and a module called with it alone (keywords may change the op)."""
+    if not args or not _meta_float(args[0]):
+        return False
+    return n.op != "call_module" or (len(args) == 1 and not kwargs)
+
+
+def pointwise_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
+    """Element-wise activations and dropout: the output keeps the input's strides."""
+    if not _one_input(n, module, args, kwargs) or not _dense(args[0]):
         return None
     x = args[0]
-    if type(module) in _POINTWISE_MODULES or (module is None and n.target in _POINTWISE_FUNCTIONS):
-        if not _dense(x):
-            return None
-        if in_place(module if module is not None else n.target, args, kwargs):
-            # the result is the input itself; a leaf that requires grad makes the real op raise
-            return (x, 0) if not (x.requires_grad and x.grad_fn is None) else None
-        return _like(x), 0
-    layer_norm = type(module) is torch.nn.LayerNorm or n.target is F.layer_norm
+    if in_place(module if module is not None else n.target, args, kwargs):
+        # the result is the input itself; a leaf that requires grad makes the real op raise
+        return (x, 0) if not (x.requires_grad and x.grad_fn is None) else None
+    return _like(x), 0
+
+
+def norm_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
+    """Normalisations: contiguous in, contiguous out (layer norm: any dense input, contiguous out)."""
+    if not _one_input(n, module, args, kwargs) or (module is not None and not _fits(module, args[0])):
+        return None  # a mismatched norm is run, so that it raises its own error
+    x = args[0]
+    layer_norm = isinstance(module, torch.nn.LayerNorm) or n.target is F.layer_norm
     if not (x.is_contiguous() or layer_norm and _dense(x)):
         return None
     return _new(x.shape, x), 0
@@ -169,19 +156,9 @@ def in_place(target: Any, args, kwargs) -> bool:
 
 
 # -- element-wise arithmetic ------------------------------------------------------------------
-_BINARY_FUNCTIONS = frozenset([operator.add, operator.sub, operator.mul, operator.truediv,
-                               torch.add, torch.sub, torch.mul, torch.div])
-_BINARY_METHODS = frozenset(["add", "sub", "mul", "div", "__add__", "__sub__", "__mul__", "__truediv__",
-                             "__radd__", "__rmul__"])
-
-
-def _elementwise(n: torch.fx.Node, module, args, kwargs) -> Result:
+def arithmetic_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
     """``a (+ - * /) b`` on same-dtype contiguous floating tensors and Python numbers (broadcasting)."""
-    if n.op == "call_function":
-        known = _hashable_in(n.target, _BINARY_FUNCTIONS)
-    else:
-        known = n.op == "call_method" and n.target in _BINARY_METHODS
-    if not known or kwargs or len(args) != 2:
+    if kwargs or len(args) != 2:
         return None
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     numbers = [a for a in args if not isinstance(a, torch.Tensor)]
@@ -206,11 +183,9 @@ def _elementwise(n: torch.fx.Node, module, args, kwargs) -> Result:
 
 
 # -- concatenation ----------------------------------------------------------------------------
-_CAT_FUNCTIONS = frozenset([torch.cat, torch.concat, torch.concatenate])
-
-
-def _cat(n: torch.fx.Node, module, args, kwargs) -> Result:
-    if n.op != "call_function" or not _hashable_in(n.target, _CAT_FUNCTIONS) or not args:
+def cat_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
+    """``torch.cat`` of same-dtype contiguous floating tensors."""
+    if not args:
         return None
     if set(kwargs) - {"dim"} or len(args) > 2:
         return None
@@ -232,17 +207,16 @@ def _cat(n: torch.fx.Node, module, args, kwargs) -> Result:
 
 
 # -- adaptive average pooling -----------------------------------------------------------------
-def _adaptive_avg_pool(n: torch.fx.Node, module, args, kwargs) -> Result:
+def adaptive_avg_pool2d_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
+    """``AdaptiveAvgPool2d`` / ``F.adaptive_avg_pool2d`` on a contiguous 3-d or 4-d input."""
     if n.op == "call_module":
-        if type(module) is not torch.nn.AdaptiveAvgPool2d or len(args) != 1 or kwargs:
+        if len(args) != 1 or kwargs:
             return None
         size = module.output_size
-    elif n.op == "call_function" and _hashable_in(n.target, {F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d}):
+    else:
         if len(args) != 2 or kwargs:
             return None
         size = args[1]
-    else:
-        return None
     x = args[0]
     if not _plain(x) or x.dim() not in (3, 4) or 0 in x.shape[-3:]:
         return None
@@ -254,28 +228,26 @@ def _adaptive_avg_pool(n: torch.fx.Node, module, args, kwargs) -> Result:
 
 
 # -- convolution and linear layers ------------------------------------------------------------
-_CONV_DIMS = {torch.nn.Conv1d: 1, torch.nn.Conv2d: 2, torch.nn.Conv3d: 3}
-
-
-def _layer(n: torch.fx.Node, module, args, kwargs) -> Result:
-    """(output, MACs) of a plain ``ConvNd``/``Linear`` module.
+def layer_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
+    """(output, MACs) of a plain ``ConvNd``/``Linear`` module (transposed convs are run).
 
     Meta convolutions go through Python shape checks; the output shape is the documented
     formula and the MACs come from ``torch.utils.flop_counter``'s own counting function.
     """
-    if module is None or type(module) not in (*_CONV_DIMS, torch.nn.Linear) or len(args) != 1 or kwargs:
+    plain_conv = isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed
+    if not (plain_conv or isinstance(module, torch.nn.Linear)) or len(args) != 1 or kwargs:
         return None
     x, weight = args[0], getattr(module, "weight", None)
     if (not _plain(x) or not isinstance(weight, torch.Tensor) or weight.device.type != "meta"
             or weight.dtype != x.dtype):
         return None
-    if type(module) is torch.nn.Linear:
+    if isinstance(module, torch.nn.Linear):
         if x.dim() < 2 or x.shape[-1] != module.in_features or weight.shape != (module.out_features, x.shape[-1]):
             return None
         rows = x.numel() // module.in_features
         macs = rows * module.in_features * module.out_features  # an (rows x in) @ (in x out) mm
         return _new((*x.shape[:-1], module.out_features), x), macs
-    nd = _CONV_DIMS[type(module)]
+    nd = len(module.kernel_size)
     if module.padding_mode != "zeros" or x.dim() != nd + 2 or x.shape[1] != module.in_channels:
         return None
     if weight.shape != (module.out_channels, module.in_channels // module.groups, *module.kernel_size):
@@ -303,23 +275,21 @@ def _hashable_in(target, table) -> bool:
         return False
 
 
-#: One place to add an op: each rule returns ``(output, MACs)`` or ``None`` ("run the op").
-SHORTCUTS: Tuple[Callable[..., Result], ...] = (_same_shape, _elementwise, _layer, _cat, _adaptive_avg_pool)
-
-
 def meta_result(n: torch.fx.Node, module: Optional[torch.nn.Module], args: Tuple[Any, ...],
-                kwargs: Dict[str, Any]) -> Result:
-    """``(output, MACs)`` of node ``n`` built from a shape rule, or ``None`` if it must be run.
+                kwargs: Dict[str, Any], rules=None) -> Result:
+    """``(output, MACs)`` of node ``n`` from its op handler's shape shortcut, or ``None`` (run it).
 
     ``args`` and ``kwargs`` are the values of ``n``'s arguments (``Interpreter.fetch_args_kwargs_from_env``);
-    ``module`` is the called module for ``call_module`` nodes.
+    ``module`` is the called module for ``call_module`` nodes; ``rules`` the op handlers
+    (``hfp_fx.passes.registry.DEFAULT_RULES`` by default).
     """
     if n.op not in ("call_module", "call_function", "call_method"):
         return None
     if module is not None and (module._forward_hooks or module._forward_pre_hooks):
         return None  # a hook may change the output or count MACs of its own: run the module
-    for rule in SHORTCUTS:
-        found = rule(n, module, args, kwargs)
-        if found is not None:
-            return found
-    return None
+    if rules is None:
+        from hfp_fx.passes.registry import DEFAULT_RULES as rules
+    handler = rules.lookup(n, module)
+    if handler is None or handler.shape is None:
+        return None
+    return handler.shape(n, module, args, kwargs)

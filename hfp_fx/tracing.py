@@ -1,24 +1,22 @@
 """Step 1 of the flow: turn a user model into a shape-annotated ``torch.fx.GraphModule``.
 
-``trace`` runs ``torch.fx`` symbolic tracing.  Submodules whose ``forward`` cannot be traced
-(Python control flow on tensor values, unsupported builtins, ...) are retried as *opaque*
-leaves: the call stays one ``call_module`` node, and the channel analysis later treats its
-inputs and outputs as fixed.  ``propagate_shapes`` records every node's output shape in
-``node.meta["tensor_meta"]`` by running the graph on ``meta`` tensors, so it costs no FLOPs
-and never touches the user's weights or batch-norm statistics.
+``trace`` runs ``torch.fx`` symbolic tracing on a :func:`~hfp_fx.copies.state_copy` of the
+model (its own Python state, the same tensors), so whatever ``forward`` writes to ``self``
+while tracing -- ``Proxy`` objects in caches -- never reaches the user's model.  Submodules
+whose ``forward`` cannot be traced (Python control flow on tensor values, unsupported
+builtins, ...) are retried as *opaque* leaves: the call stays one ``call_module`` node, and the
+channel analysis later treats its inputs and outputs as fixed.  Shapes are added by
+:func:`hfp_fx.shapes.propagate_shapes`.
 
 Example::
 
     >>> import torch, torchvision
-    >>> from hfp_fx.tracing import trace, propagate_shapes
     >>> traced = trace(torchvision.models.resnet18())
-    >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))
     >>> traced.opaque
     {}
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import logging
@@ -29,15 +27,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
-from torch.utils.flop_counter import FlopCounterMode
 
-from hfp_fx.meta_memo import MetaMemo, call_key
-from hfp_fx.meta_shortcuts import meta_result, tensor_metadata
-from hfp_fx.passes.registry import counts_no_macs, is_rule_leaf
+from hfp_fx.copies import meta_copy, shape_only, state_copy
+from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedModel", "trace", "propagate_shapes", "normalize_inputs"]
+__all__ = ["TraceError", "TracedModel", "trace", "normalize_inputs"]
 
 #: How many failing submodules are made opaque before giving up.
 MAX_OPAQUE_RETRIES = 64
@@ -59,8 +55,9 @@ class TracedModel:
 class _RecordingTracer(torch.fx.Tracer):
     """A tracer that remembers which submodule was being traced when an error was raised."""
 
-    def __init__(self, opaque_names: Sequence[str] = ()):
+    def __init__(self, opaque_names: Sequence[str] = (), rules: Optional[OpRegistry] = None):
         super().__init__()
+        self.rules = rules if rules is not None else DEFAULT_RULES
         # Buffers become ``get_attr`` nodes as parameters do, so that an in-place write to one in
         # a traced ``forward`` (``self.steps.add_(1)``) is recorded in the graph instead of being
         # run on the user's buffer while tracing and then lost.
@@ -95,7 +92,7 @@ class _RecordingTracer(torch.fx.Tracer):
         return self._names_of[1]
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.opaque_names or is_rule_leaf(m):
+        if module_qualified_name in self.opaque_names or self.rules.is_leaf(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -154,8 +151,8 @@ class _ShapeTracer(_RecordingTracer):
     """
 
     def __init__(self, root: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...],
-                 opaque_names: Sequence[str] = ()):
-        super().__init__(opaque_names)
+                 opaque_names: Sequence[str] = (), rules: Optional[OpRegistry] = None):
+        super().__init__(opaque_names, rules)
         self.meta_root = shape_only(meta_copy(root))
         self.example = [torch.empty_like(x, device="meta") for x in example_inputs]
         self._placeholders = 0
@@ -246,11 +243,15 @@ def _drop_none_guards(graph: torch.fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None) -> TracedModel:
+def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+          rules: Optional[OpRegistry] = None) -> TracedModel:
     """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
 
-    The returned GraphModule shares submodules with ``model``; callers that modify weights must
-    copy it first (every public entry point does).
+    Modules with an op handler in ``rules`` (default: hfp_fx's own) are kept as single nodes.
+
+    The model is traced as a :func:`~hfp_fx.copies.state_copy`: the returned GraphModule shares
+    parameter and buffer tensors with ``model`` (callers that modify weights must copy it first;
+    every public entry point does) but no module object or Python container.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -262,9 +263,12 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
     with_shapes = False  # switched on when the root's own forward needs the example's shapes
     defaults = _defaults_beyond(model, example_inputs)
     for _ in range(MAX_OPAQUE_RETRIES):
-        tracer = _ShapeTracer(model, example_inputs, opaque) if with_shapes else _RecordingTracer(opaque)
+        # a fresh copy per attempt: forward-time writes (proxies in caches) land on the copy, and
+        # a failed attempt's proxies must not be read back by the next one
+        root = state_copy(model)
+        tracer = _ShapeTracer(root, example_inputs, opaque, rules) if with_shapes else _RecordingTracer(opaque, rules)
         try:
-            graph = tracer.trace(model, concrete_args=defaults)
+            graph = tracer.trace(root, concrete_args=defaults)
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
             failed = tracer.failed_in
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
@@ -299,179 +303,3 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
         gm.training = model.training  # the flag only: .train() would reach the user's submodules
         return TracedModel(gm, opaque, shape_specialized=with_shapes)
     raise TraceError(f"gave up after making {MAX_OPAQUE_RETRIES} submodules of {type(model).__name__} opaque")
-
-
-class ShapePropagationError(RuntimeError):
-    """Running the model on the example inputs failed at one node (named in the message)."""
-
-
-class _ShapeAndFlopProp(torch.fx.Interpreter):
-    """Records each node's output ``tensor_meta`` and its multiply-accumulates (``meta['macs']``).
-
-    Like :class:`torch.fx.passes.shape_prop.ShapeProp`, but a failing node raises
-    :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
-    """
-
-    def __init__(self, *args, memoize: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.extra_traceback = False  # our message already names the node; FX would append the graph
-        self.memo = MetaMemo()
-        self.memoize = memoize
-
-    def run_node(self, n):
-        module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        try:
-            if n.op in ("call_module", "call_function", "call_method"):
-                result, n.meta["macs"] = self._call(n, module)
-            else:
-                result, n.meta["macs"] = super().run_node(n), 0
-        except Exception as exc:  # noqa: BLE001 - re-raised with the node that failed
-            what = f"module {n.target} ({type(module).__name__})" if module is not None else f"{n.op} {_op_name(n)}"
-            cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
-            raise ShapePropagationError(f"node `{n.name}`, {what}: {cause}") from exc
-        found = False
-
-        def tensor_meta(obj):
-            nonlocal found
-            if isinstance(obj, torch.Tensor):
-                found = True
-                return tensor_metadata(obj)
-            return obj
-
-        meta = torch.fx.node.map_aggregate(result, tensor_meta)
-        if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
-        return result
-
-    def _call(self, n: torch.fx.Node, module: Optional[torch.nn.Module]) -> Tuple[Any, int]:
-        """Output and MACs of a call node: from a shape rule, from an equal earlier call, or run."""
-        counted = not counts_no_macs(n, module)
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        found = meta_result(n, module, args, kwargs)
-        if found is not None:
-            return found[0], found[1] if counted else 0
-        key = call_key(n.op, module if module is not None else n.target, args, kwargs) if self.memoize else None
-        key = (counted, key) if key is not None else None
-        reused = self.memo.get(key)
-        if reused is not None:
-            return reused
-        with FlopCounterMode(display=False) if counted else contextlib.nullcontext() as counter:
-            result = getattr(self, n.op)(n.target, args, kwargs)
-        macs = counter.get_total_flops() // 2 if counted else 0
-        self.memo.put(key, result, macs)
-        return result, macs
-
-
-def _op_name(n: torch.fx.Node) -> str:
-    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-
-
-def shape_only(module: torch.nn.Module) -> torch.nn.Module:
-    """Put the normalisation layers of a *copy* in eval mode before a shape/MAC pass.
-
-    Their output shapes do not depend on the mode, but in training mode batch norm refuses a
-    batch with one value per channel (batch 1 at 1x1 resolution), which example inputs often are.
-    """
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
-            m.eval()
-    return module
-
-
-def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of ``module`` whose parameters and buffers are ``meta`` tensors.
-
-    Running it costs no FLOPs and no memory, and whatever its ``forward`` does to ``self``
-    (caches, counters, lazily built tensors) lands on the copy, never on the user's model.
-    """
-    memo: Dict[int, Any] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        _tensor_copy(t, memo, "meta")
-    return copy.deepcopy(module, memo)
-
-
-def _tensor_copy(t: torch.Tensor, memo: Dict[int, Any], device: Optional[str]) -> torch.Tensor:
-    """``t`` as an empty tensor on ``device`` (``None``: a detached clone), a ``Parameter`` again if
-    it was one; made once per tensor and kept in ``memo`` (a ``copy.deepcopy`` memo)."""
-    if id(t) not in memo:
-        c = t.detach().clone() if device is None else torch.empty_like(t, device=device)
-        memo[id(t)] = torch.nn.Parameter(c, requires_grad=t.requires_grad) if isinstance(
-            t, torch.nn.Parameter) else c
-    return memo[id(t)]
-
-
-def _graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Module:
-    """A module holding copies of exactly what ``gm``'s graph calls and reads, for an Interpreter.
-
-    Much cheaper than ``deepcopy(gm)`` (no recompile, intermediate containers are empty modules).
-    Modules with a coupling rule are standard torch layers: a shallow copy with its own
-    parameter/buffer dicts isolates them.  Any other module (opaque user code that may write to
-    ``self``) is deep-copied.  ``device="meta"`` turns every tensor into a meta tensor; with
-    ``device=None`` every tensor is cloned, since the graph may write to one it reads with
-    ``get_attr`` (``self.w.add_(1)`` in a root ``forward``).
-    """
-    memo: Dict[int, Any] = {}
-
-    def tensor(t):
-        return _tensor_copy(t, memo, device) if isinstance(t, torch.Tensor) else t
-
-    def module_copy(m: torch.nn.Module) -> torch.nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]
-        if is_rule_leaf(m):
-            c = copy.copy(m)
-            c.__dict__ = dict(m.__dict__)  # own attribute dict: setattr on the copy stays there
-            c._parameters = {k: tensor(v) if v is not None else None for k, v in m._parameters.items()}
-            c._buffers = {k: tensor(v) if v is not None else None for k, v in m._buffers.items()}
-            c._modules = {k: module_copy(v) if v is not None else None for k, v in m._modules.items()}
-        else:
-            for t in list(m.parameters()) + list(m.buffers()):
-                tensor(t)
-            c = copy.deepcopy(m, memo)
-        memo[id(m)] = c
-        return c
-
-    twin = torch.nn.Module()
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
-        *path, leaf = node.target.split(".")
-        owner, twin_owner = gm, twin
-        for part in path:
-            owner = getattr(owner, part)
-            if part not in twin_owner._modules:
-                twin_owner.add_module(part, torch.nn.Module())
-            twin_owner = twin_owner._modules[part]
-        value = getattr(owner, leaf)
-        if isinstance(value, torch.nn.Module):
-            twin_owner._modules[leaf] = module_copy(value)
-        elif isinstance(value, torch.nn.Parameter):
-            twin_owner._parameters[leaf] = tensor(value)
-        else:
-            object.__setattr__(twin_owner, leaf, tensor(value))
-    return shape_only(twin)
-
-
-def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]) -> None:
-    """Fill ``node.meta['tensor_meta']`` (and ``node.meta['macs']``) for every node.
-
-    Runs the graph on a meta twin of ``gm``'s modules first (no compute, no state change); ops
-    without meta kernels fall back to a real run on a full copy.  ``gm``'s own modules are never
-    executed: they are the user's.
-    """
-    meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
-    try:
-        # grad mode on: free on meta tensors, and FlopCounterMode's module tracker fails under
-        # no_grad when a parameter is a module's input (see api.count)
-        _ShapeAndFlopProp(_graph_twin(gm, "meta"), graph=gm.graph).run(*meta_inputs)
-    except Exception as exc:  # noqa: BLE001 - fall back to a real run
-        log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
-        try:
-            with torch.no_grad():
-                _ShapeAndFlopProp(_graph_twin(gm, None), graph=gm.graph).run(*example_inputs)
-        except ShapePropagationError as exc2:
-            raise ShapePropagationError(
-                f"running {gm.__class__.__name__} on the example inputs failed at {exc2}. "
-                "Check that example_inputs match the model's forward signature and expected shapes."
-            ) from exc2.__cause__

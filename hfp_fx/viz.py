@@ -21,10 +21,82 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["render_graph", "plot_widths", "ComplexityLog"]
+from hfp_fx.passes.channel_analysis import iter_maps
+
+__all__ = ["render_graph", "plot_widths", "ComplexityLog", "summary_table", "to_networkx", "to_dot"]
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
+
+
+# -- the dependency graph as text, networkx and DOT -------------------------------------------
+def summary_table(dg, max_members: int = 3, only_prunable: bool = False) -> str:
+    """``dg.summary()``: one row per group (id, channels, member modules, prunable or why not)."""
+    from tabulate import tabulate
+
+    rows = []
+    for g in dg.groups:
+        if only_prunable and not g.prunable:
+            continue
+        mods = g.modules
+        shown = ", ".join(mods[:max_members]) + (f" (+{len(mods) - max_members})" if len(mods) > max_members else "")
+        status = "yes" if g.prunable else f"no: {_short(g.reason)}"
+        rows.append([g.id, g.channels, shown, status])
+    table = tabulate(rows, headers=["group", "channels", "members", "prunable"], tablefmt="github")
+    total = sum(g.channels for g in dg.groups)
+    pr = sum(g.channels for g in dg.prunable_groups)
+    return (f"{table}\n\n{len(dg.groups)} groups, {len(dg.prunable_groups)} prunable; "
+            f"{pr}/{total} channels prunable ({100 * pr / max(total, 1):.1f}%)")
+
+
+def to_networkx(dg):
+    """``dg.to_networkx()``: FX nodes (data flow) and group nodes linked to the modules they touch."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    for node in dg.gm.graph.nodes:
+        gids = set()
+        for m in iter_maps(dg.facts.maps.get(node.name)):
+            gids.update(dg.groups_of(m.ids))
+        g.add_node(node.name, kind="op", op=node.op, target=str(node.target), groups=sorted(gids))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name, kind="data")
+    module_nodes = {n.target: n.name for n in dg.gm.graph.nodes if n.op == "call_module"}
+    for grp in dg.groups:
+        g.add_node(grp.id, kind="group", channels=grp.channels, prunable=grp.prunable, reason=grp.reason or "")
+        for mod in grp.modules:
+            if mod in module_nodes:
+                g.add_edge(grp.id, module_nodes[mod], kind="member")
+    return g
+
+
+def to_dot(dg) -> str:
+    """``dg.to_dot()``: Graphviz DOT text, ops as boxes, prunable groups in colour, fixed groups grey."""
+    g = to_networkx(dg)
+    palette = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462", "#b3de69", "#fccde5"]
+    lines = ["digraph hfp {", "  rankdir=TB; node [fontname=Helvetica fontsize=10];"]
+    for n, d in g.nodes(data=True):
+        if d["kind"] == "group":
+            color = palette[int(n[1:]) % len(palette)] if d["prunable"] else "#dddddd"
+            label = f"{n}\\n{d['channels']} ch" + ("" if d["prunable"] else "\\nfixed")
+            lines.append(f'  "{n}" [shape=ellipse style=filled fillcolor="{color}" label="{label}"];')
+        else:
+            label = f"{n}\\n{d['target']}" if d["op"] != "placeholder" else n
+            lines.append(f'  "{n}" [shape=box label="{_esc(label)}"];')
+    for u, v, d in g.edges(data=True):
+        style = "dashed" if d["kind"] == "member" else "solid"
+        lines.append(f'  "{u}" -> "{v}" [style={style}];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _short(text: Optional[str], n: int = 70) -> str:
+    text = text or ""
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _esc(s: str) -> str:
+    return s.replace('"', "'")
 
 
 def _pyplot():

@@ -17,7 +17,8 @@ only make the result less pruned, never wrong.
 Example::
 
     >>> import torch, torchvision
-    >>> from hfp_fx.tracing import trace, propagate_shapes
+    >>> from hfp_fx.tracing import trace
+    >>> from hfp_fx.shapes import propagate_shapes
     >>> from hfp_fx.passes.channel_analysis import ChannelAnalysis
     >>> traced = trace(torchvision.models.resnet18())
     >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))
@@ -38,7 +39,7 @@ from torch.fx.node import Node
 from hfp_fx.spaces import ChannelMap, ElementTable
 from hfp_fx.passes import registry
 
-__all__ = ["ChannelAnalysis", "ChannelFacts", "MacTerm", "GateSite", "describe", "iter_maps"]
+__all__ = ["ChannelAnalysis", "ChannelFacts", "MacTerm", "GateSite", "MagnitudeSlice", "describe", "iter_maps"]
 
 
 @dataclass
@@ -75,7 +76,28 @@ class GateSite:
 
 
 @dataclass
+class MagnitudeSlice:
+    """Slices of ``param`` along ``dim`` hold the weights of channel ``ids`` for magnitude saliency.
+
+    ``role="out"``: the filters that produce the channels (a conv's output rows); ``"in"``: the
+    weights that consume them (a conv's input columns, used when a group has no producer).
+    """
+
+    param: str
+    dim: int
+    ids: torch.Tensor
+    role: str
+
+
+@dataclass
 class ChannelFacts:
+    """What the channel analysis found, the typed input of every later pass.
+
+    ``maps`` labels each node's channel axis, ``params`` binds parameter/buffer dims to elements,
+    ``macs`` and ``gates`` are the cost terms and the places channels are consumed; ``rules``
+    and ``example_inputs`` are the op handlers and inputs the facts were derived with.
+    """
+
     gm: torch.fx.GraphModule
     elements: ElementTable
     maps: Dict[str, Any]
@@ -87,6 +109,10 @@ class ChannelFacts:
     canonical: Dict[str, str] = field(default_factory=dict)
     #: nodes whose MAC rule disagrees with torch.utils.flop_counter: (node, ours, counter's)
     mac_mismatch: List[Tuple[str, int, int]] = field(default_factory=list)
+    #: weight slices that rank channels by magnitude (``prune(importance="l1")``, width ranking)
+    importance: List[MagnitudeSlice] = field(default_factory=list)
+    rules: registry.OpRegistry = field(default_factory=lambda: registry.DEFAULT_RULES)
+    example_inputs: Tuple[torch.Tensor, ...] = ()
 
 
 def iter_maps(value) -> Iterable[ChannelMap]:
@@ -119,8 +145,12 @@ class ChannelAnalysis:
     """Run every node's coupling rule over a GraphModule annotated by ``propagate_shapes``."""
 
     def __init__(self, gm: torch.fx.GraphModule, root: Optional[torch.nn.Module] = None,
-                 exclude: Sequence[str] = (), opaque: Optional[Dict[str, str]] = None):
+                 exclude: Sequence[str] = (), opaque: Optional[Dict[str, str]] = None,
+                 rules: Optional[registry.OpRegistry] = None, example_inputs: Tuple[torch.Tensor, ...] = ()):
         self.gm = gm
+        self.rules = rules if rules is not None else registry.DEFAULT_RULES
+        self.example_inputs = tuple(example_inputs)
+        self.importance: List[MagnitudeSlice] = []
         self.root = root if root is not None else gm  # for attribute hints like ``num_heads``
         self.exclude = tuple(exclude)
         self.opaque = dict(opaque or {})
@@ -192,11 +222,17 @@ class ChannelAnalysis:
         for m in iter_maps(value):
             self.elements.fix(m.ids, reason)
 
-    def bind_param(self, name: Optional[str], dim: int, ids: torch.Tensor) -> None:
-        """Positions along ``dim`` of parameter/buffer ``name`` belong to elements ``ids``."""
+    def bind_param(self, name: Optional[str], dim: int, ids: torch.Tensor, importance: Optional[str] = None) -> None:
+        """Positions along ``dim`` of parameter/buffer ``name`` belong to elements ``ids``.
+
+        ``importance="out"`` / ``"in"`` also makes these slices rank the channels by magnitude
+        (:class:`MagnitudeSlice`): the weights that produce, or consume, them.
+        """
         if name is None:
             return
         name = self.canonical.get(name, name)
+        if importance is not None:
+            self.importance.append(MagnitudeSlice(name, dim, ids, importance))
         dims = self.params.setdefault(name, {})
         if dim in dims:
             self.union(dims[dim], ids)
@@ -219,7 +255,7 @@ class ChannelAnalysis:
             self.maps[node.name] = self._visit(node)
         self.node = None
         return ChannelFacts(self.gm, self.elements, self.maps, self.params, self.macs, self.gates, self.opaque,
-                            self.canonical, self.mac_mismatch)
+                            self.canonical, self.mac_mismatch, self.importance, self.rules, self.example_inputs)
 
     def _visit(self, node: Node) -> Any:
         if node.op in ("placeholder", "get_attr"):
@@ -233,15 +269,15 @@ class ChannelAnalysis:
         if node.op == "call_module" and node.target in self.opaque:
             out = self._unknown(node, module, f"opaque module `{node.target}` (not traceable: {self.opaque[node.target]})")
         else:
-            rule = registry.lookup(node, module)
-            if rule is None:
+            handler = self.rules.lookup(node, module)
+            if handler is None:
                 if node.op == "call_method" and node.target in _METADATA_METHODS:
                     return None
                 if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
                     return None
                 out = self._unknown(node, module, f"unsupported {describe(node, module)}")
             else:
-                out = rule(self, node)
+                out = handler.analyze(self, node)
         self._check_macs(node, macs_before)
         if excluded:
             reason = f"excluded by the user (`{excluded}`)"

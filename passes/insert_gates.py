@@ -1,13 +1,14 @@
 """Transform: put trainable gates where channels are consumed.
 
-``insert_gates(gm, dg, hfp)`` adds the ``hfp`` module (an :class:`hfp_fx.hfp.HFPState`) to a
+``insert_gates(facts, hfp)`` adds the ``hfp`` module (an :class:`hfp_fx.hfp.HFPState`) to a
 copy of the traced model, computes the effective gate vector once at the top of ``forward``,
 and applies the gate values of every channel-mixing input (the gate sites of the channel
-analysis).  Where the consumer is a plain ``Conv1d/2d/3d`` or ``Linear`` whose weight slices
-multiply exactly the gated positions, the gate scales that weight, ``conv(x, W * g)``, which
-equals ``conv(x * g, W)`` and costs a pass over the (small) weight instead of the (large)
-activation, forward and backward.  Elsewhere the input itself is multiplied.  Fixed channels
-read the constant 1 at index 0 of the vector.
+analysis).  Where the consumer is a layer whose handler has a ``gated_call`` (plain
+``Conv1d/2d/3d``, ``Linear``) and whose weight slices multiply exactly the gated positions, the
+gate scales that weight, ``conv(x, W * g)``, which equals ``conv(x * g, W)`` and costs a pass
+over the (small) weight instead of the (large) activation, forward and backward.  Elsewhere the
+input itself is multiplied.  Fixed channels read the constant 1 at index 0 of the vector.
+Gate modules are named after their site (``hfp.sites.<consumer node>_<argument>``).
 
 Example::
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 
+from hfp_fx.passes.channel_analysis import ChannelFacts
 from hfp_fx.passes.edit import input_of, replace_input
 
 __all__ = ["insert_gates", "SiteGate"]
@@ -45,43 +46,37 @@ class SiteGate(torch.nn.Module):
         return x * vector.index_select(0, self.index).view(self.shape).to(x.dtype)
 
 
-_WEIGHT_GATED = {torch.nn.Conv1d: F.conv1d, torch.nn.Conv2d: F.conv2d, torch.nn.Conv3d: F.conv3d,
-                 torch.nn.Linear: F.linear}
-
-
-def _weight_gate_dim(gm: torch.fx.GraphModule, node: torch.fx.Node, site, size: int) -> Optional[int]:
-    """The dim of the consumer's weight that can carry this site's gate, if any."""
+def _weight_gated_call(gm: torch.fx.GraphModule, facts: ChannelFacts, node: torch.fx.Node, site, size: int):
+    """``(functional op, extra args, weight dim)`` when this site's gate can scale the consumer's weight."""
     if node.op != "call_module" or site.weight is None or site.arg not in (0, "input"):
         return None
     module = gm.get_submodule(node.target)
-    if type(module) not in _WEIGHT_GATED or getattr(module, "padding_mode", "zeros") != "zeros":
-        return None
+    handler = facts.rules.lookup_module(module)
+    call = handler.gated_call(module) if handler is not None and handler.gated_call is not None else None
     name, dim = site.weight
-    if name != f"{node.target}.weight" or module.weight.shape[dim] != size:
+    if call is None or name != f"{node.target}.weight" or module.weight.shape[dim] != size:
         return None
-    return dim
+    return (*call, dim)
 
 
-def _gate_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, site_module: str, vector: torch.fx.Node) -> None:
-    """Replace ``module(x)`` by the functional op on the gated weight."""
+def _gate_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, site_module: str, vector: torch.fx.Node,
+                 fn, extra) -> None:
+    """Replace ``module(x)`` by ``fn(x, gated weight, bias, *extra)``."""
     module = gm.get_submodule(node.target)
     graph = gm.graph
     with graph.inserting_before(node):
         weight = graph.call_module(site_module, (graph.get_attr(f"{node.target}.weight"), vector))
         bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
         x = node.args[0] if node.args else node.kwargs["input"]
-        if isinstance(module, torch.nn.Linear):
-            call = graph.call_function(F.linear, (x, weight, bias))
-        else:
-            call = graph.call_function(_WEIGHT_GATED[type(module)], (x, weight, bias, module.stride,
-                                                                    module.padding, module.dilation, module.groups))
+        call = graph.call_function(fn, (x, weight, bias, *extra))
     call.meta = dict(node.meta)
     node.replace_all_uses_with(call)
     graph.erase_node(node)
 
 
-def insert_gates(dg, hfp: torch.nn.Module) -> torch.fx.GraphModule:
-    gm = copy.deepcopy(dg.gm)
+def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphModule:
+    """A copy of the traced model of ``facts`` that applies ``hfp``'s gates at every gate site."""
+    gm = copy.deepcopy(facts.gm)
     gm.add_submodule("hfp", hfp)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -89,18 +84,19 @@ def insert_gates(dg, hfp: torch.nn.Module) -> torch.fx.GraphModule:
     anchor = placeholders[-1] if placeholders else next(iter(graph.nodes))
     with graph.inserting_after(anchor):
         vector = graph.call_module("hfp", ())
-    sites_of = Counter(site.node for site in dg.facts.gates)
-    for site in dg.facts.gates:
+    sites_of = Counter(site.node for site in facts.gates)
+    for site in facts.gates:
         index = hfp.vector_index(site.ids)
         if bool((index == 0).all()):
             continue  # every channel here is fixed
         node = nodes[site.node]
         name = site.name
-        dim = _weight_gate_dim(gm, node, site, index.numel()) if sites_of[site.node] == 1 else None
-        if dim is not None:
+        gated = _weight_gated_call(gm, facts, node, site, index.numel()) if sites_of[site.node] == 1 else None
+        if gated is not None:
+            fn, extra, dim = gated
             weight = gm.get_submodule(node.target).weight
             hfp.sites.add_module(name, SiteGate(index, dim, weight.dim()))
-            _gate_weight(gm, node, f"hfp.sites.{name}", vector)
+            _gate_weight(gm, node, f"hfp.sites.{name}", vector, fn, extra)
             continue
         arg = input_of(node, site.arg)
         rank = len(arg.meta["tensor_meta"].shape)

@@ -1,6 +1,6 @@
 """The reference semantics: zero the removed channels at every place they are consumed.
 
-``apply_masks(dg, alive)`` returns a copy of the traced model with the same shapes in which each
+``apply_masks(facts, alive)`` returns a copy of the traced model with the same shapes in which each
 channel-mixing consumer (conv, linear, matmul) no longer sees the removed channels: their
 weight slices are zeroed where the consumer has a weight, otherwise a ``x * mask`` node is
 inserted in front of it.  This equals the model with those channels' gates at zero, and it is
@@ -12,7 +12,7 @@ Example::
     >>> x = torch.randn(1, 3, 64, 64)
     >>> dg = hfp_fx.dependency_graph(torchvision.models.resnet18(), x)
     >>> g = dg.prunable_groups[0]
-    >>> masked = apply_masks(dg, dg.alive({g.id: range(g.channels // 2)}))
+    >>> masked = apply_masks(dg.facts, dg.alive({g.id: range(g.channels // 2)}))
 """
 from __future__ import annotations
 
@@ -21,19 +21,21 @@ import copy
 import torch
 import torch.fx
 
-from hfp_fx.passes.edit import input_of, replace_input
+from hfp_fx.passes.channel_analysis import ChannelFacts
+from hfp_fx.passes.edit import input_of, scale_input
 
 __all__ = ["apply_masks"]
 
 
-def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
-    gm = copy.deepcopy(dg.gm)
+def apply_masks(facts: ChannelFacts, alive: torch.Tensor) -> torch.fx.GraphModule:
+    """A copy of the traced model in which the channels not ``alive`` (one bool per element)
+    contribute nothing at any gate site."""
+    gm = copy.deepcopy(facts.gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     state = dict(gm.named_parameters(remove_duplicate=False))
     state.update(dict(gm.named_buffers(remove_duplicate=False)))
-    count = 0
     device = next((t.device for t in state.values()), torch.device("cpu"))
-    for site in dg.facts.gates:
+    for site in facts.gates:
         keep = alive[site.ids]
         if bool(keep.all()):
             continue
@@ -46,16 +48,7 @@ def apply_masks(dg, alive: torch.Tensor) -> torch.fx.GraphModule:
                 w.mul_(keep.to(device=w.device, dtype=w.dtype).reshape(shape))
             continue
         node = nodes[site.node]
-        arg = input_of(node, site.arg)
-        rank = len(arg.meta["tensor_meta"].shape)
-        shape = [1] * rank
-        shape[site.axis] = -1
-        buf = f"_hfp_mask_{count}"
-        count += 1
-        gm.register_buffer(buf, keep.to(device=device, dtype=arg.meta["tensor_meta"].dtype).reshape(shape))
-        with gm.graph.inserting_before(node):
-            getter = gm.graph.get_attr(buf)
-            gated = gm.graph.call_function(torch.mul, (arg, getter))
-        replace_input(node, site.arg, gated)
+        dtype = input_of(node, site.arg).meta["tensor_meta"].dtype
+        scale_input(gm, node, site.arg, site.axis, keep.to(device=device, dtype=dtype), f"_hfp_mask_{site.name}")
     gm.recompile()
     return gm

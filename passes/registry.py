@@ -1,84 +1,187 @@
-"""The registry of per-op coupling rules: the one place to teach hfp_fx a new op.
+"""Op handlers: everything hfp_fx knows about one op family, registered once.
 
-A rule is ``rule(analysis, node) -> value`` where ``value`` is the node's channel labelling: a
-:class:`~hfp_fx.spaces.ChannelMap`, ``None`` (no prunable channel axis) or a tuple of those for
-ops returning several tensors.  Rules unite elements, fix them with a reason, bind parameters
-to channel axes, record MAC terms and gate sites through the ``analysis`` object
-(:class:`hfp_fx.passes.channel_analysis.ChannelAnalysis`).
+An :class:`OpHandler` holds, for the ops it is registered for:
 
-Example: teach hfp_fx that ``fancy_act`` is a per-channel activation.  The function must reach
-the graph as one ``call_function`` node, so it is declared a leaf with ``torch.fx.wrap`` (at
-module level, in the module that calls it); otherwise FX traces into it and records its ops::
+* ``analyze(analysis, node) -> value`` -- the coupling rule: how channel positions flow from
+  inputs to the output (``value`` is a :class:`~hfp_fx.spaces.ChannelMap`, ``None`` or a tuple
+  of those), which elements are united or fixed (with a reason), which parameter slices belong
+  to which channel (``bind_param``, ``saliency``), the op's MAC terms and its gate sites;
+* ``macs`` -- ``False`` for ops that do no multiply-accumulates (the shape pass skips counting);
+* ``shape`` -- a shape shortcut for the shape pass: ``(output, MACs)`` built from the op's shape
+  rule on ``meta`` tensors, or ``None`` to run the op (:mod:`hfp_fx.meta_shortcuts`);
+* ``resize(module)`` -- after the shrink pass sliced a module's tensors, update the attributes
+  that mirror their shapes (``Conv2d.in_channels``, ``groups``, ``BatchNorm2d.num_features``);
+* ``rewrite(node, edit)`` -- rewrite a node's literal arguments that spell out channel counts
+  (``view`` sizes, ``split`` sizes, ``narrow`` bounds, a functional conv's ``groups``);
+* ``gated_call(module)`` -- for layers whose weight can carry a gate: the functional form
+  ``F(x, weight, *args)`` the gate pass calls with a gated weight.
 
-    >>> import torch
-    >>> from hfp_fx.passes.registry import register_function
+Handlers are kept in an :class:`OpRegistry`, keyed by module class, function object or
+``Tensor`` method name.  **Lookup rule for modules**: the exact class first, then the nearest
+base class in the MRO that has a handler, provided the module still uses that base's
+``forward`` (a subclass that overrides ``forward`` may compute something else, so it is traced
+through instead).  Attribute resizing alone also applies to such subclasses, since it only
+describes the tensors the module holds.  Modules with a handler are traced as single nodes.
+
+``DEFAULT_RULES`` holds hfp_fx's own handlers.  To add or override ops for one call without
+touching it, pass a registry of your own (``rules=``) to the public functions::
+
+    >>> import torch, hfp_fx
+    >>> from hfp_fx.passes.registry import OpHandler, default_rules
     >>> from hfp_fx.passes.rules_tensor import passthrough
     >>> def fancy_act(x):
     ...     return x.clamp(min=0) + torch.special.erf(x).clamp(max=0)
-    >>> _ = register_function(fancy_act)(passthrough)
+    >>> rules = default_rules()                  # a copy: DEFAULT_RULES is not changed
+    >>> rules.register(OpHandler(passthrough, macs=False), functions=[fancy_act])
+    >>> rules.lookup_function(fancy_act).analyze is passthrough
+    True
 
-Module rules match the module's exact class (a subclass may change ``forward``); modules with a
-rule are traced as leaves.
+The function must reach the graph as one ``call_function`` node: declare it a leaf with
+``torch.fx.wrap`` at module level, in the module that calls it.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
+from torch.fx.node import Node
 
-__all__ = ["register_module", "register_function", "register_method", "lookup", "is_rule_leaf", "no_macs",
-           "counts_no_macs"]
+__all__ = ["OpHandler", "OpRegistry", "DEFAULT_RULES", "default_rules", "op_handler", "HandlerConflict"]
 
-Rule = Callable
-_RULES: Dict[Tuple[str, object], Rule] = {}
-
-
-def _register(kind: str, keys) -> Callable[[Rule], Rule]:
-    def deco(fn: Rule) -> Rule:
-        for key in keys:
-            _RULES[(kind, key)] = fn
-        return fn
-
-    return deco
+Rule = Callable[..., Any]
 
 
-def register_module(*classes: type) -> Callable[[Rule], Rule]:
-    """Rule for ``call_module`` nodes whose module is exactly one of ``classes``."""
-    return _register("call_module", classes)
+@dataclass(frozen=True)
+class OpHandler:
+    """Everything hfp_fx knows about one op family (see the module docstring for each field)."""
+
+    analyze: Rule
+    macs: bool = True
+    shape: Optional[Callable[..., Any]] = None
+    resize: Optional[Callable[[torch.nn.Module], None]] = None
+    rewrite: Optional[Callable[..., None]] = None
+    gated_call: Optional[Callable[[torch.nn.Module], Optional[Callable]]] = None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.analyze, "__name__", repr(self.analyze))
 
 
-def register_function(*functions: Callable) -> Callable[[Rule], Rule]:
-    """Rule for ``call_function`` nodes calling one of ``functions``."""
-    return _register("call_function", functions)
+class HandlerConflict(ValueError):
+    """An op already has a handler in this registry; pass ``replace=True`` to override it."""
 
 
-def register_method(*names: str) -> Callable[[Rule], Rule]:
-    """Rule for ``call_method`` nodes calling ``Tensor.<name>``."""
-    return _register("call_method", names)
+class OpRegistry:
+    """Op handlers keyed by module class, function object or ``Tensor`` method name."""
 
+    def __init__(self, base: Optional["OpRegistry"] = None):
+        self._modules: Dict[type, OpHandler] = dict(base._modules) if base else {}
+        self._functions: Dict[Any, OpHandler] = dict(base._functions) if base else {}
+        self._methods: Dict[str, OpHandler] = dict(base._methods) if base else {}
+        self._module_cache: Dict[Tuple[type, bool], Optional[OpHandler]] = {}
 
-def lookup(node: torch.fx.Node, module: Optional[torch.nn.Module] = None) -> Optional[Rule]:
-    if node.op == "call_module":
-        return _RULES.get(("call_module", type(module)))
-    if node.op in ("call_function", "call_method"):
+    def copy(self) -> "OpRegistry":
+        return OpRegistry(self)
+
+    # -- registration ----------------------------------------------------------------------
+    def register(self, handler: OpHandler, *, modules: Iterable[type] = (), functions: Iterable[Callable] = (),
+                 methods: Iterable[str] = (), replace: bool = False) -> None:
+        """Register ``handler`` for these module classes, functions and ``Tensor`` method names."""
+        if not isinstance(handler, OpHandler):
+            raise TypeError(f"register expects an OpHandler, got {type(handler).__name__}; "
+                            "wrap a rule function as OpHandler(rule)")
+        for table, keys, kind in ((self._modules, modules, "module"), (self._functions, functions, "function"),
+                                  (self._methods, methods, "method")):
+            for key in keys:
+                old = table.get(key)
+                if old is not None and old is not handler and not replace:
+                    raise HandlerConflict(
+                        f"{kind} {_key_name(key)} already has the handler `{old.name}`; pass replace=True to "
+                        f"override it (or register on a copy: hfp_fx.passes.registry.default_rules())")
+                table[key] = handler
+        self._module_cache.clear()
+
+    # -- lookup ----------------------------------------------------------------------------
+    def lookup_module(self, module: torch.nn.Module, attributes_only: bool = False) -> Optional[OpHandler]:
+        """Exact class, then the nearest handled base class whose ``forward`` the module still uses.
+
+        ``attributes_only`` drops the ``forward`` condition (resizing attributes after slicing).
+        """
+        cls = type(module)
+        key = (cls, attributes_only)
+        if key not in self._module_cache:
+            found = None
+            for base in cls.__mro__:
+                handler = self._modules.get(base)
+                if handler is not None:
+                    if base is cls or attributes_only or cls.forward is base.forward:
+                        found = handler
+                    break
+            self._module_cache[key] = found
+        return self._module_cache[key]
+
+    def lookup_function(self, fn: Callable) -> Optional[OpHandler]:
         try:
-            return _RULES.get((node.op, node.target))
+            return self._functions.get(fn)
         except TypeError:  # unhashable target
             return None
-    return None
+
+    def lookup_method(self, name: str) -> Optional[OpHandler]:
+        return self._methods.get(name)
+
+    def lookup(self, node: Node, module: Optional[torch.nn.Module] = None) -> Optional[OpHandler]:
+        """The handler of a ``call_module`` / ``call_function`` / ``call_method`` node, if any."""
+        if node.op == "call_module":
+            return self.lookup_module(module) if module is not None else None
+        if node.op == "call_function":
+            return self.lookup_function(node.target)
+        if node.op == "call_method":
+            return self.lookup_method(node.target)
+        return None
+
+    def is_leaf(self, module: torch.nn.Module) -> bool:
+        """Modules with a handler are kept as single nodes when tracing."""
+        return self.lookup_module(module) is not None
+
+    def counts_macs(self, node: Node, module: Optional[torch.nn.Module] = None) -> bool:
+        handler = self.lookup(node, module)
+        return handler is None or handler.macs
+
+    def handlers(self):
+        """Every (kind, key, handler) registered, for documentation and tests."""
+        for kind, table in (("module", self._modules), ("function", self._functions), ("method", self._methods)):
+            for key, handler in table.items():
+                yield kind, key, handler
 
 
-def is_rule_leaf(module: torch.nn.Module) -> bool:
-    """Modules with their own rule are kept as single nodes when tracing."""
-    return ("call_module", type(module)) in _RULES
+def _key_name(key: Any) -> str:
+    if isinstance(key, str):
+        return f"`Tensor.{key}`"
+    return f"`{getattr(key, '__module__', None) or ''}.{getattr(key, '__name__', repr(key))}`"
 
 
-def no_macs(fn: Rule) -> Rule:
-    """Mark a rule whose ops do no multiply-accumulates (shape propagation then skips counting them)."""
-    fn.no_macs = True
-    return fn
+#: hfp_fx's own handlers (filled by ``rules_layers`` and ``rules_tensor`` on import)
+DEFAULT_RULES = OpRegistry()
 
 
-def counts_no_macs(node: torch.fx.Node, module: Optional[torch.nn.Module] = None) -> bool:
-    rule = lookup(node, module)
-    return bool(getattr(rule, "no_macs", False))
+def default_rules() -> OpRegistry:
+    """A copy of hfp_fx's handlers, to extend or override for one call (``rules=``)."""
+    return DEFAULT_RULES.copy()
+
+
+def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
+               macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None,
+               registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
+    """Decorator: make the decorated rule a handler's ``analyze`` and register it.
+
+    Returns the rule itself, so that other handlers can reuse it (``OpHandler(passthrough)``).
+    """
+
+    def deco(rule: Rule) -> Rule:
+        handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call)
+        (registry if registry is not None else DEFAULT_RULES).register(
+            handler, modules=modules, functions=functions, methods=methods, replace=replace)
+        return rule
+
+    return deco

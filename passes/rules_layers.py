@@ -15,7 +15,8 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
-from hfp_fx.passes.registry import no_macs, register_function, register_module
+from hfp_fx.meta_shortcuts import layer_shape, norm_shape
+from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 
 A = ChannelAnalysis
 
@@ -27,7 +28,29 @@ def _pname(node: Node, attr: str) -> str:
     return f"{node.target}.{attr}"
 
 
-@register_module(*_CONVS, *_TRANSPOSED)
+def resize_conv(mod, before) -> None:
+    """``in/out_channels`` and ``groups`` from the sliced weight (rows per conv-group are fixed)."""
+    w = mod.weight
+    if mod.groups > 1:
+        per_group = before["weight"][0] // mod.groups  # rows per conv-group (out for conv, in for transposed)
+        mod.groups = w.shape[0] // per_group
+    if mod.transposed:
+        mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
+    else:
+        mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
+
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_gated_call(mod):
+    """A plain conv as ``F.convNd(x, weight, bias, stride, padding, dilation, groups)``."""
+    if mod.transposed or mod.padding_mode != "zeros":
+        return None
+    return _CONV_FUNCTIONS[len(mod.kernel_size)], (mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+@op_handler(modules=[*_CONVS, *_TRANSPOSED], shape=layer_shape, resize=resize_conv, gated_call=conv_gated_call)
 def conv(a: A, node: Node):
     mod = a.module(node)
     x = node.args[0]
@@ -51,9 +74,9 @@ def conv_core(a: A, node: Node, x, w: str, b: Optional[str], cin: int, cout: int
     if groups == 1:
         in_dim, out_dim = (0, 1) if transposed else (1, 0)
         out_ids = a.new(cout)
-        a.bind_param(w, out_dim, out_ids)
+        a.bind_param(w, out_dim, out_ids, importance="out")
         if m is not None:
-            a.bind_param(w, in_dim, m.ids)
+            a.bind_param(w, in_dim, m.ids, importance="in")
             a.gate(0, m, weight=(w, in_dim))
             a.add_macs(positions * kk, out_ids, m.ids)
         else:
@@ -69,7 +92,7 @@ def conv_core(a: A, node: Node, x, w: str, b: Optional[str], cin: int, cout: int
             a.elements.union_along(tout, (1,))
             a.union(tin[:, 0].contiguous(), tout[:, 0].contiguous())
         # weight is (out, in/groups, k...) or, transposed, (in, out/groups, k...): dim 0 only
-        a.bind_param(w, 0, in_ids if transposed else out_ids)
+        a.bind_param(w, 0, in_ids if transposed else out_ids, importance="in" if transposed else "out")
         if transposed:
             a.add_macs(positions * kk * (cout // groups), in_ids)
         else:
@@ -78,14 +101,23 @@ def conv_core(a: A, node: Node, x, w: str, b: Optional[str], cin: int, cout: int
     return ChannelMap(1, out_ids)
 
 
-@register_module(torch.nn.Linear, torch.nn.LazyLinear)
+def resize_linear(mod, before) -> None:
+    mod.out_features, mod.in_features = mod.weight.shape
+
+
+def linear_gated_call(mod):
+    return F.linear, ()
+
+
+@op_handler(modules=[torch.nn.Linear, torch.nn.LazyLinear], shape=layer_shape, resize=resize_linear,
+            gated_call=linear_gated_call)
 def linear(a: A, node: Node):
     mod = a.module(node)
     b = _pname(node, "bias") if mod.bias is not None else None
     return linear_core(a, node, node.args[0], _pname(node, "weight"), b, mod.in_features, mod.out_features, mod)
 
 
-@register_function(F.linear)
+@op_handler(functions=[F.linear])
 def linear_fn(a: A, node: Node):
     weight, bias = a.arg(node, 1, "weight"), a.arg(node, 2, "bias")
     ws = a.shape(weight)
@@ -103,11 +135,11 @@ def linear_core(a: A, node: Node, x, w: str, b: Optional[str], fin: int, fout: i
     m = a.cmap(x)
     in_shape, out_shape = a.shape(x), a.shape(node)
     out_ids = a.new(fout)
-    a.bind_param(w, 0, out_ids)
+    a.bind_param(w, 0, out_ids, importance="out")
     a.bind_param(b, 0, out_ids)
     tokens = math.prod(out_shape) // fout
     if m is not None and m.axis == len(in_shape) - 1:
-        a.bind_param(w, 1, m.ids)
+        a.bind_param(w, 1, m.ids, importance="in")
         a.gate(0, m, weight=(w, 1))
         a.add_macs(tokens, out_ids, m.ids)
         return ChannelMap(len(out_shape) - 1, out_ids)
@@ -119,8 +151,8 @@ def linear_core(a: A, node: Node, x, w: str, b: Optional[str], fin: int, fout: i
     return ChannelMap(len(out_shape) - 1, out_ids)
 
 
-_PER_CHANNEL_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
-                      torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
+_PER_CHANNEL_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+_INSTANCE_NORMS = (torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d)
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
 
 
@@ -133,8 +165,22 @@ def _frozen_bn_classes():
         return ()
 
 
-@register_module(*_PER_CHANNEL_NORMS, *_frozen_bn_classes())
-@no_macs
+def resize_norm(mod, before) -> None:
+    for attr in ("weight", "running_mean"):
+        t = getattr(mod, attr, None)
+        if isinstance(t, torch.Tensor):
+            mod.num_features = t.shape[0]
+            return
+
+
+def rewrite_instance_norm(node: Node, edit) -> None:
+    """Instance norm without affine parameters or statistics: ``num_features`` from the channels."""
+    m = edit.map_of(node)
+    if m is not None:
+        edit.module(node).num_features = edit.kept(m)
+
+
+@op_handler(modules=[*_PER_CHANNEL_NORMS, *_frozen_bn_classes()], macs=False, shape=norm_shape, resize=resize_norm)
 def batch_norm(a: A, node: Node):
     """Per-channel normalisation: channels pass through; its parameters and statistics are sliced."""
     mod = a.module(node)
@@ -150,8 +196,11 @@ def batch_norm(a: A, node: Node):
     return m
 
 
-@register_module(torch.nn.LayerNorm, torch.nn.RMSNorm) if hasattr(torch.nn, "RMSNorm") else register_module(torch.nn.LayerNorm)
-@no_macs
+DEFAULT_RULES.register(OpHandler(batch_norm, macs=False, shape=norm_shape, resize=resize_norm,
+                                 rewrite=rewrite_instance_norm), modules=_INSTANCE_NORMS)
+
+
+@op_handler(modules=[torch.nn.LayerNorm], macs=False, shape=norm_shape)
 def layer_norm(a: A, node: Node):
     mod = a.module(node)
     m = _layer_norm(a, node, len(mod.normalized_shape), mod)
@@ -163,11 +212,18 @@ def layer_norm(a: A, node: Node):
     return m
 
 
-@register_function(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
-@no_macs
+if hasattr(torch.nn, "RMSNorm"):  # (torch >= 2.4)
+    DEFAULT_RULES.register(OpHandler(layer_norm, macs=False), modules=[torch.nn.RMSNorm])
+
+
+@op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape)
 def layer_norm_fn(a: A, node: Node):
     shape = a.arg(node, 1, "normalized_shape")
     return _layer_norm(a, node, len(shape) if isinstance(shape, (list, tuple)) else 1)
+
+
+if hasattr(F, "rms_norm"):
+    DEFAULT_RULES.register(OpHandler(layer_norm_fn, macs=False), functions=[F.rms_norm])
 
 
 def _layer_norm(a: A, node: Node, k: int, mod=None):
@@ -179,8 +235,7 @@ def _layer_norm(a: A, node: Node, k: int, mod=None):
     return m
 
 
-@register_module(torch.nn.GroupNorm)
-@no_macs
+@op_handler(modules=[torch.nn.GroupNorm], macs=False, shape=norm_shape)
 def group_norm(a: A, node: Node):
     mod = a.module(node)
     m = a.cmap(node.args[0])
@@ -190,8 +245,7 @@ def group_norm(a: A, node: Node):
     return m
 
 
-@register_module(torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d)
-@no_macs
+@op_handler(modules=[torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d], macs=False)
 def local_response_norm(a: A, node: Node):
     mod = a.module(node)
     m = a.cmap(node.args[0])
@@ -199,8 +253,11 @@ def local_response_norm(a: A, node: Node):
     return m
 
 
-@register_module(torch.nn.PReLU)
-@no_macs
+def resize_prelu(mod, before) -> None:
+    mod.num_parameters = mod.weight.numel()
+
+
+@op_handler(modules=[torch.nn.PReLU], macs=False, resize=resize_prelu)
 def prelu(a: A, node: Node):
     mod = a.module(node)
     m = a.cmap(node.args[0])
@@ -212,16 +269,19 @@ def prelu(a: A, node: Node):
     return m
 
 
-@register_module(torch.nn.Embedding)
-@no_macs
+def resize_embedding(mod, before) -> None:
+    mod.embedding_dim = mod.weight.shape[1]
+
+
+@op_handler(modules=[torch.nn.Embedding], macs=False, resize=resize_embedding)
 def embedding(a: A, node: Node):
     mod = a.module(node)
     out_ids = a.new(mod.embedding_dim)
-    a.bind_param(_pname(node, "weight"), 1, out_ids)
+    a.bind_param(_pname(node, "weight"), 1, out_ids, importance="out")
     return ChannelMap(len(a.shape(node)) - 1, out_ids)
 
 
-@register_module(torch.nn.MultiheadAttention)
+@op_handler(modules=[torch.nn.MultiheadAttention])
 def multihead_attention(a: A, node: Node):
     """``nn.MultiheadAttention``: a new output space (``out_proj``); its inputs are kept whole."""
     mod = a.module(node)
@@ -233,7 +293,7 @@ def multihead_attention(a: A, node: Node):
     out_shape = out_shapes[0]
     E = mod.embed_dim
     out_ids = a.new(E)
-    a.bind_param(_pname(node, "out_proj.weight"), 0, out_ids)
+    a.bind_param(_pname(node, "out_proj.weight"), 0, out_ids, importance="out")
     if mod.out_proj.bias is not None:
         a.bind_param(_pname(node, "out_proj.bias"), 0, out_ids)
     Lq = math.prod(qs) // qs[-1]
@@ -247,8 +307,7 @@ def multihead_attention(a: A, node: Node):
     return (ChannelMap(len(out_shape) - 1, out_ids),) + tuple(None for _ in out_shapes[1:])
 
 
-@register_function(F.batch_norm, F.instance_norm)
-@no_macs
+@op_handler(functions=[F.batch_norm], macs=False, shape=norm_shape)
 def batch_norm_fn(a: A, node: Node):
     """Functional per-channel norm (timm's BatchNormAct2d): parameters are get_attr nodes to slice."""
     m = a.cmap(node.args[0])
@@ -268,7 +327,23 @@ def batch_norm_fn(a: A, node: Node):
     return m
 
 
-@register_function(F.conv1d, F.conv2d, F.conv3d)
+DEFAULT_RULES.register(OpHandler(batch_norm_fn, macs=False), functions=[F.instance_norm])
+
+
+def rewrite_conv_groups(node: Node, edit) -> None:
+    """``F.conv2d(x, w, b, stride, padding, dilation, groups)``: groups follows the kept inputs."""
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    src = edit.map_of(node.args[0])
+    if not isinstance(groups, int) or groups == 1 or not edit.changed(src):
+        return
+    new = edit.kept(src) // (src.size // groups)
+    if len(node.args) > 6:
+        node.args = (*node.args[:6], new, *node.args[7:])
+    else:
+        node.kwargs = {**node.kwargs, "groups": new}
+
+
+@op_handler(functions=[F.conv1d, F.conv2d, F.conv3d], rewrite=rewrite_conv_groups)
 def conv_fn(a: A, node: Node):
     """Functional conv with a parameter weight (timm's same-padding convs)."""
     weight, bias = a.arg(node, 1, "weight"), a.arg(node, 2, "bias")

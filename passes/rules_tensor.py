@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,11 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
-from hfp_fx.passes.registry import no_macs, register_function, register_method, register_module
+from hfp_fx.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, cat_shape, pointwise_shape
+from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
+
+if TYPE_CHECKING:  # rewrites receive the shrink pass's edit context
+    from hfp_fx.passes.shrink import ShrinkEdit
 
 __all__ = ["passthrough", "broadcast_couple", "reshape_map"]
 
@@ -27,12 +31,21 @@ A = ChannelAnalysis
 # -------------------------------------------------------------------------------------------
 # elementwise: unary pass-through and broadcasting n-ary ops
 # -------------------------------------------------------------------------------------------
+#: element-wise activations and dropout: their outputs keep the input's layout, so the shape
+#: pass builds them without running the op (``pointwise_shape``)
+_ACTIVATION_MODULES = [
+    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.SiLU, torch.nn.GELU, torch.nn.Hardswish, torch.nn.Hardsigmoid,
+    torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Mish, torch.nn.Identity,
+    torch.nn.Dropout, torch.nn.Dropout2d,
+]
+_ACTIVATION_FUNCTIONS = [F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.dropout, torch.relu,
+                         torch.sigmoid, torch.tanh]
+#: other per-position ops (run by the shape pass)
 _UNARY_FUNCTIONS = [
-    torch.relu, torch.relu_, F.relu, F.relu6, F.relu_, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, F.leaky_relu, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid,
-    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
+    torch.relu_, F.relu_, F.elu, F.selu, F.celu, F.mish, F.hardtanh, F.leaky_relu, F.softplus, F.softsign,
+    F.tanhshrink, F.logsigmoid, F.sigmoid, F.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
     torch.square, torch.clamp, torch.clip, torch.erf, torch.log, torch.sin, torch.cos, torch.reciprocal,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     torch.nn.functional.threshold, operator.neg, operator.pos, torch.Tensor.contiguous,
     torch.nan_to_num, torch.sign, torch.floor, torch.round, torch.trunc, torch.frac,
 ]
@@ -41,21 +54,16 @@ _UNARY_METHODS = [
     "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "clamp_min_",
     "erf", "log", "reciprocal", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "nan_to_num", "sign", "floor", "round",
-    "hardswish", "hardsigmoid", "softplus", "sin", "cos", "fill_", "zero_", "__neg__",
+    "trunc", "frac", "sin", "cos", "fill_", "zero_", "__neg__",
 ]
 _UNARY_MODULES = [
-    torch.nn.ReLU, torch.nn.ReLU6, torch.nn.ELU, torch.nn.SELU, torch.nn.CELU, torch.nn.GELU, torch.nn.SiLU,
-    torch.nn.Mish, torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Hardtanh, torch.nn.LeakyReLU,
-    torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Softplus, torch.nn.Softsign, torch.nn.Tanhshrink,
-    torch.nn.LogSigmoid, torch.nn.Threshold, torch.nn.Identity, torch.nn.Dropout, torch.nn.Dropout1d,
-    torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout,
+    torch.nn.CELU, torch.nn.SELU, torch.nn.Hardtanh, torch.nn.Softplus, torch.nn.Softsign, torch.nn.Tanhshrink,
+    torch.nn.LogSigmoid, torch.nn.Threshold, torch.nn.Dropout1d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
 ]
 
 
-@register_function(*_UNARY_FUNCTIONS)
-@register_method(*_UNARY_METHODS)
-@register_module(*_UNARY_MODULES)
-@no_macs
+@op_handler(modules=_UNARY_MODULES, functions=_UNARY_FUNCTIONS, methods=_UNARY_METHODS, macs=False)
 def passthrough(a: A, node: Node):
     """Per-position ops: the output carries the first tensor argument's channels."""
     out = a.map(node.args[0]) if node.args else None
@@ -71,12 +79,14 @@ def passthrough(a: A, node: Node):
     return out
 
 
+DEFAULT_RULES.register(OpHandler(passthrough, macs=False, shape=pointwise_shape),
+                       modules=_ACTIVATION_MODULES, functions=_ACTIVATION_FUNCTIONS)
+
 try:  # torchvision's stochastic depth scales whole samples: per position
     from torchvision.ops import stochastic_depth as _sd
     from torchvision.ops import StochasticDepth as _SD
 
-    register_function(_sd)(passthrough)
-    register_module(_SD)(passthrough)
+    DEFAULT_RULES.register(OpHandler(passthrough, macs=False), modules=[_SD], functions=[_sd])
 except ImportError:  # pragma: no cover - torchvision is a dependency
     pass
 
@@ -127,31 +137,34 @@ def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optio
     return ChannelMap(axis, base)
 
 
+#: ``+ - * /`` whose output layout the shape pass builds without running them (``arithmetic_shape``)
+_ARITHMETIC_FUNCTIONS = [operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                         torch.div]
+_ARITHMETIC_METHODS = ["add", "sub", "mul", "div", "__add__", "__sub__", "__mul__", "__truediv__", "__radd__",
+                       "__rmul__"]
 _BINARY_FUNCTIONS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
-    operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.subtract, torch.multiply, torch.divide,
     torch.true_divide, torch.maximum, torch.minimum, torch.fmax, torch.fmin, torch.where, torch.lerp,
     torch.addcmul, torch.addcdiv, torch.pow, operator.pow, torch.masked_fill, torch.eq, torch.ne, torch.lt,
     torch.le, torch.gt, torch.ge, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
 ]
 _BINARY_METHODS = [
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "truediv", "maximum", "minimum", "where",
-    "lerp", "lerp_", "addcmul", "addcmul_", "addcdiv", "pow", "pow_", "masked_fill", "masked_fill_",
-    "__add__", "__radd__", "__mul__", "__rmul__", "__sub__", "__rsub__", "__truediv__", "eq", "ne", "lt",
-    "le", "gt", "ge", "expand_as_mul",
+    "add_", "sub_", "mul_", "div_", "true_divide", "maximum", "minimum", "where", "lerp", "lerp_", "addcmul",
+    "addcmul_", "addcdiv", "pow", "pow_", "masked_fill", "masked_fill_", "__rsub__", "eq", "ne", "lt", "le",
+    "gt", "ge",
 ]
 
 
-@register_function(*_BINARY_FUNCTIONS)
-@register_method(*_BINARY_METHODS)
-@no_macs
+@op_handler(functions=_BINARY_FUNCTIONS, methods=_BINARY_METHODS, macs=False)
 def elementwise(a: A, node: Node):
     return broadcast_couple(a, node, list(node.args) + list(node.kwargs.values()))
 
 
-@register_function(torch.max, torch.min)
-@register_method("max", "min")
-@no_macs
+DEFAULT_RULES.register(OpHandler(elementwise, macs=False, shape=arithmetic_shape),
+                       functions=_ARITHMETIC_FUNCTIONS, methods=_ARITHMETIC_METHODS)
+
+
+@op_handler(functions=[torch.max, torch.min], methods=["max", "min"], macs=False)
 def max_min(a: A, node: Node):
     second = a.arg(node, 1, "other", a.arg(node, 1, "dim"))
     if isinstance(second, Node) and isinstance(a.shape(second), torch.Size):
@@ -173,9 +186,7 @@ _REDUCTIONS_M = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm
 _REDUCTION_ARGS = {"norm": (2, 3), "std": (1, 3), "var": (1, 3)}
 
 
-@register_function(*_REDUCTIONS_F)
-@register_method(*_REDUCTIONS_M)
-@no_macs
+@op_handler(functions=[*_REDUCTIONS_F], methods=[*_REDUCTIONS_M], macs=False)
 def reduction(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -201,10 +212,7 @@ def reduction(a: A, node: Node):
     return (out, out) if _is_tuple_shape(a.shape(node)) else out
 
 
-@register_function(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod)
-@register_method("softmax", "log_softmax", "cumsum", "cumprod")
-@register_module(torch.nn.Softmax, torch.nn.LogSoftmax)
-@no_macs
+@op_handler(modules=[torch.nn.Softmax, torch.nn.LogSoftmax], functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod], methods=["softmax", "log_softmax", "cumsum", "cumprod"], macs=False)
 def along_dim(a: A, node: Node):
     """Ops that mix values along one ``dim``: fine unless that dim carries channels."""
     m = a.cmap(node.args[0])
@@ -221,7 +229,6 @@ def along_dim(a: A, node: Node):
 def _spatial(k: Optional[int]):
     """Rule for ops that act on the last ``k`` dims (pooling, interpolation)."""
 
-    @no_macs
     def rule(a: A, node: Node):
         m = a.cmap(node.args[0]) if node.args else None
         if m is None:
@@ -243,20 +250,21 @@ for _k, _mods, _fns in [
     (1, [torch.nn.MaxPool1d, torch.nn.AvgPool1d, torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveMaxPool1d,
          torch.nn.LPPool1d],
      [F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d]),
-    (2, [torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d,
-         torch.nn.LPPool2d, torch.nn.ZeroPad2d, torch.nn.ReflectionPad2d, torch.nn.ReplicationPad2d],
-     [F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d]),
+    (2, [torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.LPPool2d, torch.nn.ZeroPad2d,
+         torch.nn.ReflectionPad2d, torch.nn.ReplicationPad2d],
+     [F.max_pool2d, F.avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d]),
     (3, [torch.nn.MaxPool3d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool3d],
      [F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d]),
 ]:
-    register_module(*_mods)(_spatial(_k))
-    register_function(*_fns)(_spatial(_k))
-register_module(torch.nn.Upsample, torch.nn.UpsamplingNearest2d, torch.nn.UpsamplingBilinear2d)(_spatial(None))
-register_function(F.interpolate, F.upsample)(_spatial(None))
+    DEFAULT_RULES.register(OpHandler(_spatial(_k), macs=False), modules=_mods, functions=_fns)
+DEFAULT_RULES.register(OpHandler(_spatial(2), macs=False, shape=adaptive_avg_pool2d_shape),
+                       modules=[torch.nn.AdaptiveAvgPool2d], functions=[F.adaptive_avg_pool2d])
+DEFAULT_RULES.register(OpHandler(_spatial(None), macs=False),
+                       modules=[torch.nn.Upsample, torch.nn.UpsamplingNearest2d, torch.nn.UpsamplingBilinear2d],
+                       functions=[F.interpolate, F.upsample])
 
 
-@register_function(F.pad)
-@no_macs
+@op_handler(functions=[F.pad], macs=False)
 def pad(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -277,8 +285,7 @@ def pad(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 # concatenation, splitting, indexing
 # -------------------------------------------------------------------------------------------
-@register_function(torch.cat, torch.concat, torch.concatenate)
-@no_macs
+@op_handler(functions=[torch.cat, torch.concat, torch.concatenate], macs=False, shape=cat_shape)
 def cat(a: A, node: Node):
     tensors = list(a.arg(node, 0, "tensors"))
     dim = a.arg(node, 1, "dim", 0)
@@ -298,8 +305,7 @@ def cat(a: A, node: Node):
     return ChannelMap(dim, torch.cat(pieces))
 
 
-@register_function(torch.stack)
-@no_macs
+@op_handler(functions=[torch.stack], macs=False)
 def stack(a: A, node: Node):
     tensors = list(a.arg(node, 0, "tensors"))
     dim = a.arg(node, 1, "dim", 0) % len(a.shape(node))
@@ -310,9 +316,25 @@ def stack(a: A, node: Node):
     return ChannelMap(m.axis + (1 if m.axis >= dim else 0), m.ids)
 
 
-@register_function(torch.split, torch.chunk, torch.tensor_split, torch.unbind)
-@register_method("split", "chunk", "tensor_split", "unbind", "split_with_sizes")
-@no_macs
+def rewrite_split(node: Node, edit: "ShrinkEdit") -> None:
+    """Pieces of a split channel dim get their kept sizes (``chunk`` becomes ``split``)."""
+    src = edit.map_of(node.args[0])
+    outs = edit.maps_of(node)
+    if src is None or not isinstance(outs, tuple) or not edit.changed(src):
+        return
+    pieces = [m for m in outs if isinstance(m, ChannelMap)]
+    if len(pieces) != len(outs) or pieces[0].axis != src.axis or pieces[0].ids is src.ids:
+        return  # split along another dim: nothing to rewrite
+    if all(p.size == src.size for p in pieces):
+        return
+    sizes = [edit.kept(p) for p in pieces]
+    node.target = "split" if node.op == "call_method" else torch.split
+    node.args = (node.args[0], sizes, src.axis)
+    node.kwargs = {}
+
+
+@op_handler(functions=[torch.split, torch.chunk, torch.tensor_split, torch.unbind],
+            methods=["split", "chunk", "tensor_split", "unbind", "split_with_sizes"], macs=False, rewrite=rewrite_split)
 def split(a: A, node: Node):
     x = node.args[0]
     shapes = a.shape(node)
@@ -345,8 +367,44 @@ def split(a: A, node: Node):
     return tuple(out)
 
 
-@register_function(operator.getitem)
-@no_macs
+def _expand_index(idx, rank: int) -> List[Any]:
+    """Basic indexing as one item per indexed dim: the ``Ellipsis`` spelled out as full slices."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    pos = next((i for i, it in enumerate(items) if it is Ellipsis), None)
+    if pos is not None:
+        items = items[:pos] + [slice(None)] * (rank - consumed) + items[pos + 1:]
+    return items
+
+
+def _item_of_dim(items: Sequence[Any], dim: int) -> Optional[int]:
+    """Which of the (expanded) index ``items`` indexes input dim ``dim`` (``None``: none does)."""
+    in_d = 0
+    for i, it in enumerate(items):
+        if it is None:  # a new axis indexes no input dim
+            continue
+        if in_d == dim:
+            return i
+        in_d += 1
+    return None
+
+
+def rewrite_getitem(node: Node, edit: "ShrinkEdit") -> None:
+    """``x[:, a:b]`` on a pruned channel dim: the bounds count kept channels."""
+    obj, idx = node.args
+    src = edit.map_of(obj) if isinstance(obj, Node) else None
+    if src is None or not edit.changed(src):
+        return
+    items = _expand_index(idx, len(edit.dense_shape(obj)))
+    i = _item_of_dim(items, src.axis)
+    if i is None or not isinstance(items[i], slice):
+        return
+    lo, hi, _ = items[i].indices(edit.dense_shape(obj)[src.axis])
+    items[i] = slice(edit.kept_before(src, lo), edit.kept_before(src, hi))
+    node.args = (obj, tuple(items) if isinstance(idx, tuple) or len(items) > 1 else items[0])
+
+
+@op_handler(functions=[operator.getitem], macs=False, rewrite=rewrite_getitem)
 def getitem(a: A, node: Node):
     obj, idx = node.args[0], node.args[1]
     obj_shape = a.shape(obj)
@@ -365,42 +423,44 @@ def getitem(a: A, node: Node):
 
 def index_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, idx) -> Optional[ChannelMap]:
     """Channel map of ``x[idx]`` for basic indexing (ints, slices, None, Ellipsis)."""
-    items = list(idx) if isinstance(idx, tuple) else [idx]
-    for it in items:
+    raw = list(idx) if isinstance(idx, tuple) else [idx]
+    for it in raw:
         if not (it is None or it is Ellipsis or isinstance(it, (int, slice)) or
                 (isinstance(it, Node) and a.shape(it) is None)):
             a.fix(m, f"{describe(node)} uses advanced (tensor/list) indexing")
             return None
-    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
-    if Ellipsis in [it for it in items if not isinstance(it, Node)]:
-        pos = next(i for i, it in enumerate(items) if it is Ellipsis)
-        items = items[:pos] + [slice(None)] * (len(in_shape) - consumed) + items[pos + 1:]
-    in_d = out_d = 0
-    ids, out_axis = m.ids, None
-    for it in items:
-        if it is None:
-            out_d += 1
-            continue
-        if in_d == m.axis:
-            if isinstance(it, slice):
-                if not all(v is None or isinstance(v, int) for v in (it.start, it.stop, it.step)) or it.step not in (None, 1):
-                    a.fix(m, f"{describe(node)} slices the channel dim with a step or run-time bounds")
-                    return None
-                ids, out_axis = m.ids[it], out_d
-            else:
-                a.fix(m, f"{describe(node)} selects a single channel")
-                return None
-        if isinstance(it, slice):
-            out_d += 1
-        in_d += 1
-    if out_axis is None:
-        out_axis = out_d + (m.axis - in_d)
-    return ChannelMap(out_axis, ids)
+    items = _expand_index(idx, len(in_shape))
+    i = _item_of_dim(items, m.axis)
+    if i is None:  # the index stops before the channel dim: it moves by the dims consumed or added
+        consumed = sum(1 for it in items if it is not None)
+        kept = sum(1 for it in items if it is None or isinstance(it, slice))
+        return ChannelMap(kept + (m.axis - consumed), m.ids)
+    it = items[i]
+    if not isinstance(it, slice):
+        a.fix(m, f"{describe(node)} selects a single channel")
+        return None
+    if not all(v is None or isinstance(v, int) for v in (it.start, it.stop, it.step)) or it.step not in (None, 1):
+        a.fix(m, f"{describe(node)} slices the channel dim with a step or run-time bounds")
+        return None
+    out_axis = sum(1 for it in items[:i] if it is None or isinstance(it, slice))
+    return ChannelMap(out_axis, m.ids[it])
 
 
-@register_function(torch.narrow)
-@register_method("narrow")
-@no_macs
+def rewrite_narrow(node: Node, edit: "ShrinkEdit") -> None:
+    """``x.narrow(dim, start, length)`` on a pruned channel dim: start and length count kept channels."""
+    src = edit.map_of(node.args[0])
+    if src is None or not edit.changed(src):
+        return
+    dim, start, length = (node.args[i] if len(node.args) > i else node.kwargs[k]
+                          for i, k in ((1, "dim"), (2, "start"), (3, "length")))
+    if dim % len(edit.dense_shape(node.args[0])) != src.axis:
+        return
+    new_start = edit.kept_before(src, start)
+    node.args = (node.args[0], dim, new_start, edit.kept_before(src, start + length) - new_start)
+    node.kwargs = {}
+
+
+@op_handler(functions=[torch.narrow], methods=["narrow"], macs=False, rewrite=rewrite_narrow)
 def narrow(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -415,9 +475,7 @@ def narrow(a: A, node: Node):
     return ChannelMap(m.axis, m.ids[start:start + length])
 
 
-@register_function(torch.select, torch.index_select)
-@register_method("select", "index_select")
-@no_macs
+@op_handler(functions=[torch.select, torch.index_select], methods=["select", "index_select"], macs=False)
 def select_like(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -435,12 +493,9 @@ def select_like(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 # reshapes and permutations
 # -------------------------------------------------------------------------------------------
-@register_function(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
-                   torch.ravel)
-@register_method("view", "reshape", "flatten", "squeeze", "unsqueeze", "unflatten", "view_as", "reshape_as",
-                 "squeeze_", "unsqueeze_", "ravel")
-@register_module(torch.nn.Flatten, torch.nn.Unflatten)
-@no_macs
+@op_handler(modules=[torch.nn.Flatten], functions=[torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel],
+            methods=["flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "squeeze_", "unsqueeze_", "ravel"],
+            macs=False)
 def reshape(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -521,9 +576,89 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
     return ChannelMap(bj[keep], table[tuple(index)].contiguous())
 
 
-@register_function(torch.permute)
-@register_method("permute")
-@no_macs
+def rewrite_sizes(node: Node, edit: "ShrinkEdit") -> None:
+    """view/reshape/expand: put the new channel count at the output channel axis.
+
+    When a reshape splits the channel dim alone into several dims (a channel shuffle's
+    ``view(b, g, c // g, h, w)``), the sizes of the other new dims are structural: an argument
+    computed at run time from the channel count (``c // g``) would change with pruning, so it is
+    replaced by its traced value.
+    """
+    m = edit.map_of(node)
+    if m is None:
+        return
+    changed = edit.changed(m)
+    if node.op == "call_method":
+        sizes = list(node.args[1:])
+        packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
+        if packed:
+            sizes = list(sizes[0])
+    else:  # torch.reshape(x, shape), torch.broadcast_to(x, size)
+        key = 1 if len(node.args) > 1 else next(k for k in ("shape", "size") if k in node.kwargs)
+        sizes = list(node.args[1] if key == 1 else node.kwargs[key])
+    if not sizes or (len(sizes) == 1 and isinstance(sizes[0], Node) and len(edit.dense_shape(node)) > 1):
+        # no sizes, or one computed at run time (``x.view(y.shape)``): it follows the pruned
+        # tensors it is read from; the shape check after shrinking verifies that it does
+        return
+    if not changed and not isinstance(sizes[m.axis], Node):
+        return
+    # A size read at run time (``B, N, C = x.shape; y.reshape(B, N, C)``) may come from a
+    # tensor whose channels are pruned differently, so the channel size is always a literal.
+    if not (isinstance(sizes[m.axis], int) and sizes[m.axis] == -1):
+        sizes[m.axis] = edit.kept(m)
+    for d in _structural_dims(node, edit, m) if changed else ():
+        if isinstance(sizes[d], Node):
+            sizes[d] = int(edit.dense_shape(node)[d])
+    if node.op == "call_method":
+        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+    elif key == 1:
+        node.args = (node.args[0], tuple(sizes), *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
+
+
+def _structural_dims(node: Node, edit: "ShrinkEdit", m: ChannelMap) -> List[int]:
+    """Output dims that a reshape split off the input's channel dim, other than the channel axis."""
+    src = edit.map_of(node.args[0])
+    if node.target not in ("view", "reshape", torch.reshape) or src is None:
+        return []
+    in_shape = list(edit.dense_shape(node.args[0]))
+    out_shape = list(edit.dense_shape(node))
+    for bi, bj in _blocks(in_shape, out_shape):
+        if bi == [src.axis] and m.axis in bj:
+            return [d for d in bj if d != m.axis]
+    return []
+
+
+def rewrite_unflatten(node: Node, edit: "ShrinkEdit") -> None:
+    """``x.unflatten(dim, sizes)`` / ``nn.Unflatten``: the kept count at the channel's new dim."""
+    m = edit.map_of(node)
+    if not edit.changed(m):
+        return
+    module = edit.module(node)
+    if module is not None:
+        dim, sizes = module.dim, list(module.unflattened_size)
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+        sizes = list(node.args[2] if len(node.args) > 2 else node.kwargs["sizes"])
+    k = m.axis - (dim % len(edit.dense_shape(node.args[0])))
+    if not (0 <= k < len(sizes)) or sizes[k] == -1:
+        return
+    sizes[k] = edit.kept(m)
+    if module is not None:
+        module.unflattened_size = tuple(sizes)
+    else:
+        node.args = (node.args[0], dim, tuple(sizes))
+        node.kwargs = {}
+
+
+DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_sizes),
+                       functions=[torch.reshape], methods=["view", "reshape"])
+DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_unflatten),
+                       modules=[torch.nn.Unflatten], functions=[torch.unflatten], methods=["unflatten"])
+
+
+@op_handler(functions=[torch.permute], methods=["permute"], macs=False)
 def permute(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -539,9 +674,7 @@ def permute(a: A, node: Node):
     return ChannelMap(dims.index(m.axis), m.ids)
 
 
-@register_function(torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis)
-@register_method("transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_")
-@no_macs
+@op_handler(functions=[torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis], methods=["transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_"], macs=False)
 def transpose(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -562,9 +695,7 @@ def transpose(a: A, node: Node):
     return ChannelMap(order.index(m.axis), m.ids)
 
 
-@register_method("t")
-@register_function(torch.t)
-@no_macs
+@op_handler(functions=[torch.t], methods=["t"], macs=False)
 def t(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -573,9 +704,7 @@ def t(a: A, node: Node):
     return ChannelMap(m.axis if rank < 2 else 1 - m.axis, m.ids)
 
 
-@register_method("expand", "expand_as", "broadcast_to")
-@register_function(torch.broadcast_to)
-@no_macs
+@op_handler(functions=[torch.broadcast_to], methods=["expand", "broadcast_to"], macs=False, rewrite=rewrite_sizes)
 def expand(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -588,9 +717,11 @@ def expand(a: A, node: Node):
     return ChannelMap(axis, m.ids)
 
 
-@register_method("repeat")
-@no_macs
-def repeat(a: A, node: Node):
+DEFAULT_RULES.register(OpHandler(expand, macs=False), methods=["expand_as"])
+
+
+@op_handler(methods=["repeat"], macs=False)
+def repeat(a: A, node: Node):  # (repeat counts are per dim: nothing to rewrite)
     m = a.cmap(node.args[0])
     if m is None:
         return None
@@ -615,21 +746,17 @@ def _shuffle_rule(a: A, node: Node, groups: int):
     return ChannelMap(1, table.t().reshape(-1).contiguous())
 
 
-@register_module(torch.nn.ChannelShuffle)
-@no_macs
+@op_handler(modules=[torch.nn.ChannelShuffle], macs=False)
 def channel_shuffle_module(a: A, node: Node):
     return _shuffle_rule(a, node, a.module(node).groups)
 
 
-@register_function(F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle)
-@no_macs
+@op_handler(functions=[F.channel_shuffle, torch.channel_shuffle, torch.native_channel_shuffle], macs=False)
 def channel_shuffle_fn(a: A, node: Node):
     return _shuffle_rule(a, node, a.arg(node, 1, "groups"))
 
 
-@register_module(torch.nn.PixelShuffle, torch.nn.PixelUnshuffle)
-@register_function(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle)
-@no_macs
+@op_handler(modules=[torch.nn.PixelShuffle, torch.nn.PixelUnshuffle], functions=[F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle], macs=False)
 def pixel_shuffle(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -649,8 +776,7 @@ def pixel_shuffle(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 # matrix products and attention
 # -------------------------------------------------------------------------------------------
-@register_function(torch.matmul, operator.matmul, torch.bmm, torch.mm)
-@register_method("matmul", "bmm", "mm", "__matmul__")
+@op_handler(functions=[torch.matmul, operator.matmul, torch.bmm, torch.mm], methods=["matmul", "bmm", "mm", "__matmul__"])
 def matmul(a: A, node: Node):
     x, y = node.args[0], node.args[1]
     xs, ys, out = a.shape(x), a.shape(y), a.shape(node)
@@ -710,7 +836,7 @@ def matmul(a: A, node: Node):
     return out_map
 
 
-@register_function(F.scaled_dot_product_attention)
+@op_handler(functions=[F.scaled_dot_product_attention])
 def sdpa(a: A, node: Node):
     q, k, v = (a.arg(node, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
     qs, ks, vs, out = a.shape(q), a.shape(k), a.shape(v), a.shape(node)

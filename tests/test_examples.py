@@ -43,5 +43,6 @@ def test_custom_op_rule_makes_channels_prunable(caplog):
     with caplog.at_level(logging.INFO):
         out = load("custom_op").main([])
     assert out["before"] == 0 < out["after"]
+    assert out["default_after"] == 0  # the handler was registered for those calls only
     assert out["max_error"] < 1e-4
     assert "unsupported function" in caplog.text

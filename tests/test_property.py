@@ -411,7 +411,7 @@ def plain_layers(draw):
 @given(case=plain_layers())
 def test_layer_shortcut_equals_running_the_layer(case):
     from hfp_fx.meta_shortcuts import meta_result
-    from hfp_fx.tracing import meta_copy
+    from hfp_fx.copies import meta_copy
 
     layer, shape = case
     twin = meta_copy(layer)

@@ -1,0 +1,192 @@
+"""Copies of user models that the pipeline may run, trace or write to.
+
+No public entry point writes to the user's model, its tensors or its Python state.  Tracing
+and shape propagation run a ``forward``, and a ``forward`` may write to ``self`` (caches such
+as timm LeViT's ``attention_bias_cache``, counters, lazily built tensors); with torch.fx those
+writes would store ``Proxy`` objects in the user's model.  Three copies, from cheap to full:
+
+* :func:`state_copy` -- same parameters and buffers (shared, not copied), but every module and
+  every mutable container in a module's ``__dict__`` is the copy's own: what the tracer traces;
+* :func:`meta_copy` -- a deep copy whose parameters and buffers are ``meta`` tensors: what
+  ``hfp_fx.count`` and the shape tracer run;
+* :func:`graph_twin` -- only what a GraphModule's graph reads, on ``meta`` or cloned: what
+  shape propagation interprets.
+
+Example::
+
+    >>> import torch
+    >>> class Cached(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lin, self.cache = torch.nn.Linear(2, 2), {}
+    ...     def forward(self, x):
+    ...         self.cache["last"] = x
+    ...         return self.lin(x)
+    >>> model = Cached()
+    >>> twin = state_copy(model)
+    >>> _ = twin(torch.ones(1, 2))
+    >>> model.cache, twin.lin.weight is model.lin.weight
+    ({}, True)
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import types
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.fx
+
+__all__ = ["state_copy", "clone_copy", "meta_copy", "graph_twin", "shape_only"]
+
+#: values a module attribute may hold that nothing can write into: shared by the copy
+_IMMUTABLE = frozenset([int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device,
+                        torch.memory_format, torch.layout, torch.Size, type, types.FunctionType,
+                        types.BuiltinFunctionType, range, slice, type(Ellipsis)])
+#: containers a forward may write into: copied recursively
+_CONTAINERS = frozenset([dict, collections.OrderedDict, list, set, tuple])
+
+
+class _Copier:
+    """Copies a module tree: every module and mutable container anew, tensors through ``tensor``.
+
+    Much cheaper than ``copy.deepcopy`` (which walks every attribute through its generic
+    protocol), and it copies tensors ``deepcopy`` refuses (non-leaf tensors cached by a
+    ``forward`` that ran with autograd on).  Objects of other types are deep-copied with the same
+    memo, or shared if they cannot be (locks, handles: nothing a forward writes into).
+    """
+
+    def __init__(self, tensor: Callable[[torch.Tensor], torch.Tensor]):
+        self.copies: Dict[int, Any] = {}  # id(original) -> copy; also the deepcopy memo
+        self._tensor = tensor
+        self._seeded = False
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.copies:
+            c = self._tensor(t)
+            if isinstance(t, torch.nn.Parameter) and not isinstance(c, torch.nn.Parameter):
+                c = torch.nn.Parameter(c, requires_grad=t.requires_grad)
+            self.copies[id(t)] = c
+        return self.copies[id(t)]
+
+    def module(self, m: torch.nn.Module) -> torch.nn.Module:
+        if id(m) in self.copies:
+            return self.copies[id(m)]
+        if isinstance(m, torch.jit.ScriptModule):
+            return m  # compiled code: no Python state to protect, and nothing to trace into
+        c = object.__new__(type(m))
+        self.copies[id(m)] = c
+        state = m.__dict__.copy()
+        for k, v in state.items():
+            if k in ("_parameters", "_buffers"):
+                state[k] = {name: None if t is None else self.tensor(t) for name, t in v.items()}
+            elif type(v) not in _IMMUTABLE:
+                state[k] = self.value(v, m)
+        c.__dict__.update(state)
+        return c
+
+    def value(self, value: Any, owner: torch.nn.Module) -> Any:
+        kind = type(value)
+        if kind in _IMMUTABLE:
+            return value
+        if kind in _CONTAINERS:
+            if kind is tuple and all(type(v) in _IMMUTABLE for v in value):
+                return value  # (3, 3) kernel sizes: nothing inside can change
+            if id(value) in self.copies:
+                return self.copies[id(value)]
+            if not value:
+                return kind()
+            if kind is dict or kind is collections.OrderedDict:
+                new = self.copies[id(value)] = kind()
+                for k, v in value.items():
+                    new[k] = self.value(v, owner)
+                return new
+            new = self.copies[id(value)] = kind(self.value(v, owner) for v in value)
+            return new
+        if isinstance(value, torch.nn.Module):
+            return self.module(value)
+        if isinstance(value, torch.Tensor):  # (a slow check for other objects: done late)
+            return self.tensor(value)
+        if not self._seeded:  # an odd object may hold the module's tensors: map them alike
+            self._seeded = True
+            for t in list(owner.parameters()) + list(owner.buffers()):
+                self.tensor(t)
+        try:
+            return copy.deepcopy(value, self.copies)
+        except Exception:  # noqa: BLE001 - locks, handles, ...: nothing a forward writes into
+            return value
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def state_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its own Python state and the same parameter and buffer tensors.
+
+    Every submodule is a new object with its own ``__dict__``; dicts, lists, sets and tuples in
+    it are copied recursively (tensors, modules and immutable values inside are kept or mapped
+    to their copies).  What the tracer traces.
+    """
+    return _Copier(lambda t: t).module(module)
+
+
+def clone_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its own Python state and detached clones of every tensor it holds."""
+    return _Copier(_clone).module(module)
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``module`` whose parameters, buffers and other tensors are ``meta``.
+
+    Running it costs no FLOPs and no memory, and whatever its ``forward`` does to ``self``
+    (caches, counters, lazily built tensors) lands on the copy, never on the user's model.
+    """
+    return _Copier(_meta).module(module)
+
+
+def shape_only(module: torch.nn.Module) -> torch.nn.Module:
+    """Put the normalisation layers of a *copy* in eval mode before a shape/MAC pass.
+
+    Their output shapes do not depend on the mode, but in training mode batch norm refuses a
+    batch with one value per channel (batch 1 at 1x1 resolution), which example inputs often are.
+    """
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.eval()
+    return module
+
+
+def graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Module:
+    """A module holding copies of exactly what ``gm``'s graph calls and reads, for an Interpreter.
+
+    Much cheaper than ``deepcopy(gm)`` (no recompile, intermediate containers are empty modules).
+    ``device="meta"`` turns every tensor into a meta tensor; with ``device=None`` every tensor is
+    cloned, since the graph may write to one it reads with ``get_attr`` (``self.w.add_(1)`` in a
+    root ``forward``).
+    """
+    copier = _Copier(_meta if device == "meta" else _clone)
+    twin = torch.nn.Module()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        *path, leaf = node.target.split(".")
+        owner, twin_owner = gm, twin
+        for part in path:
+            owner = getattr(owner, part)
+            if part not in twin_owner._modules:
+                twin_owner.add_module(part, torch.nn.Module())
+            twin_owner = twin_owner._modules[part]
+        value = getattr(owner, leaf)
+        if isinstance(value, torch.nn.Module):
+            twin_owner._modules[leaf] = copier.module(value)
+        elif isinstance(value, torch.nn.Parameter):
+            twin_owner._parameters[leaf] = copier.tensor(value)
+        else:
+            object.__setattr__(twin_owner, leaf, copier.tensor(value) if isinstance(value, torch.Tensor) else value)
+    return shape_only(twin)

@@ -1,0 +1,52 @@
+"""Magnitude saliency: rank each prune group's channels by the size of their weights.
+
+Which weights belong to which channel is op knowledge, so the op handlers record it during the
+channel analysis (``bind_param(..., importance="out" | "in")``, kept as
+:class:`~hfp_fx.passes.channel_analysis.MagnitudeSlice` facts): the filters that *produce* a
+channel (a conv's or linear's output rows) and the weights that *consume* it (their input
+columns).  A channel's score is the mean |w| (``"l1"``) or RMS (``"l2"``) of its producing
+slices, summed over producers; a group without producers (e.g. fed by a model input through a
+residual stream) is ranked by its consumers.  Scores are divided by their group's mean, so
+channels compare across groups.
+
+    >>> import torch, torchvision, hfp_fx
+    >>> dg = hfp_fx.dependency_graph(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> scores = magnitude_saliency(dg, "l1")
+    >>> g = dg.prunable_groups[0]
+    >>> scores[g.id].shape == (g.channels,), round(float(scores[g.id].mean()), 6)
+    (True, 1.0)
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+__all__ = ["magnitude_saliency", "IMPORTANCE_KINDS"]
+
+IMPORTANCE_KINDS = ("l1", "l2", "uniform")
+
+
+def magnitude_saliency(dg, importance: str = "l1") -> Dict[str, torch.Tensor]:
+    """Per prunable group id, one score per channel (mean 1 within the group)."""
+    if importance not in IMPORTANCE_KINDS:
+        raise ValueError(f"importance must be one of {IMPORTANCE_KINDS}, got {importance!r}")
+    roots = dg.roots
+    tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
+    scores = {role: torch.zeros(roots.numel(), dtype=torch.float64) for role in ("out", "in")}
+    for s in dg.facts.importance:
+        w = tensors.get(s.param)
+        if w is None:
+            continue
+        flat = w.detach().double().cpu().transpose(0, s.dim).reshape(w.shape[s.dim], -1)
+        per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
+        scores[s.role].index_add_(0, roots[s.ids], per)
+    out = {}
+    for g in dg.prunable_groups:
+        s = scores["out"][g.units]
+        if not bool((s > 0).any()):
+            s = scores["in"][g.units]
+        if importance == "uniform" or not bool((s > 0).any()):
+            s = torch.ones(g.channels, dtype=torch.float64)
+        out[g.id] = s / s.mean()
+    return out

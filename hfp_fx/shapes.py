@@ -1,0 +1,130 @@
+"""Shapes and MACs of every node: ``node.meta["tensor_meta"]`` and ``node.meta["macs"]``.
+
+``propagate_shapes`` interprets a GraphModule's graph over a ``meta`` twin of its modules
+(:func:`hfp_fx.copies.graph_twin`), so it costs no FLOPs and never touches the user's weights,
+batch-norm statistics or Python state.  Each call node's MACs are those of
+``torch.utils.flop_counter`` (FLOPs / 2), except for ops whose handler says they do no MACs.
+Common ops are answered by their handler's shape shortcut (:mod:`hfp_fx.meta_shortcuts`)
+and repeated calls by :mod:`hfp_fx.meta_memo` instead of running PyTorch's meta kernels.
+
+Example::
+
+    >>> import torch, torchvision
+    >>> from hfp_fx.tracing import trace
+    >>> traced = trace(torchvision.models.resnet18())
+    >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))
+    >>> [n.meta["tensor_meta"].shape for n in traced.graph_module.graph.nodes if n.name == "fc"]
+    [torch.Size([1, 1000])]
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from hfp_fx.copies import graph_twin
+from hfp_fx.meta_memo import MetaMemo, call_key
+from hfp_fx.meta_shortcuts import meta_result, tensor_metadata
+from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["propagate_shapes", "ShapePropagationError"]
+
+
+class ShapePropagationError(RuntimeError):
+    """Running the model on the example inputs failed at one node (named in the message)."""
+
+
+class _ShapeAndFlopProp(torch.fx.Interpreter):
+    """Records each node's output ``tensor_meta`` and its multiply-accumulates (``meta['macs']``).
+
+    Like :class:`torch.fx.passes.shape_prop.ShapeProp`, but a failing node raises
+    :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
+    """
+
+    def __init__(self, *args, memoize: bool = True, rules: Optional[OpRegistry] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rules = rules if rules is not None else DEFAULT_RULES
+        self.extra_traceback = False  # our message already names the node; FX would append the graph
+        self.memo = MetaMemo()
+        self.memoize = memoize
+
+    def run_node(self, n):
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        try:
+            if n.op in ("call_module", "call_function", "call_method"):
+                result, n.meta["macs"] = self._call(n, module)
+            else:
+                result, n.meta["macs"] = super().run_node(n), 0
+        except Exception as exc:  # noqa: BLE001 - re-raised with the node that failed
+            what = f"module {n.target} ({type(module).__name__})" if module is not None else f"{n.op} {_op_name(n)}"
+            cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
+            raise ShapePropagationError(f"node `{n.name}`, {what}: {cause}") from exc
+        found = False
+
+        def tensor_meta(obj):
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return tensor_metadata(obj)
+            return obj
+
+        meta = torch.fx.node.map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+    def _call(self, n: torch.fx.Node, module: Optional[torch.nn.Module]) -> Tuple[Any, int]:
+        """Output and MACs of a call node: from a shape rule, from an equal earlier call, or run."""
+        counted = self.rules.counts_macs(n, module)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        found = meta_result(n, module, args, kwargs, self.rules)
+        if found is not None:
+            return found[0], found[1] if counted else 0
+        key = call_key(n.op, module if module is not None else n.target, args, kwargs) if self.memoize else None
+        key = (counted, key) if key is not None else None
+        reused = self.memo.get(key)
+        if reused is not None:
+            return reused
+        with FlopCounterMode(display=False) if counted else contextlib.nullcontext() as counter:
+            result = getattr(self, n.op)(n.target, args, kwargs)
+        macs = counter.get_total_flops() // 2 if counted else 0
+        self.memo.put(key, result, macs)
+        return result, macs
+
+
+def _op_name(n: torch.fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...],
+                     rules: Optional[OpRegistry] = None) -> None:
+    """Fill ``node.meta['tensor_meta']`` (and ``node.meta['macs']``) for every node.
+
+    ``rules`` (default: hfp_fx's own) says which ops do no MACs and gives the shape shortcuts.
+
+    Runs the graph on a meta twin of ``gm``'s modules first (no compute, no state change); ops
+    without meta kernels fall back to a real run on a full copy.  ``gm``'s own modules are never
+    executed: they are the user's.
+    """
+    meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
+    try:
+        # grad mode on: free on meta tensors, and FlopCounterMode's module tracker fails under
+        # no_grad when a parameter is a module's input (see api.count)
+        _ShapeAndFlopProp(graph_twin(gm, "meta"), graph=gm.graph, rules=rules).run(*meta_inputs)
+    except Exception as exc:  # noqa: BLE001 - fall back to a real run
+        log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
+        try:
+            with torch.no_grad():
+                _ShapeAndFlopProp(graph_twin(gm, None), graph=gm.graph, rules=rules).run(*example_inputs)
+        except ShapePropagationError as exc2:
+            raise ShapePropagationError(
+                f"running {gm.__class__.__name__} on the example inputs failed at {exc2}. "
+                "Check that example_inputs match the model's forward signature and expected shapes."
+            ) from exc2.__cause__
