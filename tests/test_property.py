@@ -28,6 +28,7 @@ Each property is a plain ``check_*`` function plus its strategies (``PROPERTIES`
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -407,9 +408,21 @@ def plain_layers(draw):
     return layer, (draw(st.integers(1, 3)), in_ch, *spatial)
 
 
-@settings(deadline=None, max_examples=150)
-@given(case=plain_layers())
-def test_layer_shortcut_equals_running_the_layer(case):
+def test_layer_shortcut_equals_running_the_layer():
+    """Conv/linear shapes and MACs built from the formula equal running the layer (most draws
+    must reach the comparison, not only the "too small, run it" branch)."""
+    seen = Counter()
+
+    @settings(deadline=None, max_examples=150)
+    @given(case=plain_layers())
+    def run(case):
+        seen[_check_layer_shortcut(case)] += 1
+
+    run()
+    assert seen["compared"] >= 60, seen
+
+
+def _check_layer_shortcut(case) -> str:
     from hfp_fx.meta_shortcuts import meta_result
     from hfp_fx.copies import meta_copy
 
@@ -425,10 +438,11 @@ def test_layer_shortcut_equals_running_the_layer(case):
             expected = twin(x)
     except RuntimeError:  # the input is too small for this kernel: the layer must be run
         assert meta_result(node, twin, *interp.fetch_args_kwargs_from_env(node)) is None
-        return
+        return "refused"
     out, macs = meta_result(node, twin, *interp.fetch_args_kwargs_from_env(node))
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert macs == counter.get_total_flops() // 2
+    return "compared"
 
 
 _SHAPE_KEEPING = [("call_module", nn.ReLU(), {}), ("call_module", nn.ReLU(inplace=True), {}),
@@ -499,10 +513,22 @@ def meta_ops(draw):
     return "call_function", F.adaptive_avg_pool2d, (x, size), {}
 
 
-@settings(deadline=None, max_examples=300)
-@given(case=meta_ops())
-def test_meta_shortcuts_equal_running_the_op(case):
-    """Shape, dtype, contiguity, strides of non-unit dims and MACs match a real run."""
+def test_meta_shortcuts_equal_running_the_op():
+    """Shape, dtype, contiguity, strides of non-unit dims and MACs match a real run, for every
+    kind of op with a shortcut (and enough draws reach the comparison, not only "run it")."""
+    seen = Counter()
+
+    @settings(deadline=None, max_examples=300)
+    @given(case=meta_ops())
+    def run(case):
+        seen[_check_meta_shortcut(case)] += 1
+
+    run()
+    assert seen["compared"] >= 100, seen
+    assert seen["declined"] >= 1, seen  # the strided layouts: the shortcut must know to step aside
+
+
+def _check_meta_shortcut(case) -> str:
     from hfp_fx.meta_shortcuts import meta_result
 
     op_kind, target, args, kwargs = case
@@ -530,16 +556,17 @@ def test_meta_shortcuts_equal_running_the_op(case):
             expected = interp.run_node(node)
     except (RuntimeError, ValueError):  # the op refuses these inputs: no shortcut may accept them either
         assert meta_result(node, module, *interp.fetch_args_kwargs_from_env(node)) is None
-        return
+        return "refused"
     found = meta_result(node, module, *interp.fetch_args_kwargs_from_env(node))
     if found is None:
-        return  # running the op is always allowed
+        return "declined"  # running the op is always allowed
     out, macs = found
     assert out.shape == expected.shape and out.dtype == expected.dtype
     assert out.is_contiguous() == expected.is_contiguous()
     assert [st_ for st_, n in zip(out.stride(), out.shape) if n > 1] == \
         [st_ for st_, n in zip(expected.stride(), expected.shape) if n > 1]
     assert macs == counter.get_total_flops() // 2
+    return "compared"
 
 
 @st.composite
@@ -601,18 +628,28 @@ def _layouts(out):
         out, lambda t: (tuple(t.shape), t.stride(), t.dtype) if isinstance(t, torch.Tensor) else t)
 
 
-@settings(deadline=None, max_examples=300)
-@given(first=repeated_calls(), second=repeated_calls())
-def test_meta_memo_reuses_only_equal_calls(first, second):
+def test_meta_memo_reuses_only_equal_calls():
     """Two calls with the same key give the same output layouts and MACs, and the memo hands
-    back exactly those for the second call."""
+    back exactly those for the second call (enough draw pairs must share a key to show it)."""
+    seen = Counter()
+
+    @settings(deadline=None, max_examples=300)
+    @given(first=repeated_calls(), second=repeated_calls())
+    def run(first, second):
+        seen[_check_memo(first, second)] += 1
+
+    run()
+    assert seen["equal keys"] >= 20, seen
+
+
+def _check_memo(first, second) -> str:
     from hfp_fx.meta_memo import MetaMemo, call_key
 
     key_first = call_key(first[0], first[1], first[2], first[3])
     key_second = call_key(second[0], second[1], second[2], second[3])
     assert key_first is not None
     if key_first != key_second:
-        return
+        return "different keys"
     out_first, macs_first = _run_counting(first)
     out_second, macs_second = _run_counting(second)
     assert _layouts(out_first) == _layouts(out_second) and macs_first == macs_second
@@ -621,6 +658,7 @@ def test_meta_memo_reuses_only_equal_calls(first, second):
     reused, macs = memo.get(key_second)
     assert _layouts(reused) == _layouts(out_second) and macs == macs_second
     assert type(reused) is type(out_second)
+    return "equal keys"
 
 
 #: name -> (check function, its strategies as keyword arguments); used by benchmarks/fuzz.py
