@@ -155,3 +155,31 @@ def test_functional_conv_groups_are_rewritten():
             return self.out(F.conv2d(self.pw(x), self.weight, None, 1, 1, 1, 8))
 
     check_model(DW().eval(), torch.randn(2, 3, 8, 8))
+
+
+def test_architecture_doc_example_runs_and_prunes_exactly():
+    """docs/architecture.md "Adding an op": its code, then a model that uses both ops."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    section = text.split("## Adding an op", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    code += '''
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.ls, self.conv2 = torch.nn.Conv2d(3, 8, 3), LayerScale(8), torch.nn.Conv2d(8, 4, 3)
+    def forward(self, x):
+        return self.conv2(soft_clip(self.ls(self.conv1(x))))
+'''
+    ns = {"__name__": "architecture_example"}
+    exec(compile(code, "architecture.md", "exec"), ns)
+    model, x = ns["Net"]().eval(), torch.randn(2, 3, 10, 10)
+    rules = ns["rules"]
+    dg = hfp_fx.dependency_graph(model, x, rules=rules)
+    assert [g.channels for g in dg.prunable_groups] == [8]
+    small = hfp_fx.prune(model, x, "50%", rules=rules)
+    assert small.ls.channels == small.ls.gamma.numel() < 8
+    with torch.no_grad():
+        reference = hfp_fx.mask(model, x, small.meta["hfp"]["keep"], rules=rules)(x)
+        assert torch.allclose(small(x), reference, atol=1e-5)
