@@ -449,20 +449,82 @@ def test_gather_fixes_channels():
     check_model(G(), torch.randn(1, 3, 4, 4))
 
 
+class Tied(nn.Module):
+    """Two linears sharing one weight tensor (``c.weight is b.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 6)
+        self.c.weight = self.b.weight
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.head(self.b(h) + self.c(h))
+
+
+class TiedConv(nn.Module):
+    """Two parallel convs sharing weight and bias, each used on a different input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.a2 = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.p, self.q = nn.Conv2d(8, 10, 3, padding=1), nn.Conv2d(8, 10, 3, padding=1)
+        self.q.weight, self.q.bias = self.p.weight, self.p.bias
+        self.head = nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.p(torch.relu(self.a(x)))) * torch.relu(self.q(torch.relu(self.a2(x))))
+        return self.head(y).mean((2, 3))
+
+
+TIED = {"Tied": (Tied, ("b.weight", "c.weight"), (3, 4)),
+        "TiedConv": (TiedConv, ("p.weight", "q.weight", "p.bias", "q.bias"), (2, 3, 5, 5))}
+
+
+def assert_tied(small, names):
+    tensors = dict(small.named_parameters(remove_duplicate=False))
+    for first, second in zip(names[::2], names[1::2]):
+        assert tensors[first] is tensors[second], f"{first} and {second} are no longer one tensor"
+
+
+@pytest.mark.parametrize("name", sorted(TIED))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tied_weights_shrink_to_one_tensor(name, seed):
+    cls, names, shape = TIED[name]
+    torch.manual_seed(seed)
+    _, small = check_model(cls(), torch.randn(*shape), seed=seed)  # counts include the shared tensor once
+    assert_tied(small, names)
+
+
+@pytest.mark.parametrize("name", sorted(TIED))
+@pytest.mark.parametrize("target", [{"params": 0.7}, {"macs": 0.6}, {"params": 0.5, "macs": 0.7}],
+                         ids=["params70", "macs60", "both"])
+def test_tied_weights_prune_meets_target(name, target, tmp_path):
+    cls, names, shape = TIED[name]
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(*shape)
+    dense = hfp_fx.count(model, x)
+    assert dense.params == sum(p.numel() for p in model.parameters())  # shared tensors once
+    small = hfp_fx.prune(model, x, target).eval()
+    achieved, report = hfp_fx.count(small, x), small.meta["hfp"]
+    assert achieved.params == report["achieved"]["params"] and achieved.macs == report["achieved"]["macs"]
+    for k, fraction in target.items():
+        assert getattr(achieved, k) <= fraction * getattr(dense, k) == pytest.approx(report["target"][k], abs=1)
+    assert_tied(small, names)
+    dg = hfp_fx.dependency_graph(model, x)
+    with torch.no_grad():
+        assert_close(hfp_fx.mask(dg, keep=report["keep"]).eval()(x), small(x))
+    hfp_fx.save(small, tmp_path / "tied.pt")
+    again = hfp_fx.load(tmp_path / "tied.pt", cls, x).eval()
+    assert_tied(again, names)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+
+
 def test_tied_weights_fold_gates_once():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(4, 6)
-            self.b = nn.Linear(6, 6)
-            self.c = nn.Linear(6, 6)
-            self.c.weight = self.b.weight
-            self.head = nn.Linear(6, 2)
-
-        def forward(self, x):
-            h = torch.relu(self.a(x))
-            return self.head(self.b(h) + self.c(h))
-
     torch.manual_seed(0)
     model, x = Tied(), torch.randn(3, 4)
     prepared = hfp_fx.prepare(model, x, {"params": 0.9}, gates="channel")
@@ -470,6 +532,8 @@ def test_tied_weights_fold_gates_once():
         prepared.hfp.gate.uniform_(0.5, 1.5)
         prepared.hfp.threshold = 0.0
     small = hfp_fx.finalize(prepared).eval()
+    assert_tied(small, TIED["Tied"][1])
+    assert hfp_fx.count(small, x).params == small.meta["hfp"]["achieved"]["params"]
     keep = small.meta["hfp"]["keep"]
     with torch.no_grad():
         for gid, kept in keep.items():
@@ -477,8 +541,6 @@ def test_tied_weights_fold_gates_once():
             off = torch.ones_like(g, dtype=torch.bool)
             off[kept] = False
             g[off] = 0
-        from helpers import assert_close
-
         assert_close(prepared.eval()(x), small(x))
 
 
