@@ -1,4 +1,6 @@
 """HFP: prepare -> complexity loss -> finalize / prune hit the targets exactly."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -168,6 +170,42 @@ def test_complexity_loss_is_zero_under_target_and_differentiable():
     assert loss > 0 and grad is not None and bool((grad > 0).all())
     c = hfp_fx.complexity(prepared)
     assert c["macs"] == c["dense_macs"] and c["macs_ratio"] == pytest.approx(1 / 0.3, rel=1e-3)
+
+
+@pytest.mark.parametrize("target", [{"params": 0.5}, {"params": 0.4, "macs": 1.0}, {"params": 0.5, "macs": 0.4},
+                                    {"macs": 0.4}], ids=["params", "params-binding", "both", "macs"])
+@pytest.mark.parametrize("gates", ["width", "channel"])
+def test_complexity_loss_sums_every_targeted_term(target, gates):
+    """The documented loss ``U * sum_X lambda_X * max(0, log(X / X_target))``, params term included."""
+    model, x = TinyNet(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, target, lambda_init=0.02, gates=gates).train()
+    c = hfp_fx.complexity(prepared)
+    expected = 0.02 * c["prunable_channels"] * sum(
+        max(0.0, math.log(c[f"{k}_soft"] / c[f"target_{k}"])) for k in target)
+    with torch.no_grad():  # no dual step
+        assert float(hfp_fx.complexity_loss(prepared)) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.02 * c["prunable_channels"] * 0.5  # every case is well over target
+    hfp_fx.complexity_loss(prepared).backward()
+    assert bool((hfp_fx.gate_parameters(prepared)[0].grad > 0).all())  # pushes every gate down
+
+
+@pytest.mark.parametrize("target", [{"params": 0.5}, {"params": 0.4, "macs": 1.0}], ids=["params", "params-binding"])
+def test_a_few_training_steps_lower_params_under_a_params_target(target):
+    torch.manual_seed(0)
+    model, x = TinyNet(), torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 4, (8,))
+    prepared = hfp_fx.prepare(model, x, target, lambda_init=0.02)
+    before = hfp_fx.complexity(prepared)
+    assert before["params"] == before["dense_params"] > before["target_params"]
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(10):
+        loss = nn.functional.cross_entropy(prepared(x), y) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = hfp_fx.complexity(prepared)
+    assert after["params"] < 0.95 * before["params"], (before["params"], after["params"])
+    assert after["params_soft"] < before["params_soft"]
 
 
 def test_infeasible_target_states_floor():
