@@ -237,6 +237,50 @@ def test_safe_save_and_load(tmp_path):
         hfp_fx.load(path, torchvision.models.resnet34, x)
 
 
+def _tamper(name, state, plan):
+    """Edit a saved file's state dict / plan; return the pattern the load error must match."""
+    if name == "missing-weight":
+        del state["body.3.weight"]
+        return r"[Mm]issing key.*body\.3\.weight"
+    if name == "missing-buffer":
+        del state["body.4.running_var"]
+        return r"[Mm]issing key.*body\.4\.running_var"
+    if name == "extra-key":
+        state["body.9.weight"] = torch.ones(3)
+        return r"[Uu]nexpected key.*body\.9\.weight"
+    if name == "wrong-shape":
+        state["body.3.weight"] = state["body.3.weight"][1:].clone()
+        return r"size mismatch for body\.3\.weight"
+    assert name == "plan-keep"  # the plan keeps one channel fewer than the weights hold
+    plan["keep"]["g1"] = plan["keep"]["g1"][1:]
+    return r"size mismatch for body\."
+
+
+TAMPER = ["missing-weight", "missing-buffer", "extra-key", "wrong-shape", "plan-keep"]
+
+
+@pytest.mark.parametrize("tamper", TAMPER)
+def test_load_rejects_a_file_whose_weights_do_not_match(tamper, tmp_path):
+    """A file edited after saving (a key removed or added, a shape changed, the plan changed) is
+    refused with an error naming the key, never loaded partially."""
+    import json
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    small = hfp_fx.prune(TinyNet().eval(), x, {"macs": 0.5})
+    path = tmp_path / "small.pt"
+    hfp_fx.save(small, path)
+    assert torch.equal(hfp_fx.load(path, TinyNet, x).eval()(x), small.eval()(x))  # untampered: fine
+    blob = torch.load(path, weights_only=True)
+    plan = json.loads(blob["plan"])
+    assert "g1" in plan["keep"] and "body.3.weight" in blob["state_dict"]
+    pattern = _tamper(tamper, blob["state_dict"], plan)
+    blob["plan"] = json.dumps(plan)
+    torch.save(blob, path)
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        hfp_fx.load(path, TinyNet, x)
+
+
 def test_safe_save_and_load_with_scale_nodes(tmp_path):
     """Attention contractions cannot fold gates into weights: scale nodes must round-trip too."""
     from test_ops import Block, ManualAttention
