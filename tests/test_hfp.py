@@ -1,4 +1,5 @@
 """HFP: prepare -> complexity loss -> finalize / prune hit the targets exactly."""
+import functools
 import math
 
 import pytest
@@ -62,6 +63,64 @@ def test_prepare_finalize_without_training(name):
     dense = hfp_fx.count(model, x)
     assert_meets(hfp_fx.count(small, x), resolved({"macs": 0.4}, dense), dense)
     assert_unchanged(model, snap)
+
+
+class SquareResidual(nn.Module):
+    """Residual blocks ``x + conv(x)`` of square 1x1 convs: one prune group (the residual width
+    ``n``) whose cost grows with ``n ** 2``, so the first-order cost of one more channel (the
+    derivative at ``n``) is below its exact cost by the number of blocks (params) or the blocks
+    times the pixels (MACs)."""
+
+    def __init__(self, width=16, blocks=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 1)
+        self.blocks = nn.ModuleList([nn.Conv2d(width, width, 1) for _ in range(blocks)])
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.blocks:
+            x = x + conv(x)
+        return self.head(x.mean((2, 3)))
+
+
+@functools.lru_cache(maxsize=None)
+def square_residual_counts():
+    """The model, its input, and the counts of the shrunk model keeping ``n`` residual channels."""
+    torch.manual_seed(0)
+    model, x = SquareResidual().eval(), torch.randn(1, 3, 4, 4)
+    dg = hfp_fx.dependency_graph(model, x)
+    (group,) = dg.prunable_groups
+    counts = {n: hfp_fx.count(hfp_fx.shrink(dg, keep={group.id: range(n)}), x) for n in range(1, group.channels + 1)}
+    return model, x, counts
+
+
+@pytest.mark.parametrize("metric", ["params", "macs", "both"])
+@pytest.mark.parametrize("n", [3, 7, 12])
+def test_add_back_checks_the_exact_cost_of_a_quadratic_group(metric, n):
+    """Targets in ``[cost(n) + cost'(n), cost(n + 1))``: by its first-order cost one more channel fits,
+    by its exact cost it does not.  prune and finalize keep exactly ``n`` channels."""
+    model, x, counts = square_residual_counts()
+    names = ["params", "macs"] if metric == "both" else [metric]
+    targets = []
+    for lo_or_hi in (0, 1):
+        target = {}
+        for name in names:
+            value = {k: getattr(c, name) for k, c in counts.items()}
+            first_order = (value[n + 1] - value[n - 1]) // 2  # the derivative at n (cost is quadratic in n)
+            assert value[n] + first_order < value[n + 1]  # the window is not empty
+            target[name] = value[n] + first_order if lo_or_hi == 0 else value[n + 1] - 1
+        targets.append(target)
+    for target in targets:
+        prepared = hfp_fx.prepare(model, x, target).eval()
+        for small in (hfp_fx.prune(model, x, target), hfp_fx.finalize(prepared)):
+            achieved, report = hfp_fx.count(small, x), small.meta["hfp"]
+            assert [g["kept"] for g in report["groups"].values()] == [n], (target, report["groups"])
+            assert achieved == counts[n]
+            assert (achieved.params, achieved.macs) == (report["achieved"]["params"], report["achieved"]["macs"])
+            for name, t in target.items():
+                # under target, by less than one more channel's cost (the documented slack)
+                assert getattr(counts[n], name) <= t < getattr(counts[n + 1], name)
 
 
 def test_round_to_keeps_multiples():
