@@ -10,7 +10,8 @@ counterexample) that :class:`Net` turns into modules whose ``forward`` methods `
 * a **trunk** of blocks: conv, residual, concat (whose branches are block sequences, so they can
   hold further concats and splits, and whose output may be channel-shuffled), split/chunk,
   depthwise, grouped conv, squeeze-excitation (conv or linear gates), channel shuffle,
-  channels-last linear, pooling;
+  channels-last linear, pooling, a channel range (``x[:, a:b]``, negative bounds, ``...``,
+  ``narrow``) feeding a conv;
 * one or two **heads** (global-pool linear, flatten MLP, multi-layer linear, or the raw feature
   map), the second tapping the trunk at a drawn depth; ``forward`` returns a tensor, a tuple or a
   dict.
@@ -195,6 +196,33 @@ class Shuffle(nn.Module):
         return shuffle_channels(x, self.c, self.groups, self.how)
 
 
+class SliceConv(nn.Module):
+    """A channel range ``[start, start + length)`` of ``c`` channels, cut out by basic indexing
+    (``x[:, a:b]``, the same with negative bounds, ``x[..., a:b, :, :]``) or ``narrow`` (method or
+    function), feeding a conv: the range's channels stay prunable."""
+
+    def __init__(self, c, start, length, how, cout, k, act):
+        super().__init__()
+        self.c, self.start, self.length, self.how = c, start, length, how
+        self.conv = ConvBNAct(length, cout, k, act)
+
+    def forward(self, x):
+        a, b = self.start, self.start + self.length
+        if self.how == "index":
+            y = x[:, a:b]
+        elif self.how == "index-negative":
+            y = x[:, a - self.c:(b - self.c) or None]
+        elif self.how == "ellipsis":
+            y = x[..., a:b, :, :]
+        elif self.how == "Tensor.narrow":
+            y = x.narrow(1, a, self.length)
+        elif self.how == "torch.narrow":
+            y = torch.narrow(x, 1, a, self.length)
+        else:  # "narrow-negative"
+            y = x.narrow(1, a - self.c, self.length)
+        return self.conv(y)
+
+
 class ChannelsLastLinear(nn.Module):
     """``permute -> Linear -> act -> permute`` (ConvNeXt-style pointwise linear)."""
 
@@ -328,6 +356,8 @@ def build_block(b: Block, cin: int) -> nn.Module:
         return ChannelsLastLinear(cin, b.out, a[0])
     if b.kind == "pool":  # (kind, halve, functional)
         return Pool(a[0], a[1], a[2])
+    if b.kind == "slice":  # (start, length, how, k, act)
+        return SliceConv(cin, a[0], a[1], a[2], b.out, a[3], a[4])
     raise AssertionError(b.kind)
 
 
@@ -424,14 +454,15 @@ def example_arg(inputs):
 widths = st.integers(2, MAX_W)
 acts = st.sampled_from(ACTS)
 kernels = st.sampled_from([1, 3])
-SHUFFLE_HOWS = ("static", "static-1", "module", "function")
-BUGGY_SHUFFLE_HOWS = ("runtime", "runtime-1")
+SHUFFLE_HOWS = ("static", "static-1", "module", "function", "runtime", "runtime-1")
+SLICE_HOWS = ("index", "index-negative", "ellipsis", "Tensor.narrow", "torch.narrow")
+BUGGY_SLICE_HOWS = ("narrow-negative",)  #: ``narrow`` with a negative start (xfail in test_ops.py)
 
-#: Leave out patterns of known library bugs (none at the moment; ``benchmarks/fuzz.py
-#: --known-bugs`` would re-enable such a list).  The runtime ``view(b, g, c // g, h, w)``
-#: shuffles whose ``g`` dim is the pruned one used to fail and are now generated too, with a
-#: regression test in test_property.py.
-AVOID_KNOWN_BUGS = False
+#: Leave out patterns of known library bugs (``BUGGY_SLICE_HOWS``; ``benchmarks/fuzz.py
+#: --known-bugs`` re-enables them).  The runtime ``view(b, g, c // g, h, w)`` shuffles whose
+#: ``g`` dim is the pruned one (``"runtime"`` shuffles) used to fail and are generated now, with
+#: a regression test in test_property.py.
+AVOID_KNOWN_BUGS = True
 
 
 @st.composite
@@ -447,8 +478,7 @@ def _shuffle(draw, c: int):
     gs = [g for g in (2, 3, 4) if c % g == 0 and c > g]
     if not gs:
         return None
-    hows = SHUFFLE_HOWS + (() if AVOID_KNOWN_BUGS else BUGGY_SHUFFLE_HOWS)
-    return draw(st.sampled_from(gs)), draw(st.sampled_from(hows))
+    return draw(st.sampled_from(gs)), draw(st.sampled_from(SHUFFLE_HOWS))
 
 
 @st.composite
@@ -492,6 +522,8 @@ def blocks_for(draw, c: int, size: int, depth: int = 0, halve: bool = True) -> B
         kinds.append("shuffle")
     if c % 2 == 0:
         kinds.append("grouped")
+    if c >= 2:
+        kinds.append("slice")
     kind = draw(st.sampled_from(kinds))
     if kind == "conv":
         return Block("conv", draw(widths), (draw(kernels), draw(acts), draw(st.booleans()), draw(st.booleans())))
@@ -530,6 +562,11 @@ def blocks_for(draw, c: int, size: int, depth: int = 0, halve: bool = True) -> B
         return Block("shuffle", c, _shuffle(draw, c) or (1, "static"))
     if kind == "linear":
         return Block("linear", draw(widths), (draw(acts),))
+    if kind == "slice":
+        start = draw(st.integers(0, c - 1))
+        length = draw(st.integers(1, c - start))
+        how = draw(st.sampled_from(SLICE_HOWS + (() if AVOID_KNOWN_BUGS else BUGGY_SLICE_HOWS)))
+        return Block("slice", draw(widths), (start, length, how, draw(kernels), draw(acts)))
     halve = halve and size >= 2 and draw(st.booleans())
     return Block("pool", c, (draw(st.sampled_from(["max", "avg"])), halve, draw(st.booleans())))
 

@@ -4,6 +4,9 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
+
+import hfp_fx
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -26,10 +29,36 @@ def test_quickstart_meets_target_and_reloads(tmp_path):
     assert out["reload_equal"]
 
 
-def test_one_shot_prune_reports_speedup():
-    out = load("one_shot_prune").main(["--model", "resnet18", "--size", "64", "--batch", "1", "--min-time", "0.05"])
-    assert 0.45 < out["macs_ratio"] <= 0.5
-    assert out["speedup"] > 0
+def test_one_shot_prune_reports_speedup(monkeypatch):
+    """The reported MACs ratio is the measured one and the speedup is the ratio of the two timings
+    of the dense and the pruned model (whose channel counts are multiples of ``--round-to``)."""
+    example = load("one_shot_prune")
+    pruned, timed = [], []
+    real_prune, real_median = hfp_fx.prune, example.median_ms
+
+    def prune(model, x, *args, **kwargs):
+        small = real_prune(model, x, *args, **kwargs)
+        pruned.append((model, x, small))
+        return small
+
+    def median_ms(model, x, min_time):
+        ms = real_median(model, x, min_time)
+        timed.append((model, ms))
+        return ms
+
+    monkeypatch.setattr(hfp_fx, "prune", prune)
+    monkeypatch.setattr(example, "median_ms", median_ms)
+    out = example.main(["--model", "resnet18", "--size", "64", "--batch", "1", "--min-time", "0.05"])
+    ((model, x, small),) = pruned
+    dense, achieved = hfp_fx.count(model, x), hfp_fx.count(small, x)
+    assert out["macs_ratio"] == achieved.macs / dense.macs
+    assert 0.45 < out["macs_ratio"] <= 0.5 and achieved.params < dense.params
+    (timed_dense, t_dense), (timed_small, t_small) = timed
+    assert timed_dense is model and timed_small is small
+    assert out["speedup"] == pytest.approx(t_dense / t_small)
+    for name, conv in small.named_modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            assert conv.out_channels % 8 == 0, (name, conv.out_channels)
 
 
 def test_inspect_graph_renders(tmp_path, capsys):

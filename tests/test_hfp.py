@@ -1,4 +1,7 @@
 """HFP: prepare -> complexity loss -> finalize / prune hit the targets exactly."""
+import functools
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -60,6 +63,64 @@ def test_prepare_finalize_without_training(name):
     dense = hfp_fx.count(model, x)
     assert_meets(hfp_fx.count(small, x), resolved({"macs": 0.4}, dense), dense)
     assert_unchanged(model, snap)
+
+
+class SquareResidual(nn.Module):
+    """Residual blocks ``x + conv(x)`` of square 1x1 convs: one prune group (the residual width
+    ``n``) whose cost grows with ``n ** 2``, so the first-order cost of one more channel (the
+    derivative at ``n``) is below its exact cost by the number of blocks (params) or the blocks
+    times the pixels (MACs)."""
+
+    def __init__(self, width=16, blocks=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 1)
+        self.blocks = nn.ModuleList([nn.Conv2d(width, width, 1) for _ in range(blocks)])
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.blocks:
+            x = x + conv(x)
+        return self.head(x.mean((2, 3)))
+
+
+@functools.lru_cache(maxsize=None)
+def square_residual_counts():
+    """The model, its input, and the counts of the shrunk model keeping ``n`` residual channels."""
+    torch.manual_seed(0)
+    model, x = SquareResidual().eval(), torch.randn(1, 3, 4, 4)
+    dg = hfp_fx.dependency_graph(model, x)
+    (group,) = dg.prunable_groups
+    counts = {n: hfp_fx.count(hfp_fx.shrink(dg, keep={group.id: range(n)}), x) for n in range(1, group.channels + 1)}
+    return model, x, counts
+
+
+@pytest.mark.parametrize("metric", ["params", "macs", "both"])
+@pytest.mark.parametrize("n", [3, 7, 12])
+def test_add_back_checks_the_exact_cost_of_a_quadratic_group(metric, n):
+    """Targets in ``[cost(n) + cost'(n), cost(n + 1))``: by its first-order cost one more channel fits,
+    by its exact cost it does not.  prune and finalize keep exactly ``n`` channels."""
+    model, x, counts = square_residual_counts()
+    names = ["params", "macs"] if metric == "both" else [metric]
+    targets = []
+    for lo_or_hi in (0, 1):
+        target = {}
+        for name in names:
+            value = {k: getattr(c, name) for k, c in counts.items()}
+            first_order = (value[n + 1] - value[n - 1]) // 2  # the derivative at n (cost is quadratic in n)
+            assert value[n] + first_order < value[n + 1]  # the window is not empty
+            target[name] = value[n] + first_order if lo_or_hi == 0 else value[n + 1] - 1
+        targets.append(target)
+    for target in targets:
+        prepared = hfp_fx.prepare(model, x, target).eval()
+        for small in (hfp_fx.prune(model, x, target), hfp_fx.finalize(prepared)):
+            achieved, report = hfp_fx.count(small, x), small.meta["hfp"]
+            assert [g["kept"] for g in report["groups"].values()] == [n], (target, report["groups"])
+            assert achieved == counts[n]
+            assert (achieved.params, achieved.macs) == (report["achieved"]["params"], report["achieved"]["macs"])
+            for name, t in target.items():
+                # under target, by less than one more channel's cost (the documented slack)
+                assert getattr(counts[n], name) <= t < getattr(counts[n + 1], name)
 
 
 def test_round_to_keeps_multiples():
@@ -170,6 +231,42 @@ def test_complexity_loss_is_zero_under_target_and_differentiable():
     assert c["macs"] == c["dense_macs"] and c["macs_ratio"] == pytest.approx(1 / 0.3, rel=1e-3)
 
 
+@pytest.mark.parametrize("target", [{"params": 0.5}, {"params": 0.4, "macs": 1.0}, {"params": 0.5, "macs": 0.4},
+                                    {"macs": 0.4}], ids=["params", "params-binding", "both", "macs"])
+@pytest.mark.parametrize("gates", ["width", "channel"])
+def test_complexity_loss_sums_every_targeted_term(target, gates):
+    """The documented loss ``U * sum_X lambda_X * max(0, log(X / X_target))``, params term included."""
+    model, x = TinyNet(), torch.randn(2, 3, 8, 8)
+    prepared = hfp_fx.prepare(model, x, target, lambda_init=0.02, gates=gates).train()
+    c = hfp_fx.complexity(prepared)
+    expected = 0.02 * c["prunable_channels"] * sum(
+        max(0.0, math.log(c[f"{k}_soft"] / c[f"target_{k}"])) for k in target)
+    with torch.no_grad():  # no dual step
+        assert float(hfp_fx.complexity_loss(prepared)) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.02 * c["prunable_channels"] * 0.5  # every case is well over target
+    hfp_fx.complexity_loss(prepared).backward()
+    assert bool((hfp_fx.gate_parameters(prepared)[0].grad > 0).all())  # pushes every gate down
+
+
+@pytest.mark.parametrize("target", [{"params": 0.5}, {"params": 0.4, "macs": 1.0}], ids=["params", "params-binding"])
+def test_a_few_training_steps_lower_params_under_a_params_target(target):
+    torch.manual_seed(0)
+    model, x = TinyNet(), torch.randn(8, 3, 8, 8)
+    y = torch.randint(0, 4, (8,))
+    prepared = hfp_fx.prepare(model, x, target, lambda_init=0.02)
+    before = hfp_fx.complexity(prepared)
+    assert before["params"] == before["dense_params"] > before["target_params"]
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(10):
+        loss = nn.functional.cross_entropy(prepared(x), y) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = hfp_fx.complexity(prepared)
+    assert after["params"] < 0.95 * before["params"], (before["params"], after["params"])
+    assert after["params_soft"] < before["params_soft"]
+
+
 def test_infeasible_target_states_floor():
     model, x = TinyNet(), torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match="not reachable.*still has"):
@@ -197,6 +294,50 @@ def test_safe_save_and_load(tmp_path):
         assert torch.equal(again(x), small(x))
     with pytest.raises(ValueError, match="different prune groups"):
         hfp_fx.load(path, torchvision.models.resnet34, x)
+
+
+def _tamper(name, state, plan):
+    """Edit a saved file's state dict / plan; return the pattern the load error must match."""
+    if name == "missing-weight":
+        del state["body.3.weight"]
+        return r"[Mm]issing key.*body\.3\.weight"
+    if name == "missing-buffer":
+        del state["body.4.running_var"]
+        return r"[Mm]issing key.*body\.4\.running_var"
+    if name == "extra-key":
+        state["body.9.weight"] = torch.ones(3)
+        return r"[Uu]nexpected key.*body\.9\.weight"
+    if name == "wrong-shape":
+        state["body.3.weight"] = state["body.3.weight"][1:].clone()
+        return r"size mismatch for body\.3\.weight"
+    assert name == "plan-keep"  # the plan keeps one channel fewer than the weights hold
+    plan["keep"]["g1"] = plan["keep"]["g1"][1:]
+    return r"size mismatch for body\."
+
+
+TAMPER = ["missing-weight", "missing-buffer", "extra-key", "wrong-shape", "plan-keep"]
+
+
+@pytest.mark.parametrize("tamper", TAMPER)
+def test_load_rejects_a_file_whose_weights_do_not_match(tamper, tmp_path):
+    """A file edited after saving (a key removed or added, a shape changed, the plan changed) is
+    refused with an error naming the key, never loaded partially."""
+    import json
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    small = hfp_fx.prune(TinyNet().eval(), x, {"macs": 0.5})
+    path = tmp_path / "small.pt"
+    hfp_fx.save(small, path)
+    assert torch.equal(hfp_fx.load(path, TinyNet, x).eval()(x), small.eval()(x))  # untampered: fine
+    blob = torch.load(path, weights_only=True)
+    plan = json.loads(blob["plan"])
+    assert "g1" in plan["keep"] and "body.3.weight" in blob["state_dict"]
+    pattern = _tamper(tamper, blob["state_dict"], plan)
+    blob["plan"] = json.dumps(plan)
+    torch.save(blob, path)
+    with pytest.raises((RuntimeError, ValueError), match=pattern):
+        hfp_fx.load(path, TinyNet, x)
 
 
 def test_safe_save_and_load_with_scale_nodes(tmp_path):

@@ -1,6 +1,4 @@
 """Finalized models work with the rest of the PyTorch toolchain."""
-import importlib.util
-
 import pytest
 import torch
 import torch.nn as nn
@@ -62,11 +60,41 @@ def test_jit_trace_and_script(small):
         assert_close(scripted(X), small(X))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx package is not installed")
-def test_onnx_export(small, tmp_path):
-    path = tmp_path / "small.onnx"
+@pytest.fixture(scope="module")
+def onnx_file(small, tmp_path_factory):
+    pytest.importorskip("onnx")
+    path = tmp_path_factory.mktemp("onnx") / "small.onnx"
     torch.onnx.export(small, (X,), str(path), dynamo=False)
-    assert path.stat().st_size > 0
+    return path
+
+
+def test_onnx_export(small, onnx_file):
+    """The exported graph holds the pruned shapes: every conv's weight, the head, the output."""
+    import onnx
+
+    proto = onnx.load(str(onnx_file))
+    onnx.checker.check_model(proto)
+    init = {t.name: tuple(t.dims) for t in proto.graph.initializer}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    exported = [(init[n.input[1]], next(a.i for a in n.attribute if a.name == "group")) for n in convs]
+    expected = [(tuple(m.weight.shape), m.groups) for m in small.modules() if isinstance(m, nn.Conv2d)]
+    assert exported == expected
+    assert expected[0][0][0] < 16  # the convs really are pruned
+    assert init["head.weight"] == tuple(small.head.weight.shape)
+
+    def dims(value):
+        return [d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert [dims(v) for v in proto.graph.input] == [list(X.shape)]
+    assert [dims(v) for v in proto.graph.output] == [[X.shape[0], 5]]
+
+
+def test_onnx_runtime_matches_torch(small, onnx_file):
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: X.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(out), small(X))
 
 
 def test_prepared_model_compiles_for_training():

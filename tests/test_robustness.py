@@ -196,11 +196,23 @@ def test_exclude_unknown_module():
 
 
 def test_eval_and_train_mode_runs():
-    small = hfp_fx.prune(Net(), X, "50%")
-    small.train()(X).sum().backward()
+    """In both modes the pruned model computes what the masked dense model computes (batch norm
+    from batch statistics in training mode, from the running ones it updated in eval mode)."""
+    model = Net()
+    small = hfp_fx.prune(model, X, "50%")
+    masked = hfp_fx.mask(model, X, small.meta["hfp"]["keep"])
+    assert small.training and masked.training
+    out = small.train()(X)
+    assert_close(out.detach(), masked.train()(X).detach())
+    out.sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in small.parameters())
+    assert not torch.equal(small.bn.running_mean, torch.zeros_like(small.bn.running_mean))  # stats updated
     small.eval()
+    masked.eval()
     with torch.no_grad():
-        assert_close(small(X), small(X))
+        evaluated = small(X)
+        assert_close(evaluated, masked(X))
+        assert not torch.allclose(evaluated, out.detach())  # the modes really differ
 
 
 def test_train_mode_batch_norm_with_one_value_per_channel_is_analysed():
