@@ -455,6 +455,7 @@ def rewrite_narrow(node: Node, edit: "ShrinkEdit") -> None:
                           for i, k in ((1, "dim"), (2, "start"), (3, "length")))
     if dim % len(edit.dense_shape(node.args[0])) != src.axis:
         return
+    start %= src.size  # a negative start counts from the end
     new_start = edit.kept_before(src, start)
     node.args = (node.args[0], dim, new_start, edit.kept_before(src, start + length) - new_start)
     node.kwargs = {}
@@ -472,6 +473,7 @@ def narrow(a: A, node: Node):
         return None
     if dim % rank != m.axis:
         return m
+    start %= m.size  # narrow(dim, -k, k): the last k channels
     return ChannelMap(m.axis, m.ids[start:start + length])
 
 

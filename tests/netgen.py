@@ -455,13 +455,13 @@ widths = st.integers(2, MAX_W)
 acts = st.sampled_from(ACTS)
 kernels = st.sampled_from([1, 3])
 SHUFFLE_HOWS = ("static", "static-1", "module", "function", "runtime", "runtime-1")
-SLICE_HOWS = ("index", "index-negative", "ellipsis", "Tensor.narrow", "torch.narrow")
-BUGGY_SLICE_HOWS = ("narrow-negative",)  #: ``narrow`` with a negative start (xfail in test_ops.py)
+SLICE_HOWS = ("index", "index-negative", "ellipsis", "Tensor.narrow", "torch.narrow", "narrow-negative")
+BUGGY_SLICE_HOWS = ()  #: slicing patterns of known library bugs (none now)
 
 #: Leave out patterns of known library bugs (``BUGGY_SLICE_HOWS``; ``benchmarks/fuzz.py
 #: --known-bugs`` re-enables them).  The runtime ``view(b, g, c // g, h, w)`` shuffles whose
 #: ``g`` dim is the pruned one (``"runtime"`` shuffles) used to fail and are generated now, with
-#: a regression test in test_property.py.
+#: a regression test in test_property.py; so is ``narrow`` with a negative start (test_ops.py).
 AVOID_KNOWN_BUGS = True
 
 
