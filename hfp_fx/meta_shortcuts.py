@@ -1,6 +1,6 @@
-"""Results of common ops on ``meta`` tensors, made without running the op (part of step 1).
+"""Shape shortcuts: results of common ops on ``meta`` tensors, made without running the op.
 
-The shape pass (:func:`hfp_fx.tracing.propagate_shapes`) runs every node on meta tensors.  For
+The shape pass (:func:`hfp_fx.shapes.propagate_shapes`) runs every node on meta tensors.  For
 most ops PyTorch's meta kernels are Python code (reference decompositions, stride and type
 promotion logic) that costs 0.1-1 ms a call, far more than the answer is worth: on deep CNNs
 it was most of the graph-build time.  For the few ops that make up almost every vision model,
@@ -11,7 +11,10 @@ subclasses, hooks and keyword variants.  Strides follow PyTorch's rules: element
 dense input's layout (channels-last, permuted), layer norm and concatenation return contiguous
 tensors.
 
-:func:`meta_result` returns ``(output, MACs)``; every shortcut equals what running the op
+Each shortcut is the ``shape`` field of the op handlers it serves (``pointwise_shape`` for
+activations, ``layer_shape`` for conv/linear, ...; see :mod:`hfp_fx.passes.registry`), and
+:func:`meta_result` asks the node's handler.  It returns ``(output, MACs)``; every shortcut
+equals what running the op
 under ``torch.utils.flop_counter.FlopCounterMode`` gives in shape, dtype and strides of non-unit
 dims, which ``tests/test_property.py`` checks against running the op.  Outputs carry no
 autograd state (see ``_new``); nothing downstream reads ``requires_grad`` from the shape pass.
@@ -28,7 +31,7 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.fx

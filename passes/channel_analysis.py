@@ -1,7 +1,7 @@
 """The channel analysis: walk a shape-annotated GraphModule and label every channel axis.
 
-Each node is dispatched to its rule in :mod:`hfp_fx.passes.registry`.  Rules see this object
-and record *facts*:
+Each node is dispatched to the ``analyze`` rule of its op handler (:mod:`hfp_fx.passes.registry`,
+looked up in the analysis' rule set).  Rules see this object and record *facts*:
 
 * ``maps[node]``: the node's :class:`~hfp_fx.spaces.ChannelMap` (or ``None`` / a tuple);
 * ``params[name][dim]``: which element each slice of a parameter or buffer belongs to, so the
@@ -9,9 +9,10 @@ and record *facts*:
 * ``macs``: multiply-accumulate terms ``coeff * prod(kept(row) for row in rows)``;
 * ``gates``: where a channel is *consumed* by a channel-mixing op (conv, linear, matmul).
   Zeroing a unit at all of its gate sites makes its contribution exactly zero, which is the
-  reference semantics of :func:`hfp_fx.mask` and where :func:`hfp_fx.prepare` puts its gates.
+  reference semantics of :func:`hfp_fx.mask` and where :func:`hfp_fx.prepare` puts its gates;
+* ``importance``: which weight slices rank each channel by magnitude (:mod:`hfp_fx.saliency`).
 
-Any op without a rule fixes the channels that flow into it, naming the op, so an unknown op can
+Any op without a handler fixes the channels that flow into it, naming the op, so an unknown op can
 only make the result less pruned, never wrong.
 
 Example::
