@@ -60,9 +60,9 @@ def main(argv=None) -> dict:
     log.info("after: %.0f%% of channels prunable", 100 * after)
 
     small = hfp_fx.prune(model, x, {"macs": 0.5})
-    reference = hfp_fx.mask(model, x, keep=small.meta["hfp"]["keep"])  # same shapes, removed channels zeroed
+    reference = hfp_fx.mask(model, x, keep=small.meta["hfp"].keep)  # same shapes, removed channels zeroed
     error = float((small(x) - reference.eval()(x)).abs().max())
-    log.info("pruned to %s MACs; max |pruned - masked| = %.2e", f"{small.meta['hfp']['achieved']['macs']:,}", error)
+    log.info("pruned to %s MACs; max |pruned - masked| = %.2e", f"{small.meta['hfp'].achieved.macs:,}", error)
     return {"before": before, "after": after, "max_error": error}
 
 

@@ -43,8 +43,8 @@ __all__ = ["TraceError", "TracedModel", "trace", "propagate_shapes", "normalize_
 MAX_OPAQUE_RETRIES = 64
 
 
-class TraceError(RuntimeError):
-    """The model cannot be captured by ``torch.fx`` at all."""
+class TraceError(torch.fx.proxy.TraceError, RuntimeError):
+    """The model cannot be captured by ``torch.fx`` at all (a ``torch.fx.proxy.TraceError``)."""
 
 
 @dataclass
