@@ -51,10 +51,6 @@ class HFPState(torch.nn.Module):
     :class:`~hfp_fx.gates.GateKind`, ``hfp.gates``), the prunable index, the cost model, the
     target, the loss and its schedule (adaptive weights, warm-up, target ramp)."""
 
-    # version 2: the gate tensors live in the ``gates`` submodule (``hfp.gates.width``); version 1
-    # state dicts hold them flat (``hfp.width``, ``hfp.rank``, ``hfp.gate``) and still load
-    _version = 2
-
     def __init__(self, cost: CostModel, index: PrunableIndex, gates: GateKind, target: ResolvedTarget, *,
                  min_channels: int = 1, round_to: int = 1, lambda_init: float = 1e-3, dual_rate: float = 0.02,
                  warmup_steps: int = 0, ramp_steps: int = 0):
@@ -80,13 +76,14 @@ class HFPState(torch.nn.Module):
         self.lambda_init, self.dual_rate, self.warmup_steps = float(lambda_init), float(dual_rate), int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        if local_metadata.get("version", 1) < 2:
-            for name in ("width", "rank", "gate"):
-                old, new = prefix + name, prefix + "gates." + name
-                if old in state_dict and new not in state_dict:
-                    state_dict[new] = state_dict.pop(old)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # state dicts saved before the gate kinds were submodules hold their tensors flat
+        # (``hfp.width``, ``hfp.rank``, ``hfp.gate``); they now live in ``hfp.gates``
+        for name in ("width", "rank", "gate"):
+            old, new = prefix + name, prefix + "gates." + name
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- bookkeeping shared by both gate kinds ----------------------------------------------
     @property
