@@ -199,8 +199,9 @@ def test_safe_save_and_load(tmp_path):
         hfp_fx.load(path, torchvision.models.resnet34, x)
 
 
-def test_safe_save_and_load_with_scale_nodes(tmp_path):
-    """Attention contractions cannot fold gates into weights: scale nodes must round-trip too."""
+def test_safe_save_and_load_of_folded_attention_gates(tmp_path):
+    """Per-channel gates of an attention block are folded into the weights (no scale node: every
+    gate site has a weight; test_io.py covers scale nodes) and the result round-trips."""
     from test_ops import Block, ManualAttention
 
     torch.manual_seed(0)
@@ -209,6 +210,7 @@ def test_safe_save_and_load_with_scale_nodes(tmp_path):
     with torch.no_grad():
         prepared.hfp.gates.gate.uniform_(0.5, 1.5)
     small = hfp_fx.finalize(prepared).eval()
+    assert small.meta["hfp"].scale_sites == [] and small.meta["hfp"].keep
     hfp_fx.save(small, tmp_path / "m.pt")
     again = hfp_fx.load(tmp_path / "m.pt", lambda: Block(ManualAttention), x).eval()
     with torch.no_grad():
