@@ -46,7 +46,7 @@ _PLAN_KEYS = ("keep", "exclude", "scale_sites", "groups", "achieved", "dense", "
 #: the buffer a scale site ``name`` gets (``passes/shrink.py``, ``add_scale_nodes``)
 _SCALE_BUFFER = "_hfp_scale_{}"
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 
 def save(model: torch.fx.GraphModule, path: PathLike, *, model_spec: Optional[str] = None) -> None:

@@ -68,6 +68,16 @@ def test_plot_without_matplotlib_fails_before_any_work(tmp_path, monkeypatch, ca
     assert not out_file.exists()
 
 
+def test_png_without_dot_or_matplotlib_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr(hfp_fx, "dependency_graph", lambda *a, **k: pytest.fail("analysed although --png cannot work"))
+    assert main(["inspect", "torchvision:resnet18", *SMALL, "--png", str(tmp_path / "g.png")]) == 2
+    assert "--png (without Graphviz's dot) needs matplotlib" in capsys.readouterr().err
+    assert main(["inspect", f"{tmp_path / 'net.py'}:build", "--png", str(tmp_path / "g.dot")]) == 2  # .dot needs neither
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_prune_saves_before_plotting(tmp_path, monkeypatch, capsys):
     def broken_plot(*args, **kwargs):
         raise RuntimeError("the plot failed")
