@@ -668,14 +668,14 @@ def main(argv=None) -> dict:
         report = small.meta["hfp"]
         print(f"  [{name}] finalize: gated model {before:.2f}% (hard params {c['params'] / c['dense_params']:.3f}, "
               f"MACs {c['macs'] / c['dense_macs']:.3f}) -> small model {after:.2f}% "
-              f"(params {report['achieved']['params'] / report['dense']['params']:.3f}, "
-              f"MACs {report['achieved']['macs'] / report['dense']['macs']:.3f})", flush=True)
+              f"(params {report.achieved.params / report.dense.params:.3f}, "
+              f"MACs {report.achieved.macs / report.dense.macs:.3f})", flush=True)
         opt = phase.optimizer(small)
         phase.run(name, small, opt, stop, end)
         log.update({"acc_gated_before_finalize": before, "acc_after_finalize": after,
                     "hard_ratio_before_finalize": {"params": c["params"] / c["dense_params"],
                                                    "macs": c["macs"] / c["dense_macs"]}})
-        widths = {gid: g["kept"] for gid, g in report["groups"].items()}
+        widths = {gid: g.kept for gid, g in report.groups.items()}
         finish(name, small, time.perf_counter() - t0 + result["warm"]["seconds"], widths=widths, hfp=log)
         if name == "hfp-macs40" and "hfp-scratch" in a.runs:
             found = reinitialised(small)
@@ -696,7 +696,7 @@ def main(argv=None) -> dict:
         print(f"  [l1-macs40] one-shot pruned model before fine-tuning: {acc0:.2f}%", flush=True)
         opt = phase.optimizer(small)
         phase.run("l1-macs40", small, opt, start, end)
-        widths = {gid: g["kept"] for gid, g in small.meta["hfp"]["groups"].items()}
+        widths = {gid: g.kept for gid, g in small.meta["hfp"].groups.items()}
         finish("l1-macs40", small, time.perf_counter() - t0 + result["warm"]["seconds"], widths=widths,
                acc_after_prune=acc0)
 

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 small = hfp_fx.prune(model, example, {"macs": target}, round_to=round_to)
-            except hfp_fx.InfeasibleTarget as exc:  # e.g. ViT below its fixed-channel floor
+            except hfp_fx.InfeasibleTargetError as exc:  # e.g. ViT below its fixed-channel floor
                 rows.append({"model": name, "target": target, "round_to": round_to, "infeasible": str(exc)})
                 print(f"{name} macs={target:.0%} round_to={round_to}: infeasible ({exc})", file=sys.stderr)
                 continue

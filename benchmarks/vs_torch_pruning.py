@@ -133,7 +133,7 @@ def run_hfp(model, x, target: float, dense) -> tuple:
                 ref_out = logits(model(x))
                 out = logits(small(x))
             row["runs"] = bool(out.shape == ref_out.shape and torch.isfinite(out).all())
-            masked = hfp_fx.mask(dg, keep=small.meta["hfp"]["keep"]).eval()
+            masked = hfp_fx.mask(dg, keep=small.meta["hfp"].keep).eval()
             with torch.no_grad():
                 row["max_rel_err_vs_mask"] = rel_err(out, logits(masked(x)))
             del masked, dg
@@ -143,7 +143,7 @@ def run_hfp(model, x, target: float, dense) -> tuple:
             row["macs_ratio"] = counts.macs / dense.macs
             row["params_ratio"] = counts.params / dense.params
             row["gap"] = (counts.macs - target * dense.macs) / dense.macs
-            row["cost_model_macs"] = small.meta["hfp"]["achieved"]["macs"]
+            row["cost_model_macs"] = small.meta["hfp"].achieved.macs
             row["status"] = "ok" if row["runs"] and row["exact"] else ("inexact" if row["runs"] else "broken")
             return row, small
     except Exception as exc:  # noqa: BLE001 - a sweep records failures and goes on

@@ -64,9 +64,9 @@ def main(argv=None) -> dict:
     log.info("the default rules still refuse it: %.0f%% prunable", 100 * prunable_fraction(model, x))
 
     small = hfp_fx.prune(model, x, {"macs": 0.5}, rules=rules)
-    reference = hfp_fx.mask(model, x, small.meta["hfp"]["keep"], rules=rules)  # same shapes, removed channels zeroed
+    reference = hfp_fx.mask(model, x, small.meta["hfp"].keep, rules=rules)  # same shapes, removed channels zeroed
     error = float((small(x) - reference.eval()(x)).abs().max())
-    log.info("pruned to %s MACs; max |pruned - masked| = %.2e", f"{small.meta['hfp']['achieved']['macs']:,}", error)
+    log.info("pruned to %s MACs; max |pruned - masked| = %.2e", f"{small.meta['hfp'].achieved.macs:,}", error)
     return {"before": before, "after": after, "default_after": prunable_fraction(model, x), "max_error": error}
 
 

@@ -11,6 +11,7 @@ architecture and weights, then rank 0 writes ``summary.json`` and the pruned mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
     ddp.eval()
     small = hfp_fx.finalize(ddp)
     mine = {"complexity_losses": losses, "fingerprint": fingerprint(small),
-            "kept": {k: v["kept"] for k, v in small.meta["hfp"]["groups"].items()},
-            "achieved": small.meta["hfp"]["achieved"]}
+            "kept": {k: g.kept for k, g in small.meta["hfp"].groups.items()},
+            "achieved": dataclasses.asdict(small.meta["hfp"].achieved)}
     gathered = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         summary = {"world_size": world, "backend": backend, "identical_complexity_loss": same_loss,
                    "identical_finalized_model": same_model, "achieved": mine["achieved"],
-                   "target": small.meta["hfp"]["target"], "final_complexity": hfp_fx.complexity(ddp)}
+                   "target": dataclasses.asdict(small.meta["hfp"].target), "final_complexity": hfp_fx.complexity(ddp)}
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         hfp_fx.save(small, os.path.join(args.out, "small.pt"))

@@ -42,15 +42,15 @@ def main(argv=None) -> dict:
     example = torch.randn(1, 3, a.size, a.size)
     small = hfp_fx.prune(model, example, {"macs": a.macs}, importance="l1", round_to=a.round_to).eval()
     report = small.meta["hfp"]
-    dense, pruned = report["dense"], report["achieved"]
-    log.info("%s: MACs %s -> %s (%.1f%%), params %s -> %s", a.model, f"{dense['macs']:,}", f"{pruned['macs']:,}",
-             100 * pruned["macs"] / dense["macs"], f"{dense['params']:,}", f"{pruned['params']:,}")
+    dense, pruned = report.dense, report.achieved
+    log.info("%s: MACs %s -> %s (%.1f%%), params %s -> %s", a.model, f"{dense.macs:,}", f"{pruned.macs:,}",
+             100 * pruned.macs / dense.macs, f"{dense.params:,}", f"{pruned.params:,}")
     x = torch.randn(a.batch, 3, a.size, a.size)
     t_dense, t_small = median_ms(model, x, a.min_time), median_ms(small, x, a.min_time)
     speedup = t_dense / t_small
     log.info("latency batch %d: dense %.2f ms, pruned %.2f ms: %.2fx faster (MACs ratio %.2fx)", a.batch, t_dense,
-             t_small, speedup, dense["macs"] / pruned["macs"])
-    return {"macs_ratio": pruned["macs"] / dense["macs"], "speedup": speedup}
+             t_small, speedup, dense.macs / pruned.macs)
+    return {"macs_ratio": pruned.macs / dense.macs, "speedup": speedup}
 
 
 if __name__ == "__main__":

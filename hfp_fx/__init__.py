@@ -1,16 +1,21 @@
 """hfp_fx: Holistic Filter Pruning as a torch.fx graph-rewriting compiler pass.
 
-Data flow: model -> :mod:`~hfp_fx.tracing` -> channel elements (:mod:`~hfp_fx.spaces`, rules in
-:mod:`hfp_fx.passes`) -> prune groups (:mod:`~hfp_fx.graph`) -> cost model
-(:mod:`~hfp_fx.cost`) -> mask / shrink passes (:mod:`hfp_fx.passes`) -> GraphModule.
+Data flow: model -> :mod:`~hfp_fx.tracing` (on a :mod:`~hfp_fx.copies` copy) -> shapes
+(:mod:`~hfp_fx.shapes`) -> channel elements (:mod:`~hfp_fx.spaces`, op handlers in
+:mod:`hfp_fx.passes.registry`) -> prune groups (:mod:`~hfp_fx.graph`) -> cost model
+(:mod:`~hfp_fx.cost`) and gates (:mod:`~hfp_fx.gates`) -> plan (:mod:`~hfp_fx.projection`)
+-> mask / shrink passes (:mod:`hfp_fx.passes`) -> GraphModule.
 """
 from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (registers op rules)
 from hfp_fx.passes import rules_tensor as _rules_tensor  # noqa: F401
 from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.cost import CostModel, Counts
-from hfp_fx.hfp import HFPState, complexity, complexity_loss, finalize, gate_parameters, prepare, prune
-from hfp_fx.projection import InfeasibleTarget, Plan
+from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune
+from hfp_fx.projection import InfeasibleTargetError, Plan
+from hfp_fx.report import GroupReport, PruneReport
 from hfp_fx.io import load, save
+from hfp_fx.passes.registry import OpHandler, OpRegistry, default_rules
+from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.progress import set_progress
 from hfp_fx.target import Target
 from hfp_fx.viz import ComplexityLog, plot_widths, render_graph
@@ -23,6 +28,9 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
-    "save", "load", "set_progress", "Target", "Plan", "render_graph", "plot_widths", "ComplexityLog", "InfeasibleTarget", "HFPState",
-    "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel", "TraceError", "ShapePropagationError",
+    "save", "load", "set_progress", "Target", "Plan", "PruneReport", "GroupReport",
+    "render_graph", "plot_widths", "ComplexityLog",
+    "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel",
+    "InfeasibleTargetError", "TraceError", "ShapePropagationError", "ShrinkError",
+    "OpHandler", "OpRegistry", "default_rules",
 ]

@@ -9,14 +9,18 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import shutil
 import sys
+import traceback
+from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 import hfp_fx
-from hfp_fx.specs import SpecError, load_spec
+from hfp_fx.specs import SpecError, load_spec, portable_spec
 
 log = logging.getLogger("hfp_fx")
 
@@ -29,6 +33,18 @@ EPILOG = """examples:
   hfp-fx prune torchvision:mobilenet_v2 --macs 50% --params 60% --round-to 8 --out mbv2.pt
   hfp-fx bench torchvision:resnet50 --macs 50%
 """
+
+
+class UsageError(ValueError):
+    """A command line that cannot work (e.g. an option whose optional dependency is missing)."""
+
+
+def _require(module: str, option: str) -> None:
+    """Fail before any work when ``option`` needs ``module`` and it is not installed."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{option} needs {module}: pip install {module}") from None
 
 
 def _input_shape(text: Optional[str], default):
@@ -46,6 +62,8 @@ def _load(args):
 
 
 def cmd_inspect(args) -> int:
+    if args.png and Path(args.png).suffix.lower() != ".dot" and not shutil.which("dot"):
+        _require("matplotlib", "--png (without Graphviz's dot)")
     model, x = _load(args)
     dg = hfp_fx.dependency_graph(model, x)
     print(dg.summary(max_members=args.members, only_prunable=args.prunable_only))
@@ -78,9 +96,8 @@ def _target(args):
 def _allocation_table(small, limit: int) -> str:
     from tabulate import tabulate
 
-    groups = small.meta["hfp"]["groups"]
-    rows = [[gid, g["name"], g["dense"], g["kept"], f"{100 * g['kept'] / g['dense']:.0f}%"]
-            for gid, g in groups.items()]
+    groups = small.meta["hfp"].groups
+    rows = [[gid, g.name, g.dense, g.kept, f"{100 * g.kept / g.dense:.0f}%"] for gid, g in groups.items()]
     shown = rows if limit <= 0 else rows[:limit]
     text = tabulate(shown, headers=["group", "first module", "dense", "kept", "kept %"], tablefmt="github")
     if len(shown) < len(rows):
@@ -89,22 +106,23 @@ def _allocation_table(small, limit: int) -> str:
 
 
 def cmd_prune(args) -> int:
+    if args.plot:
+        _require("matplotlib", "--plot")
     model, x = _load(args)
     target = _target(args)
     small = hfp_fx.prune(model, x, target, importance=args.importance, round_to=args.round_to,
                          min_channels=args.min_channels, exclude=args.exclude or ())
     report = small.meta["hfp"]
     print(_allocation_table(small, args.show))
-    dense, got = report["dense"], hfp_fx.count(small, x)
+    got = hfp_fx.count(small, x)
     for name in ("params", "macs"):
-        t = report["target"][name]
-        print(f"{name:>6}: {dense[name]:,} -> {getattr(got, name):,} ({100 * getattr(got, name) / dense[name]:.2f}% of dense"
-              + (f"; target {t:,})" if t else ")"))
+        dense, now, t = getattr(report.dense, name), getattr(got, name), getattr(report.target, name)
+        print(f"{name:>6}: {dense:,} -> {now:,} ({100 * now / dense:.2f}% of dense" + (f"; target {t:,})" if t else ")"))
+    if args.out:  # before the plot: a failing plot must not cost the pruned model
+        hfp_fx.save(small, args.out, model_spec=portable_spec(args.spec))
+        print(f"saved {args.out} (load with hfp_fx.load({str(args.out)!r}))")
     if args.plot:
         print(f"wrote {hfp_fx.plot_widths(small, args.plot, title=args.spec)}")
-    if args.out:
-        hfp_fx.save(small, args.out)
-        print(f"saved {args.out} (load with hfp_fx.load(path, factory, example_inputs))")
     return 0
 
 
@@ -137,7 +155,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hfp-fx", description="Holistic Filter Pruning for torch.fx graphs.",
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks of errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_text):
@@ -181,6 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except (SpecError, hfp_fx.TraceError, ValueError, TypeError, RuntimeError) as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"hfp-fx: error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,10 +23,10 @@ import torch
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.target import ResolvedTarget
 
-__all__ = ["Plan", "project", "check_feasible", "InfeasibleTarget"]
+__all__ = ["Plan", "project", "check_feasible", "InfeasibleTargetError"]
 
 
-class InfeasibleTarget(ValueError):
+class InfeasibleTargetError(ValueError):
     """The target is below what fixed groups and ``min_channels`` allow."""
 
 
@@ -74,7 +74,7 @@ def _lower_limit(size: int, min_channels: int, round_to: int) -> Tuple[int, int]
 
 def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_channels: int = 1,
                    round_to: int = 1) -> Counts:
-    """Raise :class:`InfeasibleTarget` unless the target is reachable; return the smallest counts."""
+    """Raise :class:`InfeasibleTargetError` unless the target is reachable; return the smallest counts."""
     keep = torch.ones(cm.num_units, dtype=torch.float64)
     for g in groups:
         lo, _ = _lower_limit(g.channels, min_channels, round_to)
@@ -86,7 +86,7 @@ def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_
     for name, t in target.items():
         value = getattr(floor, name)
         if value > t:
-            raise InfeasibleTarget(
+            raise InfeasibleTargetError(
                 f"target {name}={t:,} is not reachable: with every prunable group at its minimum "
                 f"(min_channels={min_channels}, round_to={round_to}) the model still has {value:,} "
                 f"{name} ({100 * value / max(getattr(dense, name), 1):.1f}% of dense); fixed groups "

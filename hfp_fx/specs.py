@@ -13,7 +13,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["SpecError", "load_spec", "default_input"]
+__all__ = ["SpecError", "load_spec", "portable_spec"]
 
 
 class SpecError(ValueError):
@@ -65,5 +65,9 @@ def load_spec(spec: str) -> Tuple[torch.nn.Module, Tuple[int, ...]]:
     return model.eval(), tuple(getattr(model, "example_input_shape", (1, 3, 224, 224)))
 
 
-def default_input(shape: Tuple[int, ...]) -> torch.Tensor:
-    return torch.randn(*shape)
+def portable_spec(spec: str) -> str:
+    """``spec`` with a ``path/to/file.py`` source made absolute, so it loads from any directory."""
+    source, sep, name = spec.rpartition(":")
+    if sep and source.endswith(".py"):
+        return f"{os.path.abspath(source)}:{name}"
+    return spec

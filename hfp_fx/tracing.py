@@ -39,8 +39,8 @@ __all__ = ["TraceError", "TracedModel", "trace", "normalize_inputs"]
 MAX_OPAQUE_RETRIES = 64
 
 
-class TraceError(RuntimeError):
-    """The model cannot be captured by ``torch.fx`` at all."""
+class TraceError(torch.fx.proxy.TraceError, RuntimeError):
+    """The model cannot be captured by ``torch.fx`` at all (a ``torch.fx.proxy.TraceError``)."""
 
 
 @dataclass

@@ -154,11 +154,11 @@ def render_graph(dg, path: PathLike) -> Path:
 
 def plot_widths(small, path: PathLike, title: Optional[str] = None) -> Path:
     """Bar chart of dense vs kept channels per prune group of a pruned model (``meta['hfp']``)."""
-    groups = small.meta["hfp"]["groups"]
+    groups = small.meta["hfp"].groups
     plt = _pyplot()
     names = list(groups)
-    dense = [groups[g]["dense"] for g in names]
-    kept = [groups[g]["kept"] for g in names]
+    dense = [groups[g].dense for g in names]
+    kept = [groups[g].kept for g in names]
     fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.18), 3.5))
     ax.bar(range(len(names)), dense, color="#dddddd", label="dense")
     ax.bar(range(len(names)), kept, color="#1f77b4", label="kept")

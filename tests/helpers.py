@@ -43,18 +43,20 @@ def apply_plan(prepared, keep) -> None:
     at zero.  With per-group widths the kept channels must be the top of the group's ranking.
     """
     hfp = prepared.hfp
+    gates = hfp.gates
+    assert gates.kind in ("width", "channel"), gates.kind
     with torch.no_grad():
-        if hfp.gates == "channel":
-            hfp.threshold = 0.0  # channels the projection added back count as kept whatever their gate
+        if gates.kind == "channel":
+            gates.threshold = 0.0  # channels the projection added back count as kept whatever their gate
         for i, gid in enumerate(hfp.group_ids):
             lo, hi = hfp.offsets[i], hfp.offsets[i + 1]
             kept = torch.as_tensor(keep.get(gid, range(hi - lo)), dtype=torch.long)
-            if hfp.gates == "width":
-                ranks = sorted(int(r) for r in hfp.rank[lo:hi][kept])
+            if gates.kind == "width":
+                ranks = sorted(int(r) for r in gates.rank[lo:hi][kept])
                 assert ranks == list(range(len(ranks))), f"{gid}: kept channels are not the top-ranked ones"
-                hfp.width[i] = len(ranks) / (hi - lo)
+                gates.width[i] = len(ranks) / (hi - lo)
             else:
-                g = hfp.gate_of(gid)
+                g = gates.gate_of(gid)
                 off = torch.ones_like(g, dtype=torch.bool)
                 off[kept] = False
                 g[off] = 0.0

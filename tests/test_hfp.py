@@ -47,7 +47,7 @@ def test_prune_hits_target(name, target):
     dense = hfp_fx.count(model, x)
     small = hfp_fx.prune(model, x, target)
     achieved = hfp_fx.count(small, x)
-    assert achieved.params == small.meta["hfp"]["achieved"]["params"]
+    assert achieved.params == small.meta["hfp"].achieved.params
     assert_meets(achieved, resolved(target, dense), dense)
     assert_unchanged(model, snap)
 
@@ -126,8 +126,8 @@ def test_add_back_checks_the_exact_cost_of_a_quadratic_group(metric, n):
 def test_round_to_keeps_multiples():
     model, x = MODELS["resnet18"]().eval(), torch.randn(1, 3, 64, 64)
     small = hfp_fx.prune(model, x, "50%", round_to=8)
-    for gid, g in small.meta["hfp"]["groups"].items():
-        assert g["kept"] == g["dense"] or g["kept"] % 8 == 0, (gid, g)
+    for gid, g in small.meta["hfp"].groups.items():
+        assert g.kept == g.dense or g.kept % 8 == 0, (gid, g)
     for m in small.modules():
         if isinstance(m, nn.Conv2d) and m.out_channels not in (1000,):
             assert m.out_channels % 8 == 0
@@ -165,9 +165,9 @@ def test_training_drives_complexity_to_target_and_finalize_is_exact(options):
     prepared.eval()
     small = hfp_fx.finalize(prepared).eval()
     report = small.meta["hfp"]
-    assert report["achieved"]["macs"] <= report["target"]["macs"]
+    assert report.achieved.macs <= report.target.macs
     # reference semantics: the prepared model with the removed channels' gates at zero
-    apply_plan(prepared, report["keep"])
+    apply_plan(prepared, report.keep)
     with torch.no_grad():
         assert_close(prepared(x), small(x))
 
@@ -207,14 +207,14 @@ def test_relative_gates_ignore_a_groups_common_scale():
     hfp = prepared.hfp
     gid = hfp.group_ids[0]
     with torch.no_grad():
-        hfp.gate_of(gid).uniform_(0.5, 1.0)
+        hfp.gates.gate_of(gid).uniform_(0.5, 1.0)
         before, kept = prepared(x), hfp_fx.complexity(prepared)["kept_channels"]
-        hfp.gate_of(gid).mul_(0.01)  # far below the threshold in absolute terms
+        hfp.gates.gate_of(gid).mul_(0.01)  # far below the threshold in absolute terms
         assert_close(prepared(x), before)
         assert hfp_fx.complexity(prepared)["kept_channels"] == kept
     # the cost push has no component along a group's common scale
     hfp_fx.complexity_loss(prepared).backward()
-    g, grad = hfp.gate_of(gid).detach(), hfp.gate.grad[hfp.offsets[0]:hfp.offsets[1]]
+    g, grad = hfp.gates.gate_of(gid).detach(), hfp.gates.gate.grad[hfp.offsets[0]:hfp.offsets[1]]
     assert float((g * grad).sum()).__abs__() <= 1e-6 * float(grad.abs().sum() * g.abs().max())
 
 
@@ -340,16 +340,18 @@ def test_load_rejects_a_file_whose_weights_do_not_match(tamper, tmp_path):
         hfp_fx.load(path, TinyNet, x)
 
 
-def test_safe_save_and_load_with_scale_nodes(tmp_path):
-    """Attention contractions cannot fold gates into weights: scale nodes must round-trip too."""
+def test_safe_save_and_load_of_folded_attention_gates(tmp_path):
+    """Per-channel gates of an attention block are folded into the weights (no scale node: every
+    gate site has a weight; test_io.py covers scale nodes) and the result round-trips."""
     from test_ops import Block, ManualAttention
 
     torch.manual_seed(0)
     model, x = Block(ManualAttention), torch.randn(2, 5, 8)
     prepared = hfp_fx.prepare(model, x, {"macs": 0.7}, gates="channel")
     with torch.no_grad():
-        prepared.hfp.gate.uniform_(0.5, 1.5)
+        prepared.hfp.gates.gate.uniform_(0.5, 1.5)
     small = hfp_fx.finalize(prepared).eval()
+    assert small.meta["hfp"].scale_sites == [] and small.meta["hfp"].keep
     hfp_fx.save(small, tmp_path / "m.pt")
     again = hfp_fx.load(tmp_path / "m.pt", lambda: Block(ManualAttention), x).eval()
     with torch.no_grad():
@@ -365,31 +367,31 @@ def test_widths_keep_the_top_ranked_channels_exactly(widths, seed):
     model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
     prepared = hfp_fx.prepare(model, x, {"macs": 0.01 + 0.99 * min(widths)}).eval()
     hfp = prepared.hfp
-    assert len(hfp.group_ids) == 3 and hfp.gates == "width"
+    assert len(hfp.group_ids) == 3 and hfp.gates.kind == "width"
     with torch.no_grad():
-        hfp.width.copy_(torch.tensor(widths))
+        hfp.gates.width.copy_(torch.tensor(widths))
     keep = {}
     for i, gid in enumerate(hfp.group_ids):
         lo, hi = hfp.offsets[i], hfp.offsets[i + 1]
         kept = max(1, int(torch.tensor(widths[i] * (hi - lo) - 0.5).ceil()))  # ranks < n * w - 0.5
         kept = min(kept, hi - lo)
-        keep[gid] = sorted(int(c) for c in torch.nonzero(hfp.rank[lo:hi] < kept).flatten())
-        assert int(hfp.alive()[lo:hi].sum()) == len(keep[gid]) == kept
+        keep[gid] = sorted(int(c) for c in torch.nonzero(hfp.gates.rank[lo:hi] < kept).flatten())
+        assert int(hfp.kept_channels()[lo:hi].sum()) == len(keep[gid]) == kept
     with torch.no_grad():
         assert_close(prepared(x), hfp_fx.mask(model, x, keep)(x))
     c = hfp_fx.complexity(prepared)
     small = hfp_fx.shrink(model, x, keep)
     counted = hfp_fx.count(small, x)
     assert (c["params"], c["macs"]) == (counted.params, counted.macs)
-    final = hfp_fx.finalize(prepared, target={"macs": 1.0}).meta["hfp"]["groups"]
-    assert all(final[gid]["kept"] >= len(keep[gid]) for gid in keep)
+    final = hfp_fx.finalize(prepared, target={"macs": 1.0}).meta["hfp"].groups
+    assert all(final[gid].kept >= len(keep[gid]) for gid in keep)
 
 
 def test_width_cost_push_and_per_channel_options():
     model, x = TinyNet(), torch.randn(2, 3, 8, 8)
     prepared = hfp_fx.prepare(model, x, "30%").train()
     hfp_fx.complexity_loss(prepared).backward()
-    grad = prepared.hfp.width.grad
+    grad = prepared.hfp.gates.width.grad
     # over target, the cost pushes every group's width down (through its boundary channel)
     assert bool((grad > 0).all())
     for option in ({"relative_gates": True}, {"gate_max": 1.0}, {"count": "sigmoid"}, {"cost_power": 0.5}):
@@ -404,12 +406,12 @@ def test_widths_survive_a_cast_to_half():
     model, x = TinyNet().eval(), torch.randn(2, 3, 8, 8)
     prepared = hfp_fx.prepare(model, x, "50%").eval()
     with torch.no_grad():
-        prepared.hfp.width.fill_(0.5)
-    alive = prepared.hfp.alive().clone()
+        prepared.hfp.gates.width.fill_(0.5)
+    kept = prepared.hfp.kept_channels().clone()
     half = prepared.half()
-    assert half.hfp.rank.dtype == torch.long and half.hfp.width.dtype == torch.float16
-    assert torch.equal(half.hfp.alive(), alive)
-    assert half.hfp.effective_gates().dtype == torch.float16
+    assert half.hfp.gates.rank.dtype == torch.long and half.hfp.gates.width.dtype == torch.float16
+    assert torch.equal(half.hfp.kept_channels(), kept)
+    assert half.hfp.gates.effective_gates().dtype == torch.float16
 
 
 def test_width_gradient_flows_through_one_boundary_channel_and_past_the_floor():
@@ -419,11 +421,11 @@ def test_width_gradient_flows_through_one_boundary_channel_and_past_the_floor():
     sizes = torch.tensor([hfp.offsets[i + 1] - hfp.offsets[i] for i in range(len(hfp.group_ids))], dtype=torch.float64)
     mean_size = hfp.num_channels / len(hfp.group_ids)
     for width in (0.5, 0.37, 0.01):  # whole n * width, fractional, below the min_channels floor
-        hfp.width.grad = None
+        hfp.gates.width.grad = None
         with torch.no_grad():
-            hfp.width.fill_(width)
-        hfp.effective_gates().sum().backward()
+            hfp.gates.width.fill_(width)
+        hfp.gates.effective_gates().sum().backward()
         # d(sum of masks)/d width = n / mean_size: exactly one channel per group carries it
-        assert torch.allclose(hfp.width.grad.double(), sizes / mean_size), (width, hfp.width.grad)
+        assert torch.allclose(hfp.gates.width.grad.double(), sizes / mean_size), (width, hfp.gates.width.grad)
         if width == 0.01:
-            assert all(int(hfp.alive()[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) == 4 for i in range(3))
+            assert all(int(hfp.kept_channels()[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) == 4 for i in range(3))

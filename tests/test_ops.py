@@ -530,15 +530,15 @@ def test_tied_weights_fold_gates_once():
     model, x = Tied(), torch.randn(3, 4)
     prepared = hfp_fx.prepare(model, x, {"params": 0.9}, gates="channel")
     with torch.no_grad():
-        prepared.hfp.gate.uniform_(0.5, 1.5)
-        prepared.hfp.threshold = 0.0
+        prepared.hfp.gates.gate.uniform_(0.5, 1.5)
+        prepared.hfp.gates.threshold = 0.0
     small = hfp_fx.finalize(prepared).eval()
     assert_tied(small, TIED["Tied"][1])
-    assert hfp_fx.count(small, x).params == small.meta["hfp"]["achieved"]["params"]
-    keep = small.meta["hfp"]["keep"]
+    assert hfp_fx.count(small, x).params == small.meta["hfp"].achieved.params
+    keep = small.meta["hfp"].keep
     with torch.no_grad():
         for gid, kept in keep.items():
-            g = prepared.hfp.gate_of(gid)
+            g = prepared.hfp.gates.gate_of(gid)
             off = torch.ones_like(g, dtype=torch.bool)
             off[kept] = False
             g[off] = 0

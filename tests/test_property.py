@@ -16,7 +16,7 @@ seed we check:
 5. the channel analysis agrees with ``torch.utils.flop_counter`` on every node;
 6. ``hfp_fx.prune`` meets a drawn params and/or MACs target (measured with ``hfp_fx.count``),
    respects ``round_to``/``min_channels`` and leaves no slack a further block would fit in, or
-   raises :class:`hfp_fx.InfeasibleTarget` ("not reachable") exactly when the floor (every
+   raises :class:`hfp_fx.InfeasibleTargetError` ("not reachable") exactly when the floor (every
    prunable group at its minimum) is above the target.
 
 A second property checks only the grouping logic on plain conv chains with residual adds, against
@@ -145,7 +145,7 @@ def check_prune_target(spec, seed, target, importance, round_to, min_channels):
     floor = {g.id: list(range(allowed_widths(g.channels, min_channels, round_to)[0])) for g in groups}
     try:
         small = hfp_fx.prune(model, arg, target, importance, min_channels=min_channels, round_to=round_to)
-    except hfp_fx.InfeasibleTarget as exc:
+    except hfp_fx.InfeasibleTargetError as exc:
         assert "not reachable" in str(exc), str(exc)
         assert exceeds(floor), f"{exc} but the floor meets {budget}"
         assert_unchanged(model, snap)
@@ -162,10 +162,10 @@ def check_prune_target(spec, seed, target, importance, round_to, min_channels):
     for k, t in budget.items():
         assert getattr(achieved, k) <= t, f"{k}: {getattr(achieved, k)} > target {t} (dense {getattr(dense, k)})"
     report = small.meta["hfp"]
-    assert report["achieved"] == {"params": achieved.params, "macs": achieved.macs}
+    assert report.achieved == achieved
 
     # widths respect round_to / min_channels, and no group could take one more block
-    keep = {gid: list(v) for gid, v in report["keep"].items()}
+    keep = {gid: list(v) for gid, v in report.keep.items()}
     for g in groups:
         kept = keep.get(g.id, list(range(g.channels)))
         n = len(kept)

@@ -159,7 +159,7 @@ def test_buffer_written_by_forward_is_recorded_not_run_on_the_user_model(opaque)
     small = hfp_fx.finalize(prepared)
     assert float(small.calls) == 2  # the state travels with the pruned model
     assert "add_" in small.code
-    apply_plan(prepared, small.meta["hfp"]["keep"])  # reference: the removed channels switched off
+    apply_plan(prepared, small.meta["hfp"].keep)  # reference: the removed channels switched off
     with torch.no_grad():
         assert_close(small(X), prepared(X))
     assert float(small.calls) == float(prepared.calls) == 3
@@ -169,7 +169,7 @@ def test_finalize_twice_and_prepared_untouched():
     torch.manual_seed(0)
     prepared = hfp_fx.prepare(Net(), X, {"params": 0.6}, gates="channel")
     with torch.no_grad():
-        prepared.hfp.gate.uniform_(0.2, 1.5)
+        prepared.hfp.gates.gate.uniform_(0.2, 1.5)
     before = copy.deepcopy(prepared.state_dict())
     a, b = hfp_fx.finalize(prepared).eval(), hfp_fx.finalize(prepared).eval()
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_prepared_model_cast_to_double():
     torch.manual_seed(0)
     prepared = hfp_fx.prepare(Net(), X, {"macs": 0.5}, gates="channel").double().eval()
     with torch.no_grad():
-        prepared.hfp.gate.uniform_(0.5, 1.5)
+        prepared.hfp.gates.gate.uniform_(0.5, 1.5)
     small = hfp_fx.finalize(prepared).eval()
     out = small(X.double())
     assert out.dtype == torch.float64
@@ -318,7 +318,7 @@ def test_forward_arguments_beyond_the_example_inputs_take_their_defaults():
 
     model = Masked().eval()
     small = hfp_fx.prune(model, X, "50%")
-    reference = hfp_fx.mask(model, X, small.meta["hfp"]["keep"])
+    reference = hfp_fx.mask(model, X, small.meta["hfp"].keep)
     torch.testing.assert_close(small(X), reference(X))
     assert hfp_fx.count(small, X).macs <= 0.5 * hfp_fx.count(model, X).macs
 

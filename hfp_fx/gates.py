@@ -1,0 +1,330 @@
+"""The prunable-channel index space and the two kinds of HFP gates (``prepare(gates=...)``).
+
+:class:`PrunableIndex` is the one place that converts between the index spaces HFP uses:
+
+* **element ids** (``dg.roots`` is indexed by them; gate sites label their positions with them);
+* **prunable positions**: every channel of every prunable group, concatenated in group order
+  (``dg.prunable_groups``); every per-channel HFP vector (gates, ranks, saliency) is indexed by
+  them, and group ``i`` holds positions ``offsets[i]:offsets[i + 1]``;
+* **gate-vector entries**: ``1 + position``, with entry 0 the constant 1 that fixed channels
+  read (the vector ``prepared.hfp()`` computes once per forward pass).
+
+A gate kind is a small module behind one interface (:class:`GateKind`): its trainable parameter,
+which channels the forward pass keeps now, the per-channel multipliers of the forward pass, the
+values folded into the weights at ``finalize``, the saliency the budget projection ranks by, and
+the keep values the cost model sees.  Each kind's constructor takes only the options that shape
+it and refuses the others by name.
+
+    >>> import torch, torchvision, hfp_fx
+    >>> dg = hfp_fx.dependency_graph(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+    >>> index = PrunableIndex.of(dg)
+    >>> index.num_groups, index.num_channels, index.offsets[:3]
+    (12, 2880, (0, 64, 128))
+    >>> gates = ChannelGates(index, threshold=0.1)
+    >>> int(gates.kept_channels().sum()), gates.gate_of("g1").shape
+    (2880, torch.Size([64]))
+    >>> WidthGates(index, torch.zeros(2880, dtype=torch.long), threshold=0.1)
+    Traceback (most recent call last):
+    ...
+    ValueError: gates='width' does not take threshold=0.1 (it shapes per-channel gates: use it with gates='channel')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = ["PrunableIndex", "GateKind", "WidthGates", "ChannelGates"]
+
+
+@dataclass(frozen=True, eq=False)
+class PrunableIndex:
+    """Where each prunable channel sits: group ids, their offsets, unit ids, element positions."""
+
+    group_ids: Tuple[str, ...]
+    offsets: Tuple[int, ...]  #: group ``i`` holds positions ``offsets[i]:offsets[i + 1]``
+    units: torch.Tensor  #: unit id of each position
+    element_entry: torch.Tensor  #: per element id, ``1 + position`` of its channel; 0 = fixed channel
+
+    @classmethod
+    def of(cls, dg) -> "PrunableIndex":
+        groups = dg.prunable_groups
+        sizes = [g.channels for g in groups]
+        offsets = [0] + torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist() if sizes else [0]
+        units = torch.cat([g.units for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+        entry_of_unit = torch.zeros(dg.roots.numel(), dtype=torch.long)
+        entry_of_unit[units] = torch.arange(1, units.numel() + 1)
+        return cls(tuple(g.id for g in groups), tuple(int(o) for o in offsets), units, entry_of_unit[dg.roots])
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_ids)
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.units.numel())
+
+    def sizes(self) -> torch.Tensor:
+        """Channels per group (long)."""
+        return torch.tensor([b - a for a, b in zip(self.offsets, self.offsets[1:])], dtype=torch.long)
+
+    def group_of_positions(self) -> torch.Tensor:
+        """Per position, the number of its group (long)."""
+        return torch.repeat_interleave(torch.arange(self.num_groups), self.sizes())
+
+    def position_of_elements(self, ids: torch.Tensor) -> torch.Tensor:
+        """Gate-vector entry of each element id: ``1 + position``, or 0 for a fixed channel."""
+        return self.element_entry[ids]
+
+    def group_slice(self, gid: str) -> slice:
+        i = self.group_ids.index(gid)
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    def split_per_group(self, vector: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """A per-position vector as ``{group id: its slice}`` (views, in group order)."""
+        return {gid: vector[self.offsets[i]:self.offsets[i + 1]] for i, gid in enumerate(self.group_ids)}
+
+
+class GateKind(torch.nn.Module):
+    """The interface of a gate kind; every per-channel result is indexed by prunable position."""
+
+    kind: ClassVar[str]
+    #: what the refusal message says about options this kind does not take
+    refusal_hint: ClassVar[str] = ""
+
+    def __init__(self, index: PrunableIndex, refused: Mapping[str, Any]):
+        super().__init__()
+        if refused:
+            given = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+            raise ValueError(f"gates={self.kind!r} does not take {given}"
+                             + (f" ({self.refusal_hint})" if self.refusal_hint else ""))
+        self.index = index
+        self.register_buffer("group_index", index.group_of_positions(), persistent=False)
+
+    @property
+    def trainable(self) -> torch.nn.Parameter:
+        """The gate parameter (what ``hfp_fx.gate_parameters`` returns)."""
+        raise NotImplementedError
+
+    def kept_channels(self) -> torch.Tensor:
+        """Per prunable channel: kept (True) or acting as zero (False) in the forward pass now."""
+        raise NotImplementedError
+
+    def effective_gates(self) -> torch.Tensor:
+        """Per prunable channel, what the forward pass multiplies it by (exact zeros when removed)."""
+        raise NotImplementedError
+
+    def gate_values(self) -> torch.Tensor:
+        """Per prunable channel, what ``finalize`` folds into the consuming weights if kept."""
+        raise NotImplementedError
+
+    def saliency(self) -> torch.Tensor:
+        """Per prunable channel, what the budget projection of ``finalize`` ranks by (kept: higher)."""
+        raise NotImplementedError
+
+    def keep_surrogate(self) -> torch.Tensor:
+        """Per prunable channel, the keep value the loss's cost model sees: exact forward, surrogate gradient."""
+        raise NotImplementedError
+
+    def soft_keep(self) -> torch.Tensor:
+        """Per prunable channel, a smooth keep value for reporting (``complexity``'s ``*_soft``)."""
+        raise NotImplementedError
+
+
+class WidthGates(GateKind):
+    """One trainable width per group over a fixed ranking of its channels (``gates="width"``).
+
+    ``rank`` holds each channel's rank within its group (0 = kept longest).  The channels ranked
+    below ``round(width * n)`` act as exact zeros; the gradient reaches the width through the
+    group's boundary channel (straight-through), see :meth:`position`.
+    """
+
+    kind = "width"
+    refusal_hint = "it shapes per-channel gates: use it with gates='channel'"
+
+    def __init__(self, index: PrunableIndex, rank: torch.Tensor, *, min_channels: int = 1, **refused: Any):
+        super().__init__(index, refused)
+        if rank.shape != (index.num_channels,):
+            raise ValueError(f"rank needs one entry per prunable channel ({index.num_channels}), got {tuple(rank.shape)}")
+        self.width = torch.nn.Parameter(torch.ones(index.num_groups))
+        # persistent: a reloaded prepared model keeps the ranking its widths were trained with.
+        # Integer buffers, so that casting the prepared model (.half()) cannot round them.
+        self.register_buffer("rank", rank, persistent=True)
+        self.register_buffer("group_size", index.sizes()[self.group_index], persistent=False)
+        self.min_channels = int(min_channels)
+
+    @property
+    def trainable(self) -> torch.nn.Parameter:
+        return self.width
+
+    def position(self) -> torch.Tensor:
+        """Per channel, its group's kept width minus the channel's rank.
+
+        A channel is kept while this is above 0.5.  The forward pass sees widths clipped to
+        [0, 1] (and at least ``min_channels``), the gradient passes unclipped, so a width pushed
+        past 1 comes straight back under the cost push.
+
+        The gradient reaching a width is divided by the mean group size: a width's gradient is
+        its group size times a per-channel one (task and cost alike), so without this the step
+        a learning rate gives would grow with the model's widths; with it, one learning rate
+        moves widths alike in small and large models.
+        """
+        mean_size = self.index.num_channels / max(self.index.num_groups, 1)
+        width = self.width.double()  # float64 whatever the model's dtype: ranks go to thousands
+        w = width.detach() + (width - width.detach()) / mean_size
+        w = w + (w.clamp(0, 1) - w).detach()
+        n = self.group_size.double()
+        floor = n.clamp(max=float(self.min_channels))
+        kept = w[self.group_index] * n
+        # the floor straight-through too: a width held at min_channels still feels both losses
+        # (and can grow back) instead of losing its gradient
+        kept = kept + (torch.maximum(kept, floor) - kept).detach()
+        return kept - self.rank.double()
+
+    def kept_channels(self) -> torch.Tensor:
+        return self.position() > 0.5
+
+    def effective_gates(self) -> torch.Tensor:
+        d = self.position()
+        hard = (d > 0.5).to(d.dtype)
+        # straight-through on the boundary channel only (0 < d <= 1, one channel per group even
+        # when n * width is whole): d task / d width is what fading that one channel in or out
+        # is worth, the first-order value of one channel
+        window = ((d > 0) & (d <= 1)).to(d.dtype)
+        return (hard + (d - d.detach()) * window).to(self.width.dtype)
+
+    def gate_values(self) -> torch.Tensor:
+        return self.width.new_ones(self.rank.shape)  # kept channels pass unscaled
+
+    def saliency(self) -> torch.Tensor:
+        # as a fraction of the group: untrained widths (all 1) then prune every group alike
+        return self.position().detach() / self.group_size.double()
+
+    def keep_surrogate(self) -> torch.Tensor:
+        return self.effective_gates()
+
+    def soft_keep(self) -> torch.Tensor:
+        return self.position().detach().clamp(0, 1)
+
+
+class ChannelGates(GateKind):
+    """One trainable gate per prunable channel (``gates="channel"``), see :mod:`hfp_fx.hfp`.
+
+    ``threshold``: gates ``<= threshold`` act as exact zeros; ``count``: ``"ste"`` (hard counts,
+    surrogate gradient) or ``"sigmoid"`` (``sigmoid((g - threshold) / temperature)``);
+    ``gate_max``: cap on a kept channel's multiplier; ``cost_power``: spread of the cost push
+    (1 = marginal cost, 0 = equal); ``relative_gates``: gates divided by their group's largest.
+    """
+
+    kind = "channel"
+
+    def __init__(self, index: PrunableIndex, *, threshold: float = 0.05, count: str = "ste",
+                 temperature: float = 0.02, gate_max: Optional[float] = None, cost_power: float = 1.0,
+                 relative_gates: bool = False, **refused: Any):
+        super().__init__(index, refused)
+        if not 0.0 <= cost_power <= 1.0:
+            raise ValueError(f"cost_power must be in [0, 1], got {cost_power}")
+        if gate_max is not None and not gate_max > threshold:
+            raise ValueError(f"gate_max must be above the threshold {threshold}, got {gate_max}")
+        if count not in ("ste", "sigmoid"):
+            raise ValueError(f"count must be 'ste' or 'sigmoid', got {count!r}")
+        if threshold < 0:
+            raise ValueError("threshold must be >= 0")
+        self.gate = torch.nn.Parameter(torch.ones(index.num_channels))
+        self.threshold, self.count_mode, self.temperature = float(threshold), count, float(temperature)
+        self.gate_max = None if gate_max is None else float(gate_max)
+        self.cost_power = float(cost_power)
+        self.relative_gates = bool(relative_gates)
+
+    @property
+    def trainable(self) -> torch.nn.Parameter:
+        return self.gate
+
+    def gate_of(self, gid: str) -> torch.Tensor:
+        """A view of one group's gates."""
+        return self.gate[self.index.group_slice(gid)]
+
+    def scaled_gates(self) -> torch.Tensor:
+        """The gates the threshold and the forward pass see.
+
+        Plain gates by default.  With ``relative_gates`` each gate is divided by the largest gate
+        of its group: when batch norm follows the consuming layer, shrinking all gates of a group
+        together changes nothing the task loss sees, so absolute gate values drift with the cost
+        push; relative ones cannot, and the push can only move a group's channels apart.
+        """
+        if not self.relative_gates or self.gate.numel() == 0:
+            return self.gate
+        top = torch.zeros(self.index.num_groups, device=self.gate.device, dtype=self.gate.dtype).scatter_reduce(
+            0, self.group_index, self.gate, "amax", include_self=False)
+        return self.gate / top.clamp(min=torch.finfo(self.gate.dtype).tiny)[self.group_index]
+
+    def kept_channels(self) -> torch.Tensor:
+        return self.scaled_gates() > self.threshold
+
+    def gate_values(self) -> torch.Tensor:
+        """The gate, capped at ``gate_max`` when set.
+
+        The cap anchors each group's scale: a batch norm after the consuming layer makes a
+        uniform shrink of all gates of a group free for the task loss, so without it the gates
+        of a group can sink together; with it, channels the task loss needs stay at the cap.
+        """
+        g = self.scaled_gates()
+        return g if self.gate_max is None else g.clamp(max=self.gate_max)
+
+    def effective_gates(self) -> torch.Tensor:
+        # A channel is kept while its gate is above the threshold; gates are not mirrored at zero
+        # (|g|), so an optimizer overshooting below zero cannot flip a pruned channel back on.
+        g = self.gate_values()
+        hard = g * (self.scaled_gates() > self.threshold).to(g.dtype)
+        return g + (hard - g).detach()  # exact zeros forward, identity gradient below the cap
+
+    def saliency(self) -> torch.Tensor:
+        return self.scaled_gates().detach().clamp(min=0)
+
+    def keep_surrogate(self) -> torch.Tensor:
+        """Forward: ``1[g > threshold]``; gradient that of ``g / mean(g of kept channels in the group)``
+        on kept channels (``count="ste"``), or the sigmoid relaxation (``count="sigmoid"``)."""
+        scaled = self.scaled_gates()
+        s = scaled.clamp(min=0)
+        alive = (scaled > self.threshold).to(s.dtype)
+        if self.count_mode == "sigmoid":
+            return torch.sigmoid((s - self.threshold) / self.temperature)
+        n_groups = self.index.num_groups
+        alive_sum = torch.zeros(n_groups, device=s.device, dtype=s.dtype).index_add(0, self.group_index,
+                                                                                    (s * alive).detach())
+        alive_cnt = torch.zeros(n_groups, device=s.device, dtype=s.dtype).index_add(0, self.group_index, alive)
+        mean = (alive_sum / alive_cnt.clamp(min=1)).clamp(min=1e-6)[self.group_index]
+        # only kept channels are pushed: a gate already below the threshold is left to the task
+        # loss (which may revive it) instead of being driven through zero
+        surrogate = s * alive / mean
+        if self.cost_power != 1.0:
+            surrogate = _CompressSpread.apply(surrogate, self.cost_power)
+        return alive + surrogate - surrogate.detach()
+
+    def soft_keep(self) -> torch.Tensor:
+        s = self.scaled_gates().detach().clamp(min=0)
+        return torch.sigmoid((s - self.threshold) / max(self.temperature, 1e-6))
+
+
+class _CompressSpread(torch.autograd.Function):
+    """Identity forward; backward maps each gradient entry ``d`` to ``sign(d) |d|^p``, rescaled so
+    the mean magnitude is unchanged (``lambda`` keeps its meaning).  ``p = 1``: each gate is pushed
+    by its channel's marginal cost (the plain gradient); ``p = 0``: every kept gate is pushed
+    equally (global gate-magnitude pruning); in between, expensive channels are pushed harder,
+    but by less than their cost ratio."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, power: float) -> torch.Tensor:
+        ctx.power = power
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mag = grad.abs()
+        nonzero = mag > 0
+        mean = mag.sum() / nonzero.sum().clamp(min=1)
+        compressed = mag.clamp(min=torch.finfo(mag.dtype).tiny) ** ctx.power
+        ref = (compressed * nonzero).sum() / nonzero.sum().clamp(min=1)
+        return torch.where(nonzero, grad.sign() * compressed * (mean / ref.clamp(min=torch.finfo(mag.dtype).tiny)),
+                           torch.zeros_like(grad)), None

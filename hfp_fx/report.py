@@ -1,0 +1,54 @@
+"""The report a pruned model carries in ``model.meta["hfp"]`` (``prune``, ``finalize``, ``load``).
+
+    >>> import torch, torchvision, hfp_fx
+    >>> x = torch.randn(1, 3, 64, 64)
+    >>> small = hfp_fx.prune(torchvision.models.resnet18(), x, "50%")
+    >>> report = small.meta["hfp"]
+    >>> report.achieved.macs <= report.target.macs, report.groups["g1"].name, report.inputs
+    (True, 'layer1.0.conv1', [((1, 3, 64, 64), 'float32')])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from hfp_fx.cost import Counts
+from hfp_fx.target import ResolvedTarget
+
+__all__ = ["PruneReport", "GroupReport"]
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """One prunable group of the pruned model."""
+
+    name: str  #: the first module owning one of its channels (``PruneGroup.name``)
+    dense: int  #: channels before pruning
+    kept: int  #: channels kept
+
+
+@dataclass
+class PruneReport:
+    """What was pruned, to which budget, and what ``hfp_fx.save`` needs to rebuild it."""
+
+    dense: Counts  #: params/MACs of the traced dense model
+    achieved: Counts  #: params/MACs of the pruned model (cost model, exact)
+    target: ResolvedTarget  #: the absolute budget (``None`` where not targeted)
+    groups: Dict[str, GroupReport]  #: every prunable group, in graph order
+    keep: Dict[str, List[int]]  #: the keep dict (pruned groups only)
+    scale_sites: List[str] = field(default_factory=list)  #: gate sites that got an ``x * buffer`` node
+    exclude: List[str] = field(default_factory=list)  #: modules excluded from pruning
+    inputs: List[Tuple[Tuple[int, ...], str]] = field(default_factory=list)  #: example inputs' (shape, dtype)
+    model_spec: Optional[str] = None  #: how to rebuild the dense model (``"torchvision:resnet18"``), if known
+
+    @classmethod
+    def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
+           model_spec: Optional[str] = None) -> "PruneReport":
+        """The report of ``plan`` (a :class:`hfp_fx.Plan`) applied to the analysed model ``dg``."""
+        groups = {}
+        for g in dg.prunable_groups:
+            dense, kept = plan.kept_per_group[g.id]
+            groups[g.id] = GroupReport(g.name, int(dense), int(kept))
+        inputs = [(tuple(x.shape), str(x.dtype).replace("torch.", "")) for x in dg.example_inputs]
+        return cls(plan.dense, plan.counts, plan.target, groups, {k: list(v) for k, v in plan.keep.items()},
+                   list(scale_sites), list(exclude), inputs, model_spec)
