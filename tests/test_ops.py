@@ -259,7 +259,7 @@ def test_narrow_with_negative_start():
     dg, _ = check_model(NegativeNarrow(), torch.randn(2, 3, 5, 5))
     assert dg.prunable_groups
     small = hfp_fx.prune(NegativeNarrow(), torch.randn(2, 3, 5, 5), {"macs": 0.6})
-    assert hfp_fx.count(small, torch.randn(2, 3, 5, 5)).macs <= small.meta["hfp"]["target"]["macs"]
+    assert hfp_fx.count(small, torch.randn(2, 3, 5, 5)).macs <= small.meta["hfp"].target.macs
 
 
 def test_shuffle_and_cat_groups():
@@ -511,13 +511,13 @@ def test_tied_weights_prune_meets_target(name, target, tmp_path):
     assert dense.params == sum(p.numel() for p in model.parameters())  # shared tensors once
     small = hfp_fx.prune(model, x, target).eval()
     achieved, report = hfp_fx.count(small, x), small.meta["hfp"]
-    assert achieved.params == report["achieved"]["params"] and achieved.macs == report["achieved"]["macs"]
+    assert achieved.params == report.achieved.params and achieved.macs == report.achieved.macs
     for k, fraction in target.items():
-        assert getattr(achieved, k) <= fraction * getattr(dense, k) == pytest.approx(report["target"][k], abs=1)
+        assert getattr(achieved, k) <= fraction * getattr(dense, k) == pytest.approx(getattr(report.target, k), abs=1)
     assert_tied(small, names)
     dg = hfp_fx.dependency_graph(model, x)
     with torch.no_grad():
-        assert_close(hfp_fx.mask(dg, keep=report["keep"]).eval()(x), small(x))
+        assert_close(hfp_fx.mask(dg, keep=report.keep).eval()(x), small(x))
     hfp_fx.save(small, tmp_path / "tied.pt")
     again = hfp_fx.load(tmp_path / "tied.pt", cls, x).eval()
     assert_tied(again, names)

@@ -181,5 +181,5 @@ class Net(torch.nn.Module):
     small = hfp_fx.prune(model, x, "50%", rules=rules)
     assert small.ls.channels == small.ls.gamma.numel() < 8
     with torch.no_grad():
-        reference = hfp_fx.mask(model, x, small.meta["hfp"]["keep"], rules=rules)(x)
+        reference = hfp_fx.mask(model, x, small.meta["hfp"].keep, rules=rules)(x)
         assert torch.allclose(small(x), reference, atol=1e-5)

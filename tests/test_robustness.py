@@ -200,7 +200,7 @@ def test_eval_and_train_mode_runs():
     from batch statistics in training mode, from the running ones it updated in eval mode)."""
     model = Net()
     small = hfp_fx.prune(model, X, "50%")
-    masked = hfp_fx.mask(model, X, small.meta["hfp"]["keep"])
+    masked = hfp_fx.mask(model, X, small.meta["hfp"].keep)
     assert small.training and masked.training
     out = small.train()(X)
     assert_close(out.detach(), masked.train()(X).detach())
