@@ -65,7 +65,9 @@ class _Copier:
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         if id(t) not in self.copies:
             c = self._tensor(t)
-            if isinstance(t, torch.nn.Parameter) and not isinstance(c, torch.nn.Parameter):
+            # (``isinstance(t, Parameter)`` runs a Python __instancecheck__: exact types first)
+            param = type(t) is torch.nn.Parameter or (type(t) is not torch.Tensor and isinstance(t, torch.nn.Parameter))
+            if param and c is not t:
                 c = torch.nn.Parameter(c, requires_grad=t.requires_grad)
             self.copies[id(t)] = c
         return self.copies[id(t)]
@@ -78,10 +80,20 @@ class _Copier:
         c = object.__new__(type(m))
         self.copies[id(m)] = c
         state = m.__dict__.copy()
+        # torch.nn's own layers keep no Python state that their forward writes to: their
+        # containers (hook dicts) need no copy, only their tensors and submodules
+        standard = type(m).__module__.startswith("torch.nn.")
         for k, v in state.items():
-            if k in ("_parameters", "_buffers"):
+            kind = type(v)
+            if k == "_parameters" or k == "_buffers":
                 state[k] = {name: None if t is None else self.tensor(t) for name, t in v.items()}
-            elif type(v) not in _IMMUTABLE:
+            elif k == "_modules":
+                state[k] = {name: None if sub is None else self.module(sub) for name, sub in v.items()}
+            elif kind in _IMMUTABLE or standard:
+                continue
+            elif not v and kind in _CONTAINERS:
+                state[k] = kind()
+            else:
                 state[k] = self.value(v, m)
         c.__dict__.update(state)
         return c
