@@ -841,7 +841,7 @@ def matmul(a: A, node: Node):
 @op_handler(functions=[F.scaled_dot_product_attention])
 def sdpa(a: A, node: Node):
     q, k, v = (a.arg(node, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
-    qs, ks, vs, out = a.shape(q), a.shape(k), a.shape(v), a.shape(node)
+    qs, ks, vs = a.shape(q), a.shape(k), a.shape(v)
     mq, mk, mv = a.cmap(q), a.cmap(k), a.cmap(v)
     rank = len(qs)
     batch = [m for m in (mq, mk, mv) if m is not None and m.axis < rank - 2]
