@@ -89,11 +89,7 @@ class _Copier:
                 state[k] = {name: None if t is None else self.tensor(t) for name, t in v.items()}
             elif k == "_modules":
                 state[k] = {name: None if sub is None else self.module(sub) for name, sub in v.items()}
-            elif kind in _IMMUTABLE or standard:
-                continue
-            elif not v and kind in _CONTAINERS:
-                state[k] = kind()
-            else:
+            elif kind not in _IMMUTABLE and not standard:
                 state[k] = self.value(v, m)
         c.__dict__.update(state)
         return c

@@ -31,7 +31,7 @@ import torch.fx
 from hfp_fx.api import dependency_graph
 from hfp_fx.cost import Counts
 from hfp_fx.passes.registry import OpRegistry
-from hfp_fx.passes.shrink import add_scale_nodes, shrink_model
+from hfp_fx.passes.shrink import add_scale_nodes, scale_buffer, shrink_model
 from hfp_fx.projection import Plan
 from hfp_fx.report import PruneReport
 from hfp_fx.specs import load_spec
@@ -44,8 +44,6 @@ FORMAT = "hfp_fx.pruned/2"
 #: analysis' gate sites (``dg.facts.gates``), and record no input shapes and no model spec
 _FORMAT_1 = "hfp_fx.pruned/1"
 _PLAN_KEYS = ("keep", "exclude", "scale_sites", "groups", "achieved", "dense", "target")
-#: the buffer a scale site ``name`` gets (``passes/shrink.py``, ``add_scale_nodes``)
-_SCALE_BUFFER = "_hfp_scale_{}"
 
 PathLike = Union[str, os.PathLike]
 
@@ -190,13 +188,10 @@ def _scale_site_names(plan: Dict[str, Any], dg, state: Dict[str, torch.Tensor], 
     names = [str(n) for n in plan["scale_sites"]]
     if plan["format"] == _FORMAT_1:
         by_old = {f"site{k}": site.name for k, site in enumerate(dg.facts.gates)}
-        if any(n not in by_old for n in names):
-            raise _damaged(path, f"scale sites {[n for n in names if n not in by_old]} do not exist in this model")
         for old in names:
-            buffer = _SCALE_BUFFER.format(old)
-            if buffer in state:
-                state[_SCALE_BUFFER.format(by_old[old])] = state.pop(buffer)
-        names = [by_old[n] for n in names]
+            if old in by_old and scale_buffer(old) in state:
+                state[scale_buffer(by_old[old])] = state.pop(scale_buffer(old))
+        names = [by_old.get(n, n) for n in names]  # an unknown old name is refused below
     known = {site.name for site in dg.facts.gates}
     if any(n not in known for n in names):
         raise _damaged(path, f"scale sites {[n for n in names if n not in known]} do not exist in this model")

@@ -37,7 +37,7 @@ from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelFacts
 from hfp_fx.passes.edit import scale_input
 
-__all__ = ["shrink_model", "add_scale_nodes", "ShrinkError", "ShrinkEdit"]
+__all__ = ["shrink_model", "add_scale_nodes", "scale_buffer", "ShrinkError", "ShrinkEdit"]
 
 
 class ShrinkError(RuntimeError):
@@ -195,6 +195,11 @@ def _verify_shapes(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.T
                               f"expected {expected[node.name]}")
 
 
+def scale_buffer(name: str) -> str:
+    """The buffer that holds the scales of scale site ``name`` (saved files key it this way)."""
+    return f"_hfp_scale_{name}"
+
+
 def add_scale_nodes(gm: torch.fx.GraphModule, alive: torch.Tensor, scales) -> None:
     """Insert ``x * buffer`` before consumers whose gate values could not be folded into a weight.
 
@@ -210,6 +215,6 @@ def add_scale_nodes(gm: torch.fx.GraphModule, alive: torch.Tensor, scales) -> No
         keep = alive[site.ids]
         values = torch.ones(int(keep.sum())) if scale is None else scale[keep]
         scale_input(gm, nodes[site.node], site.arg, site.axis, values.to(device=device, dtype=dtype).clone(),
-                    f"_hfp_scale_{name}")
+                    scale_buffer(name))
     gm.graph.lint()
     gm.recompile()

@@ -408,17 +408,27 @@ def plain_layers(draw):
     return layer, (draw(st.integers(1, 3)), in_ch, *spatial)
 
 
+def _outcomes(check, max_examples: int, **strategies) -> Counter:
+    """Run ``check`` on ``max_examples`` hypothesis draws; count the outcome names it returns.
+
+    A property that may step aside ("run the op", "keys differ") must show that enough draws
+    reached the real comparison: the caller asserts a floor on that outcome.
+    """
+    seen = Counter()
+
+    @settings(deadline=None, max_examples=max_examples)
+    @given(**strategies)
+    def run(**case):
+        seen[check(**case)] += 1
+
+    run()
+    return seen
+
+
 def test_layer_shortcut_equals_running_the_layer():
     """Conv/linear shapes and MACs built from the formula equal running the layer (most draws
     must reach the comparison, not only the "too small, run it" branch)."""
-    seen = Counter()
-
-    @settings(deadline=None, max_examples=150)
-    @given(case=plain_layers())
-    def run(case):
-        seen[_check_layer_shortcut(case)] += 1
-
-    run()
+    seen = _outcomes(_check_layer_shortcut, 150, case=plain_layers())
     assert seen["compared"] >= 60, seen
 
 
@@ -516,14 +526,7 @@ def meta_ops(draw):
 def test_meta_shortcuts_equal_running_the_op():
     """Shape, dtype, contiguity, strides of non-unit dims and MACs match a real run, for every
     kind of op with a shortcut (and enough draws reach the comparison, not only "run it")."""
-    seen = Counter()
-
-    @settings(deadline=None, max_examples=300)
-    @given(case=meta_ops())
-    def run(case):
-        seen[_check_meta_shortcut(case)] += 1
-
-    run()
+    seen = _outcomes(_check_meta_shortcut, 300, case=meta_ops())
     assert seen["compared"] >= 100, seen
     assert seen["declined"] >= 1, seen  # the strided layouts: the shortcut must know to step aside
 
@@ -631,14 +634,7 @@ def _layouts(out):
 def test_meta_memo_reuses_only_equal_calls():
     """Two calls with the same key give the same output layouts and MACs, and the memo hands
     back exactly those for the second call (enough draw pairs must share a key to show it)."""
-    seen = Counter()
-
-    @settings(deadline=None, max_examples=300)
-    @given(first=repeated_calls(), second=repeated_calls())
-    def run(first, second):
-        seen[_check_memo(first, second)] += 1
-
-    run()
+    seen = _outcomes(_check_memo, 300, first=repeated_calls(), second=repeated_calls())
     assert seen["equal keys"] >= 20, seen
 
 
