@@ -36,7 +36,7 @@ from hfp_fx.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
-from hfp_fx.passes.shrink import add_scale_nodes, shrink_model
+from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
 from hfp_fx.projection import check_feasible, project
 from hfp_fx.report import PruneReport
@@ -298,8 +298,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
             vector = torch.cat([torch.ones(1), hfp.gates.gate_values().detach().cpu().double().clamp(min=0)])
             scales = _fold_gates(base, dg, hfp.index, vector)  # docs/concepts.md, "Finalize"
         with stage("shrink"):
-            small = shrink_model(dg.facts, alive, gm=base)
-            add_scale_nodes(small, alive, scales)
+            small = shrink_model(dg.facts, alive, gm=base, scales=scales)
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
                                        exclude=prepared.meta.get("hfp_exclude", []))

@@ -31,7 +31,7 @@ import torch.fx
 from hfp_fx.api import dependency_graph
 from hfp_fx.cost import Counts
 from hfp_fx.passes.registry import OpRegistry
-from hfp_fx.passes.shrink import add_scale_nodes, scale_buffer, shrink_model
+from hfp_fx.passes.shrink import scale_buffer, shrink_model
 from hfp_fx.projection import Plan
 from hfp_fx.report import PruneReport
 from hfp_fx.specs import load_spec
@@ -103,10 +103,9 @@ def load(path: PathLike, model_factory: Optional[Callable[[], torch.nn.Module]] 
                          "architecture (and example input shapes) that was pruned"
                          + (f" (the file records input shapes {shapes})" if shapes else ""))
     alive = dg.alive(saved.keep)
-    small = shrink_model(dg.facts, alive)
     scale_sites = _scale_site_names(plan, dg, state, path)
     sites = {s.name: s for s in dg.facts.gates}
-    add_scale_nodes(small, alive, [(name, sites[name], None) for name in scale_sites])
+    small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites])
     _check_weights(small, state, path)
     small.load_state_dict(state, strict=True)
     small.meta["hfp"] = PruneReport.of(dg, saved, scale_sites=scale_sites, exclude=plan["exclude"], model_spec=spec)

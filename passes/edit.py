@@ -26,7 +26,7 @@ def replace_input(node: Node, arg: Union[int, str], new: Node) -> None:
 
 
 def scale_input(gm: torch.fx.GraphModule, node: Node, arg: Union[int, str], axis: int, values: torch.Tensor,
-                buffer: str) -> None:
+                buffer: str) -> Node:
     """Make ``node`` read ``x * values`` (``values`` along ``axis``) in place of its argument ``x``.
 
     ``values`` becomes the buffer ``buffer`` of ``gm``, shaped to broadcast along ``axis``.
@@ -38,3 +38,4 @@ def scale_input(gm: torch.fx.GraphModule, node: Node, arg: Union[int, str], axis
     with gm.graph.inserting_before(node):
         scaled = gm.graph.call_function(torch.mul, (x, gm.graph.get_attr(buffer)))
     replace_input(node, arg, scaled)
+    return scaled

@@ -7,6 +7,7 @@ counts them.  Channel-mixing inputs are recorded as gate sites.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -200,39 +201,161 @@ DEFAULT_RULES.register(OpHandler(batch_norm, macs=False, shape=norm_shape, resiz
                                  rewrite=rewrite_instance_norm), modules=_INSTANCE_NORMS)
 
 
-@op_handler(modules=[torch.nn.LayerNorm], macs=False, shape=norm_shape)
-def layer_norm(a: A, node: Node):
-    mod = a.module(node)
-    m = _layer_norm(a, node, len(mod.normalized_shape), mod)
-    if m is not None:
-        k = m.axis - (len(a.shape(node.args[0])) - len(mod.normalized_shape))
-        for attr in ("weight", "bias"):
-            if k >= 0 and isinstance(getattr(mod, attr, None), torch.Tensor):
-                a.bind_param(_pname(node, attr), k, m.ids)
-    return m
-
-
-if hasattr(torch.nn, "RMSNorm"):  # (torch >= 2.4)
-    DEFAULT_RULES.register(OpHandler(layer_norm, macs=False), modules=[torch.nn.RMSNorm])
-
-
-@op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape)
-def layer_norm_fn(a: A, node: Node):
-    shape = a.arg(node, 1, "normalized_shape")
-    return _layer_norm(a, node, len(shape) if isinstance(shape, (list, tuple)) else 1)
-
-
-if hasattr(F, "rms_norm"):
-    DEFAULT_RULES.register(OpHandler(layer_norm_fn, macs=False), functions=[F.rms_norm])
-
-
-def _layer_norm(a: A, node: Node, k: int, mod=None):
+# -------------------------------------------------------------------------------------------
+# LayerNorm / RMSNorm over the channels: the normalised residual stream of transformers
+# -------------------------------------------------------------------------------------------
+# A norm over the channel dim reads every channel to compute its statistics, so it is a
+# channel-mixing consumer: it gets a gate site on its input, like a linear layer.  The masked
+# model therefore normalises a vector whose removed channels are zero, with statistics over the
+# *original* width d.  The shrunk model must compute the same thing from the d' kept channels:
+#
+# * RMSNorm: sum(x^2)/d + eps = (d'/d) (sum(x^2)/d' + eps d/d'), so a standard RMSNorm over d'
+#   with eps' = eps d/d' and weight' = weight sqrt(d/d') is exact;
+# * LayerNorm: mean = sum(x)/d and var = sum((x - mean)^2 over kept)/d + (d - d')/d mean^2 (the
+#   removed zeros' share) cannot be expressed by a standard LayerNorm over d', so the shrink pass
+#   writes these few ops into the graph (:func:`_emit_wide_layer_norm`).
+#
+# Only the last dim may carry the channels (``normalized_shape`` of length 1 over them, as in
+# every transformer); other layouts stay fixed with a reason.
+def _norm_over_channels(a: A, node: Node, k: int, weight: Optional[str], bias: Optional[str], mod=None):
+    """The coupling rule shared by the module and functional forms of LayerNorm and RMSNorm."""
     m = a.cmap(node.args[0])
     if m is None:
         return None
-    if m.axis >= len(a.shape(node.args[0])) - k:
-        a.fix(m, f"{describe(node, mod)} normalises over the channels; pruning would change its statistics")
+    rank = len(a.shape(node.args[0]))
+    if m.axis < rank - k:  # channels outside the normalised dims: a per-position op on them
+        return m
+    if k != 1:
+        a.fix(m, f"{describe(node, mod)} normalises over several dims including the channels")
+        return m
+    a.gate(0, m)
+    a.bind_param(weight, 0, m.ids)
+    a.bind_param(bias, 0, m.ids)
     return m
+
+
+def _get_attr_name(value):
+    """``(name, ok)`` of a norm's weight/bias argument: a parameter read by ``get_attr``, or None;
+    ``ok`` is False for a computed tensor (its slices cannot be bound)."""
+    if value is None:
+        return None, True
+    if isinstance(value, Node) and value.op == "get_attr":
+        return value.target, True
+    return None, not isinstance(value, Node)
+
+
+def _module_param(mod, node: Node, attr: str) -> Optional[str]:
+    return _pname(node, attr) if isinstance(getattr(mod, attr, None), torch.Tensor) else None
+
+
+def _rewrite_norm_module(node: Node, edit) -> None:
+    m = edit.map_of(node)
+    if not edit.changed(m):
+        return
+    mod = edit.module(node)
+    weight = _module_param(mod, node, "weight")
+    bias = _module_param(mod, node, "bias")
+    if isinstance(mod, torch.nn.LayerNorm):
+        _emit_wide_layer_norm(edit, node, node.args[0], weight, bias, mod.eps, m)
+    else:
+        _emit_rms_norm(edit, node, node.args[0], weight, mod.eps, m)
+
+
+@op_handler(modules=[torch.nn.LayerNorm], macs=False, shape=norm_shape, rewrite=_rewrite_norm_module)
+def layer_norm(a: A, node: Node):
+    mod = a.module(node)
+    k = len(mod.normalized_shape)
+    return _norm_over_channels(a, node, k, _module_param(mod, node, "weight"), _module_param(mod, node, "bias"), mod)
+
+
+if hasattr(torch.nn, "RMSNorm"):  # (torch >= 2.4)
+    DEFAULT_RULES.register(OpHandler(layer_norm, macs=False, rewrite=_rewrite_norm_module), modules=[torch.nn.RMSNorm])
+
+
+def _norm_fn_args(node: Node, rms: bool):
+    """``(x, normalized_shape, weight, bias, eps)`` of ``F.layer_norm`` / ``F.rms_norm``."""
+    get = lambda i, name, default=None: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
+    if rms:
+        return get(0, "input"), get(1, "normalized_shape"), get(2, "weight"), None, get(3, "eps")
+    return get(0, "input"), get(1, "normalized_shape"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+
+
+def _rewrite_norm_fn(node: Node, edit) -> None:
+    m = edit.map_of(node)
+    if not edit.changed(m):
+        return
+    rms = node.target is not F.layer_norm
+    x, _, weight, bias, eps = _norm_fn_args(node, rms)
+    if rms:
+        _emit_rms_norm(edit, node, x, weight, eps, m)
+    else:
+        _emit_wide_layer_norm(edit, node, x, weight, bias, eps, m)
+
+
+@op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape, rewrite=_rewrite_norm_fn)
+def layer_norm_fn(a: A, node: Node):
+    rms = node.target is not F.layer_norm
+    x, shape, weight, bias, eps = _norm_fn_args(node, rms)
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    names = []
+    for value, what in ((weight, "weight"), (bias, "bias")):
+        name, ok = _get_attr_name(value)
+        if not ok:
+            a.fix(a.map(x), f"{describe(node)} with a computed `{what}`")
+            return a.map(x)
+        names.append(name)
+    return _norm_over_channels(a, node, k, *names)
+
+
+if hasattr(F, "rms_norm"):
+    DEFAULT_RULES.register(OpHandler(layer_norm_fn, macs=False, rewrite=_rewrite_norm_fn), functions=[F.rms_norm])
+
+
+def _param_node(graph, name):
+    return graph.get_attr(name) if isinstance(name, str) else name
+
+
+def _replace(node: Node, new: Node) -> None:
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+
+
+def _emit_wide_layer_norm(edit, node: Node, x, weight, bias, eps: float, m) -> None:
+    """LayerNorm of the kept channels with the statistics of the original width (see above)."""
+    d, kept = m.size, edit.kept(m)
+    graph = node.graph
+    with graph.inserting_before(node):
+        total = graph.call_method("sum", (x, -1), {"keepdim": True})
+        mean = graph.call_function(operator.mul, (total, 1.0 / d))
+        centred = graph.call_function(operator.sub, (x, mean))
+        squares = graph.call_method("sum", (graph.call_function(operator.mul, (centred, centred)), -1), {"keepdim": True})
+        removed = graph.call_function(operator.mul, (graph.call_function(operator.mul, (mean, mean)), float(d - kept)))
+        var = graph.call_function(operator.mul, (graph.call_function(operator.add, (squares, removed)), 1.0 / d))
+        rstd = graph.call_function(torch.rsqrt, (graph.call_function(operator.add, (var, float(eps))),))
+        y = graph.call_function(operator.mul, (centred, rstd))
+        if weight is not None:
+            y = graph.call_function(operator.mul, (y, _param_node(graph, weight)))
+        if bias is not None:
+            y = graph.call_function(operator.add, (y, _param_node(graph, bias)))
+    _replace(node, y)
+
+
+def _emit_rms_norm(edit, node: Node, x, weight, eps: Optional[float], m) -> None:
+    """RMSNorm of the kept channels: eps x d/d' and weight x sqrt(d/d') (see above)."""
+    d, kept = m.size, edit.kept(m)
+    if eps is None:  # torch's default: the machine epsilon of the input's dtype
+        eps = torch.finfo(node.meta["tensor_meta"].dtype).eps
+    graph = node.graph
+    factor = math.sqrt(d / kept)
+    with graph.inserting_before(node):
+        w = None
+        if weight is not None:
+            w = graph.call_function(operator.mul, (_param_node(graph, weight), factor))
+        y = graph.call_function(F.rms_norm, (x, (kept,), w, float(eps) * d / kept))
+        if weight is None:
+            y = graph.call_function(operator.mul, (y, factor))
+    _replace(node, y)
 
 
 @op_handler(modules=[torch.nn.GroupNorm], macs=False, shape=norm_shape)

@@ -186,30 +186,98 @@ _REDUCTIONS_M = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm
 _REDUCTION_ARGS = {"norm": (2, 3), "std": (1, 3), "var": (1, 3)}
 
 
-@op_handler(functions=[*_REDUCTIONS_F], methods=[*_REDUCTIONS_M], macs=False)
+def _reduced_dims(node: Node, rank: int) -> Optional[List[int]]:
+    """The (non-negative) dims a reduction node reduces; every dim for ``dim=None``; ``None`` when
+    they are computed at run time."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    dim_pos, _ = _REDUCTION_ARGS.get(name, (1, 2))
+    dims = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", None)
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(rank))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return sorted({d % rank for d in dims})
+
+
+def _reduction_name(node: Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _zero_blind(node: Node) -> bool:
+    """Whether the reduction's value is unchanged by extra zero entries: sums, and p-norms with p > 0.
+
+    Such a reduction over the channels is exact on the kept channels once the removed ones are
+    zero (its input is a gate site); a mean is ``sum / d`` with the original count ``d``, which
+    the shrink pass writes (:func:`rewrite_mean`).  Max/min, variance, products are not.
+    """
+    name = _reduction_name(node)
+    if name in ("sum", "mean"):
+        return True
+    if name == "norm":
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", "fro")
+        return p in ("fro", None) or (isinstance(p, (int, float)) and p > 0)
+    return False
+
+
+def rewrite_mean(node: Node, edit: "ShrinkEdit") -> None:
+    """A mean over pruned channels: ``sum(x) * (1 / original count)``, the masked model's value."""
+    src = edit.map_of(node.args[0])
+    if _reduction_name(node) != "mean" or not edit.changed(src):
+        return
+    shape = edit.dense_shape(node.args[0])
+    dims = _reduced_dims(node, len(shape))
+    if dims is None or src.axis not in dims:
+        return
+    count = math.prod(shape[d] for d in dims)
+    node.target = "sum" if node.op == "call_method" else torch.sum
+    graph = node.graph
+    with graph.inserting_after(node):
+        scaled = graph.call_function(operator.mul, (node, 1.0 / count))
+    scaled.meta = dict(node.meta)
+    node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
+
+
+@op_handler(functions=[*_REDUCTIONS_F], methods=[*_REDUCTIONS_M], macs=False, rewrite=rewrite_mean)
 def reduction(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
         return tuple(None for _ in a.shape(node)) if _is_tuple_shape(a.shape(node)) else None
     in_shape = a.shape(node.args[0])
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    dim_pos, keep_pos = _REDUCTION_ARGS.get(name, (1, 2))
-    dims = a.arg(node, dim_pos, "dim", None)
+    _, keep_pos = _REDUCTION_ARGS.get(_reduction_name(node), (1, 2))
     keepdim = bool(a.arg(node, keep_pos, "keepdim", False))
-    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
-        a.fix(m, f"{describe(node)} reduces over all dims, including channels")
-        return None
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not all(isinstance(d, int) for d in dims):
+    dims = _reduced_dims(node, len(in_shape))
+    if dims is None:
         a.fix(m, f"{describe(node)} reduces over dims computed at run time")
         return None
-    dims = [d % len(in_shape) for d in dims]
     if m.axis in dims:
+        if _zero_blind(node) and not _is_tuple_shape(a.shape(node)):
+            a.gate(0, m)  # reads every channel: removed ones must be zero there
+            return None
         a.fix(m, f"{describe(node)} reduces over the channel dim; pruning would change its value")
         return None
     axis = m.axis if keepdim else m.axis - sum(1 for d in dims if d < m.axis)
     out = ChannelMap(axis, m.ids)
     return (out, out) if _is_tuple_shape(a.shape(node)) else out
+
+
+@op_handler(functions=[F.normalize], macs=False)
+def normalize(a: A, node: Node):
+    """``F.normalize(x, p, dim)``: a p-norm (p > 0) ignores zeros, so over the channels it is exact
+    once the removed channels are zero (a gate site), and the output keeps the channels."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    p = a.arg(node, 1, "p", 2.0)
+    dim = a.arg(node, 2, "dim", 1)
+    rank = len(a.shape(node.args[0]))
+    if not isinstance(dim, int) or dim % rank != m.axis:
+        return m if isinstance(dim, int) else a.fix(m, f"{describe(node)} uses a run-time dim")
+    if not (isinstance(p, (int, float)) and p > 0):
+        a.fix(m, f"{describe(node)} with p <= 0 counts the removed channels")
+        return None
+    a.gate(0, m)
+    return m
 
 
 @op_handler(modules=[torch.nn.Softmax, torch.nn.LogSoftmax], functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod], methods=["softmax", "log_softmax", "cumsum", "cumprod"], macs=False)

@@ -35,7 +35,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelFacts
-from hfp_fx.passes.edit import scale_input
+from hfp_fx.passes.edit import input_of, scale_input
 
 __all__ = ["shrink_model", "add_scale_nodes", "scale_buffer", "ShrinkError", "ShrinkEdit"]
 
@@ -54,6 +54,8 @@ class ShrinkEdit:
     gm: torch.fx.GraphModule
     facts: ChannelFacts
     alive: torch.Tensor
+    #: nodes inserted by the pass (scale nodes) -> the node whose channels they carry
+    inserted: Optional[Dict[str, str]] = None
 
     def module(self, node: Node) -> Optional[torch.nn.Module]:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -61,6 +63,7 @@ class ShrinkEdit:
     def map_of(self, value) -> Optional[ChannelMap]:
         """The channel map of a node (by object or name), if it has exactly one."""
         name = value.name if isinstance(value, Node) else value
+        name = (self.inserted or {}).get(name, name)
         m = self.facts.maps.get(name) if isinstance(name, str) else None
         return m if isinstance(m, ChannelMap) else None
 
@@ -86,15 +89,21 @@ class ShrinkEdit:
 
 
 def shrink_model(facts: ChannelFacts, alive: torch.Tensor, verify: bool = True,
-                 gm: Optional[torch.fx.GraphModule] = None) -> torch.fx.GraphModule:
+                 gm: Optional[torch.fx.GraphModule] = None, scales=()) -> torch.fx.GraphModule:
     """Shrink the traced model of ``facts`` (or ``gm``, a copy of it with other weights) to the
-    ``alive`` elements."""
+    ``alive`` elements.
+
+    ``scales`` (see :func:`add_scale_nodes`) are inserted before the handlers rewrite their
+    nodes, since a rewrite may replace a gate site's node by several (a LayerNorm over pruned
+    channels).
+    """
     gm = copy.deepcopy(facts.gm) if gm is None else gm
     before = {name: tuple(t.shape) for name, t in
               list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     _slice_state(gm, facts, alive)
     _resize_modules(gm, facts, before)
-    edit = ShrinkEdit(gm, facts, alive)
+    inserted = add_scale_nodes(gm, alive, scales)
+    edit = ShrinkEdit(gm, facts, alive, inserted)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -200,21 +209,27 @@ def scale_buffer(name: str) -> str:
     return f"_hfp_scale_{name}"
 
 
-def add_scale_nodes(gm: torch.fx.GraphModule, alive: torch.Tensor, scales) -> None:
+def add_scale_nodes(gm: torch.fx.GraphModule, alive: torch.Tensor, scales) -> Dict[str, str]:
     """Insert ``x * buffer`` before consumers whose gate values could not be folded into a weight.
 
     ``scales`` holds ``(name, gate site, per-position scale or None)``; ``None`` creates the buffer
-    with ones, to be filled by ``load_state_dict`` (the safe loading path).
+    with ones, to be filled by ``load_state_dict`` (the safe loading path).  Returns the inserted
+    nodes' names, each mapped to the node it scales.
     """
+    inserted: Dict[str, str] = {}
     if not scales:
-        return
+        return inserted
     nodes = {n.name: n for n in gm.graph.nodes}
     ref = next((t for t in gm.parameters() if t.is_floating_point()), torch.empty(0))
     device, dtype = ref.device, ref.dtype
     for name, site, scale in scales:
         keep = alive[site.ids]
         values = torch.ones(int(keep.sum())) if scale is None else scale[keep]
-        scale_input(gm, nodes[site.node], site.arg, site.axis, values.to(device=device, dtype=dtype).clone(),
-                    scale_buffer(name))
+        x = input_of(nodes[site.node], site.arg)
+        scaled = scale_input(gm, nodes[site.node], site.arg, site.axis,
+                             values.to(device=device, dtype=dtype).clone(), scale_buffer(name))
+        scaled.meta = dict(x.meta)  # the same (dense) layout as its input
+        inserted[scaled.name] = inserted.get(x.name, x.name)
     gm.graph.lint()
     gm.recompile()
+    return inserted

@@ -279,12 +279,27 @@ def test_grouped_conv_prunes_whole_groups():
     assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 6)
 
 
-def test_layernorm_and_outputs_are_fixed_with_reasons():
+def test_layernorm_channels_are_prunable_and_outputs_fixed_with_reasons():
     dg = hfp_fx.dependency_graph(ChannelsLast(), torch.randn(1, 3, 4, 4))
     by = groups_by_module(dg)
-    assert not by["norm"].prunable and "LayerNorm" in by["norm"].reason
+    assert by["norm"].prunable and "norm.weight" in [m.target for m in by["norm"].members]
     assert by["fc1"].prunable and by["fc1"].channels == 32
     assert not by["head"].prunable and "model output" in by["head"].reason
+
+
+class NormOverTwoDims(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(3, 8), nn.LayerNorm([4, 8]), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.b(self.norm(self.a(x)))
+
+
+def test_layernorm_over_several_dims_fixes_the_channels_with_a_reason():
+    dg = hfp_fx.dependency_graph(NormOverTwoDims(), torch.randn(2, 4, 3))
+    group = groups_by_module(dg)["a"]
+    assert not group.prunable and "normalises over several dims" in group.reason
 
 
 class UnknownOp(nn.Module):
