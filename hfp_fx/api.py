@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hfp_fx.cost import Counts
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
+from hfp_fx.passes.decompose import decompose
 from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -67,6 +68,7 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
             traced = trace(model, inputs, rules)
         with stage("shapes"):
             propagate_shapes(traced.graph_module, inputs, rules)
+            decompose(traced.graph_module, inputs, rules)
         with stage("channels"):
             facts = ChannelAnalysis(traced.graph_module, root=model, exclude=exclude, opaque=traced.opaque,
                                     rules=rules, example_inputs=inputs).run()

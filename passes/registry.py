@@ -14,7 +14,11 @@ An :class:`OpHandler` holds, for the ops it is registered for:
 * ``rewrite(node, edit)`` -- rewrite a node's literal arguments that spell out channel counts
   (``view`` sizes, ``split`` sizes, ``narrow`` bounds, a functional conv's ``groups``);
 * ``gated_call(module)`` -- for layers whose weight can carry a gate: the functional form
-  ``F(x, weight, *args)`` the gate pass calls with a gated weight.
+  ``F(x, weight, *args)`` the gate pass calls with a gated weight;
+* ``decompose(gm, node) -> bool`` -- for layers that cannot express pruned shapes
+  (``nn.MultiheadAttention`` ties its input, inner and output widths): write the call out as
+  plain ops reading the module's parameters, before the analysis, so that the other handlers
+  prune it; ``False`` leaves the call as it is (then ``analyze`` applies).
 
 Handlers are kept in an :class:`OpRegistry`, keyed by module class, function object or
 ``Tensor`` method name.  **Lookup rule for modules**: the exact class first, then the nearest
@@ -62,6 +66,7 @@ class OpHandler:
     resize: Optional[Callable[[torch.nn.Module], None]] = None
     rewrite: Optional[Callable[..., None]] = None
     gated_call: Optional[Callable[[torch.nn.Module], Optional[Callable]]] = None
+    decompose: Optional[Callable[..., bool]] = None
 
     @property
     def name(self) -> str:
@@ -171,7 +176,7 @@ def default_rules() -> OpRegistry:
 
 
 def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
-               macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None,
+               macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None, decompose=None,
                registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: make the decorated rule a handler's ``analyze`` and register it.
 
@@ -179,7 +184,8 @@ def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = 
     """
 
     def deco(rule: Rule) -> Rule:
-        handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call)
+        handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call,
+                            decompose=decompose)
         (registry if registry is not None else DEFAULT_RULES).register(
             handler, modules=modules, functions=functions, methods=methods, replace=replace)
         return rule

@@ -404,32 +404,6 @@ def embedding(a: A, node: Node):
     return ChannelMap(len(a.shape(node)) - 1, out_ids)
 
 
-@op_handler(modules=[torch.nn.MultiheadAttention])
-def multihead_attention(a: A, node: Node):
-    """``nn.MultiheadAttention``: a new output space (``out_proj``); its inputs are kept whole."""
-    mod = a.module(node)
-    q, k, v = (a.arg(node, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
-    reason = f"{describe(node, mod)}: inputs of nn.MultiheadAttention are not pruned"
-    a.fix([a.map(q), a.map(k), a.map(v)], reason)
-    qs, ks = a.shape(q), a.shape(k)
-    out_shapes = a.shape(node)
-    out_shape = out_shapes[0]
-    E = mod.embed_dim
-    out_ids = a.new(E)
-    a.bind_param(_pname(node, "out_proj.weight"), 0, out_ids, importance="out")
-    if mod.out_proj.bias is not None:
-        a.bind_param(_pname(node, "out_proj.bias"), 0, out_ids)
-    Lq = math.prod(qs) // qs[-1]
-    Lk = math.prod(ks) // ks[-1]
-    batch = qs[0] if len(qs) == 3 and mod.batch_first else (qs[1] if len(qs) == 3 else 1)
-    seq_q, seq_k = Lq // batch, Lk // batch
-    in_proj = Lq * E * E + 2 * Lk * mod.kdim * E if not mod._qkv_same_embed_dim else (Lq + 2 * Lk) * E * E
-    attn = batch * seq_q * seq_k * E * 2
-    a.add_macs(in_proj + attn)
-    a.add_macs(Lq * E, out_ids)
-    return (ChannelMap(len(out_shape) - 1, out_ids),) + tuple(None for _ in out_shapes[1:])
-
-
 @op_handler(functions=[F.batch_norm], macs=False, shape=norm_shape)
 def batch_norm_fn(a: A, node: Node):
     """Functional per-channel norm (timm's BatchNormAct2d): parameters are get_attr nodes to slice."""
