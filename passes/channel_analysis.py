@@ -193,8 +193,9 @@ class ChannelAnalysis:
             return node.args[index]
         return node.kwargs.get(name, default)
 
-    def hint(self, node: Node, names: Sequence[str]) -> Optional[int]:
-        """An integer attribute (e.g. ``num_heads``) of the innermost module that traced ``node``."""
+    def hints(self, node: Node, names: Sequence[str]) -> set:
+        """Every integer attribute named in ``names`` on the innermost module that traced ``node``
+        and has any of them (query and key/value head counts, say)."""
         stack = node.meta.get("nn_module_stack") or {}
         for entry in reversed(list(stack.values())):
             path = entry[0] if isinstance(entry, tuple) else entry
@@ -202,11 +203,10 @@ class ChannelAnalysis:
                 mod = self.root.get_submodule(path) if path else self.root
             except AttributeError:
                 continue
-            for n in names:
-                v = getattr(mod, n, None)
-                if isinstance(v, int) and not isinstance(v, bool):
-                    return v
-        return None
+            found = {v for v in (getattr(mod, n, None) for n in names) if isinstance(v, int) and not isinstance(v, bool)}
+            if found:
+                return found
+        return set()
 
     # -- facts rules record ---------------------------------------------------------------
     def new(self, n: int, fixed: Optional[str] = None) -> torch.Tensor:

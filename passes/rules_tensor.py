@@ -600,6 +600,12 @@ def _blocks(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[Tuple[Lis
     return blocks
 
 
+#: attributes that name a head count or a head width on attention modules (torch, timm, Hugging Face)
+_HEAD_COUNTS = ("num_heads", "heads", "n_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
+                "n_kv_heads", "n_head")
+_HEAD_DIMS = ("head_dim", "head_size", "attention_head_size", "dim_head")
+
+
 def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape: torch.Size):
     """Any row-major reshape (view, flatten, unflatten, squeeze, ...).
 
@@ -633,9 +639,12 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
     if len(varying) == 1:
         keep = varying[0]
     else:
-        heads = a.hint(node, ("num_heads", "heads", "n_heads", "num_attention_heads"))
+        heads = a.hints(node, _HEAD_COUNTS)
+        head_dims = a.hints(node, _HEAD_DIMS)
         sizes = [table.shape[k] for k in varying]
-        candidates = [k for k, n in zip(varying, sizes) if n == heads and k != table.dim() - 1]
+        candidates = [k for k, n in zip(varying, sizes) if n in heads and k != table.dim() - 1]
+        if not candidates and len(varying) == 2 and sizes[1] in head_dims:
+            candidates = [varying[0]]  # (heads, head_dim) with a head count no attribute names
         if candidates:  # (qkv, heads, head_dim): heads sits just before head_dim
             keep = candidates[-1]
         else:
@@ -801,6 +810,23 @@ def repeat(a: A, node: Node):  # (repeat counts are per dim: nothing to rewrite)
     return ChannelMap(axis, m.ids.repeat(reps))
 
 
+@op_handler(functions=[torch.repeat_interleave], methods=["repeat_interleave"], macs=False)
+def repeat_interleave(a: A, node: Node):
+    """``x.repeat_interleave(r, dim)``: each channel repeated ``r`` times in place (grouped-query
+    attention repeating key/value heads); the repeat count does not change with pruning."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    repeats, dim = a.arg(node, 1, "repeats"), a.arg(node, 2, "dim")
+    rank = len(a.shape(node.args[0]))
+    if not isinstance(repeats, int) or not isinstance(dim, int):
+        a.fix(m, f"{describe(node)} repeats by run-time counts or over the flattened tensor")
+        return None
+    if dim % rank != m.axis:
+        return m
+    return ChannelMap(m.axis, m.ids.repeat_interleave(repeats))
+
+
 # -------------------------------------------------------------------------------------------
 # channel shuffles
 # -------------------------------------------------------------------------------------------
@@ -923,9 +949,7 @@ def sdpa(a: A, node: Node):
     if batch:
         if len(batch) != 3 or len({m.axis for m in batch}) != 1:
             a.fix(batch, f"{describe(node)}: query, key and value must carry the same heads")
-        else:
-            a.union(batch[0].ids, batch[1].ids)
-            a.union(batch[0].ids, batch[2].ids)
+        elif _unite_heads(a, node, *batch):
             _bind_attn_mask(a, node, batch[0], rank)
             if out_map is not None:
                 a.fix(out_map, f"{describe(node)} would produce channels on two axes")
@@ -940,6 +964,25 @@ def sdpa(a: A, node: Node):
     else:
         a.add_macs(coeff)
     return out_map
+
+
+def _unite_heads(a: A, node: Node, q: ChannelMap, k: ChannelMap, v: ChannelMap) -> bool:
+    """Unite each query head with the key/value head it reads; False (and fixed) when unclear.
+
+    With ``enable_gqa=True`` query head ``i`` reads key/value head ``i // (Hq / Hkv)``
+    (grouped-query attention), so a key/value head goes with its whole group of query heads.
+    """
+    if q.size == k.size == v.size:
+        a.union(q.ids, k.ids)
+        a.union(q.ids, v.ids)
+        return True
+    if a.arg(node, 7, "enable_gqa", False) and k.size == v.size and q.size % k.size == 0:
+        a.union(k.ids, v.ids)
+        a.union(q.ids, k.ids.repeat_interleave(q.size // k.size))
+        return True
+    a.fix([q, k, v], f"{describe(node)}: query, key and value carry different numbers of heads "
+                     "(grouped-query attention needs enable_gqa=True or repeated key/value heads)")
+    return False
 
 
 def _bind_attn_mask(a: A, node: Node, heads: ChannelMap, rank: int) -> None:
