@@ -158,3 +158,22 @@ def test_window_attention_equals_torchvision(shape, window, shift, v2):
     args = (x, qkv_w, proj_w, bias, list(window), heads, list(shift))
     kw = dict(qkv_bias=qkv_b, proj_bias=proj_b, logit_scale=scale, training=False)
     assert_close(tv_swin.shifted_window_attention(*args, **kw), window_attention(*args, **kw))
+
+
+def test_prepare_gates_heads_and_finalize():
+    """HFP gates: the head gate scales ``proj_weight``'s columns; gates at 1 change nothing, and
+    finalize with a head's gate at 0 equals the reference mask."""
+    from helpers import apply_plan
+
+    model, x = tiny_swin(v2=True).eval(), torch.randn(2, 3, 32, 32)
+    prepared = hfp_fx.prepare(model, x, hfp_fx.Target(macs=0.5)).eval()
+    with torch.no_grad():
+        assert torch.equal(prepared(x), model(x))
+    sites = {name for name, _ in prepared.hfp.sites.named_children()}
+    assert {f"{n.name}_2" for n in _attention_nodes(prepared)} <= sites  # argument 2: proj_weight
+    small = hfp_fx.finalize(prepared).eval()
+    report = small.meta["hfp"]
+    assert any(n.target is window_attention for n in _attention_nodes(small))
+    apply_plan(prepared, report.keep)
+    with torch.no_grad():
+        assert_close(prepared(x), small(x))
