@@ -49,6 +49,13 @@ def _bound_args(node: Node) -> Dict[str, Any]:
     return args
 
 
+def _arg_key(node: Node, index: int, names) -> Any:
+    """How ``node`` passes one argument: its position, else the keyword it uses (for gate sites)."""
+    if len(node.args) > index:
+        return index
+    return next(n for n in names if n in node.kwargs)
+
+
 def _param(value) -> Optional[str]:
     return value.target if isinstance(value, Node) and value.op == "get_attr" else None
 
@@ -90,11 +97,12 @@ def shifted_window_attention(a: A, node: Node):
     logit_scale, bias = args.get("logit_scale"), args.get("relative_position_bias")
     m = a.cmap(x)
     tensors = [v for v in (qkv_b, proj_b, logit_scale) if isinstance(v, Node)]
+    xs = a.shape(x)
     if (qkv_w is None or proj_w is None or not isinstance(heads, int) or any(_param(v) is None for v in tensors)
-            or not isinstance(args.get("window_size"), (list, tuple))):
+            or not isinstance(args.get("window_size"), (list, tuple)) or xs is None or len(xs) != 4):
         a.fix([m, a.map(bias)], f"{describe(node)} with computed weights or run-time sizes")
         return None
-    xs, qs, ps = a.shape(x), a.shape(args["qkv_weight"]), a.shape(args["proj_weight"])
+    qs, ps = a.shape(args["qkv_weight"]), a.shape(args["proj_weight"])
     inner, c_in, c_out = qs[0] // 3, qs[1], ps[0]
     head_dim = inner // heads
 
@@ -105,7 +113,7 @@ def shifted_window_attention(a: A, node: Node):
     a.bind_param(proj_w, 1, inner_ids, importance="in")
     a.bind_param(_param(logit_scale), 0, head_ids)
     # a removed head contributes nothing once its proj columns are zero (mask / gate reference)
-    a.gate(2 if len(node.args) > 2 else "proj_weight", ChannelMap(1, inner_ids), weight=(proj_w, 1))
+    a.gate(_arg_key(node, 2, ("proj_weight",)), ChannelMap(1, inner_ids), weight=(proj_w, 1))
     _couple_bias(a, node, bias, head_ids)
 
     if m is not None and m.axis != len(xs) - 1:
@@ -113,7 +121,7 @@ def shifted_window_attention(a: A, node: Node):
         m = None
     if m is not None:
         a.bind_param(qkv_w, 1, m.ids, importance="in")
-        a.gate(0, m, weight=(qkv_w, 1))
+        a.gate(_arg_key(node, 0, ("input", "x")), m, weight=(qkv_w, 1))
     out_ids = a.new(c_out)
     a.bind_param(proj_w, 0, out_ids, importance="out")
     a.bind_param(_param(proj_b), 0, out_ids)

@@ -177,3 +177,52 @@ def test_prepare_gates_heads_and_finalize():
     apply_plan(prepared, report.keep)
     with torch.no_grad():
         assert_close(prepared(x), small(x))
+
+
+class BareAttention(torch.nn.Module):
+    """Window attention between two linear layers, no LayerNorm: its input and output channels
+    are prunable too, so the replacement runs with input, inner and output widths all different.
+    ``keywords=True`` passes every argument by keyword (``input=...``)."""
+
+    def __init__(self, v2=False, keywords=False):
+        super().__init__()
+        cls = tv_swin.ShiftedWindowAttentionV2 if v2 else tv_swin.ShiftedWindowAttention
+        self.inp = torch.nn.Linear(3, 16)
+        self.attn = cls(16, [4, 4], [2, 2], num_heads=4)
+        self.out = torch.nn.Linear(16, 5)
+        self.keywords = keywords
+
+    def forward(self, x):
+        y = self.inp(x)
+        if self.keywords:
+            a = self.attn
+            y = tv_swin.shifted_window_attention(
+                input=y, qkv_weight=a.qkv.weight, proj_weight=a.proj.weight,
+                relative_position_bias=a.get_relative_position_bias(), window_size=a.window_size,
+                num_heads=a.num_heads, shift_size=a.shift_size, qkv_bias=a.qkv.bias, proj_bias=a.proj.bias,
+                logit_scale=getattr(a, "logit_scale", None), training=self.training)
+        else:
+            y = self.attn(y)
+        return self.out(torch.relu(y))
+
+
+@pytest.mark.parametrize("v2,keywords", [(False, False), (True, False), (False, True), (True, True)])
+def test_attention_input_and_output_channels(v2, keywords):
+    torch.manual_seed(0)
+    model, x = BareAttention(v2, keywords), torch.randn(2, 10, 7, 3)
+    dg, small = check_model(model, x)
+    owners = {(m.target, m.dim) for g in dg.prunable_groups for m in g.members}
+    assert {("attn.qkv.weight", 1), ("attn.qkv.weight", 0), ("attn.proj.weight", 0)} <= owners
+    assert _attention_nodes(small)[0].target is window_attention
+
+    def group(target, dim):
+        return next(g for g in dg.prunable_groups if any((m.target, m.dim) == (target, dim) for m in g.members))
+
+    # 12 input channels, 1 head of 4 (inner width 4), 6 output channels
+    keep = {group("attn.qkv.weight", 1).id: list(range(2, 14)), group("attn.qkv.weight", 0).id: [2],
+            group("attn.proj.weight", 0).id: [0, 3, 5, 8, 13, 15]}
+    small = hfp_fx.shrink(dg, keep=keep)
+    assert small.get_parameter("attn.qkv.weight").shape == (12, 12)
+    assert small.get_parameter("attn.proj.weight").shape == (6, 4)
+    with torch.no_grad():
+        assert_close(hfp_fx.mask(dg, keep=keep)(x), small(x))
