@@ -144,6 +144,9 @@ def _couple_bias(a: A, node: Node, bias, head_ids: torch.Tensor) -> None:
     shape = a.shape(bias)
     if shape is None or len(shape) < 3 or shape[-3] == 1:
         return  # no per-head values
+    if _param(bias) is not None and shape[-3] == head_ids.numel():  # a stored bias: slice it per head
+        a.bind_param(_param(bias), len(shape) - 3, head_ids)
+        return
     mb = a.cmap(bias)
     if mb is not None and mb.axis == len(shape) - 3 and mb.size == head_ids.numel():
         a.union(mb.ids, head_ids)

@@ -226,3 +226,36 @@ def test_attention_input_and_output_channels(v2, keywords):
     assert small.get_parameter("attn.proj.weight").shape == (6, 4)
     with torch.no_grad():
         assert_close(hfp_fx.mask(dg, keep=keep)(x), small(x))
+
+
+class StoredBias(torch.nn.Module):
+    """Window attention whose per-head bias is a stored ``(1, heads, N, N)`` tensor (sliced with the
+    heads) or, ``computed=True``, made at run time without a head map (the heads are fixed)."""
+
+    def __init__(self, computed):
+        super().__init__()
+        self.inp = torch.nn.Linear(3, 16)
+        self.qkv, self.proj = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+        self.bias = torch.nn.Parameter(torch.randn(1, 4, 16, 16))
+        self.computed = computed
+
+    def forward(self, x):
+        bias = x.new_ones(1, 4, 16, 16) * 0.5 if self.computed else self.bias
+        y = tv_swin.shifted_window_attention(self.inp(x), self.qkv.weight, self.proj.weight, bias, [4, 4], 4,
+                                             [0, 0], qkv_bias=self.qkv.bias, proj_bias=self.proj.bias)
+        return y.mean()
+
+
+@pytest.mark.parametrize("computed", [False, True], ids=["stored", "computed"])
+def test_per_head_bias_is_sliced_or_fixes_the_heads(computed):
+    torch.manual_seed(0)
+    model, x = StoredBias(computed), torch.randn(1, 8, 8, 3)
+    dg = hfp_fx.dependency_graph(model, x)
+    heads = [g for g in dg.groups if any(m.target == "qkv.weight" and m.dim == 0 for m in g.members)]
+    assert len(heads) == 1
+    if computed:
+        assert not heads[0].prunable
+        assert any("relative-position bias" in r for r in heads[0].reasons)
+    else:
+        assert heads[0].prunable and any(m.target == "bias" and m.dim == 1 for m in heads[0].members)
+        check_model(model, x)
