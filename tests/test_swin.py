@@ -133,7 +133,7 @@ def test_pruned_swin_traces_again():
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-def test_prune_reaches_macs_target(v2):
+def test_prune_reaches_macs_target(v2, tmp_path):
     model, x = tiny_swin(v2=v2).eval(), torch.randn(1, 3, 32, 32)
     dense = hfp_fx.count(model, x)
     small = hfp_fx.prune(model, x, {"macs": 0.5}).eval()
@@ -143,6 +143,10 @@ def test_prune_reaches_macs_target(v2):
     dg = hfp_fx.dependency_graph(model, x)
     with torch.no_grad():
         assert_close(hfp_fx.mask(dg, keep=small.meta["hfp"].keep).eval()(x), small(x))
+    hfp_fx.save(small, tmp_path / "swin.pt")  # loading re-traces and re-shrinks the dense model
+    again = hfp_fx.load(tmp_path / "swin.pt", lambda: tiny_swin(v2=v2), x).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
 
 
 @pytest.mark.parametrize("shape,window,shift,v2", [
