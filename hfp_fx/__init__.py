@@ -9,6 +9,7 @@ Data flow: model -> :mod:`~hfp_fx.tracing` (on a :mod:`~hfp_fx.copies` copy) -> 
 from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (registers op rules)
 from hfp_fx.passes import rules_tensor as _rules_tensor  # noqa: F401
 from hfp_fx.passes import rules_attention as _rules_attention  # noqa: F401
+from hfp_fx.passes import rules_swin as _rules_swin  # noqa: F401
 from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune

@@ -166,7 +166,7 @@ def _key_name(key: Any) -> str:
     return f"`{getattr(key, '__module__', None) or ''}.{getattr(key, '__name__', repr(key))}`"
 
 
-#: hfp_fx's own handlers (filled by ``rules_layers`` and ``rules_tensor`` on import)
+#: hfp_fx's own handlers (filled by ``rules_layers``, ``rules_tensor`` and ``rules_swin`` on import)
 DEFAULT_RULES = OpRegistry()
 
 
