@@ -114,7 +114,8 @@ def test_only_changed_attention_leaves_torchvision():
     assert node.kwargs["scale"] == pytest.approx((32 // 4) ** -0.5)  # the dense head dim's scale
     assert small.get_parameter(f"{pruned_block}.logit_scale").shape == (2, 1, 1)
     # MLP-only pruning does not touch the attention calls either
-    mlp = next(gr for gr in dg.prunable_groups if any(m.target.endswith("mlp.0.weight") for m in gr.members))
+    mlp = next(gr for gr in dg.prunable_groups if any(m.target.endswith("mlp.0.weight") and m.dim == 0
+                                                      for m in gr.members))
     untouched = hfp_fx.shrink(dg, keep={mlp.id: [0]})
     assert all(n.target is tv_swin.shifted_window_attention for n in _attention_nodes(untouched))
     with torch.no_grad():
