@@ -108,7 +108,7 @@ def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optio
             tracked.append((x, m, m.axis + rank - len(shape), shape[m.axis]))
         elif m is not None:
             a.fix(m, f"{describe(node)} received a tuple")
-        else:
+        elif not any(x is y for y, _ in untracked):  # ``where(c, g, g)``: one operand, bound once
             untracked.append((x, shape))
     if not tracked:
         return None
