@@ -23,7 +23,7 @@ from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 if TYPE_CHECKING:  # rewrites receive the shrink pass's edit context
     from hfp_fx.passes.shrink import ShrinkEdit
 
-__all__ = ["passthrough", "broadcast_couple", "reshape_map"]
+__all__ = ["passthrough", "broadcast_couple", "bind_param_view", "param_view_chain", "reshape_map"]
 
 A = ChannelAnalysis
 
