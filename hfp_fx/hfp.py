@@ -334,6 +334,26 @@ def _broadcast_buffers(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
                 dist.broadcast(t.data, src=0, group=group)
 
 
+def _readers(gm: torch.fx.GraphModule) -> Dict[int, int]:
+    """How many graph nodes read each parameter (by tensor identity, so tied aliases count together).
+
+    A gate may be folded into a weight only if the site's consumer is the weight's one reader: an
+    embedding tied to the LM head would otherwise scale its own output with the head's gate.
+    """
+    readers: Dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            tensors = {id(t) for t in gm.get_submodule(node.target).parameters()}
+        elif node.op == "get_attr":
+            owner, _, attr = node.target.rpartition(".")
+            tensors = {id(getattr(gm.get_submodule(owner) if owner else gm, attr))}
+        else:
+            continue
+        for t in tensors:
+            readers[t] = readers.get(t, 0) + 1
+    return readers
+
+
 def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIndex, vector: torch.Tensor):
     """Multiply kept gate values into consuming weights; return ``(name, site, scale)`` of the
     sites that need a scale node, named after the site (``GateSite.name``)."""
@@ -342,12 +362,14 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
         if site.weight is not None:
             uses[site.weight] = uses.get(site.weight, 0) + 1
     state = dict(gm.named_parameters(remove_duplicate=False))
+    readers = _readers(gm)
     pending = []
     for site in dg.facts.gates:
         scale = vector[index.position_of_elements(site.ids)]
         if bool((scale == 1).all()):
             continue
-        if site.weight is not None and uses[site.weight] == 1 and site.weight[0] in state:
+        if (site.weight is not None and uses[site.weight] == 1 and site.weight[0] in state
+                and readers.get(id(state[site.weight[0]])) == 1):
             name, dim = site.weight
             w = state[name]
             shape = [1] * w.dim()

@@ -23,7 +23,7 @@ from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 if TYPE_CHECKING:  # rewrites receive the shrink pass's edit context
     from hfp_fx.passes.shrink import ShrinkEdit
 
-__all__ = ["passthrough", "broadcast_couple", "reshape_map"]
+__all__ = ["passthrough", "broadcast_couple", "bind_param_view", "param_view_chain", "reshape_map"]
 
 A = ChannelAnalysis
 
@@ -108,7 +108,7 @@ def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optio
             tracked.append((x, m, m.axis + rank - len(shape), shape[m.axis]))
         elif m is not None:
             a.fix(m, f"{describe(node)} received a tuple")
-        else:
+        elif not any(x is y for y, _ in untracked):  # ``where(c, g, g)``: one operand, bound once
             untracked.append((x, shape))
     if not tracked:
         return None
@@ -130,11 +130,136 @@ def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optio
     for x, shape in untracked:
         d = axis - (rank - len(shape))
         if d >= 0 and shape[d] == size and size > 1:
-            if x.op == "get_attr":
-                a.bind_param(x.target, d, base)  # a parameter combined per channel: slice it too
-            else:
+            # a parameter combined per channel (``x + pos_embedding``, ``x * gamma.view(1, -1, 1, 1)``,
+            # ``cat([cls_token.expand(n, -1, -1), x], 1)``): slice it with the channels
+            if not bind_param_view(a, x, d, base):
                 a.fix(base, f"{describe(node)} combines the channels with the untracked tensor `{x.name}`")
     return ChannelMap(axis, base)
+
+
+def bind_param_view(a: A, x: Node, dim: int, ids: torch.Tensor) -> bool:
+    """Bind the parameter that untracked operand ``x`` views to channels ``ids`` along its ``dim``.
+
+    A parameter rarely meets the channels directly: a class token is ``expand``-ed to the batch,
+    a layer-scale ``gamma`` is ``view``-ed to ``(1, C, 1, 1)``, a position embedding is sliced to
+    the number of tokens or cast with ``.to(x.dtype)``.  The chain from the ``get_attr`` to ``x``
+    is followed back through such view-like single-input ops (:func:`param_view_chain`); when
+    ``dim`` of ``x`` is one dim of the parameter, that dim is bound to ``ids`` and every node on
+    the chain gets the channel map it would have had if the parameter were tracked, so the
+    shrink pass rewrites their literal sizes (``expand(b, 1, 768)``) and its shape check
+    predicts them.  Returns ``False`` (nothing recorded) when the chain cannot be followed.
+    """
+    found = param_view_chain(a, x, dim)
+    if found is None:
+        return False
+    target, param_dim, chain = found
+    a.bind_param(target, param_dim, ids)
+    for n, d in chain:
+        a.maps[n.name] = ChannelMap(d, ids)
+    return True
+
+
+def param_view_chain(a: A, x: Node, dim: int) -> Optional[Tuple[str, int, List[Tuple[Node, int]]]]:
+    """``(parameter name, its dim, [(chain node, dim), ...])`` behind ``x``'s ``dim``, or ``None``.
+
+    Each step maps one output dim of a view-like op to one input dim of the same size:
+    :data:`_VIEW_STEPS` lists the rules whose ops qualify.  Giving a chain node a channel map
+    after it was analysed is sound only if no node analysed already read it as untracked, so
+    a chain node used by any analysed node other than its successor on the chain stops the walk
+    (later users see the map like any tracked input).
+    """
+    chain: List[Tuple[Node, int]] = []
+    consumer, node, d = a.node, x, dim
+    while True:
+        if node.op == "get_attr":
+            return str(node.target), d, chain
+        if a.map(node) is not None or node.op not in ("call_method", "call_function"):
+            return None
+        if any(u is not consumer and u.name in a.maps for u in node.users):
+            return None
+        handler = a.rules.lookup(node)
+        step = _VIEW_STEPS.get(handler.analyze) if handler is not None else None
+        src = node.args[0] if node.args else None
+        if step is None or not isinstance(src, Node):
+            return None
+        in_shape, out_shape = a.shape(src), a.shape(node)
+        if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
+            return None
+        prev = step(a, node, d, in_shape, out_shape)
+        if prev is None or not 0 <= prev < len(in_shape) or in_shape[prev] != out_shape[d]:
+            return None
+        chain.append((node, d))
+        consumer, node, d = node, src, prev
+
+
+def _same_dim_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    """Per-position unary ops, casts and copies: the same dim, if nothing else is combined."""
+    if len(in_shape) != len(out_shape):
+        return None
+    extra = [v for v in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(v, Node)]
+    if extra and node.target not in ("to", "type_as"):  # clamp(min=t) combines another tensor
+        return None
+    return d
+
+
+def _expand_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    return d - (len(out_shape) - len(in_shape))
+
+
+def _reshape_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    """A row-major reshape keeps ``d`` separable when its block pairs it with one input dim."""
+    for bi, bj in _blocks(list(in_shape), list(out_shape)):
+        if d in bj:
+            return bi[0] if len(bi) == 1 and len(bj) == 1 else None
+    return None
+
+
+def _permute_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    dims = node.args[1:] if node.op == "call_method" else (a.arg(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    if len(dims) != len(in_shape) or not all(isinstance(v, int) for v in dims):
+        return None
+    return dims[d] % len(in_shape)
+
+
+def _transpose_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    rank = len(in_shape)
+    if node.target in ("t", torch.t):
+        return d if rank < 2 else 1 - d
+    d0, d1 = a.arg(node, 1, "dim0", a.arg(node, 1, "source")), a.arg(node, 2, "dim1", a.arg(node, 2, "destination"))
+    if not (isinstance(d0, int) and isinstance(d1, int)):
+        return None
+    order = list(range(rank))
+    d0, d1 = d0 % rank, d1 % rank
+    if node.target in ("movedim", "moveaxis", torch.movedim, torch.moveaxis):
+        order.pop(d0)
+        order.insert(d1, d0)
+    else:
+        order[d0], order[d1] = order[d1], order[d0]
+    return order[d]
+
+
+def _getitem_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    """Basic indexing: ``d`` must come from an input dim that is kept whole (``p[:, :n]`` slices tokens)."""
+    idx = node.args[1]
+    raw = list(idx) if isinstance(idx, tuple) else [idx]
+    if not all(it is None or it is Ellipsis or isinstance(it, (int, slice)) for it in raw):
+        return None
+    items = _expand_index(idx, len(in_shape))
+    items += [slice(None)] * (len(in_shape) - sum(1 for it in items if it is not None))
+    in_d = out_d = 0
+    for it in items:
+        if it is None:
+            out_d += 1
+            continue
+        if isinstance(it, slice):
+            if out_d == d:
+                whole = all(v is None or isinstance(v, int) for v in (it.start, it.stop, it.step))
+                return in_d if whole and it.indices(in_shape[in_d]) == (0, in_shape[in_d], 1) else None
+            out_d += 1
+        in_d += 1
+    return None
 
 
 #: ``+ - * /`` whose output layout the shape pass builds without running them (``arithmetic_shape``)
@@ -369,7 +494,11 @@ def cat(a: A, node: Node):
         else:
             if m is not None:
                 a.fix(m, f"{describe(node)} concatenates channels with a tensor whose channels lie elsewhere")
-            pieces.append(a.new(a.shape(t)[dim], fixed=f"concatenated by {describe(node)} from untracked `{t.name}`"))
+            n = a.shape(t)[dim]
+            ids = a.new(n)  # a parameter's slice of channels (learned extra channels) is prunable with it
+            if m is not None or not bind_param_view(a, t, dim, ids):
+                a.fix(ids, f"concatenated by {describe(node)} from untracked `{t.name}`")
+            pieces.append(ids)
     return ChannelMap(dim, torch.cat(pieces))
 
 
@@ -1003,3 +1132,9 @@ def _bind_attn_mask(a: A, node: Node, heads: ChannelMap, rank: int) -> None:
 
 def _is_tuple_shape(s) -> bool:
     return isinstance(s, tuple) and not isinstance(s, torch.Size)
+
+
+#: view-like rules :func:`param_view_chain` walks back through: ``step(a, node, out dim, in
+#: shape, out shape) -> in dim`` (``None``: the dim is not one input dim kept whole)
+_VIEW_STEPS = {passthrough: _same_dim_step, expand: _expand_step, reshape: _reshape_step,
+               permute: _permute_step, transpose: _transpose_step, t: _transpose_step, getitem: _getitem_step}

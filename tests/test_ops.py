@@ -496,8 +496,42 @@ class TiedConv(nn.Module):
         return self.head(y).mean((2, 3))
 
 
-TIED = {"Tied": (Tied, ("b.weight", "c.weight"), (3, 4)),
-        "TiedConv": (TiedConv, ("p.weight", "q.weight", "p.bias", "q.bias"), (2, 3, 5, 5))}
+class TiedLM(nn.Module):
+    """A tiny LM whose head is the embedding (``lm_head.weight is embed.weight``), residual MLP between.
+
+    The embedding dim is one prunable group shared by both uses of the tensor; ``head_first``
+    registers the head first, so the tensor's canonical name is ``lm_head.weight``.
+    """
+
+    def __init__(self, vocab=11, d=8, hidden=12, head_first=False):
+        super().__init__()
+        if head_first:
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.embed = nn.Embedding(vocab, d)
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        if not head_first:
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        x = x + self.down(torch.relu(self.up(x)))
+        return self.lm_head(x)
+
+
+class TiedLMHeadFirst(TiedLM):
+    def __init__(self):
+        super().__init__(head_first=True)
+
+
+def _tokens():
+    return torch.randint(0, 11, (2, 5))
+
+
+TIED = {"Tied": (Tied, ("b.weight", "c.weight"), lambda: torch.randn(3, 4)),
+        "TiedConv": (TiedConv, ("p.weight", "q.weight", "p.bias", "q.bias"), lambda: torch.randn(2, 3, 5, 5)),
+        "TiedLM": (TiedLM, ("embed.weight", "lm_head.weight"), _tokens),
+        "TiedLMHeadFirst": (TiedLMHeadFirst, ("embed.weight", "lm_head.weight"), _tokens)}
 
 
 def assert_tied(small, names):
@@ -509,9 +543,9 @@ def assert_tied(small, names):
 @pytest.mark.parametrize("name", sorted(TIED))
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_tied_weights_shrink_to_one_tensor(name, seed):
-    cls, names, shape = TIED[name]
+    cls, names, make_input = TIED[name]
     torch.manual_seed(seed)
-    _, small = check_model(cls(), torch.randn(*shape), seed=seed)  # counts include the shared tensor once
+    _, small = check_model(cls(), make_input(), seed=seed)  # counts include the shared tensor once
     assert_tied(small, names)
 
 
@@ -519,9 +553,9 @@ def test_tied_weights_shrink_to_one_tensor(name, seed):
 @pytest.mark.parametrize("target", [{"params": 0.7}, {"macs": 0.6}, {"params": 0.5, "macs": 0.7}],
                          ids=["params70", "macs60", "both"])
 def test_tied_weights_prune_meets_target(name, target, tmp_path):
-    cls, names, shape = TIED[name]
+    cls, names, make_input = TIED[name]
     torch.manual_seed(0)
-    model, x = cls().eval(), torch.randn(*shape)
+    model, x = cls().eval(), make_input()
     dense = hfp_fx.count(model, x)
     assert dense.params == sum(p.numel() for p in model.parameters())  # shared tensors once
     small = hfp_fx.prune(model, x, target).eval()
@@ -540,15 +574,21 @@ def test_tied_weights_prune_meets_target(name, target, tmp_path):
         assert torch.equal(again(x), small(x))
 
 
-def test_tied_weights_fold_gates_once():
+@pytest.mark.parametrize("name", ["Tied", "TiedLM", "TiedLMHeadFirst"])
+def test_tied_weights_fold_gates_once(name):
+    """A gate is folded into a weight only where its consumer is the tensor's one reader.
+
+    The LM head's gate folded into the tied embedding would also scale the embedding's output.
+    """
+    cls, names, make_input = TIED[name]
     torch.manual_seed(0)
-    model, x = Tied(), torch.randn(3, 4)
+    model, x = cls(), make_input()
     prepared = hfp_fx.prepare(model, x, {"params": 0.9}, gates="channel")
     with torch.no_grad():
         prepared.hfp.gates.gate.uniform_(0.5, 1.5)
         prepared.hfp.gates.threshold = 0.0
     small = hfp_fx.finalize(prepared).eval()
-    assert_tied(small, TIED["Tied"][1])
+    assert_tied(small, names)
     assert hfp_fx.count(small, x).params == small.meta["hfp"].achieved.params
     keep = small.meta["hfp"].keep
     with torch.no_grad():
@@ -558,6 +598,18 @@ def test_tied_weights_fold_gates_once():
             off[kept] = False
             g[off] = 0
         assert_close(prepared.eval()(x), small(x))
+
+
+@pytest.mark.parametrize("cls", [TiedLM, TiedLMHeadFirst])
+def test_tied_embedding_dim_is_one_prunable_group(cls):
+    dg = hfp_fx.dependency_graph(cls(), _tokens())
+    canonical = dg.facts.canonical["lm_head.weight"]
+    assert canonical == dg.facts.canonical["embed.weight"]
+    width = [g for g in dg.groups if any(m.target == canonical and m.dim == 1 for m in g.members)]
+    assert len(width) == 1 and width[0].prunable and width[0].channels == 8
+    assert {"up.weight", "down.weight"} <= {m.target for m in width[0].members}
+    vocab = [g for g in dg.groups if any(m.target == canonical and m.dim == 0 for m in g.members)]
+    assert len(vocab) == 1 and not vocab[0].prunable  # the logits are the model output
 
 
 def test_per_head_attn_mask_fixes_the_heads_with_a_reason():
