@@ -31,11 +31,9 @@ def test_vit_heads_are_prunable():
 
 
 def test_tokens_and_grn_parameters_join_their_channels():
-    """The cls token (behind ``expand``) and GRN's ``weight.view(...)`` are bound, not "untracked".
-
-    What still fixes those channels is inherent: LayerNorm over the residual stream, and GRN's
-    mean of the per-channel norms over the channels.
-    """
+    """The cls token (behind ``expand``) and GRN's ``weight.view(...)`` are bound, not "untracked",
+    and the channels they join are prunable: LayerNorm over the residual stream and GRN's mean of
+    the per-channel norms over the channels are exact with the removed channels at zero."""
     import hfp_fx
 
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, num_classes=10)
@@ -48,4 +46,13 @@ def test_tokens_and_grn_parameters_join_their_channels():
     grn = next(g for g in dg.groups if any(m.target == "stages.0.blocks.0.mlp.fc1.weight" and m.dim == 0
                                            for m in g.members))
     assert {"stages.0.blocks.0.mlp.grn.weight", "stages.0.blocks.0.mlp.grn.bias"} <= {m.target for m in grn.members}
-    assert "reduces over the channel dim" in grn.reason
+    assert grn.prunable
+    stream = next(g for g in dg.groups if any(m.target == "stem.0.weight" and m.dim == 0 for m in g.members))
+    assert stream.prunable
+
+
+def test_convnextv2_prunes_exactly():
+    from helpers import check_model
+
+    check_model(timm.create_model("convnextv2_atto", pretrained=False, num_classes=10, depths=(1, 1, 1, 1)).eval(),
+                torch.randn(1, 3, 32, 32))
