@@ -315,8 +315,9 @@ def _param_node(graph, name):
     return graph.get_attr(name) if isinstance(name, str) else name
 
 
-def _replace(node: Node, new: Node) -> None:
+def _replace(edit, node: Node, new: Node) -> None:
     new.meta = dict(node.meta)
+    edit.replaced(node, new)
     node.replace_all_uses_with(new)
     node.graph.erase_node(node)
 
@@ -338,7 +339,7 @@ def _emit_wide_layer_norm(edit, node: Node, x, weight, bias, eps: float, m) -> N
             y = graph.call_function(operator.mul, (y, _param_node(graph, weight)))
         if bias is not None:
             y = graph.call_function(operator.add, (y, _param_node(graph, bias)))
-    _replace(node, y)
+    _replace(edit, node, y)
 
 
 def _emit_rms_norm(edit, node: Node, x, weight, eps: Optional[float], m) -> None:
@@ -355,7 +356,7 @@ def _emit_rms_norm(edit, node: Node, x, weight, eps: Optional[float], m) -> None
         y = graph.call_function(F.rms_norm, (x, (kept,), w, float(eps) * d / kept))
         if weight is None:
             y = graph.call_function(operator.mul, (y, factor))
-    _replace(node, y)
+    _replace(edit, node, y)
 
 
 @op_handler(modules=[torch.nn.GroupNorm], macs=False, shape=norm_shape)

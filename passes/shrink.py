@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -54,8 +54,9 @@ class ShrinkEdit:
     gm: torch.fx.GraphModule
     facts: ChannelFacts
     alive: torch.Tensor
-    #: nodes inserted by the pass (scale nodes) -> the node whose channels they carry
-    inserted: Optional[Dict[str, str]] = None
+    #: nodes the pass inserted (scale nodes, a rewritten norm's result) -> the node of the
+    #: traced graph whose channels they carry
+    inserted: Dict[str, str] = field(default_factory=dict)
 
     def module(self, node: Node) -> Optional[torch.nn.Module]:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -63,9 +64,13 @@ class ShrinkEdit:
     def map_of(self, value) -> Optional[ChannelMap]:
         """The channel map of a node (by object or name), if it has exactly one."""
         name = value.name if isinstance(value, Node) else value
-        name = (self.inserted or {}).get(name, name)
+        name = self.inserted.get(name, name)
         m = self.facts.maps.get(name) if isinstance(name, str) else None
         return m if isinstance(m, ChannelMap) else None
+
+    def replaced(self, node: Node, new: Node) -> None:
+        """Record that ``new`` now computes what ``node`` of the traced graph computed."""
+        self.inserted[new.name] = self.inserted.get(node.name, node.name)
 
     def maps_of(self, node: Node):
         """The raw channel labelling of a node: a map, ``None`` or a tuple of those."""
