@@ -52,6 +52,12 @@ class TracedModel:
     shape_specialized: bool = False
 
 
+#: torch.nn modules that are compositions of other layers: traced through (torch.fx keeps every
+#: torch.nn module whole by default), so their layers are pruned like a hand-written block's
+_TRACED_TORCH_MODULES = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                         torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
+
+
 class _RecordingTracer(torch.fx.Tracer):
     """A tracer that remembers which submodule was being traced when an error was raised."""
 
@@ -94,6 +100,8 @@ class _RecordingTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque_names or self.rules.is_leaf(m):
             return True
+        if isinstance(m, _TRACED_TORCH_MODULES):
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
@@ -154,11 +162,26 @@ class _ShapeTracer(_RecordingTracer):
                  opaque_names: Sequence[str] = (), rules: Optional[OpRegistry] = None):
         super().__init__(opaque_names, rules)
         self.meta_root = shape_only(meta_copy(root))
+        self._meta_modules = {id(m) for m in self.meta_root.modules()}
         self.example = [torch.empty_like(x, device="meta") for x in example_inputs]
         self._placeholders = 0
 
+    def call_module(self, m, forward, args, kwargs):
+        # computing a value runs a module of the meta copy while torch.fx has patched every
+        # module call to come here: run it, it is not part of the traced model
+        if id(m) in self._meta_modules:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        # attribute proxies (``x.is_nested``) are not _ValueProxy objects; their node has a value
+        value = obj.node.meta.get("hfp_value", _UNKNOWN)
+        if value is _UNKNOWN or isinstance(value, torch.Tensor):
+            return super().to_bool(obj)
+        return bool(value)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -194,6 +217,15 @@ class _ShapeTracer(_RecordingTracer):
             if kind == "get_attr":
                 return operator.attrgetter(target)(self.meta_root)
         return _UNKNOWN
+
+
+def _shape_checks_in(root: torch.nn.Module, failed: str) -> bool:
+    """Whether the submodule that failed is one of torch's transformer layers, whose fast-path
+    checks (``src.dim() == 3``, ``x.is_nested``) branch on properties the example knows."""
+    try:
+        return isinstance(root.get_submodule(failed), _TRACED_TORCH_MODULES)
+    except AttributeError:
+        return False
 
 
 def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
@@ -272,7 +304,8 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
             failed = tracer.failed_in
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-            if (not failed or failed in opaque) and example_inputs is not None and not with_shapes:
+            if (not failed or failed in opaque or _shape_checks_in(root, failed)) and example_inputs is not None \
+                    and not with_shapes:
                 log.info("plain tracing of %s failed (%s); retrying with the example's shapes",
                          type(model).__name__, cause)
                 with_shapes, opaque = True, {}
@@ -295,6 +328,8 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
         if with_shapes:
             for node in graph.nodes:
                 node.meta.pop("hfp_value", None)
+            # torch.load re-traces a saved GraphModule with this class and no arguments
+            graph._tracer_cls = _RecordingTracer
             warnings.warn(f"hfp_fx: {type(model).__name__} branches on tensor shapes in its forward; it was "
                           "traced with the example inputs' shapes, so the graph (and the pruned model) is "
                           "specialised to them", stacklevel=3)

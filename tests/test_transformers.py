@@ -242,3 +242,102 @@ def test_random_transformer_blocks_shrink_equals_mask(norm, heads, head_dim, pos
     d = heads * head_dim
     model = Block(norm, d=d, heads=heads, hidden=2 * d, post_norm=post_norm, batch_first=batch_first)
     check_model(model, torch.randn(2, 3, 6), seed=seed, ratio=ratio, train_mode=False)
+
+
+class TorchEncoder(nn.Module):
+    """``nn.TransformerEncoder``: torch's own layers are traced through (their fast-path checks
+    follow the example), so the decomposed attention, the norms and the feed-forward prune."""
+
+    def __init__(self, norm_first):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.inp(x)))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
+def test_torch_transformer_encoder_prunes_exactly(norm_first):
+    with pytest.warns(UserWarning, match="specialised"):
+        dg, _ = check_model(TorchEncoder(norm_first), torch.randn(2, 5, 6))
+    assert groups_with(dg, "inp.weight", 0)[0].prunable
+    for layer in range(2):
+        heads = groups_with(dg, f"encoder.layers.{layer}.self_attn.out_proj.weight", 1)[0]
+        assert heads.prunable and heads.channels == 4
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class GQAttention(nn.Module):
+    """Llama-style attention: RoPE, grouped-query heads repeated three ways."""
+
+    def __init__(self, d, heads, kv_heads, repeat):
+        super().__init__()
+        self.num_heads, self.num_key_value_heads, self.head_dim = heads, kv_heads, d // heads
+        self.q_proj = nn.Linear(d, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, d, bias=False)
+        self.repeat = repeat
+
+    def forward(self, x, cos, sin):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, -1, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        groups = self.num_heads // self.num_key_value_heads
+        if self.repeat == "expand":  # Hugging Face's repeat_kv
+            k, v = (t[:, :, None].expand(b, self.num_key_value_heads, groups, n, self.head_dim)
+                    .reshape(b, self.num_heads, n, self.head_dim) for t in (k, v))
+        elif self.repeat == "interleave":
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = {"enable_gqa": True} if self.repeat == "sdpa" else {}
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, repeat, vocab=40, d=24, heads=6, kv_heads=2, hidden=40, layers=2):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "input_layernorm": nn.RMSNorm(d, eps=1e-6), "self_attn": GQAttention(d, heads, kv_heads, repeat),
+            "post_attention_layernorm": nn.RMSNorm(d, eps=1e-6), "gate_proj": nn.Linear(d, hidden, bias=False),
+            "up_proj": nn.Linear(d, hidden, bias=False), "down_proj": nn.Linear(hidden, d, bias=False)})
+            for _ in range(layers))
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight  # tied
+        head_dim = d // heads
+        freqs = torch.outer(torch.arange(16.0), 1.0 / 10000 ** (torch.arange(0, head_dim, 2.0) / head_dim))
+        angles = torch.cat((freqs, freqs), -1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        cos, sin = self.cos[: ids.shape[1]], self.sin[: ids.shape[1]]
+        for layer in self.layers:
+            x = x + layer["self_attn"](layer["input_layernorm"](x), cos, sin)
+            h = layer["post_attention_layernorm"](x)
+            x = x + layer["down_proj"](F.silu(layer["gate_proj"](h)) * layer["up_proj"](h))
+        return self.lm_head(self.norm(x))
+
+
+@pytest.mark.parametrize("repeat", ["expand", "interleave", "sdpa"])
+def test_grouped_query_attention_prunes_whole_kv_groups(repeat):
+    torch.manual_seed(0)
+    dg, small = check_model(TinyLlama(repeat), torch.randint(0, 40, (2, 7)))
+    for layer in range(2):
+        group = groups_with(dg, f"layers.{layer}.self_attn.k_proj.weight", 0)[0]
+        assert group.prunable and group.channels == 2  # the two KV heads, each with its 3 query heads
+        q_rows = [m for m in group.members if m.target == f"layers.{layer}.self_attn.q_proj.weight" and m.dim == 0]
+        assert len(q_rows[0].offsets) == 24  # every query row belongs to some KV group
+    stream = groups_with(dg, "embed_tokens.weight", 1)[0]
+    assert stream.prunable  # the tied embedding / LM head dim under RMSNorm
+    assert small.lm_head.weight is small.embed_tokens.weight
