@@ -30,6 +30,7 @@ import torchvision
 from tabulate import tabulate
 
 import hfp_fx
+from zoo import randomize_zero_weights
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TORCHVISION = ["vit_b_16", "swin_t", "swin_v2_t", "maxvit_t"]
@@ -38,10 +39,10 @@ TIMM = ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "convnextv2_
 
 def build(name: str):
     if name in TORCHVISION:
-        return torchvision.models.get_model(name, weights=None).eval()
+        return randomize_zero_weights(torchvision.models.get_model(name, weights=None)).eval()
     import timm
 
-    return timm.create_model(name, pretrained=False).eval()
+    return randomize_zero_weights(timm.create_model(name, pretrained=False)).eval()
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -71,10 +71,22 @@ def timm_models(per_family: int = 2):
 FAMILY = {}  # timm model name -> its timm module (family)
 
 
+def randomize_zero_weights(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give weight matrices that a model initialises to zero (torchvision's ViT head, some
+    layer scales) small random values: an output that does not depend on the pruned channels
+    would make any exactness check pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
 def build(suite: str, name: str):
     """Return (model, example input) for one zoo entry, randomly initialised."""
     if suite == "classification":
-        model = torchvision.models.get_model(name, weights=None)
+        model = randomize_zero_weights(torchvision.models.get_model(name, weights=None))
         size = 224 if name.startswith(FIXED_224) else (128 if name != "inception_v3" else 160)
         return model.eval(), torch.randn(1, 3, size, size)
     if suite == "segmentation":
@@ -83,7 +95,7 @@ def build(suite: str, name: str):
     if suite == "timm":
         import timm
 
-        model = timm.create_model(name, pretrained=False)
+        model = randomize_zero_weights(timm.create_model(name, pretrained=False))
         shape = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
         return model.eval(), torch.randn(1, *shape)
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
