@@ -341,3 +341,32 @@ def test_grouped_query_attention_prunes_whole_kv_groups(repeat):
     stream = groups_with(dg, "embed_tokens.weight", 1)[0]
     assert stream.prunable  # the tied embedding / LM head dim under RMSNorm
     assert small.lm_head.weight is small.embed_tokens.weight
+
+
+def test_prepare_finalize_on_torchvision_vit_prunes_heads_and_the_stream():
+    from torchvision.models.vision_transformer import VisionTransformer
+    from helpers import randomize_zero_weights
+
+    torch.manual_seed(0)
+    model = randomize_zero_weights(VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=5))
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.4}, lambda_init=0.05)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(20):
+        loss = F.cross_entropy(prepared(x), y) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared.eval()
+    small = hfp_fx.finalize(prepared).eval()
+    report = small.meta["hfp"]
+    assert report.achieved.macs <= report.target.macs
+    dg = prepared._hfp_graph
+    stream = groups_with(dg, "class_token")[0]
+    heads = groups_with(dg, "encoder.layers.encoder_layer_0.self_attention.out_proj.weight", 1)[0]
+    assert stream.prunable and heads.prunable
+    assert small.class_token.shape[-1] == len(report.keep.get(stream.id, range(32)))
+    apply_plan(prepared, report.keep)
+    with torch.no_grad():
+        assert_close(prepared(x), small(x))
