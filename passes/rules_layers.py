@@ -322,23 +322,38 @@ def _replace(edit, node: Node, new: Node) -> None:
     node.graph.erase_node(node)
 
 
-def _emit_wide_layer_norm(edit, node: Node, x, weight, bias, eps: float, m) -> None:
-    """LayerNorm of the kept channels with the statistics of the original width (see above)."""
-    d, kept = m.size, edit.kept(m)
+def _emit_wide_layer_norm(edit, node: Node, x, weight, bias, eps: float, m, channels_first: bool = False) -> None:
+    """LayerNorm of the kept channels with the statistics of the original width (see above).
+
+    ``channels_first``: a one-group GroupNorm, whose statistics run over the channels and every
+    dim after them (``C, H, W``) and whose affine parameters are per channel on dim 1.
+    """
+    shape = edit.dense_shape(node)
+    dims = tuple(range(1, len(shape))) if channels_first else (-1,)
+    spatial = math.prod(shape[2:]) if channels_first else 1
+    d, kept = m.size * spatial, edit.kept(m) * spatial
     graph = node.graph
+
+    def per_channel(param):
+        param = _param_node(graph, param)
+        if not channels_first:
+            return param
+        return graph.call_method("view", (param, -1, *([1] * (len(shape) - 2))))
+
     with graph.inserting_before(node):
-        total = graph.call_method("sum", (x, -1), {"keepdim": True})
+        total = graph.call_method("sum", (x, dims), {"keepdim": True})
         mean = graph.call_function(operator.mul, (total, 1.0 / d))
         centred = graph.call_function(operator.sub, (x, mean))
-        squares = graph.call_method("sum", (graph.call_function(operator.mul, (centred, centred)), -1), {"keepdim": True})
+        squares = graph.call_method("sum", (graph.call_function(operator.mul, (centred, centred)), dims),
+                                    {"keepdim": True})
         removed = graph.call_function(operator.mul, (graph.call_function(operator.mul, (mean, mean)), float(d - kept)))
         var = graph.call_function(operator.mul, (graph.call_function(operator.add, (squares, removed)), 1.0 / d))
         rstd = graph.call_function(torch.rsqrt, (graph.call_function(operator.add, (var, float(eps))),))
         y = graph.call_function(operator.mul, (centred, rstd))
         if weight is not None:
-            y = graph.call_function(operator.mul, (y, _param_node(graph, weight)))
+            y = graph.call_function(operator.mul, (y, per_channel(weight)))
         if bias is not None:
-            y = graph.call_function(operator.add, (y, _param_node(graph, bias)))
+            y = graph.call_function(operator.add, (y, per_channel(bias)))
     _replace(edit, node, y)
 
 
@@ -359,13 +374,50 @@ def _emit_rms_norm(edit, node: Node, x, weight, eps: Optional[float], m) -> None
     _replace(edit, node, y)
 
 
-@op_handler(modules=[torch.nn.GroupNorm], macs=False, shape=norm_shape)
+def resize_group_norm(mod, before) -> None:
+    """Whole groups were removed: the channels per group stay, the group count follows."""
+    per_group = mod.num_channels // mod.num_groups
+    if mod.weight is not None and mod.num_groups > 1:  # (one group: the rewrite replaces the call)
+        mod.num_channels = mod.weight.shape[0]
+        mod.num_groups = mod.num_channels // per_group
+
+
+def rewrite_group_norm(node: Node, edit) -> None:
+    """One group: the statistics of the original ``C, H, W`` (as LayerNorm's, above); several
+    groups without affine parameters: the counts follow the kept channels."""
+    mod, m = edit.module(node), edit.map_of(node)
+    if mod.num_groups == 1 and edit.changed(m):
+        _emit_wide_layer_norm(edit, node, node.args[0], _module_param(mod, node, "weight"),
+                              _module_param(mod, node, "bias"), mod.eps, m, channels_first=True)
+    elif mod.weight is None and edit.changed(m):
+        per_group = m.size // mod.num_groups
+        mod.num_channels = edit.kept(m)
+        mod.num_groups = mod.num_channels // per_group
+
+
+@op_handler(modules=[torch.nn.GroupNorm], macs=False, shape=norm_shape, resize=resize_group_norm,
+            rewrite=rewrite_group_norm)
 def group_norm(a: A, node: Node):
+    """Statistics per group of ``C / G`` channels: a group removed whole leaves the others' alone.
+
+    The channels of one group are one unit (as a grouped conv's), so only whole groups go.  One
+    group (a LayerNorm over ``C, H, W``, MetaFormer's norm) is a gate site like LayerNorm, and the
+    shrink pass writes the statistics of the original size.
+    """
     mod = a.module(node)
     m = a.cmap(node.args[0])
     if m is None:
         return None
-    a.fix(m, f"{describe(node, mod)} normalises groups of channels; pruning would change their statistics")
+    if m.axis != 1:
+        a.fix(m, f"{describe(node, mod)} normalises a dim that is not the channel dim")
+        return m
+    if mod.num_groups == 1:
+        a.gate(0, m)
+    else:
+        a.elements.union_along(m.ids.reshape(mod.num_groups, -1), (1,))
+    for attr in ("weight", "bias"):
+        if isinstance(getattr(mod, attr, None), torch.Tensor):
+            a.bind_param(_pname(node, attr), 0, m.ids)
     return m
 
 

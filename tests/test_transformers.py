@@ -370,3 +370,27 @@ def test_prepare_finalize_on_torchvision_vit_prunes_heads_and_the_stream():
     apply_plan(prepared, report.keep)
     with torch.no_grad():
         assert_close(prepared(x), small(x))
+
+
+class GroupNorms(nn.Module):
+    """GroupNorm with four groups (pruned whole groups) and with one (MetaFormer's norm)."""
+
+    def __init__(self, affine=True):
+        super().__init__()
+        self.c1, self.gn = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16, affine=affine)
+        self.c2, self.gn1 = nn.Conv2d(16, 8, 1), nn.GroupNorm(1, 8, affine=affine)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.gn(self.c1(x))))
+        return self.fc(self.gn1(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_prunes_whole_groups_and_one_group_norms_like_layernorm(affine):
+    dg, small = check_model(GroupNorms(affine), torch.randn(2, 3, 8, 8))
+    groups = groups_with(dg, "c1.weight", 0)[0]
+    assert groups.prunable and groups.channels == 4  # one unit per group of 4 channels
+    assert groups_with(dg, "c2.weight", 0)[0].prunable
+    keep = {groups.id: [0, 2]}
+    assert hfp_fx.shrink(dg, keep=keep).gn.num_groups == 2
