@@ -197,8 +197,8 @@ class ChannelAnalysis:
         """Every integer attribute named in ``names`` on the innermost module that traced ``node``
         and has any of them (query and key/value head counts, say)."""
         stack = node.meta.get("nn_module_stack") or {}
-        for entry in reversed(list(stack.values())):
-            path = entry[0] if isinstance(entry, tuple) else entry
+        paths = [entry[0] if isinstance(entry, tuple) else entry for entry in stack.values()]
+        for path in reversed([""] + paths):  # the root last: its own forward has no stack entry
             try:
                 mod = self.root.get_submodule(path) if path else self.root
             except AttributeError:

@@ -241,8 +241,15 @@ def _transpose_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[i
 
 
 def _getitem_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
-    """Basic indexing: ``d`` must come from an input dim that is kept whole (``p[:, :n]`` slices tokens)."""
+    """Basic indexing: ``d`` must come from an input dim that is kept whole (``p[:, :n]`` slices tokens).
+
+    A lone index tensor gathers along dim 0 (a relative-position table ``table[index]``): the dims
+    after it come through whole, shifted by the index's rank.
+    """
     idx = node.args[1]
+    if isinstance(idx, Node) and isinstance(a.shape(idx), torch.Size):
+        k = len(a.shape(idx))
+        return d - k + 1 if d >= k else None
     raw = list(idx) if isinstance(idx, tuple) else [idx]
     if not all(it is None or it is Ellipsis or isinstance(it, (int, slice)) for it in raw):
         return None
@@ -1093,6 +1100,75 @@ def matmul(a: A, node: Node):
         coeff /= k
         rows.append(contraction)
     a.add_macs(coeff, *rows)
+    return out_map
+
+
+def _einsum_parts(node: Node):
+    """``(input subscripts, output subscript, operands)`` of a two-operand ``torch.einsum``
+    without ellipsis, else ``None``."""
+    equation = node.args[0] if node.args else None
+    operands = list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation or len(operands) != 2:
+        return None
+    lhs, out = equation.replace(" ", "").split("->")
+    inputs = lhs.split(",")
+    if len(inputs) != 2 or any(len(set(t)) != len(t) for t in inputs):
+        return None
+    return inputs, out, operands
+
+
+@op_handler(functions=[torch.einsum])
+def einsum(a: A, node: Node):
+    """Two-operand ``einsum`` (attention written as ``'bhid,bhjd->bhij'``): matmul's rule by letters.
+
+    Each operand's channel axis names a letter.  A letter kept in the output is a batch-like
+    axis (heads): operands carrying channels on it are united and the output carries them.  A
+    contracted letter is a contraction: tracked on both sides, united and gated; tracked on one
+    side against a parameter, the parameter's dim is bound.  MACs are the product of every
+    letter's size (the flop counter's count), with tracked letters as rows.
+    """
+    parts = _einsum_parts(node)
+    maps = [a.cmap(x) for x in node.args[1:]] if parts is None else [a.cmap(x) for x in parts[2]]
+    if parts is None:
+        a.fix(maps, f"{describe(node)} with an equation the analysis does not follow (ellipsis, not two operands)")
+        return None
+    inputs, out, operands = parts
+    sizes = {}
+    for sub, x in zip(inputs, operands):
+        sizes.update(zip(sub, a.shape(x)))
+    letters = {}  # letter -> [(operand index, map)]
+    for i, (sub, m) in enumerate(zip(inputs, maps)):
+        if m is not None:
+            letters.setdefault(sub[m.axis], []).append((i, m))
+    out_map, rows = None, {}
+    for letter, tracked in letters.items():
+        if len({m.size for _, m in tracked}) > 1:
+            a.fix([m for _, m in tracked], f"{describe(node)} broadcasts channels")
+            continue
+        for _, m in tracked[1:]:
+            a.union(tracked[0][1].ids, m.ids)
+        ids = tracked[0][1].ids
+        if letter in out:
+            if out_map is not None:
+                a.fix(ids, f"{describe(node)} would produce channels on two axes")
+                continue
+            out_map = ChannelMap(out.index(letter), ids)
+            rows[letter] = ids
+            continue
+        if len(tracked) == 1:  # contracted against the other operand
+            i = tracked[0][0]
+            other, other_sub = operands[1 - i], inputs[1 - i]
+            if letter in other_sub and isinstance(other, Node) and other.op == "get_attr":
+                a.bind_param(other.target, other_sub.index(letter), ids)
+            else:
+                a.fix(ids, f"{describe(node)} contracts the channels with the untracked tensor `{getattr(other, 'name', other)}`")
+                continue
+        a.gate(1 + tracked[0][0], tracked[0][1])
+        rows[letter] = ids
+    coeff = math.prod(sizes.values()) / math.prod(sizes[letter] for letter in rows)
+    a.add_macs(coeff, *rows.values())
     return out_map
 
 

@@ -394,3 +394,31 @@ def test_group_norm_prunes_whole_groups_and_one_group_norms_like_layernorm(affin
     assert groups_with(dg, "c2.weight", 0)[0].prunable
     keep = {groups.id: [0, 2]}
     assert hfp_fx.shrink(dg, keep=keep).gn.num_groups == 2
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with ``einsum`` and a per-head relative-position table gathered by index."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_heads, self.inp = 4, nn.Linear(5, 8)
+        self.qkv, self.proj = nn.Linear(8, 48), nn.Linear(16, 8)
+        self.table = nn.Parameter(torch.randn(9, 4))
+        self.register_buffer("index", torch.randint(0, 9, (25,)))
+        self.weight = nn.Parameter(torch.randn(8, 6))
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.n_heads, 4).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(5, 5, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = (torch.einsum("bhid,bhjd->bhij", q, k * 0.5) + bias).softmax(-1)
+        out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, 16)
+        return torch.einsum("bnc,cd->bnd", x + self.proj(out), self.weight)
+
+
+def test_einsum_attention_with_a_gathered_bias_table_prunes_heads():
+    dg, small = check_model(EinsumAttention(), torch.randn(2, 5, 5))
+    heads = groups_with(dg, "table", 1)[0]
+    assert heads.prunable and heads.channels == 4
+    assert groups_with(dg, "weight", 0)[0].prunable  # contracted against a parameter: bound
