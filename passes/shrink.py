@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
@@ -172,13 +173,22 @@ def _resize_modules(gm: torch.fx.GraphModule, facts: ChannelFacts, before: Dict[
         handler.resize(module, own)
 
 
+#: scalar functions that carry a size read into a derived size
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg, operator.pow, math.ceil, math.floor, int}
+
+
 def pruned_size_reads(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.Tensor) -> Set[str]:
     """Nodes that read the size of a pruned channel dim at run time: ``x.shape[d]``,
     ``x.size(d)`` or ``x.size()[d]`` where ``d`` is the channel axis of ``x`` and ``x`` loses
-    channels.  Such a size follows ``x``'s pruning, which is right only where it sizes ``x``'s
-    own channels."""
+    channels, and scalar arithmetic on such sizes (volo's ``C // num_heads``).  Such a size
+    follows ``x``'s pruning, which is right only where it sizes ``x``'s own channels."""
     found = set()
     for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target in _SIZE_ARITHMETIC
+                and any(isinstance(a, Node) and a.name in found for a in node.args)):
+            found.add(node.name)
+            continue
         if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
             src, dim = node.args
         elif (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node)

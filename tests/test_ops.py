@@ -636,7 +636,8 @@ class UntrackedReshapeBySize(nn.Module):
         B, N, D = y.shape
         q, k, v = self.qkv(y).reshape(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
         a = torch.einsum("bhnd,bhmd->bhnm", q, k).softmax(-1)
-        o = torch.einsum("bhnm,bhmd->bhnd", a, v).permute(0, 2, 1, 3).reshape(B, N, D)
+        o = torch.einsum("bhnm,bhmd->bhnd", a, v).permute(0, 2, 1, 3)
+        o = o.reshape(B, N, 2, D // 2).reshape(B, N, D)  # volo: ``C // num_heads``
         return self.head(x + self.merge(o))
 
 
