@@ -196,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--per-family", type=int, default=2, help="timm models per family (module)")
     ap.add_argument("--only", nargs="*", help="model names to run")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else every core)")
     ap.add_argument("--out", default=str(RESULTS / "zoo.json"))
     ap.add_argument("--update", action="store_true", help="rerun only the --only models and replace their rows "
                     "in the existing --out file")
@@ -212,7 +213,7 @@ def main(argv=None):
         print(json.dumps(summary, indent=2))
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
         return 0
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
     jobs = []
     if args.suite in ("all", "classification"):
         jobs += [("classification", n) for n in classification_models()]

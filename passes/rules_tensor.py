@@ -801,7 +801,9 @@ def rewrite_sizes(node: Node, edit: "ShrinkEdit") -> None:
     replaced by its traced value.
     """
     m = edit.map_of(node)
-    changed = edit.changed(m)
+    if m is None and not _reads_pruned_channels([*node.args[1:], *node.kwargs.values()], edit):
+        return
+    changed, packed, key = edit.changed(m), False, None
     if node.op == "call_method":
         sizes = list(node.args[1:])
         packed = len(sizes) == 1 and isinstance(sizes[0], (list, tuple))
@@ -814,15 +816,15 @@ def rewrite_sizes(node: Node, edit: "ShrinkEdit") -> None:
         # no sizes, or one computed at run time (``x.view(y.shape)``): it follows the pruned
         # tensors it is read from; the shape check after shrinking verifies that it does
         return
-    # Every other size read at run time from a pruned channel dim (``B, G, P, D = x.shape`` of
-    # the residual stream, then ``y.reshape(B, G, P, D)`` of an unpruned tensor) takes its
-    # dense value: that dim of the output is not the pruned channel dim.
-    stale = [d for d, size in enumerate(sizes) if (m is None or d != m.axis) and _reads_pruned_size(size, edit)]
+    # A size read at run time from a pruned channel dim (maxvit's ``B, G, P, D = x.shape;
+    # out.reshape(B, G, P, D)``, where ``out``'s channels are untracked or pruned apart from
+    # ``x``'s) would follow ``x``'s pruning: every other dim keeps its dense, traced size.
+    stale = [d for d, s in enumerate(sizes) if (m is None or d != m.axis) and _reads_pruned_channels(s, edit)]
     for d in stale:
         sizes[d] = int(edit.dense_shape(node)[d])
     if m is None or (not changed and not isinstance(sizes[m.axis], Node)):
         if stale:
-            _set_sizes(node, sizes, packed if node.op == "call_method" else key)
+            _set_sizes(node, sizes, packed, key)
         return
     # A size read at run time (``B, N, C = x.shape; y.reshape(B, N, C)``) may come from a
     # tensor whose channels are pruned differently, so the channel size is always a literal.
@@ -831,40 +833,24 @@ def rewrite_sizes(node: Node, edit: "ShrinkEdit") -> None:
     for d in _structural_dims(node, edit, m) if changed else ():
         if isinstance(sizes[d], Node):
             sizes[d] = int(edit.dense_shape(node)[d])
-    _set_sizes(node, sizes, packed if node.op == "call_method" else key)
+    _set_sizes(node, sizes, packed, key)
 
 
-def _set_sizes(node: Node, sizes: List[Any], how) -> None:
-    """Write ``sizes`` back the way the node spelled them (``how``: packed flag or argument key)."""
+def _set_sizes(node: Node, sizes: list, packed: bool, key) -> None:
+    """Write ``sizes`` back the way the node spelled them (one packed tuple, or the argument ``key``)."""
     if node.op == "call_method":
-        node.args = (node.args[0], tuple(sizes)) if how else (node.args[0], *sizes)
-    elif how == 1:
+        node.args = (node.args[0], tuple(sizes)) if packed else (node.args[0], *sizes)
+    elif key == 1:
         node.args = (node.args[0], tuple(sizes), *node.args[2:])
     else:
-        node.kwargs = {**node.kwargs, how: tuple(sizes)}
+        node.kwargs = {**node.kwargs, key: tuple(sizes)}
 
 
-def _reads_pruned_size(size: Any, edit: "ShrinkEdit") -> bool:
-    """Whether ``size`` is ``x.shape[k]`` / ``x.size(k)`` / ``x.size()[k]`` of a pruned channel dim ``k``."""
-    if not isinstance(size, Node):
-        return False
-    if size.op == "call_method" and size.target == "size" and len(size.args) > 1:
-        tensor, dim = size.args[0], size.args[1]
-    elif size.op == "call_function" and size.target is operator.getitem and isinstance(size.args[1], int):
-        shape = size.args[0]
-        is_shape = isinstance(shape, Node) and (
-            (shape.op == "call_function" and getattr(shape.target, "__name__", "") == "getattr"
-             and shape.args[1] == "shape") or (shape.op == "call_method" and shape.target == "size"
-                                                and len(shape.args) == 1))
-        if not is_shape:
-            return False
-        tensor, dim = shape.args[0], size.args[1]
-    else:
-        return False
-    m = edit.map_of(tensor)
-    if m is None or not isinstance(dim, int) or not edit.changed(m):
-        return False
-    return dim % len(edit.dense_shape(tensor)) == m.axis
+def _reads_pruned_channels(arg, edit: "ShrinkEdit") -> bool:
+    """Is ``arg`` (or an item of it) a size read at run time from a pruned channel dim?"""
+    if isinstance(arg, (list, tuple)):
+        return any(_reads_pruned_channels(a, edit) for a in arg)
+    return isinstance(arg, Node) and arg.name in edit.pruned_size_reads
 
 
 def _structural_dims(node: Node, edit: "ShrinkEdit", m: ChannelMap) -> List[int]:

@@ -26,8 +26,10 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
+import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.fx
@@ -57,6 +59,9 @@ class ShrinkEdit:
     #: nodes the pass inserted (scale nodes, a rewritten norm's result) -> the node of the
     #: traced graph whose channels they carry
     inserted: Dict[str, str] = field(default_factory=dict)
+    #: size reads (``x.shape[d]``, ``x.size(d)``) of a pruned channel dim, found before any rewrite
+    #: (a rewrite may replace ``x`` by a node the analysis has no map for)
+    pruned_size_reads: Set[str] = field(default_factory=set)
 
     def module(self, node: Node) -> Optional[torch.nn.Module]:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
@@ -107,8 +112,9 @@ def shrink_model(facts: ChannelFacts, alive: torch.Tensor, verify: bool = True,
               list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     _slice_state(gm, facts, alive)
     _resize_modules(gm, facts, before)
+    size_reads = pruned_size_reads(gm, facts, alive)
     inserted = add_scale_nodes(gm, alive, scales)
-    edit = ShrinkEdit(gm, facts, alive, inserted)
+    edit = ShrinkEdit(gm, facts, alive, inserted, size_reads)
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
@@ -170,6 +176,40 @@ def _resize_modules(gm: torch.fx.GraphModule, facts: ChannelFacts, before: Dict[
         prefix = f"{name}." if name else ""
         own = {k: before[prefix + k] for k in list(module._parameters) + list(module._buffers) if prefix + k in before}
         handler.resize(module, own)
+
+
+#: scalar functions that carry a size read into a derived size
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg, operator.pow, math.ceil, math.floor, int}
+
+
+def pruned_size_reads(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.Tensor) -> Set[str]:
+    """Nodes that read the size of a pruned channel dim at run time: ``x.shape[d]``,
+    ``x.size(d)`` or ``x.size()[d]`` where ``d`` is the channel axis of ``x`` and ``x`` loses
+    channels, and scalar arithmetic on such sizes (volo's ``C // num_heads``).  Such a size
+    follows ``x``'s pruning, which is right only where it sizes ``x``'s own channels."""
+    found = set()
+    for node in gm.graph.nodes:
+        if (node.op == "call_function" and node.target in _SIZE_ARITHMETIC
+                and any(isinstance(a, Node) and a.name in found for a in node.args)):
+            found.add(node.name)
+            continue
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+            src, dim = node.args
+        elif (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], Node)
+              and ((node.args[0].op == "call_function" and node.args[0].target is getattr
+                    and node.args[0].args[1:] == ("shape",))
+                   or (node.args[0].op == "call_method" and node.args[0].target == "size"
+                       and len(node.args[0].args) == 1))):
+            src, dim = node.args[0].args[0], node.args[1]
+        else:
+            continue
+        m = facts.maps.get(src.name) if isinstance(src, Node) else None
+        tm = src.meta.get("tensor_meta") if isinstance(src, Node) else None
+        if (isinstance(m, ChannelMap) and isinstance(dim, int) and tm is not None and hasattr(tm, "shape")
+                and dim % len(tm.shape) == m.axis and not bool(alive[m.ids].all())):
+            found.add(node.name)
+    return found
 
 
 # -------------------------------------------------------------------------------------------

@@ -617,3 +617,31 @@ def test_per_head_attn_mask_fixes_the_heads_with_a_reason():
     heads = [g for g in dg.groups if any(m.target == "attn.qkv.weight" and m.dim == 0 for m in g.members)]
     assert heads and not any(g.prunable for g in heads)
     assert any("attn_mask has per-head values" in g.reason for g in heads)
+
+
+class UntrackedReshapeBySize(nn.Module):
+    """maxvit_t's relative-position attention, reduced: ``B, N, D = y.shape`` is read from the
+    prunable LayerNorm stream, but the reshape it sizes acts on a tensor whose channels are pruned
+    apart from the stream's (the attention's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm = nn.Linear(8, 16), nn.LayerNorm(16)
+        self.qkv, self.merge = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        y = self.norm(x)
+        B, N, D = y.shape
+        q, k, v = self.qkv(y).reshape(B, N, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        a = torch.einsum("bhnd,bhmd->bhnm", q, k).softmax(-1)
+        o = torch.einsum("bhnm,bhmd->bhnd", a, v).permute(0, 2, 1, 3)
+        o = o.reshape(B, N, 2, D // 2).reshape(B, N, D)  # volo: ``C // num_heads``
+        return self.head(x + self.merge(o))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_size_read_from_a_pruned_stream_keeps_an_untracked_reshape_dense(seed):
+    dg, _ = check_model(UntrackedReshapeBySize(), torch.randn(2, 5, 8), seed=seed)
+    assert groups_by_module(dg)["inp"].prunable
