@@ -1029,6 +1029,16 @@ def pixel_shuffle(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 # matrix products and attention
 # -------------------------------------------------------------------------------------------
+def _batch_partner(a: A, node: Node, other: Any, dim: int, m: ChannelMap) -> None:
+    """Channels on a batch-like axis (heads) meet ``other`` there: a parameter (or a view of one)
+    is bound, a broadcast size 1 is fine, any other untracked tensor fixes them."""
+    shape = a.shape(other)
+    if not isinstance(shape, torch.Size) or dim < 0 or shape[dim] == 1:
+        return
+    if not bind_param_view(a, other, dim, m.ids):
+        a.fix(m, f"{describe(node)} combines the channels with the untracked tensor `{getattr(other, 'name', other)}`")
+
+
 @op_handler(functions=[torch.matmul, operator.matmul, torch.bmm, torch.mm], methods=["matmul", "bmm", "mm", "__matmul__"])
 def matmul(a: A, node: Node):
     x, y = node.args[0], node.args[1]
@@ -1072,6 +1082,9 @@ def matmul(a: A, node: Node):
                 a.union(base.ids, m.ids)
             else:
                 a.fix(m, f"{describe(node)} broadcasts channels")
+        if len(batch) == 1:  # the other operand meets these channels (heads) untracked
+            other = y if base_t is x else x
+            _batch_partner(a, node, other, axis - rank + len(a.shape(other)), base)
         candidates.insert(0, ChannelMap(axis, base.ids))
     for extra in candidates[1:]:
         a.fix(extra, f"{describe(node)} would produce channels on two axes")
@@ -1136,6 +1149,9 @@ def einsum(a: A, node: Node):
         for _, m in tracked[1:]:
             a.union(tracked[0][1].ids, m.ids)
         ids = tracked[0][1].ids
+        if letter in out and len(tracked) == 1 and letter in inputs[1 - tracked[0][0]]:
+            other_sub = inputs[1 - tracked[0][0]]
+            _batch_partner(a, node, operands[1 - tracked[0][0]], other_sub.index(letter), tracked[0][1])
         if letter in out:
             if out_map is not None:
                 a.fix(ids, f"{describe(node)} would produce channels on two axes")

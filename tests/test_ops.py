@@ -645,3 +645,31 @@ class UntrackedReshapeBySize(nn.Module):
 def test_size_read_from_a_pruned_stream_keeps_an_untracked_reshape_dense(seed):
     dg, _ = check_model(UntrackedReshapeBySize(), torch.randn(2, 5, 8), seed=seed)
     assert groups_by_module(dg)["inp"].prunable
+
+
+class GlobalQuery(nn.Module):
+    """gcvit's global-query attention, reduced: the query is not computed from the tracked input,
+    so the heads of key and value meet an untracked tensor in ``q @ k^T``."""
+
+    def __init__(self, learned):
+        super().__init__()
+        self.kv, self.proj = nn.Linear(8, 32), nn.Linear(16, 8)
+        self.q = nn.Parameter(torch.randn(1, 2, 5, 8))
+        self.learned = learned
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        k, v = self.kv(x).reshape(b, n, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        q = self.q if self.learned else self.q * 2  # a parameter (bound) or a computed tensor (fixed)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, 16))
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_heads_meeting_an_untracked_query_are_bound_or_fixed(learned):
+    dg, _ = check_model(GlobalQuery(learned), torch.randn(2, 5, 8))
+    heads = [g for g in dg.groups if any(m.target == "proj.weight" and m.dim == 1 for m in g.members)][0]
+    if learned:
+        assert heads.prunable and any(m.target == "q" for m in heads.members)
+    else:
+        assert not heads.prunable and "untracked tensor" in heads.reason
