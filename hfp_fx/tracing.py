@@ -287,7 +287,7 @@ def _drop_none_guards(graph: torch.fx.Graph) -> None:
 
 
 def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
-          rules: Optional[OpRegistry] = None) -> TracedModel:
+          rules: Optional[OpRegistry] = None, _stacklevel: int = 3) -> TracedModel:
     """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
 
     Modules with an op handler in ``rules`` (default: hfp_fx's own) are kept as single nodes.
@@ -333,7 +333,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
             warnings.warn(
                 "hfp_fx: these submodules could not be traced and are kept whole (their channels are "
                 "not pruned): " + "; ".join(f"{k} ({v})" for k, v in opaque.items()),
-                stacklevel=3,
+                stacklevel=_stacklevel,
             )
         _drop_none_guards(graph)
         if with_shapes:
@@ -343,7 +343,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
             graph._tracer_cls = _RecordingTracer
             warnings.warn(f"hfp_fx: {type(model).__name__} branches on tensor shapes in its forward; it was "
                           "traced with the example inputs' shapes, so the graph (and the pruned model) is "
-                          "specialised to them", stacklevel=3)
+                          "specialised to them", stacklevel=_stacklevel)
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
         gm.training = model.training  # the flag only: .train() would reach the user's submodules
@@ -380,9 +380,9 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
             raise TypeError(f"symbolic tracing takes the example tensors positionally, and {list(names)} are not "
                             f"the first parameters of {type(model).__name__}.forward; pass a tuple or "
                             "capture='export'")
-        return trace(model, example_inputs, rules)
+        return trace(model, example_inputs, rules, _stacklevel=4)
     if how == "export" or is_hugging_face(model) or (names is not None and not _positional_names(model, names)):
-        return TracedModel(export_capture(model, example_inputs, names))
+        return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True)
     try:  # "auto" on a plain model: what symbolic tracing captures whole is kept as it is
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -392,7 +392,7 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
         traced, caught = None, []
     if traced is None or traced.opaque:
         try:
-            return TracedModel(export_capture(model, example_inputs, names))
+            return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True)
         except Exception as exc:  # noqa: BLE001 - keep what tracing managed
             if traced is None:
                 raise TraceError(f"neither torch.fx nor torch.export can capture {type(model).__name__}: "
