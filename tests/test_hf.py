@@ -96,3 +96,26 @@ def test_prune_to_forty_percent_of_the_parameters(name):
 def test_symbolic_tracing_takes_keyword_examples_only_as_leading_positional_parameters():
     with pytest.raises(TypeError, match="capture='export'"):
         hfp_fx.dependency_graph(build("bert"), {"token_type_ids": ids(), "input_ids": ids()}, capture="fx")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prepare_train_finalize_on_an_exported_model_is_exact(name):
+    from helpers import apply_plan, assert_close
+
+    model, x = build(name), ids()
+    prepared = hfp_fx.prepare(model, {"input_ids": x}, {"params": 0.5}, lambda_init=0.02, capture="auto")
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(20):
+        logits = prepared(x)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss = loss + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared.eval()
+    small = hfp_fx.finalize(prepared).eval()
+    report = small.meta["hfp"]
+    assert report.achieved.params <= report.target.params
+    apply_plan(prepared, report.keep)
+    with torch.no_grad():
+        assert_close(prepared(x), small(x))
