@@ -184,3 +184,32 @@ def addmm(a: A, node: Node):
 def _fixed(a: A, node: Node):
     a.fix([a.map(x) for x in node.args if isinstance(x, Node)], f"{describe(node)} with computed operands")
     return None
+
+
+# convolutional networks (what ``capture="auto"`` falls back to for a CNN tracing cannot capture)
+_register(OpHandler(L.conv_fn, rewrite=L.rewrite_conv_groups), "conv1d", "conv2d", "conv3d")
+for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d")),
+                   (2, ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
+                        "adaptive_max_pool2d")),
+                   (3, ("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d"))):
+    _register(OpHandler(T._spatial(_k), macs=False), *_names)
+_register(OpHandler(T._spatial(None), macs=False), "upsample_nearest2d.vec", "upsample_bilinear2d.vec")
+
+
+@op_handler(functions=_ops("batch_norm"), macs=False)
+def batch_norm(a: A, node: Node):
+    """``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, ...)``:
+    per channel on dim 1 (``F.batch_norm`` puts the running statistics first)."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    if m.axis != 1:
+        a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim")
+        return m
+    for key, t in zip(("weight", "bias", "running_mean", "running_var"), node.args[1:5]):
+        if isinstance(t, Node):
+            if t.op != "get_attr":
+                a.fix(m, f"{describe(node)} with a computed `{key}`")
+                return m
+            a.bind_param(t.target, 0, m.ids)
+    return m

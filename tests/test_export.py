@@ -73,3 +73,25 @@ def test_keyword_examples_and_unknown_capture():
     assert [g.channels for g in hfp_fx.dependency_graph(model, {"x": x}, capture="auto").prunable_groups] == [16]
     with pytest.raises(ValueError, match="capture"):
         hfp_fx.dependency_graph(model, x, capture="dynamo")
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 16, 3, groups=2), nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
+        x = F.relu6(self.b2(self.c2(x)))
+        x = x + self.c3(x)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_exported_cnn_prunes_like_the_traced_one():
+    x = torch.randn(2, 3, 16, 16)
+    dg, _ = check_model(CNN(), x, capture="export")
+    traced = hfp_fx.dependency_graph(CNN(), x)
+    assert sorted(g.channels for g in dg.prunable_groups) == sorted(g.channels for g in traced.prunable_groups)

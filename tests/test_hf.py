@@ -76,6 +76,8 @@ def test_auto_capture_exports_hugging_face_models():
     model = build("qwen2", tie=False)
     dg, _ = check_model(model, {"input_ids": ids()}, capture="auto")
     assert prunable(dg) == PRUNABLE["qwen2"]
+    positional = hfp_fx.dependency_graph(model, ids(), capture="auto")  # a tensor: input_ids
+    assert prunable(positional) == PRUNABLE["qwen2"]
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
