@@ -141,12 +141,14 @@ def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = N
     ``keep`` maps a prune group id to the sorted channel indices to keep; groups not named are
     kept whole.  This is the reference ``shrink`` must equal.
     """
-    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs, rules=rules, capture=capture)
+    dg = model if isinstance(model, DependencyGraph) else dependency_graph(
+        model, example_inputs, rules=rules, capture=capture)
     return apply_masks(dg.facts, dg.alive(keep)).train(dg.gm.training)
 
 
 def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
            rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
     """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes."""
-    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs, rules=rules, capture=capture)
+    dg = model if isinstance(model, DependencyGraph) else dependency_graph(
+        model, example_inputs, rules=rules, capture=capture)
     return shrink_model(dg.facts, dg.alive(keep)).train(dg.gm.training)

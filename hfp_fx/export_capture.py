@@ -14,7 +14,8 @@ of the pytree leaves of its output.
 Example::
 
     >>> import torch, hfp_fx
-    >>> model, x = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)), torch.randn(2, 8)
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> x = torch.randn(2, 8)
     >>> dg = hfp_fx.dependency_graph(model, x, capture="export")
     >>> [g.channels for g in dg.prunable_groups]
     [16]
@@ -97,7 +98,13 @@ def export_capture(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
     elif isinstance(leaves, list):
         output.args = (tuple(leaves),)
     graph._codegen = torch.fx.graph.CodeGen()
-    graph.eliminate_dead_code(is_impure_node=lambda n: n.op != "call_function" or n.target is not torch.ops.aten._assert_tensor_metadata.default and n.is_impure())
+    # dtype/device assertions export records before casts: no channels, and they pin the device
+    assert_meta = getattr(torch.ops.aten, "_assert_tensor_metadata", None)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and assert_meta is not None and node.target is assert_meta.default \
+                and not node.users:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
     # torch.load re-traces a saved GraphModule with its tracer class and no arguments
     graph._tracer_cls = None
     graph._tracer_extras = {}
