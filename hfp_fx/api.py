@@ -82,6 +82,7 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
         with stage("groups"):
             dg = DependencyGraph(facts, _unique_params(model), seconds=time.perf_counter() - start)
     dg.shape_specialized = traced.shape_specialized  # traced with the example's concrete shapes
+    dg.capture, dg.input_names = traced.capture, input_names(example_inputs)
     return dg
 
 

@@ -50,6 +50,8 @@ class TracedModel:
     opaque: Dict[str, str] = field(default_factory=dict)
     #: traced with the example inputs' concrete shapes (the model branches on shapes)
     shape_specialized: bool = False
+    #: ``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``)
+    capture: str = "fx"
 
 
 #: torch.nn modules that are compositions of other layers: traced through (torch.fx keeps every
@@ -382,7 +384,7 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
                             "capture='export'")
         return trace(model, example_inputs, rules, _stacklevel=4)
     if how == "export" or is_hugging_face(model) or (names is not None and not _positional_names(model, names)):
-        return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True)
+        return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True, capture="export")
     try:  # "auto" on a plain model: what symbolic tracing captures whole is kept as it is
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -392,7 +394,8 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
         traced, caught = None, []
     if traced is None or traced.opaque:
         try:
-            return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True)
+            return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True,
+                               capture="export")
         except Exception as exc:  # noqa: BLE001 - keep what tracing managed
             if traced is None:
                 raise TraceError(f"neither torch.fx nor torch.export can capture {type(model).__name__}: "

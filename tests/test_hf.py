@@ -121,3 +121,14 @@ def test_prepare_train_finalize_on_an_exported_model_is_exact(name):
     apply_plan(prepared, report.keep)
     with torch.no_grad():
         assert_close(prepared(x), small(x))
+
+
+def test_save_and_load_an_exported_pruned_model(tmp_path):
+    model, x = build("gpt2"), ids()
+    small = hfp_fx.prune(model, {"input_ids": x}, {"params": 0.5}, capture="auto")
+    assert small.meta["hfp"].capture == "export" and small.meta["hfp"].input_names == ["input_ids"]
+    path = tmp_path / "gpt2.hfp.pt"
+    hfp_fx.save(small, path)
+    again = hfp_fx.load(path, lambda: build("gpt2"))  # recorded: capture, input names and shapes
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), small.eval()(x))
