@@ -55,7 +55,8 @@ def _register(handler: OpHandler, *names: str) -> None:
 # per-position ops: the output carries the first argument's channels
 _register(OpHandler(T.passthrough, macs=False),
           "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "erf",
-          "log", "sin", "cos", "reciprocal", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu",
+          "log", "sin", "cos", "reciprocal", "sigmoid_", "tanh_", "hardtanh_", "clamp_", "hardswish_", "gelu_",
+          "leaky_relu_", "elu_", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu",
           "softplus", "mish", "clamp", "clamp_min", "clamp_max", "pow.Tensor_Scalar", "dropout", "native_dropout",
           "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
           "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num")
@@ -63,7 +64,9 @@ _register(OpHandler(T.passthrough, macs=False),
 _register(OpHandler(T.elementwise, macs=False),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
           "mul.Scalar", "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Tensor", "maximum", "minimum",
-          "where.self", "masked_fill.Scalar", "masked_fill.Tensor")
+          "where.self", "masked_fill.Scalar", "masked_fill.Tensor",
+          # in-place forms (``out += identity``), as the ``Tensor.add_`` methods are
+          "add_.Tensor", "add_.Scalar", "sub_.Tensor", "mul_.Tensor", "mul_.Scalar", "div_.Tensor", "masked_fill_.Scalar")
 # reductions: a mean over pruned channels becomes sum * (1 / original count)
 _register(OpHandler(T.reduction, macs=False, rewrite=T.rewrite_mean),
           "mean.dim", "sum.dim_IntList", "amax", "amin")

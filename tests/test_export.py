@@ -95,3 +95,17 @@ def test_exported_cnn_prunes_like_the_traced_one():
     dg, _ = check_model(CNN(), x, capture="export")
     traced = hfp_fx.dependency_graph(CNN(), x)
     assert sorted(g.channels for g in dg.prunable_groups) == sorted(g.channels for g in traced.prunable_groups)
+
+
+def test_exported_resnet_groups_and_counts_match_the_traced_ones(capsys):
+    from hfp_fx.cli import main
+
+    torchvision = pytest.importorskip("torchvision")
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    exported = hfp_fx.dependency_graph(model, x, capture="export")
+    traced = hfp_fx.dependency_graph(model, x)
+    assert not exported.facts.mac_mismatch
+    assert sorted(g.channels for g in exported.prunable_groups) == sorted(g.channels for g in traced.prunable_groups)
+    assert hfp_fx.CostModel(exported).counts() == hfp_fx.CostModel(traced).counts() == hfp_fx.count(model, x)
+    assert main(["count", "torchvision:resnet18", "--input-size", "1,3,64,64", "--capture", "export"]) == 0
+    assert "11,689,512" in capsys.readouterr().out
