@@ -81,16 +81,31 @@ def export_capture(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
-    tensor_ids = {id(x) for x in inputs}
-    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    # the graph's inputs in export's order (kwargs follow the signature), then as the example gave them
+    spec = getattr(unlifted, "_in_spec", None)
+    if spec is not None:
+        flat = torch.fx._pytree.tree_flatten_spec((args, kwargs), spec)
+    else:  # pragma: no cover - older unlifted modules
+        flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
     placeholders = list(graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(flat):
         raise RuntimeError(f"torch.export made {len(placeholders)} inputs of {len(flat)} example values")
+    tensors = []
     for node, value in zip(placeholders, flat):
-        if id(value) not in tensor_ids:  # a constant (use_cache=False): specialised away
-            if node.users:
-                raise RuntimeError(f"the exported graph reads the non-tensor input `{node.target}`")
+        if any(value is x for x in inputs):
+            tensors.append((node, value))
+        elif node.users:
+            raise RuntimeError(f"the exported graph reads the non-tensor input `{node.target}`")
+        else:  # a constant (use_cache=False): specialised away
             graph.erase_node(node)
+    ordered = []
+    for x in inputs:
+        k = next(i for i, (node, value) in enumerate(tensors) if value is x)
+        ordered.append(tensors.pop(k)[0])
+    for node in reversed(ordered):
+        first = next(iter(graph.nodes))
+        if first is not node:
+            first.prepend(node)
     output = next(iter(graph.find_nodes(op="output")))
     leaves = output.args[0]
     if isinstance(leaves, (tuple, list)) and len(leaves) == 1:

@@ -95,9 +95,16 @@ def test_prune_to_forty_percent_of_the_parameters(name):
         assert small(ids()).shape == reference.logits.shape
 
 
-def test_symbolic_tracing_takes_keyword_examples_only_as_leading_positional_parameters():
+def test_keyword_examples_in_any_order():
+    model, x = build("bert"), ids()
+    types = (x % 2).flip(1)
+    example = {"token_type_ids": types, "input_ids": x}  # not the signature's order
     with pytest.raises(TypeError, match="capture='export'"):
-        hfp_fx.dependency_graph(build("bert"), {"token_type_ids": ids(), "input_ids": ids()}, capture="fx")
+        hfp_fx.dependency_graph(model, example, capture="fx")  # tracing takes leading positional ones only
+    dg = hfp_fx.dependency_graph(model, example, capture="export")
+    with torch.no_grad():
+        expected = model(input_ids=x, token_type_ids=types).logits
+        torch.testing.assert_close(hfp_fx.mask(dg, keep={}).eval()(types, x), expected)  # the dict's order
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
