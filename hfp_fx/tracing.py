@@ -254,7 +254,8 @@ def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
                 )
         return tuple(example_inputs)
     raise TypeError(
-        f"example_inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword tensors, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword tensors, "
+        f"got {type(example_inputs).__name__}"
     )
 
 
