@@ -23,6 +23,7 @@ import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from hfp_fx.cost import Counts
+from hfp_fx.export_capture import CAPTURES, example_kwargs, is_hugging_face
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.decompose import decompose
@@ -32,7 +33,7 @@ from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
 from hfp_fx.copies import clone_copy, meta_copy, shape_only
 from hfp_fx.shapes import propagate_shapes
-from hfp_fx.tracing import normalize_inputs, trace
+from hfp_fx.tracing import capture as capture_model, input_names, normalize_inputs
 
 __all__ = ["dependency_graph", "count", "mask", "shrink"]
 
@@ -44,13 +45,19 @@ def _unique_params(model: torch.nn.Module) -> int:
 
 
 def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Sequence[str] = (),
-                     rules: Optional[OpRegistry] = None) -> DependencyGraph:
+                     rules: Optional[OpRegistry] = None, capture: str = "fx") -> DependencyGraph:
     """Trace ``model`` and group its channels into prune groups.
 
     ``exclude`` names submodules (qualified names, e.g. ``"layer4"``) whose channels must never
     be pruned.  ``rules`` is the set of op handlers to use (default: hfp_fx's own,
     ``hfp_fx.passes.registry.DEFAULT_RULES``); pass ``default_rules()`` extended with your own
     handlers to teach hfp_fx an op for this call only.
+
+    ``capture``: ``"fx"`` (symbolic tracing, the default), ``"export"`` (``torch.export``, an
+    ATen graph; Hugging Face models as they are) or ``"auto"`` (export for Hugging Face models,
+    else tracing with export as the fallback); see :func:`hfp_fx.tracing.capture`.
+    ``example_inputs``: a tensor, a tuple of tensors or a dict of keyword tensors
+    (``{"input_ids": ids}``); the captured graph takes them positionally.
     """
     if isinstance(model, DependencyGraph):
         return model
@@ -65,7 +72,7 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
     start = time.perf_counter()
     with stages("dependency_graph", ["trace", "shapes", "channels", "groups"]) as stage:
         with stage("trace"):
-            traced = trace(model, inputs, rules)
+            traced = capture_model(model, inputs, rules, capture, input_names(example_inputs))
         with stage("shapes"):
             propagate_shapes(traced.graph_module, inputs, rules)
             decompose(traced.graph_module, inputs, rules)
@@ -75,44 +82,74 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
         with stage("groups"):
             dg = DependencyGraph(facts, _unique_params(model), seconds=time.perf_counter() - start)
     dg.shape_specialized = traced.shape_specialized  # traced with the example's concrete shapes
+    dg.capture, dg.input_names = traced.capture, input_names(example_inputs)
     return dg
 
 
-def count(model: torch.nn.Module, example_inputs: Any) -> Counts:
+def _is_aten_graph(model: torch.nn.Module) -> bool:
+    """A GraphModule of ATen ops (captured by ``torch.export``, or pruned from one)."""
+    return isinstance(model, torch.fx.GraphModule) and any(
+        isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes if n.op == "call_function")
+
+
+def count(model: torch.nn.Module, example_inputs: Any, capture: str = "fx") -> Counts:
     """Parameters (``sum(p.numel())``, shared tensors once) and MACs (``torch.utils.flop_counter`` / 2).
 
-    MACs are counted on ``meta`` tensors, so this costs no compute and touches no state.
+    MACs are counted on ``meta`` tensors, so this costs no compute and touches no state.  The
+    count runs the model itself, except with ``capture="export"`` (and ``"auto"`` on a Hugging
+    Face model) and on a GraphModule of ATen ops: then the captured graph is counted node by
+    node on meta tensors, as the cost model is.  A dict of keyword tensors is passed by name,
+    with ``use_cache=False`` for Hugging Face models.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"hfp_fx.count expects a torch.nn.Module, got {type(model).__name__}")
+    if capture not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {capture!r}")
     inputs = normalize_inputs(example_inputs)
+    names = input_names(example_inputs)
+    extra = example_kwargs(model)
+
+    def call(twin, xs):
+        if names is not None:
+            return twin(**dict(zip(names, xs)), **extra)
+        return twin(*xs, **extra)
+
     params = _unique_params(model)
+    if capture == "export" or (capture == "auto" and is_hugging_face(model)) or _is_aten_graph(model):
+        # count the captured ATen graph node by node on meta tensors (what the cost model
+        # matches): running such a model itself may need a real forward (Hugging Face masks
+        # call ``.item()``), where torch's counter misses the CPU attention kernels
+        traced = capture_model(model, inputs, None, "fx" if _is_aten_graph(model) else "export", names)
+        propagate_shapes(traced.graph_module, inputs)
+        return Counts(params, int(sum(n.meta.get("macs", 0) for n in traced.graph_module.graph.nodes)))
     try:  # a meta copy: no compute, and the user's model is never run
         twin = shape_only(meta_copy(model))
         # grad mode stays on (free on meta tensors): FlopCounterMode's module tracker hooks
         # autograd and fails under no_grad when a parameter itself is a submodule's input
         with FlopCounterMode(display=False) as counter:
-            twin(*[torch.empty_like(x, device="meta") for x in inputs])
+            call(twin, [torch.empty_like(x, device="meta") for x in inputs])
     except Exception:  # noqa: BLE001 - ops without meta kernels: count a real run of a copy
         twin = shape_only(clone_copy(model))
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            twin(*inputs)
+            call(twin, inputs)
     return Counts(params, counter.get_total_flops() // 2)
 
 
 def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
-         rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
+         rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
     """Same shapes as ``model``; the channels not in ``keep`` contribute exactly zero.
 
     ``keep`` maps a prune group id to the sorted channel indices to keep; groups not named are
     kept whole.  This is the reference ``shrink`` must equal.
     """
-    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs, rules=rules)
+    dg = model if isinstance(model, DependencyGraph) else dependency_graph(
+        model, example_inputs, rules=rules, capture=capture)
     return apply_masks(dg.facts, dg.alive(keep)).train(dg.gm.training)
 
 
 def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
-           rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
+           rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
     """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes."""
-    dg = model if isinstance(model, DependencyGraph) else dependency_graph(model, example_inputs, rules=rules)
+    dg = model if isinstance(model, DependencyGraph) else dependency_graph(
+        model, example_inputs, rules=rules, capture=capture)
     return shrink_model(dg.facts, dg.alive(keep)).train(dg.gm.training)

@@ -65,9 +65,9 @@ def cmd_inspect(args) -> int:
     if args.png and Path(args.png).suffix.lower() != ".dot" and not shutil.which("dot"):
         _require("matplotlib", "--png (without Graphviz's dot)")
     model, x = _load(args)
-    dg = hfp_fx.dependency_graph(model, x)
+    dg = hfp_fx.dependency_graph(model, x, capture=args.capture)
     print(dg.summary(max_members=args.members, only_prunable=args.prunable_only))
-    c = hfp_fx.count(model, x)
+    c = hfp_fx.count(model, x, capture=args.capture)
     print(f"dense: {c.params:,} params, {c.macs:,} MACs; graph built in {dg.seconds:.2f} s "
           f"({len(dg.gm.graph.nodes)} nodes)")
     if args.dot:
@@ -81,7 +81,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_count(args) -> int:
     model, x = _load(args)
-    c = hfp_fx.count(model, x)
+    c = hfp_fx.count(model, x, capture=args.capture)
     print(f"params: {c.params:,}\nMACs:   {c.macs:,}")
     return 0
 
@@ -111,7 +111,7 @@ def cmd_prune(args) -> int:
     model, x = _load(args)
     target = _target(args)
     small = hfp_fx.prune(model, x, target, importance=args.importance, round_to=args.round_to,
-                         min_channels=args.min_channels, exclude=args.exclude or ())
+                         min_channels=args.min_channels, exclude=args.exclude or (), capture=args.capture)
     report = small.meta["hfp"]
     print(_allocation_table(small, args.show))
     got = hfp_fx.count(small, x)
@@ -131,7 +131,7 @@ def cmd_bench(args) -> int:
     from tabulate import tabulate
 
     model, x = _load(args)
-    small = hfp_fx.prune(model, x, _target(args), round_to=args.round_to)
+    small = hfp_fx.prune(model, x, _target(args), round_to=args.round_to, capture=args.capture)
     torch.set_num_threads(args.threads)
     rows = []
     for batch in args.batch:
@@ -143,7 +143,7 @@ def cmd_bench(args) -> int:
                     m(xb)
                 t = benchmark.Timer("m(x)", globals={"m": m, "x": xb}, num_threads=args.threads)
                 times[label] = t.blocked_autorange(min_run_time=args.min_run_time).median * 1e3
-        dense_c, small_c = hfp_fx.count(model, x), hfp_fx.count(small, x)
+        dense_c, small_c = hfp_fx.count(model, x, capture=args.capture), hfp_fx.count(small, x)
         speedup = times["dense"] / times["pruned"]
         rows.append([batch, f"{times['dense']:.2f}", f"{times['pruned']:.2f}", f"{speedup:.2f}x",
                      f"{small_c.macs / dense_c.macs:.3f}", f"{speedup * small_c.macs / dense_c.macs:.2f}"])
@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("spec", help="torchvision:NAME, timm:NAME, path/to/file.py:factory or package.module:factory")
         p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224 (default: the model's)")
+        p.add_argument("--capture", choices=["fx", "export", "auto"], default="fx",
+                       help="capture the model with torch.fx tracing (default), torch.export, or auto")
         p.set_defaults(func=fn)
         return p
 

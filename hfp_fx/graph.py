@@ -104,6 +104,10 @@ class DependencyGraph:
         self.unused_params = model_params - sum(p.numel() for p in self.gm.parameters())
         #: True when the root's forward branches on shapes and was traced with the example's shapes
         self.shape_specialized = False
+        #: how the model was captured (``"fx"`` or ``"export"``) and the keyword names of a dict
+        #: of example tensors (``None`` for positional ones); ``hfp_fx.save`` records both
+        self.capture = "fx"
+        self.input_names = None
         self.groups: List[PruneGroup] = []
         self._build_groups()
         self._by_id = {g.id: g for g in self.groups}

@@ -194,14 +194,15 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
-            rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
+            rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
     meaning MACs.  The result computes exactly what ``model`` computes (all gates start at 1).
     ``threshold``, ``count``, ``temperature``, ``gate_max``, ``cost_power`` and ``relative_gates``
     shape per-channel gates: with ``gates="width"`` a value other than the default is refused.
-    ``rules``: the op handlers to use (see :func:`hfp_fx.dependency_graph`).
+    ``rules``, ``capture``: the op handlers to use and how the model is captured (see
+    :func:`hfp_fx.dependency_graph`).
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
@@ -212,7 +213,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     chosen = {k: v for k, v in dict(threshold=threshold, count=count, temperature=temperature, gate_max=gate_max,
                                     cost_power=cost_power, relative_gates=relative_gates).items()
               if v != _PER_CHANNEL_DEFAULTS[k]}
-    dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules)
+    dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
     cost = CostModel(dg)
     index = PrunableIndex.of(dg)
     if gates == "width":
@@ -383,10 +384,11 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
 
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
-          cost_power: float = 0.0, rules: Optional[OpRegistry] = None) -> torch.fx.GraphModule:
+          cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
 
-    ``rules``: the op handlers to use (see :func:`hfp_fx.dependency_graph`).
+    ``rules``, ``capture``: the op handlers to use and how the model is captured (see
+    :func:`hfp_fx.dependency_graph`).
 
     Saliency (``"l1"``): for every weight slice that produces a channel (a conv's or linear
     layer's output filters, as each op handler declares; see :mod:`hfp_fx.saliency`), the mean
@@ -399,7 +401,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     """
     with stages("prune", ["dependency graph", "budget projection", "shrink"]) as stage:
         with stage("dependency graph"):
-            dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules)
+            dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
         if not dg.prunable_groups:
             raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                              "hfp_fx.dependency_graph(model, x).summary() for the reasons")

@@ -66,7 +66,7 @@ def save(model: torch.fx.GraphModule, path: PathLike, *, model_spec: Optional[st
             "groups": {gid: [g.dense, g.kept] for gid, g in report.groups.items()},
             "achieved": _counts(report.achieved), "dense": _counts(report.dense), "target": _counts(report.target),
             "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in report.inputs],
-            "model_spec": spec}
+            "model_spec": spec, "capture": report.capture, "input_names": report.input_names}
     torch.save({"plan": json.dumps(plan), "state_dict": model.state_dict()}, path)
 
 
@@ -94,8 +94,14 @@ def load(path: PathLike, model_factory: Optional[Callable[[], torch.nn.Module]] 
         model = model_factory
     if example_inputs is None:
         example_inputs = _recorded_inputs(plan, path)
+        names = plan.get("input_names")
+        if isinstance(names, list) and len(names) == len(example_inputs):
+            example_inputs = dict(zip((str(n) for n in names), example_inputs))
     saved = _saved_plan(plan, path)
-    dg = dependency_graph(model, example_inputs, exclude=plan["exclude"], rules=rules)
+    capture = plan.get("capture", "fx")
+    if capture not in ("fx", "export"):
+        raise _damaged(path, f"it records an unknown capture {capture!r}")
+    dg = dependency_graph(model, example_inputs, exclude=plan["exclude"], rules=rules, capture=capture)
     dense = {g.id: g.channels for g in dg.prunable_groups}
     if dense != {gid: d for gid, (d, _) in saved.kept_per_group.items()}:
         shapes = ", ".join(str(list(s["shape"])) for s in plan.get("inputs") or [])

@@ -40,6 +40,8 @@ class PruneReport:
     exclude: List[str] = field(default_factory=list)  #: modules excluded from pruning
     inputs: List[Tuple[Tuple[int, ...], str]] = field(default_factory=list)  #: example inputs' (shape, dtype)
     model_spec: Optional[str] = None  #: how to rebuild the dense model (``"torchvision:resnet18"``), if known
+    capture: str = "fx"  #: how the dense model was captured (``"fx"`` or ``"export"``)
+    input_names: Optional[List[str]] = None  #: keyword names of the example tensors, if given as a dict
 
     @classmethod
     def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
@@ -51,4 +53,5 @@ class PruneReport:
             groups[g.id] = GroupReport(g.name, int(dense), int(kept))
         inputs = [(tuple(x.shape), str(x.dtype).replace("torch.", "")) for x in dg.example_inputs]
         return cls(plan.dense, plan.counts, plan.target, groups, {k: list(v) for k, v in plan.keep.items()},
-                   list(scale_sites), list(exclude), inputs, model_spec)
+                   list(scale_sites), list(exclude), inputs, model_spec, getattr(dg, "capture", "fx"),
+                   None if getattr(dg, "input_names", None) is None else list(dg.input_names))

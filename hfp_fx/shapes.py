@@ -47,8 +47,12 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
     :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
     """
 
-    def __init__(self, *args, memoize: bool = True, rules: Optional[OpRegistry] = None, **kwargs):
+    def __init__(self, *args, memoize: bool = True, rules: Optional[OpRegistry] = None, on_meta: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        # torch.export graphs spell out the capture's device (``arange(..., device=cpu)``,
+        # ``x.to(cpu)``): on the meta twin such literals name the meta device
+        self.on_meta = on_meta
         self.rules = rules if rules is not None else DEFAULT_RULES
         self.extra_traceback = False  # our message already names the node; FX would append the graph
         self.memo = MetaMemo()
@@ -84,6 +88,8 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         """Output and MACs of a call node: from a shape rule, from an equal earlier call, or run."""
         counted = self.rules.counts_macs(n, module)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
+        if self.on_meta:
+            args, kwargs = torch.fx.node.map_aggregate((args, kwargs), _to_meta_device)
         found = meta_result(n, module, args, kwargs, self.rules)
         if found is not None:
             return found[0], found[1] if counted else 0
@@ -97,6 +103,10 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         macs = counter.get_total_flops() // 2 if counted else 0
         self.memo.put(key, result, macs)
         return result, macs
+
+
+def _to_meta_device(value: Any) -> Any:
+    return torch.device("meta") if isinstance(value, torch.device) else value
 
 
 def _op_name(n: torch.fx.Node) -> str:
@@ -117,7 +127,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tenso
     try:
         # grad mode on: free on meta tensors, and FlopCounterMode's module tracker fails under
         # no_grad when a parameter is a module's input (see api.count)
-        _ShapeAndFlopProp(graph_twin(gm, "meta"), graph=gm.graph, rules=rules).run(*meta_inputs)
+        _ShapeAndFlopProp(graph_twin(gm, "meta"), graph=gm.graph, rules=rules, on_meta=True).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
         try:

@@ -33,7 +33,7 @@ from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TraceError", "TracedModel", "trace", "normalize_inputs"]
+__all__ = ["TraceError", "TracedModel", "trace", "capture", "normalize_inputs", "input_names"]
 
 #: How many failing submodules are made opaque before giving up.
 MAX_OPAQUE_RETRIES = 64
@@ -50,6 +50,8 @@ class TracedModel:
     opaque: Dict[str, str] = field(default_factory=dict)
     #: traced with the example inputs' concrete shapes (the model branches on shapes)
     shape_specialized: bool = False
+    #: ``"fx"`` (symbolic tracing) or ``"export"`` (``torch.export``)
+    capture: str = "fx"
 
 
 #: torch.nn modules that are compositions of other layers: traced through (torch.fx keeps every
@@ -228,8 +230,19 @@ def _shape_checks_in(root: torch.nn.Module, failed: str) -> bool:
         return False
 
 
+def input_names(example_inputs: Any) -> Optional[Tuple[str, ...]]:
+    """The keyword names of a dict of example tensors (``{"input_ids": ids}``), else ``None``."""
+    return tuple(example_inputs) if isinstance(example_inputs, dict) else None
+
+
 def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
-    """Accept a tensor or a tuple/list of tensors and return a tuple."""
+    """Accept a tensor, a tuple/list of tensors or a dict of keyword tensors and return a tuple
+    (a dict's values in its order: the captured graph takes them positionally)."""
+    if isinstance(example_inputs, dict) and example_inputs:
+        for k, x in example_inputs.items():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"example_inputs[{k!r}] is a {type(x).__name__}; pass tensors only")
+        return tuple(example_inputs.values())
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and example_inputs:
@@ -241,7 +254,8 @@ def normalize_inputs(example_inputs: Any) -> Tuple[torch.Tensor, ...]:
                 )
         return tuple(example_inputs)
     raise TypeError(
-        f"example_inputs must be a tensor or a non-empty tuple of tensors, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor, a non-empty tuple of tensors or a dict of keyword tensors, "
+        f"got {type(example_inputs).__name__}"
     )
 
 
@@ -276,7 +290,7 @@ def _drop_none_guards(graph: torch.fx.Graph) -> None:
 
 
 def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
-          rules: Optional[OpRegistry] = None) -> TracedModel:
+          rules: Optional[OpRegistry] = None, _stacklevel: int = 3) -> TracedModel:
     """Symbolically trace ``model``; untraceable submodules become opaque leaves (with a warning).
 
     Modules with an op handler in ``rules`` (default: hfp_fx's own) are kept as single nodes.
@@ -322,7 +336,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
             warnings.warn(
                 "hfp_fx: these submodules could not be traced and are kept whole (their channels are "
                 "not pruned): " + "; ".join(f"{k} ({v})" for k, v in opaque.items()),
-                stacklevel=3,
+                stacklevel=_stacklevel,
             )
         _drop_none_guards(graph)
         if with_shapes:
@@ -332,9 +346,61 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
             graph._tracer_cls = _RecordingTracer
             warnings.warn(f"hfp_fx: {type(model).__name__} branches on tensor shapes in its forward; it was "
                           "traced with the example inputs' shapes, so the graph (and the pruned model) is "
-                          "specialised to them", stacklevel=3)
+                          "specialised to them", stacklevel=_stacklevel)
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
         gm.training = model.training  # the flag only: .train() would reach the user's submodules
         return TracedModel(gm, opaque, shape_specialized=with_shapes)
     raise TraceError(f"gave up after making {MAX_OPAQUE_RETRIES} submodules of {type(model).__name__} opaque")
+
+
+def _positional_names(model: torch.nn.Module, names: Tuple[str, ...]) -> bool:
+    """Whether keyword example tensors are the first positional parameters of ``forward``, in order."""
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    return tuple(params[:len(names)]) == tuple(names)
+
+
+def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], rules: Optional[OpRegistry] = None,
+            how: str = "fx", names: Optional[Tuple[str, ...]] = None) -> TracedModel:
+    """The one place that decides how a model is captured (the ``capture=`` keyword).
+
+    ``"fx"``: :func:`trace` (symbolic tracing); ``"export"``: ``torch.export``
+    (:func:`hfp_fx.export_capture.export_capture`, an ATen graph); ``"auto"``: ``torch.export``
+    for Hugging Face models, else symbolic tracing, then ``torch.export`` when tracing raises or
+    leaves submodules opaque (the traced graph is kept if the export fails too).
+    ``names``: the keyword names of a dict of example tensors.
+    """
+    from hfp_fx.export_capture import CAPTURES, export_capture, is_hugging_face
+
+    if how not in CAPTURES:
+        raise ValueError(f"capture must be one of {CAPTURES}, got {how!r}")
+    if isinstance(model, torch.fx.GraphModule) or how == "fx":
+        if names is not None and not isinstance(model, torch.fx.GraphModule) and not _positional_names(model, names):
+            raise TypeError(f"symbolic tracing takes the example tensors positionally, and {list(names)} are not "
+                            f"the first parameters of {type(model).__name__}.forward; pass a tuple or "
+                            "capture='export'")
+        return trace(model, example_inputs, rules, _stacklevel=4)
+    if how == "export" or is_hugging_face(model) or (names is not None and not _positional_names(model, names)):
+        return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True, capture="export")
+    try:  # "auto" on a plain model: what symbolic tracing captures whole is kept as it is
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            traced = trace(model, example_inputs, rules)
+    except torch.fx.proxy.TraceError as exc:
+        log.info("symbolic tracing of %s failed (%s); capturing with torch.export", type(model).__name__, exc)
+        traced, caught = None, []
+    if traced is None or traced.opaque:
+        try:
+            return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True,
+                               capture="export")
+        except Exception as exc:  # noqa: BLE001 - keep what tracing managed
+            if traced is None:
+                raise TraceError(f"neither torch.fx nor torch.export can capture {type(model).__name__}: "
+                                 f"{type(exc).__name__}: {exc}".splitlines()[0][:500]) from exc
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return traced

@@ -272,6 +272,11 @@ if hasattr(torch.nn, "RMSNorm"):  # (torch >= 2.4)
     DEFAULT_RULES.register(OpHandler(layer_norm, macs=False, rewrite=_rewrite_norm_module), modules=[torch.nn.RMSNorm])
 
 
+#: functional forms that take ``(x, normalized_shape, weight, bias, eps)``; the others registered
+#: for :func:`layer_norm_fn` take ``(x, normalized_shape, weight, eps)`` (``F.rms_norm``)
+LAYER_NORM_FUNCTIONS = {F.layer_norm}
+
+
 def _norm_fn_args(node: Node, rms: bool):
     """``(x, normalized_shape, weight, bias, eps)`` of ``F.layer_norm`` / ``F.rms_norm``."""
     get = lambda i, name, default=None: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
@@ -284,7 +289,7 @@ def _rewrite_norm_fn(node: Node, edit) -> None:
     m = edit.map_of(node)
     if not edit.changed(m):
         return
-    rms = node.target is not F.layer_norm
+    rms = node.target not in LAYER_NORM_FUNCTIONS
     x, _, weight, bias, eps = _norm_fn_args(node, rms)
     if rms:
         _emit_rms_norm(edit, node, x, weight, eps, m)
@@ -294,7 +299,7 @@ def _rewrite_norm_fn(node: Node, edit) -> None:
 
 @op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape, rewrite=_rewrite_norm_fn)
 def layer_norm_fn(a: A, node: Node):
-    rms = node.target is not F.layer_norm
+    rms = node.target not in LAYER_NORM_FUNCTIONS
     x, shape, weight, bias, eps = _norm_fn_args(node, rms)
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
     names = []

@@ -333,7 +333,8 @@ def _reduced_dims(node: Node, rank: int) -> Optional[List[int]]:
 
 
 def _reduction_name(node: Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    """``mean`` for ``Tensor.mean``, ``torch.mean`` and the ATen overload ``aten.mean.dim``."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "").split(".")[0]
 
 
 def _zero_blind(node: Node) -> bool:

@@ -80,15 +80,18 @@ def randomize_zero_weights(model):
     return model
 
 
-def check_model(model, x, seed=0, ratio=0.5, train_mode=True):
-    """Prune a random ``ratio`` of every group and check every guarantee of the core API."""
+def check_model(model, x, seed=0, ratio=0.5, train_mode=True, capture="fx"):
+    """Prune a random ``ratio`` of every group and check every guarantee of the core API.
+
+    ``x``: a tensor, a tuple or a dict of keyword tensors (the graph takes its values positionally).
+    """
     model = randomize_zero_weights(model.eval())
-    inputs = x if isinstance(x, tuple) else (x,)
+    inputs = tuple(x.values()) if isinstance(x, dict) else x if isinstance(x, tuple) else (x,)
     snap = state_snapshot(model)
-    dg = hfp_fx.dependency_graph(model, x)
+    dg = hfp_fx.dependency_graph(model, x, capture=capture)
     assert not dg.facts.mac_mismatch, dg.facts.mac_mismatch
     cm = hfp_fx.CostModel(dg)
-    dense = hfp_fx.count(model, x)
+    dense = hfp_fx.count(model, x, capture=capture)
     assert cm.counts() == dense
     keep = random_keep(dg, seed, ratio)
     masked = hfp_fx.mask(dg, keep=keep).eval()
@@ -98,7 +101,7 @@ def check_model(model, x, seed=0, ratio=0.5, train_mode=True):
     with torch.no_grad():
         assert_close(masked(*inputs), small(*inputs))
     predicted = cm.counts(dg.alive(keep)[cm.unit_ids])
-    assert predicted == hfp_fx.count(small, x)
+    assert predicted == hfp_fx.count(small, inputs)
     if keep and any(len(v) < dg.group(k).channels for k, v in keep.items()):
         assert predicted.params < dense.params
     if train_mode:

@@ -1,0 +1,218 @@
+"""Handlers for the ATen ops of graphs captured with ``torch.export`` (``capture="export"``).
+
+``torch.export`` records ``torch.ops.aten.*`` overloads instead of ``torch``/``Tensor`` calls.
+Where an overload takes its arguments the way the ``torch`` function does, it is registered
+with the existing rule (``passthrough``, ``elementwise``, ``reduction``, ``reshape`` with
+``rewrite_sizes``, ``permute``, ``transpose``, ``cat``, ``split``, ``matmul``, ``sdpa``,
+``linear_fn``, ``layer_norm_fn``); the few that differ get a small adapter here:
+
+* ``aten.embedding(weight, indices)`` (the weight first; ``F.embedding`` is ``(indices, weight)``);
+* ``aten.slice.Tensor(x, dim, start, end, step)``, whose bounds the shrink pass rewrites to
+  count kept channels (like ``x[:, a:b]``);
+* ``aten.select.int(x, dim, index)``, which drops ``dim``;
+* ``aten.addmm(bias, x, weight)`` with a ``(in, out)`` weight: Hugging Face's ``Conv1D`` (GPT-2).
+
+Literal sizes in the graph (``view``/``reshape``/``expand`` sizes, slice bounds) are rewritten
+by the shrink pass through the handlers' ``rewrite``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch.fx.node import Node
+
+from hfp_fx.spaces import ChannelMap
+from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
+from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
+from hfp_fx.passes import rules_layers as L
+from hfp_fx.passes import rules_tensor as T
+
+if TYPE_CHECKING:
+    from hfp_fx.passes.shrink import ShrinkEdit
+
+A = ChannelAnalysis
+aten = torch.ops.aten
+
+__all__ = ["embedding", "slice_tensor", "select_int", "addmm"]
+
+
+def _ops(*names):
+    """The overloads ``aten.<name>`` that this torch has (``"add.Tensor"``, ...)."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload or "default", None)
+        if op is not None:
+            found.append(op)
+    return found
+
+
+def _register(handler: OpHandler, *names: str) -> None:
+    DEFAULT_RULES.register(handler, functions=_ops(*names))
+
+
+# per-position ops: the output carries the first argument's channels
+_register(OpHandler(T.passthrough, macs=False),
+          "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "erf",
+          "log", "sin", "cos", "reciprocal", "sigmoid_", "tanh_", "hardtanh_", "clamp_", "hardswish_", "gelu_",
+          "leaky_relu_", "elu_", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu",
+          "softplus", "mish", "clamp", "clamp_min", "clamp_max", "pow.Tensor_Scalar", "dropout", "native_dropout",
+          "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
+          "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num")
+# broadcasting element-wise ops
+_register(OpHandler(T.elementwise, macs=False),
+          "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
+          "mul.Scalar", "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Tensor", "maximum", "minimum",
+          "where.self", "masked_fill.Scalar", "masked_fill.Tensor",
+          # in-place forms (``out += identity``), as the ``Tensor.add_`` methods are
+          "add_.Tensor", "add_.Scalar", "sub_.Tensor", "mul_.Tensor", "mul_.Scalar", "div_.Tensor", "masked_fill_.Scalar")
+# reductions: a mean over pruned channels becomes sum * (1 / original count)
+_register(OpHandler(T.reduction, macs=False, rewrite=T.rewrite_mean),
+          "mean.dim", "sum.dim_IntList", "amax", "amin")
+_register(OpHandler(T.along_dim, macs=False), "softmax.int", "_softmax", "log_softmax.int", "_log_softmax",
+          "cumsum")
+# reshapes, permutations, broadcasting: literal sizes at args[1] are rewritten
+_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_sizes), "view", "_unsafe_view", "reshape")
+_register(OpHandler(T.reshape, macs=False), "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze",
+          "flatten.using_ints")
+_register(OpHandler(T.expand, macs=False, rewrite=T.rewrite_sizes), "expand")
+_register(OpHandler(T.permute, macs=False), "permute")
+_register(OpHandler(T.transpose, macs=False), "transpose.int")
+_register(OpHandler(T.t, macs=False), "t")
+_register(OpHandler(T.cat, macs=False), "cat")
+_register(OpHandler(T.split, macs=False, rewrite=T.rewrite_split), "split.Tensor", "split_with_sizes")
+_register(OpHandler(T.repeat_interleave, macs=False), "repeat_interleave.self_int")
+# channel-mixing ops
+_register(OpHandler(T.matmul), "matmul", "bmm", "mm")
+_register(OpHandler(T.sdpa), "scaled_dot_product_attention")
+_register(OpHandler(L.linear_fn), "linear")
+_register(OpHandler(L.layer_norm_fn, macs=False, rewrite=L._rewrite_norm_fn), "layer_norm", "rms_norm")
+L.LAYER_NORM_FUNCTIONS.update(_ops("layer_norm"))
+
+
+@op_handler(functions=_ops("embedding"), macs=False)
+def embedding(a: A, node: Node):
+    """``aten.embedding(weight, indices, ...)``: the output's last dim is the weight's columns."""
+    weight = node.args[0]
+    ws = a.shape(weight)
+    if not (isinstance(weight, Node) and weight.op == "get_attr") or ws is None or len(ws) != 2:
+        a.fix(a.map(weight), f"{describe(node)} with a computed weight")
+        return None
+    out_ids = a.new(ws[1])
+    a.bind_param(weight.target, 1, out_ids, importance="out")
+    return ChannelMap(len(a.shape(node)) - 1, out_ids)
+
+
+def _slice_args(node: Node):
+    get = lambda i, name, default: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
+    return get(1, "dim", 0), get(2, "start", None), get(3, "end", None), get(4, "step", 1)
+
+
+def rewrite_slice(node: Node, edit: "ShrinkEdit") -> None:
+    """``aten.slice(x, dim, start, end)`` on a pruned channel dim: the bounds count kept channels."""
+    src = edit.map_of(node.args[0])
+    if src is None or not edit.changed(src):
+        return
+    dim, start, end, step = _slice_args(node)
+    if dim % len(edit.dense_shape(node.args[0])) != src.axis:
+        return
+    lo, hi, _ = slice(start, end).indices(edit.dense_shape(node.args[0])[src.axis])
+    node.args = (node.args[0], dim, edit.kept_before(src, lo), edit.kept_before(src, max(lo, hi)), step)
+    node.kwargs = {}
+
+
+@op_handler(functions=_ops("slice.Tensor"), macs=False, rewrite=rewrite_slice)
+def slice_tensor(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dim, start, end, step = _slice_args(node)
+    rank = len(a.shape(node.args[0]))
+    if not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+        a.fix(m, f"{describe(node)} uses run-time arguments")
+        return None
+    if dim % rank != m.axis:
+        return m
+    if step not in (None, 1):
+        a.fix(m, f"{describe(node)} slices the channel dim with a step")
+        return None
+    return ChannelMap(m.axis, m.ids[slice(start, end)])
+
+
+@op_handler(functions=_ops("select.int"), macs=False)
+def select_int(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dim = node.args[1] % len(a.shape(node.args[0]))
+    if dim == m.axis:
+        a.fix(m, f"{describe(node)} picks a single channel")
+        return None
+    return ChannelMap(m.axis - (1 if m.axis > dim else 0), m.ids)
+
+
+@op_handler(functions=_ops("index_select"), macs=False)
+def index_select(a: A, node: Node):
+    return T.select_like(a, node)
+
+
+@op_handler(functions=_ops("addmm"))
+def addmm(a: A, node: Node):
+    """``addmm(bias, x, weight)`` with parameters ``bias`` (out,) and ``weight`` (in, out): a linear
+    layer with a transposed weight (Hugging Face ``Conv1D``)."""
+    bias, x, weight = node.args[:3]
+    ws, bs = a.shape(weight), a.shape(bias)
+    m = a.cmap(x)
+    plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+    if not (plain and isinstance(weight, Node) and weight.op == "get_attr" and isinstance(bias, Node)
+            and bias.op == "get_attr" and ws is not None and bs is not None and len(bs) == 1):
+        return _fixed(a, node)
+    fin, fout = ws
+    out_ids = a.new(fout)
+    a.bind_param(weight.target, 1, out_ids, importance="out")
+    a.bind_param(bias.target, 0, out_ids)
+    tokens = a.shape(x)[0]
+    if m is not None and m.axis == 1:
+        a.bind_param(weight.target, 0, m.ids, importance="in")
+        a.gate(1, m, weight=(weight.target, 0))
+        a.add_macs(tokens, out_ids, m.ids)
+    else:
+        if m is not None:
+            a.fix(m, f"{describe(node)} contracts over a dim that is not the channel dim")
+        a.add_macs(tokens * fin, out_ids)
+    return ChannelMap(1, out_ids)
+
+
+def _fixed(a: A, node: Node):
+    a.fix([a.map(x) for x in node.args if isinstance(x, Node)], f"{describe(node)} with computed operands")
+    return None
+
+
+# convolutional networks (what ``capture="auto"`` falls back to for a CNN tracing cannot capture)
+_register(OpHandler(L.conv_fn, rewrite=L.rewrite_conv_groups), "conv1d", "conv2d", "conv3d")
+for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d")),
+                   (2, ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
+                        "adaptive_max_pool2d")),
+                   (3, ("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d"))):
+    _register(OpHandler(T._spatial(_k), macs=False), *_names)
+_register(OpHandler(T._spatial(None), macs=False), "upsample_nearest2d.vec", "upsample_bilinear2d.vec")
+
+
+@op_handler(functions=_ops("batch_norm"), macs=False)
+def batch_norm(a: A, node: Node):
+    """``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, ...)``:
+    per channel on dim 1 (``F.batch_norm`` puts the running statistics first)."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    if m.axis != 1:
+        a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim")
+        return m
+    for key, t in zip(("weight", "bias", "running_mean", "running_var"), node.args[1:5]):
+        if isinstance(t, Node):
+            if t.op != "get_attr":
+                a.fix(m, f"{describe(node)} with a computed `{key}`")
+                return m
+            a.bind_param(t.target, 0, m.ids)
+    return m

@@ -1,0 +1,141 @@
+"""Hugging Face models as they are, captured with torch.export (``capture="export"`` / ``"auto"``).
+
+Tiny random-init configurations; every check of ``tests/helpers.check_model`` (shrink == mask on
+the logits, cost model == counter, save/load, training step, the user's model untouched).
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import hfp_fx  # noqa: E402
+from helpers import check_model  # noqa: E402
+
+
+def build(name, tie=True):
+    torch.manual_seed(0)
+    if name in ("llama", "qwen2"):
+        config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
+        cfg = config_cls(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=tie)
+        return model_cls(cfg).eval()
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=48, n_layer=2, n_head=4, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def ids():
+    return torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def owning(dg, param, dim):
+    return [g for g in dg.groups if any(m.target == param and m.dim == dim for m in g.members)]
+
+
+def prunable(dg):
+    return sorted(g.channels for g in dg.prunable_groups)
+
+
+CASES = [("llama", True), ("llama", False), ("qwen2", True), ("qwen2", False), ("gpt2", True), ("bert", True)]
+#: prunable group sizes: the residual stream (48), per layer the key/value groups (2: each KV
+#: head with its 3 query heads) or heads (4) and the MLP width; BERT's pooler (48)
+PRUNABLE = {"llama": [2, 2, 48, 64, 64], "qwen2": [2, 2, 48, 64, 64], "gpt2": [4, 4, 48, 192, 192],
+            "bert": [4, 4, 48, 48, 64, 64]}
+
+
+@pytest.mark.parametrize("name,tie", CASES, ids=[f"{n}-{'tied' if t else 'untied'}" for n, t in CASES])
+def test_hugging_face_model_shrink_equals_mask(name, tie):
+    dg, small = check_model(build(name, tie), {"input_ids": ids()}, capture="export")
+    assert prunable(dg) == PRUNABLE[name]
+    assert dg.shape_specialized  # torch.export bakes the example's batch and sequence length in
+    fixed = [g for g in dg.groups if not g.prunable]
+    assert len(fixed) == 1 and fixed[0].reason == "model output"  # the logits (vocabulary / labels)
+    assert isinstance(small(ids()), torch.Tensor)  # the graph returns the logits
+
+
+def test_llama_groups_are_the_stream_the_kv_groups_and_the_mlp():
+    dg = hfp_fx.dependency_graph(build("llama"), {"input_ids": ids()}, capture="export")
+    assert not dg.facts.mac_mismatch
+    stream = owning(dg, "lm_head.weight", 1)[0]  # tied: the embedding is the LM head's weight
+    assert stream.prunable and stream.channels == 48
+    for layer in range(2):
+        kv = owning(dg, f"model.layers.{layer}.self_attn.k_proj.weight", 0)[0]
+        assert kv.prunable and kv.channels == 2
+        q = [m for m in kv.members if m.target == f"model.layers.{layer}.self_attn.q_proj.weight" and m.dim == 0]
+        assert len(q[0].offsets) == 48  # every query row goes with its key/value head
+        mlp = owning(dg, f"model.layers.{layer}.mlp.up_proj.weight", 0)[0]
+        assert mlp.prunable and mlp.channels == 64
+
+
+def test_auto_capture_exports_hugging_face_models():
+    model = build("qwen2", tie=False)
+    dg, _ = check_model(model, {"input_ids": ids()}, capture="auto")
+    assert prunable(dg) == PRUNABLE["qwen2"]
+    positional = hfp_fx.dependency_graph(model, ids(), capture="auto")  # a tensor: input_ids
+    assert prunable(positional) == PRUNABLE["qwen2"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_prune_to_forty_percent_of_the_parameters(name):
+    model = build(name)
+    x = {"input_ids": ids()}
+    dense = hfp_fx.count(model, x, capture="auto")
+    small = hfp_fx.prune(model, x, {"params": 0.4}, capture="auto")
+    report = small.meta["hfp"]
+    assert report.dense == dense
+    assert report.achieved == hfp_fx.count(small, (ids(),))
+    assert 0.38 * dense.params <= report.achieved.params <= 0.4 * dense.params
+    with torch.no_grad():
+        reference = model(input_ids=ids(), use_cache=False) if name != "bert" else model(input_ids=ids())
+        assert small(ids()).shape == reference.logits.shape
+
+
+def test_keyword_examples_in_any_order():
+    model, x = build("bert"), ids()
+    types = (x % 2).flip(1)
+    example = {"token_type_ids": types, "input_ids": x}  # not the signature's order
+    with pytest.raises(TypeError, match="capture='export'"):
+        hfp_fx.dependency_graph(model, example, capture="fx")  # tracing takes leading positional ones only
+    dg = hfp_fx.dependency_graph(model, example, capture="export")
+    with torch.no_grad():
+        expected = model(input_ids=x, token_type_ids=types).logits
+        torch.testing.assert_close(hfp_fx.mask(dg, keep={}).eval()(types, x), expected)  # the dict's order
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_prepare_train_finalize_on_an_exported_model_is_exact(name):
+    from helpers import apply_plan, assert_close
+
+    model, x = build(name), ids()
+    prepared = hfp_fx.prepare(model, {"input_ids": x}, {"params": 0.5}, lambda_init=0.02, capture="auto")
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(20):
+        logits = prepared(x)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss = loss + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared.eval()
+    small = hfp_fx.finalize(prepared).eval()
+    report = small.meta["hfp"]
+    assert report.achieved.params <= report.target.params
+    apply_plan(prepared, report.keep)
+    with torch.no_grad():
+        assert_close(prepared(x), small(x))
+
+
+def test_save_and_load_an_exported_pruned_model(tmp_path):
+    model, x = build("gpt2"), ids()
+    small = hfp_fx.prune(model, {"input_ids": x}, {"params": 0.5}, capture="auto")
+    assert small.meta["hfp"].capture == "export" and small.meta["hfp"].input_names == ["input_ids"]
+    path = tmp_path / "gpt2.hfp.pt"
+    hfp_fx.save(small, path)
+    again = hfp_fx.load(path, lambda: build("gpt2"))  # recorded: capture, input names and shapes
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), small.eval()(x))
