@@ -126,10 +126,16 @@ def linear_fn(a: A, node: Node):
         a.fix([a.map(node.args[0]), a.map(weight)], f"{describe(node)} with a computed weight")
         return None
     b = bias.target if isinstance(bias, Node) and bias.op == "get_attr" else None
+    out = linear_core(a, node, node.args[0], weight.target, b, ws[1], ws[0])
     if isinstance(bias, Node) and b is None:
-        a.fix(a.map(node.args[0]), f"{describe(node)} with a computed bias")
-        return None
-    return linear_core(a, node, node.args[0], weight.target, b, ws[1], ws[0])
+        # a bias computed at run time (BEiT's cat of q, zero and v biases) cannot be sliced: the
+        # outputs stay whole; the input columns are still the weight's to prune
+        bm = a.cmap(bias)
+        if bm is not None and out is not None and bm.size == out.size:
+            a.union(out.ids, bm.ids)
+        else:
+            a.fix(out, f"{describe(node)} with a computed bias")
+    return out
 
 
 def linear_core(a: A, node: Node, x, w: str, b: Optional[str], fin: int, fout: int, mod=None):

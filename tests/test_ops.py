@@ -673,3 +673,25 @@ def test_heads_meeting_an_untracked_query_are_bound_or_fixed(learned):
         assert heads.prunable and any(m.target == "q" for m in heads.members)
     else:
         assert not heads.prunable and "untracked tensor" in heads.reason
+
+
+class ComputedBias(nn.Module):
+    """BEiT's qkv: ``F.linear(x, qkv.weight, cat(q_bias, zeros, v_bias))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(4, 8), nn.Linear(12, 2)
+        self.weight = nn.Parameter(torch.randn(12, 8))
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        return self.out(F.linear(self.inp(x), self.weight, bias))
+
+
+def test_linear_with_a_computed_bias_keeps_its_outputs_and_prunes_its_inputs():
+    dg, _ = check_model(ComputedBias(), torch.randn(2, 4))
+    by = groups_by_module(dg)
+    assert by["inp"].prunable
+    outputs = [g for g in dg.groups if any(m.target == "weight" and m.dim == 0 for m in g.members)][0]
+    assert not outputs.prunable and "computed bias" in outputs.reason
