@@ -12,7 +12,6 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import hfp_fx
 from helpers import check_model
 
 
