@@ -38,7 +38,7 @@ from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.projection import check_feasible, project
+from hfp_fx.projection import check_feasible, project, uniform_block_classes
 from hfp_fx.report import PruneReport
 from hfp_fx.saliency import magnitude_saliency
 from hfp_fx.target import ResolvedTarget, Target
@@ -194,7 +194,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
-            rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
+            rules: Optional[OpRegistry] = None, capture: str = "fx",
+            uniform_blocks: bool = False) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -202,7 +203,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     ``threshold``, ``count``, ``temperature``, ``gate_max``, ``cost_power`` and ``relative_gates``
     shape per-channel gates: with ``gates="width"`` a value other than the default is refused.
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
-    :func:`hfp_fx.dependency_graph`).
+    :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: :func:`finalize` keeps the same
+    widths in every repeated block (:func:`hfp_fx.projection.uniform_block_classes`); the gates
+    still train one width per group, the projection makes them equal.
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
@@ -230,6 +233,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     prepared.train(model.training)  # the gates' schedule follows the model's mode
     prepared._hfp_graph = dg
     prepared.meta["hfp_exclude"] = list(exclude)
+    prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
     return prepared
 
 
@@ -291,8 +295,9 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     initial = hfp.kept_per_group()
     with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
         with stage("budget projection"):
+            tied = uniform_block_classes(dg.prunable_groups) if prepared.meta.get("hfp_uniform_blocks") else ()
             plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
-                           min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power)
+                           min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied)
             alive = dg.alive(plan.keep)
         with stage("fold gates"):
             base = _trained_copy(prepared, dg)
@@ -384,11 +389,14 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
 
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
-          cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
+          cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "fx",
+          uniform_blocks: bool = False) -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
-    :func:`hfp_fx.dependency_graph`).
+    :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: every repeated block (groups
+    whose members' names are equal up to the block index, e.g. ``layers.3.mlp``) keeps the same
+    width, so the result fits one configuration of the architecture.
 
     Saliency (``"l1"``): for every weight slice that produces a channel (a conv's or linear
     layer's output filters, as each op handler declares; see :mod:`hfp_fx.saliency`), the mean
@@ -408,8 +416,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
         with stage("budget projection"):
             cm = CostModel(dg)
             resolved = Target.parse(target).resolve(cm.counts())
+            tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
             plan = project(cm, dg.prunable_groups, magnitude_saliency(dg, importance), resolved,
-                           min_channels=min_channels, round_to=round_to, cost_power=cost_power)
+                           min_channels=min_channels, round_to=round_to, cost_power=cost_power, tied=tied)
         with stage("shrink"):
             small = shrink_model(dg.facts, dg.alive(plan.keep))
     small.train(model.training)

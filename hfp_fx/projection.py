@@ -11,10 +11,15 @@ plan is: per group keep the ``n_g`` most salient channels, and choose the ``n_g`
    under every budget.  First-order marginals never overestimate the cost of adding a block, so
    a block is skipped only when it truly does not fit: afterwards no remaining block fits the
    slack, i.e. the result is under target by less than one block's cost.
+
+``tied`` classes of groups (``uniform_blocks``: the same layer in every repeated block) move
+together: one step removes or adds a block in every member, at the sum of their marginal costs
+and the mean of their saliencies, so every member keeps the same count.
 """
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -23,7 +28,7 @@ import torch
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.target import ResolvedTarget
 
-__all__ = ["Plan", "project", "check_feasible", "InfeasibleTargetError"]
+__all__ = ["Plan", "project", "check_feasible", "InfeasibleTargetError", "uniform_block_classes"]
 
 
 class InfeasibleTargetError(ValueError):
@@ -72,6 +77,15 @@ def _lower_limit(size: int, min_channels: int, round_to: int) -> Tuple[int, int]
     return lo, step
 
 
+def _unit_step(state: List[_Group], unit: List[int], kind: str) -> Optional[Tuple[int, float]]:
+    """The next removal/addition of a unit of groups: the first member's new count (members have
+    equal sizes and counts), at the mean saliency of the block over the members."""
+    steps = [state[i].next_removal() if kind == "removal" else state[i].next_addition() for i in unit]
+    if steps[0] is None:
+        return None
+    return steps[0][0], sum(sal for _, sal in steps) / len(steps)
+
+
 def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_channels: int = 1,
                    round_to: int = 1) -> Counts:
     """Raise :class:`InfeasibleTargetError` unless the target is reachable; return the smallest counts."""
@@ -94,6 +108,16 @@ def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_
     return floor
 
 
+def uniform_block_classes(groups: Sequence) -> List[List[str]]:
+    """Prunable groups that are the same layer of repeated blocks: their members' names are equal
+    once the block indices (``layers.3.``) are blanked, and they have as many channels."""
+    classes: Dict[tuple, List[str]] = {}
+    for g in groups:
+        names = tuple(sorted({(re.sub(r"\.\d+(?=\.)", ".#", m.target), m.dim) for m in g.members}))
+        classes.setdefault((g.channels, names), []).append(g.id)
+    return [ids for ids in classes.values() if len(ids) > 1]
+
+
 def _allowed(n: int, lo: int, step: int, size: int) -> int:
     n = max(lo, min(size, n))
     return n if n == size else max(lo, (n // step) * step)
@@ -101,7 +125,7 @@ def _allowed(n: int, lo: int, step: int, size: int) -> int:
 
 def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor], target: ResolvedTarget,
             initial: Optional[Mapping[str, int]] = None, min_channels: int = 1, round_to: int = 1,
-            cost_power: float = 1.0) -> Plan:
+            cost_power: float = 1.0, tied: Sequence[Sequence[str]] = ()) -> Plan:
     """Choose kept channels per group so every targeted count is <= its target (see module doc).
 
     Blocks are ranked by ``saliency / marginal_cost ** cost_power``: 1 trades importance against
@@ -120,6 +144,18 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
         n0 = g.channels if initial is None else int(initial.get(g.id, g.channels))
         state.append(_Group(g.id, cm.columns(g.units)[order], order, sal[order], g.channels, lo, step,
                             _allowed(n0, lo, step, g.channels)))
+    index = {s.gid: i for i, s in enumerate(state)}
+    units: List[List[int]] = []  # groups that move together (a tied class, or one group)
+    taken = set()
+    for ids in tied:
+        members = [index[g] for g in ids if g in index and index[g] not in taken]
+        if len(members) > 1:
+            n = max(state[i].n for i in members)
+            for i in members:
+                state[i].n = n
+            taken.update(members)
+            units.append(members)
+    units += [[i] for i in range(len(state)) if i not in taken]
     metrics = target.items()
     all_cols = torch.cat([s.cols for s in state]) if state else torch.zeros(0, dtype=torch.long)
     rank = torch.cat([torch.arange(s.size) for s in state]) if state else torch.zeros(0, dtype=torch.long)
@@ -152,45 +188,46 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
         violated = [(name, t) for name, t in metrics if values[name] > t]
         if not violated:
             break
-        weight = torch.zeros(len(state), dtype=torch.float64)
+        per_group = torch.zeros(len(state), dtype=torch.float64)
         excess = 0.0
         for name, t in violated:
-            weight += grads[name] / t
+            per_group += grads[name] / t
             excess += (values[name] - t) / t
+        weight = [float(per_group[u].sum()) for u in units]
         heap = []
-        for i, s in enumerate(state):
-            nxt = s.next_removal()
-            if nxt is not None and weight[i] > 0:
-                heap.append((nxt[1] / float(weight[i]) ** cost_power, i))
+        for k, u in enumerate(units):
+            nxt = _unit_step(state, u, "removal")
+            if nxt is not None and weight[k] > 0:
+                heap.append((nxt[1] / weight[k] ** cost_power, k))
         if not heap:
             break  # unreachable after the feasibility check, kept as a guard
         heapq.heapify(heap)
         removed = 0.0
         while heap and removed < excess:
-            _, i = heapq.heappop(heap)
-            s = state[i]
-            new, _ = s.next_removal()
-            removed += float(weight[i]) * (s.n - new)
-            s.n = new
-            nxt = s.next_removal()
+            _, k = heapq.heappop(heap)
+            new, _ = _unit_step(state, units[k], "removal")
+            removed += weight[k] * (state[units[k][0]].n - new)
+            for i in units[k]:
+                state[i].n = new
+            nxt = _unit_step(state, units[k], "removal")
             if nxt is not None:
-                heapq.heappush(heap, (nxt[1] / float(weight[i]) ** cost_power, i))
+                heapq.heappush(heap, (nxt[1] / weight[k] ** cost_power, k))
 
     # 3. add back
     blocked = set()
     while True:
         values, grads = evaluate(with_grad=True)
         best = None
-        for i, s in enumerate(state):
-            if i in blocked:
+        for k, u in enumerate(units):
+            if k in blocked:
                 continue
-            nxt = s.next_addition()
+            nxt = _unit_step(state, u, "addition")
             if nxt is None:
                 continue
             new, sal = nxt
             cost, fits = 0.0, True
             for name, t in metrics:
-                inc = float(grads[name][i]) * (new - s.n)
+                inc = float(grads[name][u].sum()) * (new - state[u[0]].n)
                 if values[name] + inc > t + 1e-6:
                     fits = False
                     break
@@ -198,16 +235,18 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
             if fits:
                 score = sal / max(cost, 1e-30) ** cost_power
                 if best is None or score > best[0]:
-                    best = (score, i, new)
+                    best = (score, k, new)
         if best is None:
             break
-        _, i, new = best
-        old = state[i].n
-        state[i].n = new
+        _, k, new = best
+        old = state[units[k][0]].n
+        for i in units[k]:
+            state[i].n = new
         trial, _ = evaluate()
         if any(trial[name] > t for name, t in metrics):
-            state[i].n = old
-            blocked.add(i)
+            for i in units[k]:
+                state[i].n = old
+            blocked.add(k)
 
     values, _ = evaluate()
     counts = Counts(int(round(values["params"])), int(round(values["macs"])))

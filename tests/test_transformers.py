@@ -422,3 +422,24 @@ def test_einsum_attention_with_a_gathered_bias_table_prunes_heads():
     heads = groups_with(dg, "table", 1)[0]
     assert heads.prunable and heads.channels == 4
     assert groups_with(dg, "weight", 0)[0].prunable  # contracted against a parameter: bound
+
+
+@pytest.mark.parametrize("target", [{"params": 0.5}, {"macs": 0.3}])
+def test_uniform_blocks_keep_the_same_widths_in_every_layer(target):
+    torch.manual_seed(0)
+    model, ids = TinyLlama("expand", layers=3), torch.randint(0, 40, (2, 7))
+    free = hfp_fx.prune(model, ids, target).meta["hfp"]
+    small = hfp_fx.prune(model, ids, target, uniform_blocks=True)
+    report = small.meta["hfp"]
+    dg = hfp_fx.dependency_graph(model, ids)
+    for name, dim in (("self_attn.k_proj.weight", 0), ("gate_proj.weight", 0)):
+        kept = {len(report.keep.get(g.id, range(g.channels)))
+                for layer in range(3) for g in groups_with(dg, f"layers.{layer}.{name}", dim)}
+        assert len(kept) == 1, (name, kept)  # one width for all three layers
+    counts = hfp_fx.count(small, ids)
+    for key, value in target.items():
+        dense = getattr(hfp_fx.count(model, ids), key)
+        assert getattr(counts, key) <= value * dense  # the budget is met ...
+        assert getattr(counts, key) >= getattr(free.achieved, key) - 0.05 * dense  # ... about as closely
+    with torch.no_grad():
+        assert_close(hfp_fx.mask(dg, keep=report.keep)(ids), small(ids))
