@@ -17,6 +17,7 @@ from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, p
 from hfp_fx.projection import InfeasibleTargetError, Plan
 from hfp_fx.report import GroupReport, PruneReport
 from hfp_fx.io import load, save
+from hfp_fx.hf import to_pretrained
 from hfp_fx.passes.registry import OpHandler, OpRegistry, default_rules
 from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.progress import set_progress
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
-    "save", "load", "set_progress", "Target", "Plan", "PruneReport", "GroupReport",
+    "save", "load", "to_pretrained", "set_progress", "Target", "Plan", "PruneReport", "GroupReport",
     "render_graph", "plot_widths", "ComplexityLog",
     "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel",
     "InfeasibleTargetError", "TraceError", "ShapePropagationError", "ShrinkError",

@@ -139,3 +139,43 @@ def test_save_and_load_an_exported_pruned_model(tmp_path):
     again = hfp_fx.load(path, lambda: build("gpt2"))  # recorded: capture, input names and shapes
     with torch.no_grad():
         assert torch.equal(again.eval()(x), small.eval()(x))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_to_pretrained_round_trips_through_save_pretrained(name, tie, tmp_path):
+    model, x = build(name, tie), ids()
+    dg = hfp_fx.dependency_graph(model, x, capture="export")
+    gen = torch.Generator().manual_seed(0)
+    # one KV group of two (3 query heads), and the same random half of the hidden size and of
+    # every MLP: a hidden size of 24 is a multiple of 3 heads, as transformers' configs require
+    keep = {}
+    for g in dg.prunable_groups:
+        n = 1 if g.channels == 2 else g.channels // 2
+        keep[g.id] = sorted(torch.randperm(g.channels, generator=gen)[:n].tolist())
+    small = hfp_fx.shrink(dg, keep=keep)
+    hf = hfp_fx.to_pretrained(small, like=model).eval()
+    assert type(hf) is type(model)
+    assert hf.config.hidden_size < model.config.hidden_size
+    assert hf.config.num_key_value_heads <= model.config.num_key_value_heads
+    assert sum(p.numel() for p in hf.parameters()) <= 0.5 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        expected = small(x)
+        torch.testing.assert_close(hf(x).logits, expected, atol=1e-4, rtol=1e-4)
+    hf.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_to_pretrained_refuses_what_a_config_cannot_express():
+    model, x = build("llama"), ids()
+    uneven = hfp_fx.prune(model, x, {"params": 0.5}, capture="export")
+    widths = {tuple(uneven.state_dict()[f"model.layers.{i}.mlp.gate_proj.weight"].shape) for i in range(2)}
+    if len(widths) > 1:
+        with pytest.raises(ValueError, match="uniform_blocks=True"):
+            hfp_fx.to_pretrained(uneven, like=model)
+    gpt2 = build("gpt2")
+    small = hfp_fx.prune(gpt2, x, {"params": 0.5}, capture="export")
+    with pytest.raises(ValueError, match="LayerNorm"):
+        hfp_fx.to_pretrained(small, like=gpt2)
