@@ -203,16 +203,4 @@ _register(OpHandler(T._spatial(None), macs=False), "upsample_nearest2d.vec", "up
 def batch_norm(a: A, node: Node):
     """``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, ...)``:
     per channel on dim 1 (``F.batch_norm`` puts the running statistics first)."""
-    m = a.cmap(node.args[0])
-    if m is None:
-        return None
-    if m.axis != 1:
-        a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim")
-        return m
-    for key, t in zip(("weight", "bias", "running_mean", "running_var"), node.args[1:5]):
-        if isinstance(t, Node):
-            if t.op != "get_attr":
-                a.fix(m, f"{describe(node)} with a computed `{key}`")
-                return m
-            a.bind_param(t.target, 0, m.ids)
-    return m
+    return L.per_channel_norm_args(a, node, ("weight", "bias", "running_mean", "running_var"))

@@ -471,13 +471,19 @@ def embedding(a: A, node: Node):
 @op_handler(functions=[F.batch_norm], macs=False, shape=norm_shape)
 def batch_norm_fn(a: A, node: Node):
     """Functional per-channel norm (timm's BatchNormAct2d): parameters are get_attr nodes to slice."""
+    # same order for F.batch_norm and F.instance_norm
+    return per_channel_norm_args(a, node, ("running_mean", "running_var", "weight", "bias"))
+
+
+def per_channel_norm_args(a: A, node: Node, names) -> Optional[ChannelMap]:
+    """A per-channel norm whose tensors are arguments ``1..`` named ``names`` (the order differs
+    between ``F.batch_norm`` and ``aten.batch_norm``): each ``get_attr`` is bound to the channels."""
     m = a.cmap(node.args[0])
     if m is None:
         return None
     if m.axis != 1:
         a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim")
         return m
-    names = ("running_mean", "running_var", "weight", "bias")  # same order for both functions
     for i, key in enumerate(names, start=1):
         t = a.arg(node, i, key)
         if isinstance(t, Node):

@@ -118,3 +118,22 @@ def check_model(model, x, seed=0, ratio=0.5, train_mode=True, capture="fx"):
         assert_close(small(*inputs), loaded(*inputs), rtol=0, atol=0)
     assert_unchanged(model, snap)
     return dg, small
+
+
+def train_then_finalize(prepared, x, loss_of, steps, lr=0.02):
+    """``steps`` SGD steps on ``loss_of(prepared(x)) + complexity_loss``, then ``finalize``; checks
+    finalize's reference semantics (the prepared model with the removed channels' gates at zero)
+    and returns the pruned model."""
+    opt = torch.optim.SGD(prepared.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        loss = loss_of(prepared(x)) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared.eval()
+    small = hfp_fx.finalize(prepared).eval()
+    apply_plan(prepared, small.meta["hfp"].keep)
+    with torch.no_grad():
+        assert_close(prepared(x), small(x))
+    return small
+
