@@ -32,6 +32,7 @@ EPILOG = """examples:
   hfp-fx prune torchvision:resnet50 --macs 40% --out resnet50_40.pt
   hfp-fx prune torchvision:mobilenet_v2 --macs 50% --params 60% --round-to 8 --out mbv2.pt
   hfp-fx bench torchvision:resnet50 --macs 50%
+  hfp-fx prune torchvision:mobilenet_v2 --latency 50% --out mbv2_fast.pt
 """
 
 
@@ -87,9 +88,11 @@ def cmd_count(args) -> int:
 
 
 def _target(args):
-    target = {k: v for k, v in (("params", args.params), ("macs", args.macs)) if v is not None}
+    target = {k: v for k, v in (("params", args.params), ("macs", args.macs), ("latency", args.latency))
+              if v is not None}
     if not target:
-        raise SpecError("give a target: --macs 40% and/or --params 50% (fractions, percentages or counts)")
+        raise SpecError("give a target: --macs 40%, --params 50% (fractions, percentages or counts) "
+                        "and/or --latency 50% (or 12ms, measured on this machine)")
     return hfp_fx.Target.parse(target)
 
 
@@ -118,6 +121,11 @@ def cmd_prune(args) -> int:
     for name in ("params", "macs"):
         dense, now, t = getattr(report.dense, name), getattr(got, name), getattr(report.target, name)
         print(f"{name:>6}: {dense:,} -> {now:,} ({100 * now / dense:.2f}% of dense" + (f"; target {t:,})" if t else ")"))
+    if report.latency is not None:
+        lat = report.latency
+        print(f"latency: {lat.dense_ms:.2f} ms -> {lat.measured_ms:.2f} ms measured ({100 * lat.measured_ratio:.1f}% "
+              f"of dense; target {lat.target_ms:.2f} ms), predicted {lat.predicted_ms:.2f} ms, "
+              f"{lat.corrections} correction(s)")
     if args.out:  # before the plot: a failing plot must not cost the pruned model
         hfp_fx.save(small, args.out, model_spec=portable_spec(args.spec))
         print(f"saved {args.out} (load with hfp_fx.load({str(args.out)!r}))")
@@ -131,8 +139,8 @@ def cmd_bench(args) -> int:
     from tabulate import tabulate
 
     model, x = _load(args)
+    torch.set_num_threads(args.threads)  # before pruning: a latency target is measured with these threads
     small = hfp_fx.prune(model, x, _target(args), round_to=args.round_to, capture=args.capture)
-    torch.set_num_threads(args.threads)
     rows = []
     for batch in args.batch:
         xb = torch.randn(batch, *x.shape[1:])
@@ -177,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     def targets(p):
         p.add_argument("--macs", help="MACs target: fraction (0.4), percentage (40%%) or count")
         p.add_argument("--params", help="parameter target: fraction, percentage or count")
+        p.add_argument("--latency", help="latency target, measured here at the example's batch size: "
+                                         "fraction (0.5), percentage (50%%) or milliseconds (12ms)")
         p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
 
     p = add("prune", cmd_prune, "one-shot prune to a target and save (safe format)")

@@ -36,9 +36,10 @@ class Counts:
 
 
 class CostModel(torch.nn.Module):
-    """Params and MACs as functions of a keep value per unit (``dg.groups[i].units``)."""
+    """Params and MACs (and, given a measured :class:`~hfp_fx.latency.LatencyTerms`, latency in
+    milliseconds) as functions of a keep value per unit (``dg.groups[i].units``)."""
 
-    def __init__(self, dg):
+    def __init__(self, dg, latency=None):
         super().__init__()
         roots = dg.roots
         unit_ids = torch.unique(roots)
@@ -91,6 +92,13 @@ class CostModel(torch.nn.Module):
                 const_macs += t.coeff
         pc, pi = terms(param_items)
         mc, mi = terms(mac_items)
+        #: the latency model's terms share the rows (channel axes) of params and MACs
+        self.has_latency = latency is not None
+        lc, li = terms([(c, list(rs)) for c, rs in latency.terms] if latency is not None else [])
+        self.register_buffer("latency_coeff", lc, persistent=False)
+        self.register_buffer("latency_rows", li, persistent=False)
+        self.const_latency = float(latency.const) if latency is not None else 0.0
+        self.latency_info = latency
         self.register_buffer("param_coeff", pc, persistent=False)
         self.register_buffer("param_rows", pi, persistent=False)
         self.register_buffer("mac_coeff", mc, persistent=False)
@@ -129,6 +137,14 @@ class CostModel(torch.nn.Module):
         params = (pc * L[self.param_rows[:, 0]] * L[self.param_rows[:, 1]]).sum() + self.const_params
         macs = (mc * L[self.mac_rows[:, 0]] * L[self.mac_rows[:, 1]]).sum() + self.const_macs
         return params, macs
+
+    def latency(self, keep: torch.Tensor) -> torch.Tensor:
+        """Predicted latency (ms) for a keep value per unit column; 0 without a latency model."""
+        if not self.has_latency:
+            return keep.new_zeros(())
+        L = self.row_lengths(keep)
+        lc = self.latency_coeff.to(keep.dtype)
+        return (lc * L[self.latency_rows[:, 0]] * L[self.latency_rows[:, 1]]).sum() + self.const_latency
 
     def counts(self, alive_units: Optional[torch.Tensor] = None) -> Counts:
         """Exact integer counts for a boolean keep per unit column (default: dense)."""

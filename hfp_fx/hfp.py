@@ -25,6 +25,7 @@ The method (our specification, consistent with the HFP paper's abstract; see doc
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,11 +35,12 @@ from hfp_fx.api import dependency_graph
 from hfp_fx.cost import CostModel
 from hfp_fx.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
 from hfp_fx.graph import DependencyGraph
+from hfp_fx.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.projection import check_feasible, project, uniform_block_classes
+from hfp_fx.projection import InfeasibleTargetError, Plan, check_feasible, project, uniform_block_classes
 from hfp_fx.report import PruneReport
 from hfp_fx.saliency import magnitude_saliency
 from hfp_fx.target import ResolvedTarget, Target
@@ -63,14 +65,19 @@ class HFPState(torch.nn.Module):
         self.gates = gates
         self.index = index
         self.register_buffer("columns", cost.columns(index.units), persistent=False)
-        self.register_buffer("lambdas", torch.full((2,), float(lambda_init), dtype=torch.float64))
+        # one entry per quantity a target can bound: params, MACs, latency (in ns: integer too)
+        self.register_buffer("lambdas", torch.full((3,), float(lambda_init), dtype=torch.float64))
         # targets as a tensor (0 = not targeted) so the loss never syncs with the host; integer,
         # so that casting the prepared model (.half()) cannot round them
-        self.register_buffer("targets", torch.tensor([0 if t is None else int(t) for t in (target.params, target.macs)],
+        latency_ns = None if target.latency is None else max(1, round(target.latency * 1e6))
+        self.register_buffer("targets", torch.tensor([0 if t is None else int(t) for t in (target.params, target.macs,
+                                                                                            latency_ns)],
                                                      dtype=torch.long), persistent=False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.dense = cost.counts()
-        self.register_buffer("dense_counts", torch.tensor([self.dense.params, self.dense.macs], dtype=torch.long),
+        self.dense_latency_ms = float(cost.latency(torch.ones(cost.num_units, dtype=torch.float64)))
+        self.register_buffer("dense_counts", torch.tensor([self.dense.params, self.dense.macs,
+                                                           round(self.dense_latency_ms * 1e6)], dtype=torch.long),
                              persistent=False)
         self.sites = torch.nn.Module()
         self.target = target
@@ -85,6 +92,10 @@ class HFPState(torch.nn.Module):
             old, new = prefix + name, prefix + "gates." + name
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
+        # saved before latency targets: two loss weights (params, MACs)
+        lambdas = state_dict.get(prefix + "lambdas")
+        if lambdas is not None and lambdas.numel() == 2:
+            state_dict[prefix + "lambdas"] = torch.cat([lambdas, self.lambdas[2:].to(lambdas)])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- bookkeeping shared by both gate kinds ----------------------------------------------
@@ -132,8 +143,11 @@ class HFPState(torch.nn.Module):
         kept = self.gates.keep_surrogate() if soft else self.kept_channels()
         return keep.index_put((self.columns,), kept.double())
 
-    def counts(self, soft: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.cost.evaluate(self.keep_values(soft))
+    def counts(self, soft: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(params, macs, latency in ns)``; latency is 0 without a latency model."""
+        keep = self.keep_values(soft)
+        params, macs = self.cost.evaluate(keep)
+        return params, macs, self.cost.latency(keep) * 1e6
 
     def current_lambdas(self) -> torch.Tensor:
         if self.warmup_steps <= 0:
@@ -156,6 +170,7 @@ class HFPState(torch.nn.Module):
         return torch.where(self.targets > 0, dense - (dense - final) * reached, final)
 
     def loss(self) -> torch.Tensor:
+        """``sum_X lambda_X * max(0, log(X / X_target)) * U`` over the targeted params/MACs/latency."""
         # Everything stays on the gates' device: no .item()/float() host syncs per step.
         targeted = self.targets > 0
         ratios = torch.stack(self.counts(soft=True)) / self.current_targets().clamp(min=1.0)
@@ -195,7 +210,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
             rules: Optional[OpRegistry] = None, capture: str = "fx",
-            uniform_blocks: bool = False) -> torch.fx.GraphModule:
+            uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -206,6 +221,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: :func:`finalize` keeps the same
     widths in every repeated block (:func:`hfp_fx.projection.uniform_block_classes`); the gates
     still train one width per group, the projection makes them equal.
+    A ``latency`` target measures a latency model first (:mod:`hfp_fx.latency`, options in
+    ``latency_options``); the loss then pushes the predicted latency like params and MACs.
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
@@ -217,13 +234,15 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
                                     cost_power=cost_power, relative_gates=relative_gates).items()
               if v != _PER_CHANNEL_DEFAULTS[k]}
     dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
-    cost = CostModel(dg)
+    latency = build_latency_model(dg, latency_options) if budget.latency is not None else None
+    cost = CostModel(dg, latency=latency)
     index = PrunableIndex.of(dg)
     if gates == "width":
         kind: GateKind = WidthGates(index, _channel_ranks(dg), min_channels=min_channels, **chosen)
     else:
         kind = ChannelGates(index, **chosen)
-    state = HFPState(cost, index, kind, budget.resolve(cost.counts()), min_channels=min_channels, round_to=round_to,
+    state = HFPState(cost, index, kind, budget.resolve(cost.counts(), _dense_ms(cost)), min_channels=min_channels,
+                     round_to=round_to,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps, ramp_steps=ramp_steps)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
@@ -234,7 +253,14 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     prepared._hfp_graph = dg
     prepared.meta["hfp_exclude"] = list(exclude)
     prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
+    prepared.meta["hfp_latency_options"] = latency_options or LatencyOptions()
     return prepared
+
+
+def _dense_ms(cost: CostModel) -> Optional[float]:
+    """The latency model's value for the dense model: fractions of it are budgets, so the
+    model's own scale (not one timing of the dense model) is what a fraction is relative to."""
+    return float(cost.latency(torch.ones(cost.num_units, dtype=torch.float64))) if cost.has_latency else None
 
 
 _PER_CHANNEL_DEFAULTS = {k: prepare.__kwdefaults__[k]
@@ -262,13 +288,21 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
         sp, sm = hfp.cost.evaluate(soft_keep)
         current = hfp.current_targets().tolist()
         kept = int(hfp.kept_channels().sum())
+        hard_latency = float(hfp.cost.latency(hfp.keep_values(soft=False)))
+        soft_latency = float(hfp.cost.latency(soft_keep))
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
            "kept_channels": kept, "prunable_channels": hfp.num_channels}
-    for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs))):
+    if hfp.cost.has_latency:  # milliseconds, predicted by the latency model
+        out.update(latency=hard_latency, latency_soft=soft_latency, dense_latency=hfp.dense_latency_ms)
+    for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs),
+                                   ("latency", hfp.target.latency))):
+        if name == "latency" and not hfp.cost.has_latency:
+            continue
         out[f"target_{name}"] = t
         out[f"{name}_ratio"] = out[name] / t if t else None
-        out[f"current_target_{name}"] = current[i] if t else None  # where the ramp is now
+        # where the ramp is now (latency: ns -> ms)
+        out[f"current_target_{name}"] = (current[i] * (1e-6 if name == "latency" else 1)) if t else None
     return out
 
 
@@ -279,7 +313,9 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     (a :class:`~hfp_fx.report.PruneReport`).  Channels left over the budget after the gate
     threshold are removed by saliency (``cost_power=0``); ``cost_power=1`` ranks them by
     saliency per unit of marginal cost, which strips expensive groups first when the gates carry
-    little information yet.
+    little information yet.  With a latency target the pruned model is then measured against the
+    dense one and the plan tightened while it misses (``LatencyOptions.corrections``); the
+    report's ``latency`` gives predicted and measured values.
 
     Given a ``DistributedDataParallel`` wrapper, ``finalize`` is a collective: every rank must
     call it, and rank 0's buffers (batch-norm statistics, which DDP lets drift per rank) are
@@ -290,25 +326,92 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     prepared = _unwrap(prepared)
     hfp: HFPState = prepared.hfp
     dg: DependencyGraph = prepared._hfp_graph
-    resolved = hfp.target if target is None else Target.parse(target).resolve(hfp.dense)
+    if target is None:
+        resolved = hfp.target
+    else:
+        budget = Target.parse(target)
+        if budget.latency is not None and not hfp.cost.has_latency:
+            raise ValueError("finalize(target=...) with a latency budget needs a latency model: "
+                             "prepare the model with a latency target")
+        resolved = budget.resolve(hfp.dense, hfp.dense_latency_ms if hfp.cost.has_latency else None)
     saliency = hfp.index.split_per_group(hfp.gates.saliency().cpu())
     initial = hfp.kept_per_group()
-    with stages("finalize", ["budget projection", "fold gates", "shrink"]) as stage:
+    tied = uniform_block_classes(dg.prunable_groups) if prepared.meta.get("hfp_uniform_blocks") else ()
+
+    def plan_for(budget: ResolvedTarget) -> Plan:
+        return project(hfp.cost, dg.prunable_groups, saliency, budget, initial=initial,
+                       min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied)
+
+    def build(plan: Plan) -> Tuple[torch.fx.GraphModule, list]:
+        base = _trained_copy(prepared, dg)
+        vector = torch.cat([torch.ones(1), hfp.gates.gate_values().detach().cpu().double().clamp(min=0)])
+        scales = _fold_gates(base, dg, hfp.index, vector)  # docs/concepts.md, "Finalize"
+        return shrink_model(dg.facts, dg.alive(plan.keep), gm=base, scales=scales), scales
+
+    with stages("finalize", ["budget projection", "fold gates and shrink", "measure latency"]) as stage:
         with stage("budget projection"):
-            tied = uniform_block_classes(dg.prunable_groups) if prepared.meta.get("hfp_uniform_blocks") else ()
-            plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
-                           min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied)
-            alive = dg.alive(plan.keep)
-        with stage("fold gates"):
-            base = _trained_copy(prepared, dg)
-            vector = torch.cat([torch.ones(1), hfp.gates.gate_values().detach().cpu().double().clamp(min=0)])
-            scales = _fold_gates(base, dg, hfp.index, vector)  # docs/concepts.md, "Finalize"
-        with stage("shrink"):
-            small = shrink_model(dg.facts, alive, gm=base, scales=scales)
+            plan = plan_for(resolved)
+        with stage("fold gates and shrink"):
+            small, scales = build(plan)
+        latency = None
+        if resolved.latency is not None:
+            with stage("measure latency"):
+                small, plan, latency, scales = _meet_latency(
+                    _trained_copy(prepared, dg), small, plan, resolved, _dense_ms(hfp.cost), plan_for, build, dg.example_inputs,
+                    prepared.meta.get("hfp_latency_options") or LatencyOptions(), scales)
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
-                                       exclude=prepared.meta.get("hfp_exclude", []))
+                                       exclude=prepared.meta.get("hfp_exclude", []), latency=latency)
     return small
+
+
+def _meet_latency(dense: torch.nn.Module, small: torch.nn.Module, plan: Plan, resolved: ResolvedTarget,
+                  model_dense_ms: float, plan_for, build, inputs, options: LatencyOptions, extra=None):
+    """Measure ``small`` against ``dense`` (paired rounds) and correct the plan by the miss.
+
+    The latency model predicts, the budget is a measured ratio: while the measured ratio is over
+    the budget, or more than ``options.slack`` under it, the budget the latency model plans for
+    is moved (by ``goal / measured`` until one plan that meets and one that misses are known,
+    then by bisection between them) and the model rebuilt, ``options.corrections`` times at most.
+    The result is the measured model closest to the budget from below (else the last one).
+    Returns ``(small, plan, LatencyReport, extra)``; ``build(plan)`` gives ``(small, extra)``.
+    """
+    goal = resolved.latency / model_dense_ms  # the budget as a fraction of the dense latency
+    limit = goal * (1 + options.tolerance)
+    planned, meets, misses = resolved.latency, None, None
+    corrections, best, last = 0, None, None
+    dense = dense.eval()
+    while True:
+        mode = small.training
+        dense_ms, small_ms, ratio = measure_latency(dense, small.eval(), inputs, options.rounds, options.min_run_time)
+        small.train(mode)
+        report = LatencyReport(dense_ms, goal * dense_ms, plan.latency_ms * dense_ms / model_dense_ms,
+                               small_ms, ratio, corrections)
+        last = (small, plan, report, extra)
+        if ratio <= limit:
+            meets = planned if meets is None else max(meets, planned)
+            if best is None or ratio > best[2].measured_ratio:
+                best = last
+        else:
+            misses = planned if misses is None else min(misses, planned)
+        if goal * (1 - options.slack) <= ratio <= limit or corrections >= options.corrections:
+            break
+        if meets is not None and misses is not None:
+            planned = (meets + misses) / 2
+        else:
+            planned = min(planned * goal / ratio, model_dense_ms)
+        try:
+            plan = plan_for(ResolvedTarget(resolved.params, resolved.macs, planned))
+        except InfeasibleTargetError:
+            break  # as small as the model gets: the report says how close it came
+        small, extra = build(plan)
+        corrections += 1
+    chosen = best or last
+    if chosen[2].measured_ratio > limit:
+        warnings.warn(f"measured latency {chosen[2].measured_ratio:.3f} of dense misses the target {goal:.3f} "
+                      f"after {corrections} correction(s) (predicted {chosen[2].predicted_ms / chosen[2].dense_ms:.3f}); "
+                      "timings on a loaded machine vary (see hfp_fx.latency.LatencyOptions)", stacklevel=3)
+    return chosen
 
 
 def _trained_copy(prepared: torch.fx.GraphModule, dg: DependencyGraph) -> torch.fx.GraphModule:
@@ -390,7 +493,7 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
           cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "fx",
-          uniform_blocks: bool = False) -> torch.fx.GraphModule:
+          uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None) -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
@@ -406,21 +509,45 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     ``"uniform"`` gives every channel 1.  Each group's saliencies are divided by their mean, so
     channels are ranked globally.  ``cost_power`` (default 0) ranks by saliency alone; 1 ranks
     by saliency per unit of marginal cost.
+
+    A ``latency`` target (``{"latency": 0.5}``: half the dense model's measured latency, or
+    ``"12ms"``) first measures a latency model of ``model`` on its device with the example
+    inputs' batch size (:mod:`hfp_fx.latency`; options, cache and timing budget in
+    ``latency_options``), projects onto it, then measures the pruned model against the dense
+    one and tightens the plan while it misses; ``report.latency`` has predicted and measured.
     """
-    with stages("prune", ["dependency graph", "budget projection", "shrink"]) as stage:
+    budget = Target.parse(target)
+    stage_names = ["dependency graph", "latency model", "budget projection", "shrink", "measure latency"]
+    with stages("prune", stage_names if budget.latency is not None else stage_names[:1] + stage_names[2:4]) as stage:
         with stage("dependency graph"):
             dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
         if not dg.prunable_groups:
             raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                              "hfp_fx.dependency_graph(model, x).summary() for the reasons")
+        latency = None
+        if budget.latency is not None:
+            with stage("latency model"):
+                latency = build_latency_model(dg, latency_options)
         with stage("budget projection"):
-            cm = CostModel(dg)
-            resolved = Target.parse(target).resolve(cm.counts())
+            cm = CostModel(dg, latency=latency)
+            resolved = budget.resolve(cm.counts(), _dense_ms(cm))
             tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
-            plan = project(cm, dg.prunable_groups, magnitude_saliency(dg, importance), resolved,
-                           min_channels=min_channels, round_to=round_to, cost_power=cost_power, tied=tied)
+            saliency = magnitude_saliency(dg, importance)
+
+            def plan_for(b: ResolvedTarget) -> Plan:
+                return project(cm, dg.prunable_groups, saliency, b, min_channels=min_channels, round_to=round_to,
+                               cost_power=cost_power, tied=tied)
+
+            plan = plan_for(resolved)
         with stage("shrink"):
             small = shrink_model(dg.facts, dg.alive(plan.keep))
+        report = None
+        if latency is not None:
+            with stage("measure latency"):
+                small, plan, report, _ = _meet_latency(
+                    copy.deepcopy(dg.gm), small, plan, resolved, _dense_ms(cm), plan_for,
+                    lambda p: (shrink_model(dg.facts, dg.alive(p.keep)), None), dg.example_inputs,
+                    latency_options or LatencyOptions())
     small.train(model.training)
-    small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude)
+    small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report)
     return small

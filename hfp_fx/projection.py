@@ -28,7 +28,7 @@ import torch
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.target import ResolvedTarget
 
-__all__ = ["Plan", "project", "check_feasible", "InfeasibleTargetError", "uniform_block_classes"]
+__all__ = ["Plan", "project", "check_feasible", "metrics_of", "InfeasibleTargetError", "uniform_block_classes"]
 
 
 class InfeasibleTargetError(ValueError):
@@ -42,6 +42,7 @@ class Plan:
     dense: Counts
     target: ResolvedTarget
     kept_per_group: Dict[str, Tuple[int, int]]  #: group id -> (dense, kept)
+    latency_ms: Optional[float] = None  #: the latency model's prediction for the plan, if it has one
 
 
 @dataclass
@@ -86,6 +87,12 @@ def _unit_step(state: List[_Group], unit: List[int], kind: str) -> Optional[Tupl
     return steps[0][0], sum(sal for _, sal in steps) / len(steps)
 
 
+def metrics_of(cm: CostModel, keep: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Every quantity a target can bound, for a keep value per cost-model column."""
+    params, macs = cm.evaluate(keep)
+    return {"params": params, "macs": macs, "latency": cm.latency(keep)}
+
+
 def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_channels: int = 1,
                    round_to: int = 1) -> Counts:
     """Raise :class:`InfeasibleTargetError` unless the target is reachable; return the smallest counts."""
@@ -94,18 +101,18 @@ def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_
         lo, _ = _lower_limit(g.channels, min_channels, round_to)
         cols = cm.columns(g.units)
         keep[cols[lo:]] = 0.0
-    p, m = cm.evaluate(keep)
-    floor = Counts(int(round(float(p))), int(round(float(m))))
-    dense = cm.counts()
+    floor = {k: float(v) for k, v in metrics_of(cm, keep).items()}
+    dense = {k: float(v) for k, v in metrics_of(cm, torch.ones(cm.num_units, dtype=torch.float64)).items()}
     for name, t in target.items():
-        value = getattr(floor, name)
+        value = floor[name]
         if value > t:
+            shown = f"{value:.3f} ms" if name == "latency" else f"{round(value):,} {name}"
             raise InfeasibleTargetError(
                 f"target {name}={t:,} is not reachable: with every prunable group at its minimum "
-                f"(min_channels={min_channels}, round_to={round_to}) the model still has {value:,} "
-                f"{name} ({100 * value / max(getattr(dense, name), 1):.1f}% of dense); fixed groups "
+                f"(min_channels={min_channels}, round_to={round_to}) the model still has {shown} "
+                f"({100 * value / max(dense[name], 1e-12):.1f}% of dense); fixed groups "
                 "and excluded modules set that floor")
-    return floor
+    return Counts(int(round(floor["params"])), int(round(floor["macs"])))
 
 
 def uniform_block_classes(groups: Sequence) -> List[List[str]]:
@@ -170,14 +177,13 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
 
     def evaluate(with_grad: bool = False):
         keep = keep_vector().requires_grad_(with_grad)
-        p, m = cm.evaluate(keep)
-        values = {"params": float(p.detach()), "macs": float(m.detach())}
+        exact = metrics_of(cm, keep)
+        values = {name: float(v.detach()) for name, v in exact.items()}
         grads = {}
         if with_grad:
-            for name, t in (("params", p), ("macs", m)):
-                if target.params is not None and name == "params" or target.macs is not None and name == "macs":
-                    (g,) = torch.autograd.grad(t, keep, retain_graph=True)
-                    grads[name] = torch.stack([g[s.cols[0]] for s in state]) if state else g[:0]
+            for name, _ in metrics:
+                (g,) = torch.autograd.grad(exact[name], keep, retain_graph=True)
+                grads[name] = torch.stack([g[s.cols[0]] for s in state]) if state else g[:0]
         return values, grads
 
     check_feasible(cm, groups, target, min_channels, round_to)
@@ -251,4 +257,5 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
     values, _ = evaluate()
     counts = Counts(int(round(values["params"])), int(round(values["macs"])))
     keep = {s.gid: sorted(s.order[: s.n].tolist()) for s in state if s.n < s.size}
-    return Plan(keep, counts, dense, target, {s.gid: (s.size, s.n) for s in state})
+    return Plan(keep, counts, dense, target, {s.gid: (s.size, s.n) for s in state},
+                values["latency"] if cm.has_latency else None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hfp_fx.cost import Counts
+from hfp_fx.latency import LatencyReport
 from hfp_fx.target import ResolvedTarget
 
 __all__ = ["PruneReport", "GroupReport"]
@@ -42,10 +43,11 @@ class PruneReport:
     model_spec: Optional[str] = None  #: how to rebuild the dense model (``"torchvision:resnet18"``), if known
     capture: str = "fx"  #: how the dense model was captured (``"fx"`` or ``"export"``)
     input_names: Optional[List[str]] = None  #: keyword names of the example tensors, if given as a dict
+    latency: Optional[LatencyReport] = None  #: predicted and measured latency, for a latency target
 
     @classmethod
     def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
-           model_spec: Optional[str] = None) -> "PruneReport":
+           model_spec: Optional[str] = None, latency: Optional[LatencyReport] = None) -> "PruneReport":
         """The report of ``plan`` (a :class:`hfp_fx.Plan`) applied to the analysed model ``dg``."""
         groups = {}
         for g in dg.prunable_groups:
@@ -54,4 +56,4 @@ class PruneReport:
         inputs = [(tuple(x.shape), str(x.dtype).replace("torch.", "")) for x in dg.example_inputs]
         return cls(plan.dense, plan.counts, plan.target, groups, {k: list(v) for k, v in plan.keep.items()},
                    list(scale_sites), list(exclude), inputs, model_spec, getattr(dg, "capture", "fx"),
-                   None if getattr(dg, "input_names", None) is None else list(dg.input_names))
+                   None if getattr(dg, "input_names", None) is None else list(dg.input_names), latency)

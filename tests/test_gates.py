@@ -92,9 +92,9 @@ def test_prepare_builds_the_cost_model_once(monkeypatch):
     built = []
     real = hfp_fx.hfp.CostModel
 
-    def counting(dg):
+    def counting(dg, **kw):
         built.append(dg)
-        return real(dg)
+        return real(dg, **kw)
 
     monkeypatch.setattr(hfp_fx.hfp, "CostModel", counting)
     hfp_fx.prepare(TinyNet(), X, "50%")

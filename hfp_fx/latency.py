@@ -1,0 +1,404 @@
+"""A measured latency model: ``Target(latency=...)``.
+
+Latency of the pruned model as a differentiable function of the kept channels, built by timing
+the model's own ops on the device its parameters live on, with the example inputs' batch size
+and dtype, in eval mode under ``torch.inference_mode`` (the latency users deploy).
+
+Every op node that reads or writes prunable channels gets a term in the kept fractions ``f`` of
+its channel axes::
+
+    t_n = a_n + b_n * f_in * f_out   # input and output channels differ: a conv, a linear
+    t_n = a_n + b_n * f              # one channel axis: batch norm, activations, depthwise, add
+
+``a_n, b_n >= 0`` are fitted by least squares to the node's times in the dense model and in
+``variants`` shrunk copies whose groups keep random fractions (a grid of eighths), so each node
+is measured at several (f_in, f_out) points of its own.  Nodes are timed one by one (a
+:class:`NodeTimer` interpreter repeats each node), which misses what the forward costs between
+nodes, so the sum is calibrated against whole-model timings of the same models:
+``T = s * sum_n t_n + c``.  Because ``f = kept / size`` is linear in the keep vector, the model
+has the cost model's shape (products of at most two kept counts, :class:`LatencyTerms`), is
+exact to evaluate for 0/1 keeps and differentiable for soft ones.
+
+Node times are cached on disk (``~/.cache/hfp_fx/latency``, or ``$HFP_FX_CACHE``, or
+``LatencyOptions.cache_dir``) per device name, torch version and thread count, keyed by the
+node's signature (op, argument shapes and dtypes, module configuration), so a second build of
+the same model, or of a model with the same layers, times nothing again.
+
+    >>> import torch, torchvision
+    >>> import hfp_fx
+    >>> from hfp_fx.latency import LatencyOptions
+    >>> model, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
+    >>> small = hfp_fx.prune(model, x, {"latency": 0.6}, latency_options=LatencyOptions(variants=3, corrections=0))
+    >>> report = small.meta["hfp"].latency
+    >>> report.predicted_ms < report.dense_ms
+    True
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+import torch.utils.benchmark as benchmark
+
+from hfp_fx.passes.channel_analysis import iter_maps
+from hfp_fx.progress import stages
+
+__all__ = ["LatencyOptions", "LatencyTerms", "LatencyReport", "NodeTimer", "build_latency_model",
+           "measure_latency", "device_key"]
+
+#: kept fractions the variants draw from, per group
+GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """How the latency model is measured, and how a latency target is checked.
+
+    ``variants``: shrunk copies timed besides the dense model (more: a better fit, a slower
+    build). ``node_time``: seconds of repeated runs per node timing. ``min_run_time``: seconds
+    per whole-model timing (``torch.utils.benchmark``). ``rounds``: alternating dense/pruned
+    timings when the result is measured. ``corrections``: how often ``prune``/``finalize`` may
+    tighten the plan when the measured latency misses the target (0: measure and report only).
+    ``tolerance``: how far over the budget a measured ratio may be (relative); ``slack``: how far
+    under it before the plan is loosened again (relative). ``cache_dir``:
+    where node timings are kept (``None``: ``$HFP_FX_CACHE`` or ``~/.cache/hfp_fx``).
+    """
+
+    variants: int = 8
+    node_time: float = 2e-3
+    min_run_time: float = 0.3
+    rounds: int = 5
+    corrections: int = 2
+    tolerance: float = 0.0
+    slack: float = 0.05
+    seed: int = 0
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class LatencyTerms:
+    """Latency in milliseconds = ``const + sum(coeff * prod(kept(row) for row in rows))``."""
+
+    terms: List[Tuple[float, Tuple[torch.Tensor, ...]]]
+    const: float
+    dense_ms: float  #: the dense model's measured latency
+    fit: Dict[str, float] = field(default_factory=dict)  #: calibration and fit diagnostics
+    seconds: float = 0.0  #: time spent building the model
+
+
+@dataclass
+class LatencyReport:
+    """Predicted and measured latency of a pruned model (``report.latency``)."""
+
+    dense_ms: float  #: the dense model, measured
+    target_ms: float  #: the absolute budget
+    predicted_ms: float  #: the latency model's value for the plan
+    measured_ms: Optional[float] = None  #: the pruned model, measured in the same rounds as dense
+    measured_ratio: Optional[float] = None  #: median of per-round pruned/dense ratios
+    corrections: int = 0  #: times the plan was tightened after a measurement
+
+    @property
+    def prediction_error(self) -> Optional[float]:
+        """Relative error of the predicted ratio against the measured one."""
+        if self.measured_ratio is None:
+            return None
+        return (self.predicted_ms / self.dense_ms) / self.measured_ratio - 1.0
+
+
+# -- timing ------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_call(fn: Callable[[], Any], device: torch.device, budget: float, samples: int = 3) -> float:
+    """Median over ``samples`` of the mean time of enough back-to-back calls to fill ``budget``."""
+    fn()
+    _sync(device)
+    reps, results = 1, []
+    while True:  # find a repetition count that fills the budget
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= budget / samples or reps >= 1 << 16:
+            break
+        reps = min(1 << 16, max(reps * 2, int(reps * budget / samples / max(elapsed, 1e-9))))
+    results.append(elapsed / reps)
+    for _ in range(samples - 1):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        results.append((time.perf_counter() - start) / reps)
+    return statistics.median(results)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        layout = "cl" if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last) \
+            and not value.is_contiguous() else ""
+        return f"T{tuple(value.shape)}{str(value.dtype)[6:]}{layout}"
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_describe(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_describe(v)}" for k, v in sorted(value.items())) + "}"
+    text = repr(value)
+    return text if len(text) < 80 else hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class NodeTimer(torch.fx.Interpreter):
+    """Run the graph once, timing each node in ``nodes`` by repeating it on its actual inputs.
+
+    ``times[node name]`` is in seconds; ``cache`` (signature -> seconds) is read and filled.
+
+        >>> import torch, torchvision
+        >>> gm = torch.fx.symbolic_trace(torchvision.models.resnet18()).eval()
+        >>> timer = NodeTimer(gm, {"conv1", "relu"}, budget=1e-4)
+        >>> with torch.inference_mode():
+        ...     _ = timer.run(torch.randn(1, 3, 32, 32))
+        >>> sorted(timer.times)
+        ['conv1', 'relu']
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, nodes: Sequence[str], budget: float = 2e-3,
+                 cache: Optional[Dict[str, float]] = None):
+        super().__init__(gm)
+        self.nodes = set(nodes)
+        self.budget = budget
+        self.cache = {} if cache is None else cache
+        self.times: Dict[str, float] = {}
+        self.measured = 0
+
+    def signature(self, n: torch.fx.Node, args, kwargs) -> str:
+        if n.op == "call_module":
+            module = self.fetch_attr(n.target)
+            what = f"{type(module).__qualname__}:{module.extra_repr()}:" + ",".join(
+                _describe(t) for t in list(module.parameters()) + list(module.buffers()))
+        elif n.op == "call_method":
+            what = f"method:{n.target}"
+        else:
+            what = f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', str(n.target))}"
+        return f"{n.op}|{what}|{_describe(args)}|{_describe(kwargs)}"
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.nodes:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            key = self.signature(n, args, kwargs)
+            if key not in self.cache:
+                call = getattr(self, n.op)
+                device = out.device if isinstance(out, torch.Tensor) else torch.device("cpu")
+                self.cache[key] = _seconds_per_call(lambda: call(n.target, args, kwargs), device, self.budget)
+                self.measured += 1
+            self.times[n.name] = self.cache[key]
+        return out
+
+
+def _model_seconds(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], min_run_time: float) -> float:
+    with torch.inference_mode():
+        for _ in range(2):
+            gm(*inputs)
+        timer = benchmark.Timer(stmt="gm(*inputs)", globals={"gm": gm, "inputs": inputs},
+                                num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def measure_latency(dense: torch.nn.Module, small: torch.nn.Module, inputs: Sequence[torch.Tensor],
+                    rounds: int = 5, min_run_time: float = 0.3) -> Tuple[float, float, float]:
+    """``(dense_ms, small_ms, ratio)``: both timed alternately ``rounds`` times (machine drift
+    hits both alike); the ratio is the median of the per-round ``small / dense`` ratios."""
+    dense_t, small_t = [], []
+    for _ in range(max(1, rounds)):
+        dense_t.append(_model_seconds(dense, inputs, min_run_time))
+        small_t.append(_model_seconds(small, inputs, min_run_time))
+    ratio = statistics.median(s / d for s, d in zip(small_t, dense_t))
+    return statistics.median(dense_t) * 1e3, statistics.median(small_t) * 1e3, ratio
+
+
+# -- the cache -------------------------------------------------------------------------------
+def device_key(device: torch.device) -> str:
+    """Device name, torch version and thread count: what node timings are valid for."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.machine()}-{platform.processor() or 'cpu'}-{torch.backends.cpu.get_cpu_capability()}"
+    return f"{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def _cache_path(options: LatencyOptions, device: torch.device) -> Path:
+    root = options.cache_dir or os.environ.get("HFP_FX_CACHE") or os.path.join(Path.home(), ".cache", "hfp_fx")
+    key = device_key(device)
+    return Path(root) / "latency" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+
+
+def _load_cache(path: Path) -> Dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads(path.read_text())["nodes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # a missing or unreadable cache only costs time
+
+
+def _save_cache(path: Path, cache: Dict[str, float], key: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"device": key, "nodes": cache}))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+# -- the model ---------------------------------------------------------------------------------
+@dataclass
+class _NodeAxes:
+    name: str
+    rows: Tuple[torch.Tensor, ...]  # one or two channel axes (element ids)
+
+
+def _timed_nodes(dg, prunable: torch.Tensor) -> List[_NodeAxes]:
+    """Op nodes that read or write prunable channels, with their channel axes."""
+    maps = dg.facts.maps
+    roots = dg.roots
+    out: List[_NodeAxes] = []
+    for node in dg.gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        out_ids = next((m.ids for m in iter_maps(maps.get(node.name))), None)
+        in_ids = None
+        for a in node.all_input_nodes:
+            in_ids = next((m.ids for m in iter_maps(maps.get(a.name))), None)
+            if in_ids is not None:
+                break
+        rows = [r for r in (in_ids, out_ids) if r is not None and bool(prunable[r].any())]
+        if len(rows) == 2 and torch.equal(torch.unique(roots[rows[0]]), torch.unique(roots[rows[1]])):
+            rows = rows[1:]  # elementwise: one axis
+        if rows:
+            out.append(_NodeAxes(node.name, tuple(rows)))
+    return out
+
+
+def _model_signature(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]) -> str:
+    shapes = ",".join(f"{k}{_describe(t)}" for k, t in list(gm.state_dict().items()))
+    return "model|" + hashlib.sha1((gm.code + shapes + _describe(tuple(inputs))).encode()).hexdigest()
+
+
+def _fraction(alive: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(alive[ids].double().mean())
+
+
+def _fit_line(xs: Sequence[float], ts: Sequence[float]) -> Tuple[float, float]:
+    """Least-squares ``t = a + b x`` with ``a, b >= 0``."""
+    n = len(xs)
+    mx, mt = sum(xs) / n, sum(ts) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx if sxx > 0 else 0.0
+    if b <= 0:
+        return mt, 0.0
+    a = mt - b * mx
+    if a < 0:
+        return 0.0, sum(x * t for x, t in zip(xs, ts)) / max(sum(x * x for x in xs), 1e-30)
+    return a, b
+
+
+def _variant_keeps(dg, count: int, seed: int) -> List[Dict[str, List[int]]]:
+    rng = random.Random(seed)
+    keeps = []
+    for _ in range(count):
+        keep = {}
+        for g in dg.prunable_groups:
+            n = max(1, round(g.channels * rng.choice(GRID)))
+            if n < g.channels:
+                keep[g.id] = list(range(n))
+        keeps.append(keep)
+    return keeps
+
+
+def build_latency_model(dg, options: Optional[LatencyOptions] = None,
+                        shrink: Optional[Callable[[torch.Tensor], torch.nn.Module]] = None) -> LatencyTerms:
+    """Measure ``dg``'s model and fit a :class:`LatencyTerms` (see the module doc).
+
+    ``shrink(alive)`` builds a pruned copy (default: :func:`hfp_fx.passes.shrink.shrink_model`).
+    """
+    from hfp_fx.passes.shrink import shrink_model
+
+    options = options or LatencyOptions()
+    started = time.perf_counter()
+    shrink = shrink or (lambda alive: shrink_model(dg.facts, alive, verify=False))
+    inputs = tuple(dg.example_inputs)
+    device = next((t.device for t in dg.gm.parameters()), inputs[0].device if inputs else torch.device("cpu"))
+    prunable = torch.zeros(dg.roots.numel(), dtype=torch.bool)
+    for g in dg.prunable_groups:
+        prunable[g.units] = True
+    prunable = prunable[dg.roots]
+    axes = _timed_nodes(dg, prunable)
+    path = _cache_path(options, device)
+    cache = _load_cache(path)
+    keeps = [{}] + _variant_keeps(dg, options.variants, options.seed)
+    samples: Dict[str, List[Tuple[float, float]]] = {a.name: [] for a in axes}
+    whole: List[float] = []
+    fractions: List[Dict[str, float]] = []
+    measured = 0
+    with stages("latency model", [f"model {i}/{len(keeps)}" for i in range(1, len(keeps) + 1)]) as stage:
+        for i, keep in enumerate(keeps):
+            with stage(f"model {i + 1}/{len(keeps)}"):
+                alive = dg.alive(keep)
+                gm = copy.deepcopy(dg.gm) if not keep else shrink(alive)
+                gm.eval()
+                timer = NodeTimer(gm, [a.name for a in axes], options.node_time, cache)
+                with torch.inference_mode():
+                    timer.run(*inputs)
+                measured += timer.measured
+                xs = {}
+                for a in axes:
+                    fs = [_fraction(alive, r) for r in a.rows]
+                    xs[a.name] = math.prod(fs)
+                    if a.name in timer.times:
+                        samples[a.name].append((xs[a.name], timer.times[a.name]))
+                fractions.append(xs)
+                key = _model_signature(gm, inputs)
+                if key not in cache:
+                    cache[key] = _model_seconds(gm, inputs, options.min_run_time)
+                    measured += 1
+                whole.append(cache[key])
+                del gm
+    if measured:
+        _save_cache(path, cache, device_key(device))
+    fits = {a.name: _fit_line(*zip(*samples[a.name])) if samples[a.name] else (0.0, 0.0) for a in axes}
+    predicted = [sum(fits[n][0] + fits[n][1] * x for n, x in xs.items()) for xs in fractions]
+    scale, offset = _calibrate(predicted, whole)
+    terms = []
+    for a in axes:
+        _, b = fits[a.name]
+        if b > 0:
+            sizes = math.prod(r.numel() for r in a.rows)
+            terms.append((scale * b * 1e3 / sizes, a.rows))
+    const = (scale * sum(a for a, _ in fits.values()) + offset) * 1e3
+    errors = [abs((scale * p + offset) / w - 1) for p, w in zip(predicted, whole)]
+    fit = {"scale": scale, "offset_ms": offset * 1e3, "nodes": len(axes), "models": len(keeps),
+           "timings": measured, "max_fit_error": max(errors), "median_fit_error": statistics.median(errors)}
+    return LatencyTerms(terms, const, whole[0] * 1e3, fit, time.perf_counter() - started)
+
+
+def _calibrate(predicted: Sequence[float], measured: Sequence[float]) -> Tuple[float, float]:
+    """``measured ~ s * predicted + c`` with ``s > 0``; falls back to a pure scale."""
+    n = len(predicted)
+    mp, mm = sum(predicted) / n, sum(measured) / n
+    spp = sum((p - mp) ** 2 for p in predicted)
+    s = sum((p - mp) * (m - mm) for p, m in zip(predicted, measured)) / spp if spp > 0 else 0.0
+    if s <= 0 or mm - s * mp < -0.5 * min(measured):
+        return measured[0] / max(predicted[0], 1e-12), 0.0
+    return s, mm - s * mp

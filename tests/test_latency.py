@@ -1,0 +1,216 @@
+"""Latency targets: the measured latency model, its cache, the projection and the measured check.
+
+Timings here are tiny (a few ms of repetitions) and never asserted against wall-clock goals;
+the tests check structure, monotonicity, the cache and the correction logic (with a fake clock).
+"""
+import pytest
+import torch
+import torchvision
+
+import hfp_fx
+from hfp_fx import latency as latency_mod
+from hfp_fx.cost import CostModel, Counts
+from hfp_fx.latency import LatencyOptions, build_latency_model
+from hfp_fx.projection import Plan
+from hfp_fx.target import ResolvedTarget, Target
+
+from helpers import apply_plan, assert_close
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Timings with one thread: several OpenMP threads on a busy machine spin against each other
+    (100x slower runs), and these tests only need consistent, not fast, timings."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fast_options(tmp_path, **kw):
+    base = dict(variants=3, node_time=2e-4, min_run_time=0.01, rounds=1, cache_dir=str(tmp_path))
+    base.update(kw)
+    return LatencyOptions(**base)
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1, stride=2), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10)).eval()
+
+
+def test_latency_target_parsing():
+    assert Target(latency=0.5).resolve(Counts(10, 10), dense_latency_ms=8.0).latency == 4.0
+    assert Target.parse({"latency": "25%", "macs": 0.5}).resolve(Counts(10, 100), 2.0).latency == 0.5
+    assert Target(latency="12ms").resolve(Counts(10, 10)).latency == 12.0
+    for bad in (2, "3", "x ms", "0ms", True, 1.5):
+        with pytest.raises(ValueError, match="latency"):
+            Target(latency=bad)
+    with pytest.raises(ValueError, match="measured latency"):
+        Target(latency=0.5).resolve(Counts(10, 10))
+
+
+def test_latency_model_is_monotone_and_differentiable(tmp_path):
+    model, x = small_cnn(), torch.randn(1, 3, 32, 32)
+    dg = hfp_fx.dependency_graph(model, x)
+    terms = build_latency_model(dg, fast_options(tmp_path))
+    assert terms.dense_ms > 0 and terms.fit["nodes"] > 0 and terms.fit["models"] == 4
+    assert all(c > 0 for c, _ in terms.terms) and all(1 <= len(rows) <= 2 for _, rows in terms.terms)
+    cm = CostModel(dg, latency=terms)
+    ones = torch.ones(cm.num_units, dtype=torch.float64, requires_grad=True)
+    dense = cm.latency(ones)
+    dense.backward()
+    assert (ones.grad >= 0).all() and ones.grad.sum() > 0  # removing a channel never costs time
+    half = torch.ones(cm.num_units, dtype=torch.float64)
+    for g in dg.prunable_groups:
+        half[cm.columns(g.units)[g.channels // 2:]] = 0
+    assert float(cm.latency(half)) < float(dense.detach())
+    # params/MACs are unchanged by the latency terms sharing the rows
+    assert cm.counts() == CostModel(dg).counts()
+
+
+def test_latency_cache_skips_timing_on_the_second_build(tmp_path, monkeypatch):
+    model, x = small_cnn(), torch.randn(1, 3, 16, 16)
+    dg = hfp_fx.dependency_graph(model, x)
+    first = build_latency_model(dg, fast_options(tmp_path))
+    assert first.fit["timings"] > 0
+    assert list((tmp_path / "latency").glob("*.json"))
+    second = build_latency_model(dg, fast_options(tmp_path))
+    assert second.fit["timings"] == 0  # every node and model timing came from the cache
+    assert second.dense_ms == first.dense_ms and len(second.terms) == len(first.terms)
+    monkeypatch.setenv("HFP_FX_CACHE", str(tmp_path / "env"))
+    build_latency_model(dg, fast_options(tmp_path, cache_dir=None))
+    assert list((tmp_path / "env" / "latency").glob("*.json"))
+
+
+def reachable_latency(model, x, options, where=0.5):
+    """A latency fraction between the model's floor (every group at one channel) and 1: per-op
+    overheads make the floor of a small model machine-dependent.  The cache in ``options`` makes
+    the later call fit the same latency model."""
+    dg = hfp_fx.dependency_graph(model, x)
+    cm = CostModel(dg, latency=build_latency_model(dg, options))
+    keep = torch.ones(cm.num_units, dtype=torch.float64)
+    for g in dg.prunable_groups:
+        keep[cm.columns(g.units)[1:]] = 0
+    floor = float(cm.latency(keep)) / float(cm.latency(torch.ones_like(keep)))
+    return floor + where * (1 - floor)
+
+
+def test_prune_to_a_latency_target_meets_the_prediction_and_stays_exact(tmp_path):
+    model, x = small_cnn(), torch.randn(1, 3, 32, 32)
+    options = fast_options(tmp_path, corrections=0)
+    goal = reachable_latency(model, x, options)
+    small = hfp_fx.prune(model, x, {"latency": goal}, latency_options=options)
+    report = small.meta["hfp"]
+    lat = report.latency
+    assert lat is not None and lat.measured_ms > 0 and lat.corrections == 0
+    assert lat.predicted_ms <= lat.target_ms * (1 + 1e-9)
+    assert lat.target_ms == pytest.approx(goal * lat.dense_ms)
+    assert report.achieved.macs < report.dense.macs
+    dg = hfp_fx.dependency_graph(model, x)
+    assert_close(small(x), hfp_fx.mask(model, x, report.keep)(x))
+    assert hfp_fx.count(small, x).macs == report.achieved.macs and dg.prunable_groups
+
+
+class _Planned(torch.nn.Module):
+    """A stand-in pruned model that knows its predicted latency ratio."""
+
+    def __init__(self, predicted):
+        super().__init__()
+        self.predicted = predicted
+
+
+@pytest.mark.parametrize("factor", [1.3, 0.7, 1.05, 0.98])
+def test_measured_latency_corrections_move_the_plan_into_the_window(monkeypatch, factor):
+    """A clock ``factor`` times the prediction: a model slower than predicted is tightened, a faster
+    one loosened, until the measured ratio is in ``[goal * (1 - slack), goal]``."""
+    goal, dense_ms = 0.5, 10.0
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency",
+                        lambda dense, small, *a: (dense_ms, dense_ms * factor * small.predicted, factor * small.predicted))
+
+    def plan_for(budget):
+        ratio = min(1.0, budget.latency / dense_ms)
+        if ratio < 0.05:
+            raise hfp_fx.InfeasibleTargetError("floor")
+        return Plan({}, Counts(1, 1), Counts(1, 1), budget, {}, ratio * dense_ms)
+
+    def build(plan):
+        return _Planned(plan.latency_ms / dense_ms), None
+
+    resolved = ResolvedTarget(None, None, goal * dense_ms)
+    first = plan_for(resolved)
+    options = LatencyOptions(corrections=8, slack=0.03)
+    small, plan, report, _ = hfp_fx.hfp._meet_latency(torch.nn.Identity(), build(first)[0], first, resolved, dense_ms,
+                                                      plan_for, build, (), options)
+    assert goal * (1 - options.slack) <= report.measured_ratio <= goal
+    assert small.predicted == pytest.approx(plan.latency_ms / dense_ms)
+    assert (report.corrections >= 1) == (not goal * (1 - options.slack) <= factor * goal <= goal)
+
+
+def test_measured_latency_misses_are_reported_with_a_warning(monkeypatch):
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, 0.9, 0.9))
+    plan = Plan({}, Counts(1, 1), Counts(1, 1), ResolvedTarget(None, None, 0.5), {}, 0.5)
+    with pytest.warns(UserWarning, match="misses the target"):
+        _, _, report, _ = hfp_fx.hfp._meet_latency(torch.nn.Identity(), _Planned(0.5), plan, plan.target, 1.0,
+                                                   lambda b: plan, lambda p: (_Planned(0.5), None), (),
+                                                   LatencyOptions(corrections=2))
+    assert report.measured_ratio == 0.9 and report.corrections == 2
+
+
+def test_prepare_latency_loss_pushes_widths_and_finalize_reports(tmp_path):
+    model, x = small_cnn(), torch.randn(2, 3, 32, 32)
+    options = fast_options(tmp_path, corrections=0)
+    goal = reachable_latency(model, x, options)
+    prepared = hfp_fx.prepare(model, x, {"latency": goal}, latency_options=options)
+    info = hfp_fx.complexity(prepared)
+    assert info["latency_ratio"] == pytest.approx(1 / goal, rel=1e-6)
+    assert info["current_target_latency"] == pytest.approx(info["target_latency"], rel=1e-6)
+    prepared.train()
+    loss = hfp_fx.complexity_loss(prepared)
+    loss.backward()
+    assert float(loss) > 0 and (prepared.hfp.trainable.grad > 0).any()  # widths pushed down
+    small = hfp_fx.finalize(prepared)
+    report = small.meta["hfp"]
+    assert report.latency is not None and report.latency.predicted_ms <= report.latency.target_ms * (1 + 1e-9)
+    reference = hfp_fx.prepare(model, x, {"macs": 0.9})
+    apply_plan(reference, report.keep)
+    assert_close(small.eval()(x), reference.eval()(x))
+
+
+def test_state_dict_with_two_loss_weights_still_loads(tmp_path):
+    model, x = small_cnn(), torch.randn(1, 3, 16, 16)
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.5})
+    state = prepared.state_dict()
+    state["hfp.lambdas"] = state["hfp.lambdas"][:2].clone().fill_(0.5)
+    again = hfp_fx.prepare(model, x, {"macs": 0.5})
+    again.load_state_dict(state)
+    assert again.hfp.lambdas.tolist()[:2] == [0.5, 0.5]
+
+
+def test_node_timer_times_requested_nodes_only():
+    gm = torch.fx.symbolic_trace(small_cnn())
+    names = {n.name for n in gm.graph.nodes if n.op == "call_module"}
+    chosen = set(sorted(names)[:2])
+    timer = latency_mod.NodeTimer(gm, chosen, budget=1e-4)
+    with torch.inference_mode():
+        out = timer.run(torch.randn(1, 3, 8, 8))
+    assert out.shape == (1, 10) and set(timer.times) == chosen and timer.measured == 2
+    assert all(t > 0 for t in timer.times.values())
+    # a second run with the same cache times nothing
+    again = latency_mod.NodeTimer(gm, chosen, budget=1e-4, cache=timer.cache)
+    with torch.inference_mode():
+        again.run(torch.randn(1, 3, 8, 8))
+    assert again.measured == 0 and again.times == timer.times
+
+
+def test_latency_target_on_torchvision_model(tmp_path):
+    model, x = torchvision.models.mobilenet_v2().eval(), torch.randn(1, 3, 64, 64)
+    options = fast_options(tmp_path, variants=2, corrections=0)
+    small = hfp_fx.prune(model, x, {"latency": reachable_latency(model, x, options), "params": 0.8},
+                         latency_options=options)
+    report = small.meta["hfp"]
+    assert report.achieved.params <= report.target.params
+    assert report.latency.predicted_ms <= report.latency.target_ms * (1 + 1e-9)
