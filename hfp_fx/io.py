@@ -64,7 +64,7 @@ def save(model: torch.fx.GraphModule, path: PathLike, *, model_spec: Optional[st
         raise TypeError(f"model_spec must be a string like 'torchvision:resnet18', got {type(spec).__name__}")
     plan = {"format": FORMAT, "keep": report.keep, "exclude": report.exclude, "scale_sites": report.scale_sites,
             "groups": {gid: [g.dense, g.kept] for gid, g in report.groups.items()},
-            "achieved": _counts(report.achieved), "dense": _counts(report.dense), "target": _counts(report.target),
+            "achieved": _counts(report.achieved), "dense": _counts(report.dense), "target": {**_counts(report.target), "latency_ms": report.target.latency},
             "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in report.inputs],
             "model_spec": spec, "capture": report.capture, "input_names": report.input_names}
     torch.save({"plan": json.dumps(plan), "state_dict": model.state_dict()}, path)
@@ -160,7 +160,9 @@ def _saved_plan(plan: Dict[str, Any], path: PathLike) -> Plan:
         saved = Plan(keep, Counts(int(plan["achieved"]["params"]), int(plan["achieved"]["macs"])),
                      Counts(int(plan["dense"]["params"]), int(plan["dense"]["macs"])),
                      ResolvedTarget(*(None if plan["target"][k] is None else int(plan["target"][k])
-                                      for k in ("params", "macs"))), groups)
+                                      for k in ("params", "macs")),
+                                    None if plan["target"].get("latency_ms") is None
+                                    else float(plan["target"]["latency_ms"])), groups)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise _damaged(path, f"its pruning plan is malformed ({type(exc).__name__}: {exc})") from exc
     for gid, (dense, kept) in groups.items():

@@ -214,3 +214,13 @@ def test_latency_target_on_torchvision_model(tmp_path):
     report = small.meta["hfp"]
     assert report.achieved.params <= report.target.params
     assert report.latency.predicted_ms <= report.latency.target_ms * (1 + 1e-9)
+
+
+def test_a_latency_pruned_model_saves_and_loads_with_its_target(tmp_path):
+    model, x = small_cnn(), torch.randn(1, 3, 32, 32)
+    options = fast_options(tmp_path, corrections=0)
+    small = hfp_fx.prune(model, x, {"latency": reachable_latency(model, x, options)}, latency_options=options)
+    hfp_fx.save(small, tmp_path / "small.pt")
+    again = hfp_fx.load(tmp_path / "small.pt", small_cnn, x)
+    assert again.meta["hfp"].target.latency == pytest.approx(small.meta["hfp"].target.latency)
+    assert_close(again(x), small(x))
