@@ -1,6 +1,8 @@
-"""Latency of rewritten models: dense vs ``hfp_fx.prune`` at several MACs targets.
+"""Latency of rewritten models: dense vs ``hfp_fx.prune`` at several MACs or latency targets.
 
-For each model and MACs target, prune one-shot (L1 saliency, exact global projection) and time
+For each model and target (``--kinds macs latency``: a MACs fraction, or a fraction of the dense
+model's measured latency, which ``hfp_fx`` meets with its measured latency model), prune
+one-shot (L1 saliency, exact global projection) and time
 dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up), alternately for
 ``--rounds`` rounds so that the machine's drift hits both alike: latency is the median (± IQR)
 over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the
@@ -12,6 +14,8 @@ what hardware-friendly widths do.
     python benchmarks/latency.py --quick                  # two small models, batch 1
     python benchmarks/latency.py --models resnet50 mobilenet_v2 --targets 0.5 --batch 1 32
     python benchmarks/latency.py --channels-last --compile --device cuda
+    python benchmarks/latency.py --kinds macs latency --targets 0.5 --batch 1 --threads 2 \\
+        --models resnet50 mobilenet_v2 --out benchmarks/results/latency_target.json
 
 Writes ``benchmarks/results/latency.json``, ``latency.md`` and ``latency.png``.
 """
@@ -31,6 +35,7 @@ import torch.utils.benchmark as benchmark
 import torchvision
 
 import hfp_fx
+from hfp_fx.latency import LatencyOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny",
@@ -72,6 +77,45 @@ def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: 
     return out
 
 
+def matched_row(model, macs_row: dict, x, round_to: int, args) -> dict:
+    """A latency target at the latency the MACs-targeted model measured: how much more of the
+    model (MACs) a latency-aware allocation keeps at the same speed."""
+    goal = macs_row["latency_ratio"]
+    small, report, prune_s = prune_for(model, "latency", goal, round_to, x, args)
+    base = {"model": macs_row["model"], "kind": "matched", "target": goal, "matched_to": macs_row["target"],
+            "round_to": round_to, "batch": macs_row["batch"]}
+    if small is None:
+        return {**base, "infeasible": report}
+    dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
+    sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
+    timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
+    dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
+    lat = report.latency
+    row = {**base, "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
+           **timing, "latency_ratio": 1 / timing["speedup"],
+           "efficiency": timing["speedup"] * small_c.macs / dense_c.macs, "prune_seconds": prune_s,
+           "predicted_ratio": lat.predicted_ms / lat.dense_ms, "library_measured_ratio": lat.measured_ratio,
+           "corrections": lat.corrections, "macs_kept_vs_macs_target": (small_c.macs / dense_c.macs) / macs_row["macs_ratio"]}
+    row["prediction_error"] = row["predicted_ratio"] / row["latency_ratio"] - 1
+    print(f"{row['model']} latency={goal:.3f} (matched to MACs {macs_row['target']:.0%}) batch={row['batch']}: "
+          f"ratio {row['latency_ratio']:.3f}, MACs {row['macs_ratio']:.3f} = "
+          f"{row['macs_kept_vs_macs_target']:.2f}x the MACs-targeted model's", file=sys.stderr, flush=True)
+    return row
+
+
+def prune_for(model, kind: str, target: float, round_to: int, x, args):
+    """``(pruned, report, seconds)``, or ``(None, reason, 0)`` when the target is infeasible."""
+    options = LatencyOptions(variants=args.latency_variants, rounds=args.rounds, min_run_time=args.min_run_time)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t0 = time.perf_counter()
+        try:
+            small = hfp_fx.prune(model, x, {kind: target}, round_to=round_to, latency_options=options)
+        except hfp_fx.InfeasibleTargetError as exc:  # e.g. ViT below its fixed-channel floor
+            return None, str(exc), 0.0
+    return small, small.meta["hfp"], time.perf_counter() - t0
+
+
 def prepare_for_timing(model, x, channels_last: bool, compile_: bool, device: str):
     model = model.eval().to(device)
     if channels_last and x.dim() == 4:
@@ -85,7 +129,12 @@ def prepare_for_timing(model, x, channels_last: bool, compile_: bool, device: st
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=DEFAULT_MODELS)
-    ap.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5, 0.3], help="MACs fractions")
+    ap.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5, 0.3], help="fractions of dense")
+    ap.add_argument("--kinds", nargs="*", choices=["macs", "latency"], default=["macs"],
+                    help="what the targets bound: MACs, or the measured latency (hfp_fx's latency model)")
+    ap.add_argument("--matched", action="store_true",
+                    help="after each MACs row, prune to the latency that model measured (a 'matched' row)")
+    ap.add_argument("--latency-variants", type=int, default=8, help="shrunk models the latency model times")
     ap.add_argument("--batch", nargs="*", type=int, default=[1, 32])
     ap.add_argument("--round-to", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -106,8 +155,9 @@ def main(argv=None) -> int:
     rows = []
     if args.resume and Path(args.out).exists():
         rows = json.loads(Path(args.out).read_text())["rows"]
-    done = {(r["model"], r["target"], r["round_to"]) for r in rows}
-    jobs = [(m, t, r) for m in args.models for t in args.targets for r in args.round_to if (m, t, r) not in done]
+    done = {(r["model"], r.get("kind", "macs"), r["target"], r["round_to"]) for r in rows}
+    jobs = [(m, k, t, r) for m in args.models for k in args.kinds for t in args.targets for r in args.round_to
+            if (m, k, t, r) not in done]
     meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
             "channels_last": args.channels_last, "compile": args.compile, "rounds": args.rounds,
             "min_run_time": args.min_run_time,
@@ -117,34 +167,40 @@ def main(argv=None) -> int:
     def write() -> None:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    for name, target, round_to in progress(jobs, len(jobs), "latency"):
+    for name, kind, target, round_to in progress(jobs, len(jobs), "latency"):
         model = torchvision.models.get_model(name, weights=None).eval()
         size = 224
-        example = torch.randn(1, 3, size, size)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            t0 = time.perf_counter()
-            try:
-                small = hfp_fx.prune(model, example, {"macs": target}, round_to=round_to)
-            except hfp_fx.InfeasibleTargetError as exc:  # e.g. ViT below its fixed-channel floor
-                rows.append({"model": name, "target": target, "round_to": round_to, "infeasible": str(exc)})
-                print(f"{name} macs={target:.0%} round_to={round_to}: infeasible ({exc})", file=sys.stderr)
-                continue
-            prune_s = time.perf_counter() - t0
-        dense_c, small_c = hfp_fx.count(model, example), hfp_fx.count(small, example)
+        small = None
         for batch in args.batch:
             x = torch.randn(batch, 3, size, size, device=args.device)
+            # a MACs plan does not depend on the batch; a latency plan is measured at its batch
+            if small is None or kind == "latency":
+                small, report, prune_s = prune_for(model, kind, target, round_to, x[:1] if kind == "macs" else x, args)
+                if small is None:
+                    rows.append({"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch,
+                                 "infeasible": report})
+                    print(f"{name} {kind}={target:.0%} round_to={round_to}: infeasible ({report})", file=sys.stderr)
+                    break
+            dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
             dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
             sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
             timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
             mac_reduction = dense_c.macs / small_c.macs
-            row = {"model": name, "target": target, "round_to": round_to, "batch": batch,
+            row = {"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch,
                    "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
-                   **timing, "efficiency": timing["speedup"] / mac_reduction, "prune_seconds": prune_s}
+                   **timing, "latency_ratio": 1 / timing["speedup"], "efficiency": timing["speedup"] / mac_reduction,
+                   "prune_seconds": prune_s}
+            lat = report.latency if report is not None else None
+            if lat is not None:  # what the library predicted and measured, vs this script's own measurement
+                row.update(predicted_ratio=lat.predicted_ms / lat.dense_ms, library_measured_ratio=lat.measured_ratio,
+                           corrections=lat.corrections,
+                           prediction_error=(lat.predicted_ms / lat.dense_ms) / row["latency_ratio"] - 1)
             rows.append(row)
-            print(f"{name} macs={target:.0%} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "
-                  f"{row['pruned_ms']:.1f} ms, speed-up {row['speedup']:.2f}x, efficiency {row['efficiency']:.2f}",
-                  file=sys.stderr, flush=True)
+            print(f"{name} {kind}={target:.0%} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "
+                  f"{row['pruned_ms']:.1f} ms (ratio {row['latency_ratio']:.3f}), MACs {row['macs_ratio']:.3f}, "
+                  f"efficiency {row['efficiency']:.2f}", file=sys.stderr, flush=True)
+            if kind == "macs" and args.matched:
+                rows.append(matched_row(model, row, x, round_to, args))
         write()  # after every model: an interrupted run keeps what it measured
     meta["complete"] = True
     write()
@@ -159,24 +215,37 @@ def write_markdown(rows, meta, path: Path) -> str:
 
     skipped = [r for r in rows if "infeasible" in r]
     rows = [r for r in rows if "infeasible" not in r]
-    table = [[r["model"], f"{r['target']:.0%}", r["round_to"], r["batch"], f"{r['macs_ratio']:.3f}",
-              f"{r['dense_ms']:.1f} ± {r['dense_iqr_ms']:.1f}", f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}",
+
+    def predicted(r):
+        return f"{r['predicted_ratio']:.3f}" if "predicted_ratio" in r else ""
+
+    table = [[r["model"], r.get("kind", "macs"), f"{r['target']:.0%}", r["round_to"], r["batch"],
+              f"{r['macs_ratio']:.3f}", f"{r['dense_ms']:.1f} ± {r['dense_iqr_ms']:.1f}",
+              f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}", f"{1 / r['speedup']:.3f}", predicted(r),
               f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}"] for r in rows]
     text = (f"Device {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, channels_last="
             f"{meta['channels_last']}, compile={meta['compile']}, "
-            f"{meta.get('rounds', 1)} alternating rounds. Latency: median ± IQR over rounds.\n\n")
-    text += tabulate(table, headers=["model", "MACs target", "round_to", "batch", "MACs ratio", "dense ms",
-                                     "pruned ms", "speed-up", "efficiency"], tablefmt="github")
-    effs = [r["efficiency"] for r in rows]
+            f"{meta.get('rounds', 1)} alternating rounds. Latency: median ± IQR over rounds; latency ratio: "
+            "median of per-round pruned/dense ratios; predicted: the latency model's ratio for the plan.\n\n")
+    text += tabulate(table, headers=["model", "target kind", "target", "round_to", "batch", "MACs ratio", "dense ms",
+                                     "pruned ms", "latency ratio", "predicted", "speed-up", "efficiency"],
+                     tablefmt="github")
+    effs = [r["efficiency"] for r in rows if r.get("kind", "macs") == "macs"]
     if effs:
-        text += f"\n\nmedian efficiency {statistics.median(effs):.2f}\n"
+        text += f"\n\nmedian efficiency of MACs targets {statistics.median(effs):.2f}\n"
+    errors = [abs(r["prediction_error"]) for r in rows if "prediction_error" in r]
+    if errors:
+        text += (f"\nlatency model prediction error on the final models (|predicted / measured - 1|): "
+                 f"median {statistics.median(errors):.3f}, max {max(errors):.3f} over {len(errors)} rows\n")
     for r in skipped:
-        text += f"\n{r['model']} at {r['target']:.0%} MACs (round_to={r['round_to']}): infeasible, {r['infeasible']}\n"
+        text += (f"\n{r['model']} at {r['target']:.0%} {r.get('kind', 'macs')} (round_to={r['round_to']}): "
+                 f"infeasible, {r['infeasible']}\n")
     path.write_text(text)
     return text
 
 
 def plot(rows, path: Path) -> None:
+    """Measured latency ratio against MACs ratio, one colour per model, one marker per target kind."""
     try:
         import matplotlib
 
@@ -185,17 +254,24 @@ def plot(rows, path: Path) -> None:
     except ImportError:
         return
     rows = [r for r in rows if "infeasible" not in r]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (model, rt), marker in zip(sorted({(r["model"], r["round_to"]) for r in rows}), "os^vD<>ph*x+" * 4):
-        pts = sorted((1 / r["macs_ratio"], r["speedup"]) for r in rows
-                     if r["model"] == model and r["round_to"] == rt and r["batch"] == max(x["batch"] for x in rows))
-        ax.plot(*zip(*pts), marker=marker, label=f"{model} (round_to={rt})")
-    lim = max(1 / r["macs_ratio"] for r in rows) * 1.05
-    ax.plot([1, lim], [1, lim], "k--", lw=1, label="ideal (efficiency 1)")
-    ax.set_xlabel("MACs reduction (dense / pruned)")
-    ax.set_ylabel("measured speed-up")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.5), squeeze=False)
+    models = sorted({r["model"] for r in rows})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    markers = {"macs": "o", "latency": "^", "matched": "s"}
+    for ax, batch in zip(axes[0], batches):
+        for (model, kind, rt) in sorted({(r["model"], r.get("kind", "macs"), r["round_to"]) for r in rows}):
+            pts = sorted((r["macs_ratio"], 1 / r["speedup"]) for r in rows if r["model"] == model and
+                         r.get("kind", "macs") == kind and r["round_to"] == rt and r["batch"] == batch)
+            if pts:
+                ax.plot(*zip(*pts), marker=markers[kind], color=colors[model], ls="-" if kind == "macs" else "--",
+                        label=f"{model}, {kind} target" + (f", round_to={rt}" if rt != 1 else ""))
+        ax.plot([0, 1], [0, 1], "k:", lw=1, label="latency = MACs")
+        ax.set_xlabel("MACs ratio (pruned / dense)")
+        ax.set_ylabel("measured latency ratio (pruned / dense)")
+        ax.set_title(f"batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
