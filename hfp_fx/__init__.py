@@ -22,6 +22,7 @@ from hfp_fx.passes.registry import OpHandler, OpRegistry, default_rules
 from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.progress import set_progress
 from hfp_fx.target import Target
+from hfp_fx.latency import LatencyOptions, LatencyReport
 from hfp_fx.viz import ComplexityLog, plot_widths, render_graph
 from hfp_fx.graph import DependencyGraph, Member, PruneGroup
 from hfp_fx.shapes import ShapePropagationError
@@ -32,7 +33,8 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
-    "save", "load", "to_pretrained", "set_progress", "Target", "Plan", "PruneReport", "GroupReport",
+    "save", "load", "to_pretrained", "set_progress", "Target", "LatencyOptions", "LatencyReport", "Plan",
+    "PruneReport", "GroupReport",
     "render_graph", "plot_widths", "ComplexityLog",
     "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel",
     "InfeasibleTargetError", "TraceError", "ShapePropagationError", "ShrinkError",
