@@ -122,3 +122,18 @@ def test_errors_are_clear(capsys):
 def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "hfp_fx", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "hfp-fx prune" in proc.stdout
+
+
+def test_prune_to_a_latency_target_prints_predicted_and_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HFP_FX_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # consistent timings on a busy machine
+    try:
+        assert main(["prune", "torchvision:resnet18", *SMALL, "--latency", "90%"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "latency:" in text and "measured" in text and "predicted" in text
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))
+    assert main(["prune", "torchvision:resnet18", *SMALL, "--latency", "3"]) != 0
+    assert "latency" in capsys.readouterr().err
