@@ -34,6 +34,7 @@ from hfp_fx.api import dependency_graph
 from hfp_fx.cost import CostModel
 from hfp_fx.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
 from hfp_fx.graph import DependencyGraph
+from hfp_fx.hf import config_fit
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -205,7 +206,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
     :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: :func:`finalize` keeps the same
     widths in every repeated block (:func:`hfp_fx.projection.uniform_block_classes`); the gates
-    still train one width per group, the projection makes them equal.
+    still train one width per group, the projection makes them equal.  For a Llama-style Hugging
+    Face model it also keeps the hidden size a multiple of the kept attention heads, as the
+    model's config requires (:func:`hfp_fx.hf.config_fit`; see :func:`hfp_fx.to_pretrained`).
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
@@ -234,6 +237,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     prepared._hfp_graph = dg
     prepared.meta["hfp_exclude"] = list(exclude)
     prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
+    prepared.meta["hfp_fit"] = config_fit(model, dg) if uniform_blocks else None  # plain data
     return prepared
 
 
@@ -297,7 +301,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
         with stage("budget projection"):
             tied = uniform_block_classes(dg.prunable_groups) if prepared.meta.get("hfp_uniform_blocks") else ()
             plan = project(hfp.cost, dg.prunable_groups, saliency, resolved, initial=initial,
-                           min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied)
+                           min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied,
+                           fit=prepared.meta.get("hfp_fit"))
             alive = dg.alive(plan.keep)
         with stage("fold gates"):
             base = _trained_copy(prepared, dg)
@@ -396,7 +401,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
     :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: every repeated block (groups
     whose members' names are equal up to the block index, e.g. ``layers.3.mlp``) keeps the same
-    width, so the result fits one configuration of the architecture.
+    width, so the result fits one configuration of the architecture; for a Llama-style Hugging
+    Face model the hidden size also stays a multiple of the kept attention heads, so that
+    :func:`hfp_fx.to_pretrained` gives a model its config accepts (:func:`hfp_fx.hf.config_fit`).
 
     Saliency (``"l1"``): for every weight slice that produces a channel (a conv's or linear
     layer's output filters, as each op handler declares; see :mod:`hfp_fx.saliency`), the mean
@@ -417,8 +424,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
             cm = CostModel(dg)
             resolved = Target.parse(target).resolve(cm.counts())
             tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
+            fit = config_fit(model, dg) if uniform_blocks else None
             plan = project(cm, dg.prunable_groups, magnitude_saliency(dg, importance), resolved,
-                           min_channels=min_channels, round_to=round_to, cost_power=cost_power, tied=tied)
+                           min_channels=min_channels, round_to=round_to, cost_power=cost_power, tied=tied, fit=fit)
         with stage("shrink"):
             small = shrink_model(dg.facts, dg.alive(plan.keep))
     small.train(model.training)
