@@ -14,10 +14,10 @@ from helpers import check_model  # noqa: E402
 
 def build(name, tie=True, seed=0):
     torch.manual_seed(seed)
-    if name in ("llama", "qwen2"):
-        config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
-        cfg = config_cls(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+    if name in ("llama", "qwen2", "mistral", "qwen3"):
+        prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3"}[name]
+        config_cls, model_cls = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
+        cfg = config_cls(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, head_dim=8,
                          num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=tie)
         return model_cls(cfg).eval()
     if name == "gpt2":
@@ -178,9 +178,11 @@ def assert_round_trip(small, model, x, tmp_path):
 
 
 #: (model, tied, params target, seed): without the config fit, each of these plans a hidden
-#: size that is not a multiple of the kept query heads (e.g. 25 with 6 heads)
+#: size that is not a multiple of the kept query heads (e.g. 25 with 6 heads); Mistral and Qwen3
+#: (per-head q/k RMSNorms over the head dim) share Llama's layer names
 FIT_CASES = [("llama", True, 0.4, 0), ("llama", False, 0.6, 0), ("llama", True, 0.7, 1),
-             ("qwen2", True, 0.4, 0), ("qwen2", False, 0.7, 1), ("qwen2", True, 0.3, 2)]
+             ("qwen2", True, 0.4, 0), ("qwen2", False, 0.7, 1), ("qwen2", True, 0.3, 2),
+             ("mistral", True, 0.4, 0), ("qwen3", False, 0.6, 0)]
 
 
 @pytest.mark.parametrize("name,tie,target,seed", FIT_CASES, ids=[f"{n}-{'tied' if t else 'untied'}-{p}-seed{s}"
