@@ -8,6 +8,11 @@ class with ``hidden_size = d'``, ``rms_norm_eps = eps'``, the kept ``intermediat
 ``num_attention_heads`` and ``num_key_value_heads``, and ``head_dim`` written out (it does not
 change).  One configuration needs one width per kind of layer: prune with ``uniform_blocks=True``.
 
+transformers' configs also want ``hidden_size`` to be a multiple of ``num_attention_heads``.
+:func:`config_fit` turns that into a :data:`~hfp_fx.projection.Fit` for the budget projection:
+``prune(..., uniform_blocks=True)`` and ``prepare(..., uniform_blocks=True)`` -> ``finalize`` pass
+it for such a model, so the pruned hidden size is always one the config accepts.
+
 Example (needs ``transformers``)::
 
     >>> import torch, transformers, hfp_fx
@@ -26,16 +31,88 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from hfp_fx.export_capture import is_hugging_face
 
-__all__ = ["to_pretrained"]
+__all__ = ["to_pretrained", "config_fit", "ConfigFit"]
 
 #: RMSNorms over the hidden size (the residual stream) in Llama-style decoders
 _STREAM_NORMS = re.compile(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$")
+
+
+@dataclass(frozen=True)
+class ConfigFit:
+    """The widths a Llama-style config can express: ``hidden_size`` a multiple of the kept query heads.
+
+    A :data:`~hfp_fx.projection.Fit`: called with the planned count of every prunable group, it
+    lowers the residual stream group ``hidden`` to the largest multiple of ``kv x queries_per_kv``
+    (``kv``: the kept key/value heads, equal in every layer), and only if no such width is
+    allowed (fewer hidden channels than heads, ``min_channels``, ``round_to``) keeps fewer
+    key/value groups.  Groups not in ``kept`` are fixed at their dense size.  Plain data, so a
+    prepared model can carry it to ``finalize``.
+
+        >>> fit = ConfigFit(hidden="g0", hidden_size=48, kv_groups=("g1", "g3"), kv_heads=2, queries_per_kv=3)
+        >>> fit({"g0": 25, "g1": 2, "g3": 2, "g2": 40}, lambda gid, n: n >= 1)
+        {'g1': 2, 'g3': 2, 'g0': 24}
+        >>> fit({"g0": 5, "g1": 2, "g3": 2}, lambda gid, n: n >= 1)  # fewer channels than 6 heads
+        {'g1': 1, 'g3': 1, 'g0': 3}
+    """
+
+    hidden: Optional[str]  #: group id of the residual stream (``None``: none found)
+    hidden_size: int  #: its dense width
+    kv_groups: Tuple[str, ...]  #: per layer, the group id of its key/value heads
+    kv_heads: int  #: their dense count
+    queries_per_kv: int  #: query heads per key/value head
+
+    def __call__(self, kept: Dict[str, int], allowed: Callable[[str, int], bool]) -> Mapping[str, int]:
+        hidden = kept.get(self.hidden, self.hidden_size)
+        counts = {kept.get(g, self.kv_heads) for g in self.kv_groups} or {self.kv_heads}
+        if len(counts) != 1:
+            return {}  # layers with different heads: no config fits (to_pretrained says why)
+        kv = counts.pop()
+        for k in range(kv, 0, -1):
+            if k < kv and not all(g in kept and allowed(g, k) for g in self.kv_groups):
+                continue
+            heads = k * self.queries_per_kv
+            for n in range(hidden - hidden % heads, 0, -heads):
+                if n == hidden or self.hidden in kept and allowed(self.hidden, n):
+                    out = {g: k for g in self.kv_groups if g in kept}
+                    if self.hidden in kept:
+                        out[self.hidden] = n
+                    return out
+        return {}
+
+
+def config_fit(model: torch.nn.Module, dg) -> Optional[ConfigFit]:
+    """The :class:`ConfigFit` of a Llama-style Hugging Face ``model`` (the decoders
+    :func:`to_pretrained` supports) analysed as ``dg``; ``None`` for any other model.
+
+    Recognised by class and config attributes (transformers is never imported): a
+    ``PreTrainedModel`` whose config has ``rms_norm_eps``, and groups holding ``model.norm.weight``
+    (the residual stream) and every layer's ``self_attn.k_proj.weight`` rows (its key/value heads).
+    """
+    config = getattr(model, "config", None)
+    if not is_hugging_face(model) or getattr(config, "rms_norm_eps", None) is None:
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    hidden_size = getattr(config, "hidden_size", None)
+    if not (heads and layers and hidden_size):
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+
+    def owner(param: str, dim: int):
+        return next((g for g in dg.groups if any(m.target == param and m.dim == dim for m in g.members)), None)
+
+    stream = owner("model.norm.weight", 0)
+    kv = [owner(f"model.layers.{i}.self_attn.k_proj.weight", 0) for i in range(layers)]
+    if stream is None or stream.channels != hidden_size or any(g is None or g.channels != kv_heads for g in kv):
+        return None
+    return ConfigFit(stream.id, hidden_size, tuple(g.id for g in kv), kv_heads, heads // kv_heads)
 
 
 def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Module:
@@ -76,12 +153,16 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Mod
     new_config.head_dim = head_dim
     new_config.rms_norm_eps = config.rms_norm_eps * config.hidden_size / hidden
     factor = math.sqrt(config.hidden_size / hidden)
-    try:
+    try:  # transformers 5 validates a config when it is built or saved, not when a field is set
+        validate = getattr(new_config, "validate", None)
+        if callable(validate):
+            validate()
         model = type(like)(new_config)
-    except ValueError as exc:  # e.g. transformers' check that hidden_size is a multiple of the heads
+    except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
         raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths (hidden_size {hidden}, "
-                         f"{new_config.num_attention_heads} heads): {exc}. Keep a hidden size that the config "
-                         "accepts (e.g. a multiple of the kept heads: shrink with an explicit keep)") from exc
+                         f"{new_config.num_attention_heads} heads): {exc}. Prune with uniform_blocks=True "
+                         "(prune, or prepare -> finalize), which keeps hidden_size a multiple of the kept "
+                         "heads (hfp_fx.hf.config_fit), or shrink with a keep that does") from exc
     weights: Dict[str, torch.Tensor] = {}
     for key in model.state_dict():
         value = state.get(key)

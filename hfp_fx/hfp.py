@@ -36,6 +36,7 @@ from hfp_fx.cost import CostModel
 from hfp_fx.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
 from hfp_fx.graph import DependencyGraph
 from hfp_fx.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
+from hfp_fx.hf import config_fit
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -220,7 +221,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
     :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: :func:`finalize` keeps the same
     widths in every repeated block (:func:`hfp_fx.projection.uniform_block_classes`); the gates
-    still train one width per group, the projection makes them equal.
+    still train one width per group, the projection makes them equal.  For a Llama-style Hugging
+    Face model it also keeps the hidden size a multiple of the kept attention heads, as the
+    model's config requires (:func:`hfp_fx.hf.config_fit`; see :func:`hfp_fx.to_pretrained`).
     A ``latency`` target measures a latency model first (:mod:`hfp_fx.latency`, options in
     ``latency_options``); the loss then pushes the predicted latency like params and MACs.
     """
@@ -254,6 +257,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     prepared.meta["hfp_exclude"] = list(exclude)
     prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
     prepared.meta["hfp_latency_options"] = latency_options or LatencyOptions()
+    prepared.meta["hfp_fit"] = config_fit(model, dg) if uniform_blocks else None  # plain data
     return prepared
 
 
@@ -340,7 +344,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
 
     def plan_for(budget: ResolvedTarget) -> Plan:
         return project(hfp.cost, dg.prunable_groups, saliency, budget, initial=initial,
-                       min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied)
+                       min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied,
+                       fit=prepared.meta.get("hfp_fit"))
 
     def build(plan: Plan) -> Tuple[torch.fx.GraphModule, list]:
         base = _trained_copy(prepared, dg)
@@ -499,7 +504,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
     :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: every repeated block (groups
     whose members' names are equal up to the block index, e.g. ``layers.3.mlp``) keeps the same
-    width, so the result fits one configuration of the architecture.
+    width, so the result fits one configuration of the architecture; for a Llama-style Hugging
+    Face model the hidden size also stays a multiple of the kept attention heads, so that
+    :func:`hfp_fx.to_pretrained` gives a model its config accepts (:func:`hfp_fx.hf.config_fit`).
 
     Saliency (``"l1"``): for every weight slice that produces a channel (a conv's or linear
     layer's output filters, as each op handler declares; see :mod:`hfp_fx.saliency`), the mean
@@ -533,10 +540,11 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
             resolved = budget.resolve(cm.counts(), _dense_ms(cm))
             tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
             saliency = magnitude_saliency(dg, importance)
+            fit = config_fit(model, dg) if uniform_blocks else None
 
             def plan_for(b: ResolvedTarget) -> Plan:
                 return project(cm, dg.prunable_groups, saliency, b, min_channels=min_channels, round_to=round_to,
-                               cost_power=cost_power, tied=tied)
+                               cost_power=cost_power, tied=tied, fit=fit)
 
             plan = plan_for(resolved)
         with stage("shrink"):

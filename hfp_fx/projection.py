@@ -15,20 +15,31 @@ plan is: per group keep the ``n_g`` most salient channels, and choose the ``n_g`
 ``tied`` classes of groups (``uniform_blocks``: the same layer in every repeated block) move
 together: one step removes or adds a block in every member, at the sum of their marginal costs
 and the mean of their saliencies, so every member keeps the same count.
+
+A ``fit`` (a callable, passed per call) may then lower some counts further, for a consumer of
+the plan that accepts only some widths (:class:`hfp_fx.hf.ConfigFit`: a Hugging Face config
+wants ``hidden_size`` to be a multiple of the kept attention heads).  It only removes channels,
+the least salient of their groups, so the targets stay met; the groups it names are then
+final, and step 3 runs again for the others to use the freed budget.
 """
 from __future__ import annotations
 
 import heapq
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.target import ResolvedTarget
 
-__all__ = ["Plan", "project", "check_feasible", "metrics_of", "InfeasibleTargetError", "uniform_block_classes"]
+__all__ = ["Plan", "project", "check_feasible", "metrics_of", "InfeasibleTargetError", "uniform_block_classes", "Fit"]
+
+#: ``fit(kept, allowed) -> {group id: count}``: ``kept`` maps every prunable group id to its
+#: planned count, ``allowed(gid, n)`` says whether ``n`` respects the group's ``min_channels`` /
+#: ``round_to``; the result lowers (never raises) the counts of the groups it names
+Fit = Callable[[Dict[str, int], Callable[[str, int], bool]], Mapping[str, int]]
 
 
 class InfeasibleTargetError(ValueError):
@@ -132,13 +143,15 @@ def _allowed(n: int, lo: int, step: int, size: int) -> int:
 
 def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor], target: ResolvedTarget,
             initial: Optional[Mapping[str, int]] = None, min_channels: int = 1, round_to: int = 1,
-            cost_power: float = 1.0, tied: Sequence[Sequence[str]] = ()) -> Plan:
+            cost_power: float = 1.0, tied: Sequence[Sequence[str]] = (), fit: Optional[Fit] = None) -> Plan:
     """Choose kept channels per group so every targeted count is <= its target (see module doc).
 
     Blocks are ranked by ``saliency / marginal_cost ** cost_power``: 1 trades importance against
     cost (trained HFP gates already encode both), 0 ranks by saliency alone and leaves the cost
     model only the job of meeting the budget (one-shot magnitude pruning, where cost-ranking
-    would strip the most expensive layers down to one channel).
+    would strip the most expensive layers down to one channel).  ``tied``: classes of group ids
+    that keep one count (:func:`uniform_block_classes`).  ``fit``: a :data:`Fit`, applied after
+    the add-back step (module doc).
     """
     if min_channels < 1 or round_to < 1:
         raise ValueError("min_channels and round_to must be >= 1")
@@ -220,39 +233,58 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
                 heapq.heappush(heap, (nxt[1] / weight[k] ** cost_power, k))
 
     # 3. add back
-    blocked = set()
-    while True:
-        values, grads = evaluate(with_grad=True)
-        best = None
-        for k, u in enumerate(units):
-            if k in blocked:
-                continue
-            nxt = _unit_step(state, u, "addition")
-            if nxt is None:
-                continue
-            new, sal = nxt
-            cost, fits = 0.0, True
-            for name, t in metrics:
-                inc = float(grads[name][u].sum()) * (new - state[u[0]].n)
-                if values[name] + inc > t + 1e-6:
-                    fits = False
-                    break
-                cost += inc / t
-            if fits:
-                score = sal / max(cost, 1e-30) ** cost_power
-                if best is None or score > best[0]:
-                    best = (score, k, new)
-        if best is None:
-            break
-        _, k, new = best
-        old = state[units[k][0]].n
-        for i in units[k]:
-            state[i].n = new
-        trial, _ = evaluate()
-        if any(trial[name] > t for name, t in metrics):
+    def add_back(blocked: set) -> None:
+        while True:
+            values, grads = evaluate(with_grad=True)
+            best = None
+            for k, u in enumerate(units):
+                if k in blocked:
+                    continue
+                nxt = _unit_step(state, u, "addition")
+                if nxt is None:
+                    continue
+                new, sal = nxt
+                cost, fits = 0.0, True
+                for name, t in metrics:
+                    inc = float(grads[name][u].sum()) * (new - state[u[0]].n)
+                    if values[name] + inc > t + 1e-6:
+                        fits = False
+                        break
+                    cost += inc / t
+                if fits:
+                    score = sal / max(cost, 1e-30) ** cost_power
+                    if best is None or score > best[0]:
+                        best = (score, k, new)
+            if best is None:
+                break
+            _, k, new = best
+            old = state[units[k][0]].n
             for i in units[k]:
-                state[i].n = old
-            blocked.add(k)
+                state[i].n = new
+            trial, _ = evaluate()
+            if any(trial[name] > t for name, t in metrics):
+                for i in units[k]:
+                    state[i].n = old
+                blocked.add(k)
+
+    add_back(set())
+
+    # 4. fit: lower what the caller's consumer cannot take, then refill with the other groups
+    if fit is not None:
+        def allowed(gid: str, n: int) -> bool:
+            s = state[index[gid]] if gid in index else None
+            return s is not None and _allowed(n, s.lo, s.step, s.size) == n
+
+        wanted = dict(fit({s.gid: s.n for s in state}, allowed))
+        for gid, n in wanted.items():
+            if not allowed(gid, n) or n > state[index[gid]].n:
+                raise ValueError(f"fit asked for {n} channels in group {gid} (planned: "
+                                 f"{state[index[gid]].n if gid in index else 'not prunable'}); "
+                                 "a fit may only lower counts, to ones min_channels and round_to allow")
+            state[index[gid]].n = n
+        if any(len({state[i].n for i in u}) > 1 for u in units):
+            raise ValueError("fit gave the groups of one uniform_blocks class different counts")
+        add_back({k for k, u in enumerate(units) if any(state[i].gid in wanted for i in u)})
 
     values, _ = evaluate()
     counts = Counts(int(round(values["params"])), int(round(values["macs"])))

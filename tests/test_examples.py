@@ -19,7 +19,8 @@ def load(name: str):
 
 
 def test_every_example_is_covered():
-    tested = {"quickstart", "one_shot_prune", "inspect_graph", "custom_op", "ddp_train"}  # ddp: tests/test_ddp.py
+    tested = {"quickstart", "one_shot_prune", "inspect_graph", "custom_op", "ddp_train",  # ddp: tests/test_ddp.py
+              "prune_llama"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -75,3 +76,13 @@ def test_custom_op_rule_makes_channels_prunable(caplog):
     assert out["default_after"] == 0  # the handler was registered for those calls only
     assert out["max_error"] < 1e-4
     assert "unsupported function" in caplog.text
+
+
+def test_prune_llama_comes_back_as_a_llama():
+    pytest.importorskip("transformers")
+    out = load("prune_llama").main(["--steps", "6", "--batch", "2", "--length", "16"])
+    assert out["pruned_params"] <= out["target_params"] < out["dense_params"]
+    assert max(out["finalize_error"], out["to_pretrained_error"], out["reload_error"]) < 1e-4
+    config = out["config"]
+    assert config.hidden_size < 96 and config.hidden_size % config.num_attention_heads == 0
+    assert out["generated"].startswith("the quick")  # the prompt, then greedy tokens

@@ -12,12 +12,12 @@ import hfp_fx  # noqa: E402
 from helpers import check_model  # noqa: E402
 
 
-def build(name, tie=True):
-    torch.manual_seed(0)
-    if name in ("llama", "qwen2"):
-        config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[name]
-        cfg = config_cls(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+def build(name, tie=True, seed=0):
+    torch.manual_seed(seed)
+    if name in ("llama", "qwen2", "mistral", "qwen3"):
+        prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "qwen3": "Qwen3"}[name]
+        config_cls, model_cls = getattr(transformers, prefix + "Config"), getattr(transformers, prefix + "ForCausalLM")
+        cfg = config_cls(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, head_dim=8,
                          num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=tie)
         return model_cls(cfg).eval()
     if name == "gpt2":
@@ -159,6 +159,51 @@ def test_to_pretrained_round_trips_through_save_pretrained(name, tie, tmp_path):
         torch.testing.assert_close(loaded(x).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def assert_round_trip(small, model, x, tmp_path):
+    """``to_pretrained`` gives the model's class with ``small``'s logits and parameter count, and
+    ``save_pretrained`` / ``from_pretrained`` bring it back unchanged."""
+    hf = hfp_fx.to_pretrained(small, like=model).eval()
+    assert type(hf) is type(model)
+    cfg = hf.config
+    assert cfg.hidden_size % cfg.num_attention_heads == 0  # what transformers' configs check
+    assert sum(p.numel() for p in hf.parameters()) == small.meta["hfp"].achieved.params
+    with torch.no_grad():
+        expected = small(x)
+        torch.testing.assert_close(hf(x).logits, expected, atol=1e-4, rtol=1e-4)
+    hf.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, expected, atol=1e-4, rtol=1e-4)
+    return hf
+
+
+#: (model, tied, params target, seed): without the config fit, each of these plans a hidden
+#: size that is not a multiple of the kept query heads (e.g. 25 with 6 heads); Mistral and Qwen3
+#: (per-head q/k RMSNorms over the head dim) share Llama's layer names
+FIT_CASES = [("llama", True, 0.4, 0), ("llama", False, 0.6, 0), ("llama", True, 0.7, 1),
+             ("qwen2", True, 0.4, 0), ("qwen2", False, 0.7, 1), ("qwen2", True, 0.3, 2),
+             ("mistral", True, 0.4, 0), ("qwen3", False, 0.6, 0)]
+
+
+@pytest.mark.parametrize("name,tie,target,seed", FIT_CASES, ids=[f"{n}-{'tied' if t else 'untied'}-{p}-seed{s}"
+                                                                 for n, t, p, s in FIT_CASES])
+def test_uniform_blocks_plan_fits_the_hugging_face_config(name, tie, target, seed, tmp_path):
+    model, x = build(name, tie, seed), ids()
+    small = hfp_fx.prune(model, {"input_ids": x}, {"params": target}, uniform_blocks=True, capture="auto")
+    report = small.meta["hfp"]
+    assert report.achieved == hfp_fx.count(small, (x,))
+    assert 0.9 * report.target.params <= report.achieved.params <= report.target.params
+    assert_round_trip(small, model, x, tmp_path)
+
+
+def test_prepare_finalize_with_uniform_blocks_fits_the_hugging_face_config(tmp_path):
+    model, x = build("llama"), ids()
+    prepared = hfp_fx.prepare(model, {"input_ids": x}, {"params": 0.4}, capture="auto", uniform_blocks=True)
+    small = hfp_fx.finalize(prepared).eval()  # untrained widths: every group loses the same fraction
+    assert small.meta["hfp"].achieved.params <= small.meta["hfp"].target.params
+    assert_round_trip(small, model, x, tmp_path)
+
+
 def test_to_pretrained_refuses_what_a_config_cannot_express():
     model, x = build("llama"), ids()
     uneven = hfp_fx.prune(model, x, {"params": 0.5}, capture="export")
@@ -166,6 +211,10 @@ def test_to_pretrained_refuses_what_a_config_cannot_express():
     if len(widths) > 1:
         with pytest.raises(ValueError, match="uniform_blocks=True"):
             hfp_fx.to_pretrained(uneven, like=model)
+    dg = hfp_fx.dependency_graph(model, x, capture="export")
+    odd = {g.id: range(25) if g.channels == 48 else range(g.channels) for g in dg.prunable_groups}
+    with pytest.raises(ValueError, match="uniform_blocks=True.*multiple of the kept heads"):
+        hfp_fx.to_pretrained(hfp_fx.shrink(dg, keep=odd), like=model)  # hidden 25, 6 heads
     gpt2 = build("gpt2")
     small = hfp_fx.prune(gpt2, x, {"params": 0.5}, capture="export")
     with pytest.raises(ValueError, match="LayerNorm"):

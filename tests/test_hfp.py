@@ -133,6 +133,36 @@ def test_round_to_keeps_multiples():
             assert m.out_channels % 8 == 0
 
 
+def test_projection_fit_only_lowers_counts_and_the_others_refill():
+    """A fit (here: the first group a multiple of 4, 10 -> 8) lowers the counts it names; the groups it does
+    not name take the freed budget back; a fit that raises a count is refused."""
+    from hfp_fx.projection import project
+    from hfp_fx.saliency import magnitude_saliency
+
+    torch.manual_seed(0)
+    model, x = TinyNet().eval(), torch.randn(1, 3, 8, 8)
+    dg = hfp_fx.dependency_graph(model, x)
+    cm = hfp_fx.CostModel(dg)
+    groups, saliency = dg.prunable_groups, magnitude_saliency(dg, "l1")
+    target = hfp_fx.Target(params=0.5).resolve(cm.counts())
+    free = project(cm, groups, saliency, target, cost_power=0)
+    first = groups[0].id
+    seen = []
+
+    def fit(kept, allowed):
+        seen.append(dict(kept))
+        return {first: kept[first] - kept[first] % 4}
+
+    plan = project(cm, groups, saliency, target, cost_power=0, fit=fit)
+    assert seen == [{gid: kept for gid, (_, kept) in free.kept_per_group.items()}]
+    assert plan.kept_per_group[first][1] == seen[0][first] - seen[0][first] % 4 < seen[0][first]
+    assert plan.counts.params <= target.params
+    assert sum(k for gid, (_, k) in plan.kept_per_group.items() if gid != first) > \
+        sum(k for gid, (_, k) in free.kept_per_group.items() if gid != first)
+    with pytest.raises(ValueError, match="may only lower"):
+        project(cm, groups, saliency, target, cost_power=0, fit=lambda kept, allowed: {first: kept[first] + 1})
+
+
 class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()
