@@ -95,7 +95,7 @@ def matched_row(model, macs_row: dict, x, round_to: int, args) -> dict:
            **timing, "latency_ratio": 1 / timing["speedup"],
            "efficiency": timing["speedup"] * small_c.macs / dense_c.macs, "prune_seconds": prune_s,
            "predicted_ratio": lat.predicted_ms / lat.dense_ms, "library_measured_ratio": lat.measured_ratio,
-           "corrections": lat.corrections, "macs_kept_vs_macs_target": (small_c.macs / dense_c.macs) / macs_row["macs_ratio"]}
+           "corrections": lat.corrections, "latency_model_seconds": lat.model_seconds, "macs_kept_vs_macs_target": (small_c.macs / dense_c.macs) / macs_row["macs_ratio"]}
     row["prediction_error"] = row["predicted_ratio"] / row["latency_ratio"] - 1
     print(f"{row['model']} latency={goal:.3f} (matched to MACs {macs_row['target']:.0%}) batch={row['batch']}: "
           f"ratio {row['latency_ratio']:.3f}, MACs {row['macs_ratio']:.3f} = "
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
             lat = report.latency if report is not None else None
             if lat is not None:  # what the library predicted and measured, vs this script's own measurement
                 row.update(predicted_ratio=lat.predicted_ms / lat.dense_ms, library_measured_ratio=lat.measured_ratio,
-                           corrections=lat.corrections,
+                           corrections=lat.corrections, latency_model_seconds=lat.model_seconds,
                            prediction_error=(lat.predicted_ms / lat.dense_ms) / row["latency_ratio"] - 1)
             rows.append(row)
             print(f"{name} {kind}={target:.0%} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "

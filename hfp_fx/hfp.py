@@ -556,6 +556,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                     copy.deepcopy(dg.gm), small, plan, resolved, _dense_ms(cm), plan_for,
                     lambda p: (shrink_model(dg.facts, dg.alive(p.keep)), None), dg.example_inputs,
                     latency_options or LatencyOptions())
+                report.model_seconds = latency.seconds
     small.train(model.training)
     small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report)
     return small

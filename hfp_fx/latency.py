@@ -107,7 +107,8 @@ class LatencyReport:
     predicted_ms: float  #: the latency model's value for the plan
     measured_ms: Optional[float] = None  #: the pruned model, measured in the same rounds as dense
     measured_ratio: Optional[float] = None  #: median of per-round pruned/dense ratios
-    corrections: int = 0  #: times the plan was tightened after a measurement
+    corrections: int = 0  #: times the plan was moved after a measurement
+    model_seconds: float = 0.0  #: time spent building the latency model (0 when built earlier, by prepare)
 
     @property
     def prediction_error(self) -> Optional[float]:
