@@ -163,6 +163,16 @@ def run_one(suite: str, name: str, capture: str = "fx") -> dict:
     return row
 
 
+def _by_reason(rows) -> dict:
+    groups = {}
+    for r in rows:
+        if r.get("exact"):
+            continue
+        why = r.get("error") or f"max relative error {r.get('max_rel_err')}"
+        groups.setdefault(why.splitlines()[0][:160], []).append(r["model"])
+    return groups
+
+
 def report(rows, capture: str = "fx"):
     """Print the table and return the summary of a list of result rows."""
     table = [[r["model"], r.get("nodes"), r.get("groups"), r.get("prunable_groups"),
@@ -178,6 +188,8 @@ def report(rows, capture: str = "fx"):
         "traceable": sum(bool(r.get("traceable")) for r in rows),
         "refused_untraceable": sum(bool(r.get("refused")) for r in rows),
         "failed": [r["model"] for r in rows if not r.get("exact") and not r.get("refused")],
+        # every failure or refusal by its reason (the error's first line, up to the first colon after the type)
+        "not_exact_by_reason": _by_reason(rows),
         "with_opaque_submodules": sum(1 for r in rows if r.get("opaque")),
         "traced_with_example_shapes": sum(1 for r in rows if r.get("shape_specialized")),
         "families": len({r["family"] for r in rows}),

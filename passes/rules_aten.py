@@ -66,7 +66,8 @@ _register(OpHandler(T.passthrough, macs=False),
 _register(OpHandler(T.elementwise, macs=False),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
           "mul.Scalar", "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Tensor", "maximum", "minimum",
-          "where.self", "masked_fill.Scalar", "masked_fill.Tensor",
+          "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "addcmul", "addcdiv", "lerp.Scalar",
+          "lerp.Tensor",
           # in-place forms (``out += identity``), as the ``Tensor.add_`` methods are
           "add_.Tensor", "add_.Scalar", "sub_.Tensor", "mul_.Tensor", "mul_.Scalar", "div_.Tensor", "masked_fill_.Scalar")
 # reductions: a mean over pruned channels becomes sum * (1 / original count)
@@ -93,6 +94,7 @@ _register(OpHandler(T.pad, macs=False), "pad", "constant_pad_nd")
 _register(OpHandler(T.transpose, macs=False), "transpose.int", "swapaxes", "swapdims", "movedim.int")
 _register(OpHandler(T.t, macs=False), "t")
 _register(OpHandler(T.cat, macs=False), "cat")
+_register(OpHandler(T.stack, macs=False), "stack")
 _register(OpHandler(T.split, macs=False, rewrite=T.rewrite_split), "split.Tensor", "split_with_sizes", "chunk",
           "unbind.int")
 _register(OpHandler(T.repeat_interleave, macs=False), "repeat_interleave.self_int")
@@ -257,13 +259,18 @@ def _fixed(a: A, node: Node):
 
 
 # convolutional networks (what ``capture="auto"`` falls back to for a CNN tracing cannot capture)
-_register(OpHandler(L.conv_fn, rewrite=L.rewrite_conv_groups), "conv1d", "conv2d", "conv3d")
+_register(OpHandler(L.conv_fn, rewrite=L.rewrite_conv_groups), "conv1d", "conv2d", "conv3d",
+          "conv1d.padding", "conv2d.padding", "conv3d.padding")  # padding="same" / "valid"
 for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d")),
                    (2, ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
                         "adaptive_max_pool2d")),
                    (3, ("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d"))):
     _register(OpHandler(T._spatial(_k), macs=False), *_names)
 _register(OpHandler(T._spatial(None), macs=False), "upsample_nearest2d.vec", "upsample_bilinear2d.vec")
+
+
+# ``aten.group_norm(x, num_groups, weight, bias, eps, cudnn_enabled)``: F.group_norm's order
+_register(OpHandler(L.group_norm_fn, macs=False, rewrite=L.rewrite_group_norm_fn), "group_norm")
 
 
 @op_handler(functions=_ops("batch_norm"), macs=False)

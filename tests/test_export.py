@@ -196,3 +196,49 @@ def test_roll_keeps_channels_unless_it_rolls_them():
         dg = hfp_fx.dependency_graph(Rolled(), x, capture=capture)
         assert not dg.prunable_groups
         assert any("rolls the channel dim" in r for g in dg.groups for r in g.reasons)
+
+
+class TimmOps(nn.Module):
+    """What timm models export: ``padding="same"`` convs (``aten.conv2d.padding``), a one-group and a
+    four-group ``F.group_norm``, ConvNeXt-V2's GRN ``addcmul``, and a ``stack`` of two branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, padding="same", groups=2)
+        self.n1, self.n2 = nn.GroupNorm(1, 8), nn.GroupNorm(4, 8)
+        self.gamma, self.beta = nn.Parameter(torch.randn(1, 8, 1, 1)), nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.group_norm(self.c1(x), 1, self.n1.weight, self.n1.bias)
+        h = h + F.gelu(F.group_norm(self.c2(h), 4, self.n2.weight, self.n2.bias))
+        nx = h.norm(p=2, dim=(2, 3), keepdim=True)
+        h = torch.addcmul(self.beta, self.gamma, h * nx) + h
+        h = torch.stack([h, h.relu()], 0).sum(0)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_exported_timm_ops_prune_like_the_traced_ones():
+    x = torch.randn(2, 3, 8, 8)
+    dg = _same_groups(TimmOps(), x)
+    assert dg.prunable_groups and not any("unsupported" in r for g in dg.groups for r in g.reasons)
+    gm = hfp_fx.dependency_graph(TimmOps(), x, capture="export").gm
+    assert {"aten.conv2d.padding", "aten.group_norm.default", "aten.addcmul.default", "aten.stack.default"} <= \
+        {str(n.target) for n in gm.graph.nodes}
+
+
+class GroupNormed(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.c1, self.norm, self.c2 = nn.Conv2d(3, 8, 1), nn.GroupNorm(groups, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(F.group_norm(self.c1(x), self.norm.num_groups, self.norm.weight, self.norm.bias)))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_functional_group_norm_prunes_whole_groups_or_keeps_the_statistics(groups):
+    x = torch.randn(2, 3, 5, 5)
+    for capture in ("fx", "export"):
+        dg, small = check_model(GroupNormed(groups), x, capture=capture)
+        assert [g.channels for g in dg.prunable_groups] == [groups if groups > 1 else 8]  # units: whole groups
