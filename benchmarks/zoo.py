@@ -10,6 +10,9 @@ group, shrink, run, and compare with the masked reference model.  Prints a table
     python benchmarks/zoo.py --suite classification --limit 10
     python benchmarks/zoo.py --timm                # timm sample: 2 small models per family
                                                    # -> benchmarks/results/zoo_timm.json
+    python benchmarks/zoo.py --capture export      # capture with torch.export (ATen graphs)
+                                                   # -> benchmarks/results/zoo_export.json
+                                                   #    (zoo_timm_export.json with --timm)
 """
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -128,15 +130,15 @@ def random_keep(dg, seed: int = 0, ratio: float = 0.5):
             for g in dg.prunable_groups}
 
 
-def run_one(suite: str, name: str) -> dict:
-    row = {"model": name, "suite": suite, "family": FAMILY.get(name, name.split("_")[0])}
+def run_one(suite: str, name: str, capture: str = "fx") -> dict:
+    row = {"model": name, "suite": suite, "family": FAMILY.get(name, name.split("_")[0]), "capture": capture}
     try:
         torch.manual_seed(0)
         model, x = build(suite, name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg = hfp_fx.dependency_graph(model, x)
-        row.update(traceable=True, seconds=round(dg.seconds, 3), nodes=len(dg.gm.graph.nodes), groups=len(dg.groups),
+            dg = hfp_fx.dependency_graph(model, x, capture=capture)
+        row.update(traceable=True, captured_with=dg.capture, seconds=round(dg.seconds, 3), nodes=len(dg.gm.graph.nodes), groups=len(dg.groups),
                    prunable_groups=len(dg.prunable_groups), prunable_fraction=round(dg.prunable_fraction(), 4),
                    mac_mismatch=len(dg.facts.mac_mismatch), opaque=len(dg.facts.opaque),
                    shape_specialized=dg.shape_specialized)
@@ -161,7 +163,17 @@ def run_one(suite: str, name: str) -> dict:
     return row
 
 
-def report(rows):
+def _by_reason(rows) -> dict:
+    groups = {}
+    for r in rows:
+        if r.get("exact"):
+            continue
+        why = r.get("error") or f"max relative error {r.get('max_rel_err')}"
+        groups.setdefault(why.splitlines()[0][:160], []).append(r["model"])
+    return groups
+
+
+def report(rows, capture: str = "fx"):
     """Print the table and return the summary of a list of result rows."""
     table = [[r["model"], r.get("nodes"), r.get("groups"), r.get("prunable_groups"),
               f"{100 * r['prunable_fraction']:.0f}%" if "prunable_fraction" in r else "-",
@@ -171,11 +183,13 @@ def report(rows):
                                    "exact", "graph s"], tablefmt="github"))
     secs = [r["seconds"] for r in rows if "seconds" in r]
     summary = {
-        "models": len(rows), "exact": sum(bool(r.get("exact")) for r in rows),
+        "capture": capture, "models": len(rows), "exact": sum(bool(r.get("exact")) for r in rows),
         "cost_model_exact": sum(bool(r.get("cost_model_exact")) for r in rows),
         "traceable": sum(bool(r.get("traceable")) for r in rows),
         "refused_untraceable": sum(bool(r.get("refused")) for r in rows),
         "failed": [r["model"] for r in rows if not r.get("exact") and not r.get("refused")],
+        # every failure or refusal by its reason (the error's first line, up to the first colon after the type)
+        "not_exact_by_reason": _by_reason(rows),
         "with_opaque_submodules": sum(1 for r in rows if r.get("opaque")),
         "traced_with_example_shapes": sum(1 for r in rows if r.get("shape_specialized")),
         "families": len({r["family"] for r in rows}),
@@ -197,7 +211,11 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="model names to run")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS, else every core)")
-    ap.add_argument("--out", default=str(RESULTS / "zoo.json"))
+    ap.add_argument("--capture", choices=["fx", "export", "auto"], default="fx",
+                    help="how hfp_fx captures each model (the capture= keyword); with 'export' or 'auto' "
+                    "the default --out gets a _export / _auto suffix")
+    ap.add_argument("--out", default=None, help="default: results/zoo.json (zoo_timm.json with --timm), "
+                    "with a _CAPTURE suffix unless --capture fx")
     ap.add_argument("--update", action="store_true", help="rerun only the --only models and replace their rows "
                     "in the existing --out file")
     ap.add_argument("--from-partial", metavar="PATH", help="only summarise the rows of an interrupted run "
@@ -205,11 +223,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.timm:
         args.suite = "timm"
-        if args.out == str(RESULTS / "zoo.json"):
-            args.out = str(RESULTS / "zoo_timm.json")
+    if args.out is None:
+        stem = "zoo_timm" if args.suite == "timm" else "zoo"
+        args.out = str(RESULTS / (stem + ("" if args.capture == "fx" else f"_{args.capture}") + ".json"))
     if args.from_partial:
         rows = json.loads(Path(args.from_partial).read_text())
-        summary = dict(report(rows), interrupted=True)
+        summary = dict(report(rows, rows[0].get("capture", "fx") if rows else args.capture), interrupted=True)
         print(json.dumps(summary, indent=2))
         Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
         return 0
@@ -230,7 +249,7 @@ def main(argv=None):
     partial = Path(args.out).with_suffix(".partial.json")
     partial.parent.mkdir(parents=True, exist_ok=True)
     for i, (suite, name) in enumerate(jobs):
-        row = run_one(suite, name)
+        row = run_one(suite, name, args.capture)
         rows.append(row)
         partial.write_text(json.dumps(rows, indent=1))  # survives an interrupted sweep
         status = "exact" if row.get("exact") else f"FAIL {row.get('error', row.get('max_rel_err'))}"
@@ -241,7 +260,7 @@ def main(argv=None):
         fresh = {r["model"]: r for r in rows}
         old = json.loads(Path(args.out).read_text())["rows"]
         rows = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
-    summary = report(rows)
+    summary = report(rows, args.capture)
     print(json.dumps(summary, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:

@@ -61,7 +61,7 @@ class GateSite:
     """
 
     node: str
-    arg: Union[int, str]
+    arg: Union[int, str, Tuple[int, int]]  #: (i, j): item j of the list argument i
     axis: int
     ids: torch.Tensor
     weight: Optional[Tuple[str, int]] = None
@@ -73,7 +73,8 @@ class GateSite:
         Gate modules and scale buffers are named after it, so saved files do not depend on the
         order in which rules recorded their sites.
         """
-        return f"{self.node}_{self.arg}"
+        arg = "_".join(map(str, self.arg)) if isinstance(self.arg, tuple) else self.arg
+        return f"{self.node}_{arg}"
 
 
 @dataclass
@@ -244,7 +245,7 @@ class ChannelAnalysis:
         if coeff:
             self.macs.append(MacTerm(self.node.name, float(coeff), tuple(r for r in rows if r is not None)))
 
-    def gate(self, arg: Union[int, str], m: ChannelMap, weight: Optional[Tuple[str, int]] = None) -> None:
+    def gate(self, arg: Union[int, str, Tuple[int, int]], m: ChannelMap, weight: Optional[Tuple[str, int]] = None) -> None:
         if weight is not None:  # tied weights: one canonical name, so folding counts every use
             weight = (self.canonical.get(weight[0], weight[0]), weight[1])
         self.gates.append(GateSite(self.node.name, arg, m.axis, m.ids, weight))

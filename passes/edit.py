@@ -1,7 +1,7 @@
 """Small graph-editing helpers shared by the passes."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Tuple, Union
 
 import torch
 import torch.fx
@@ -10,14 +10,26 @@ from torch.fx.node import Node
 __all__ = ["input_of", "replace_input", "scale_input"]
 
 
-def input_of(node: Node, arg: Union[int, str]):
-    """Positional argument ``arg`` (int) or keyword argument ``arg`` (str) of ``node``."""
+ArgKey = Union[int, str, Tuple[int, int]]
+
+
+def input_of(node: Node, arg: ArgKey):
+    """Positional argument ``arg`` (int), keyword argument ``arg`` (str), or item ``j`` of the list
+    argument ``i`` (``arg == (i, j)``: ``aten.einsum(equation, [x, y])``) of ``node``."""
+    if isinstance(arg, tuple):
+        return node.args[arg[0]][arg[1]]
     return node.args[arg] if isinstance(arg, int) else node.kwargs[arg]
 
 
-def replace_input(node: Node, arg: Union[int, str], new: Node) -> None:
+def replace_input(node: Node, arg: ArgKey, new: Node) -> None:
     """Make ``node`` read ``new`` in place of its argument ``arg``."""
-    if isinstance(arg, int):
+    if isinstance(arg, tuple):
+        items = list(node.args[arg[0]])
+        items[arg[1]] = new
+        args = list(node.args)
+        args[arg[0]] = items
+        node.args = tuple(args)
+    elif isinstance(arg, int):
         args = list(node.args)
         args[arg] = new
         node.args = tuple(args)
@@ -25,7 +37,7 @@ def replace_input(node: Node, arg: Union[int, str], new: Node) -> None:
         node.kwargs = {**node.kwargs, arg: new}
 
 
-def scale_input(gm: torch.fx.GraphModule, node: Node, arg: Union[int, str], axis: int, values: torch.Tensor,
+def scale_input(gm: torch.fx.GraphModule, node: Node, arg: ArgKey, axis: int, values: torch.Tensor,
                 buffer: str) -> Node:
     """Make ``node`` read ``x * values`` (``values`` along ``axis``) in place of its argument ``x``.
 

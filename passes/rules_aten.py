@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 A = ChannelAnalysis
 aten = torch.ops.aten
 
-__all__ = ["embedding", "slice_tensor", "select_int", "addmm"]
+__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor"]
 
 
 def _ops(*names):
@@ -59,33 +59,49 @@ _register(OpHandler(T.passthrough, macs=False),
           "leaky_relu_", "elu_", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu",
           "softplus", "mish", "clamp", "clamp_min", "clamp_max", "pow.Tensor_Scalar", "dropout", "native_dropout",
           "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
-          "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num")
+          "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num",
+          # in-place forms export keeps from the module code (``nn.Dropout(inplace=True)``)
+          "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_")
 # broadcasting element-wise ops
 _register(OpHandler(T.elementwise, macs=False),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
           "mul.Scalar", "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Tensor", "maximum", "minimum",
-          "where.self", "masked_fill.Scalar", "masked_fill.Tensor",
+          "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "addcmul", "addcdiv", "lerp.Scalar",
+          "lerp.Tensor",
           # in-place forms (``out += identity``), as the ``Tensor.add_`` methods are
           "add_.Tensor", "add_.Scalar", "sub_.Tensor", "mul_.Tensor", "mul_.Scalar", "div_.Tensor", "masked_fill_.Scalar")
 # reductions: a mean over pruned channels becomes sum * (1 / original count)
 _register(OpHandler(T.reduction, macs=False, rewrite=T.rewrite_mean),
-          "mean.dim", "sum.dim_IntList", "amax", "amin")
+          "mean.dim", "sum.dim_IntList", "amax", "amin", "linalg_vector_norm", "norm.ScalarOpt_dim",
+          "var.correction", "std.correction", "var.dim", "std.dim")
 _register(OpHandler(T.along_dim, macs=False), "softmax.int", "_softmax", "log_softmax.int", "_log_softmax",
           "cumsum")
 # reshapes, permutations, broadcasting: literal sizes at args[1] are rewritten
 _register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_sizes), "view", "_unsafe_view", "reshape")
 _register(OpHandler(T.reshape, macs=False), "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze",
           "flatten.using_ints")
+# ``aten.unflatten(x, dim, sizes)`` (``nn.MultiheadAttention``'s packed q/k/v): sizes at args[2]
+_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_unflatten), "unflatten.int")
 _register(OpHandler(T.expand, macs=False, rewrite=T.rewrite_sizes), "expand")
+_register(OpHandler(T.expand_as, macs=False), "expand_as")
 _register(OpHandler(T.permute, macs=False), "permute")
-_register(OpHandler(T.transpose, macs=False), "transpose.int")
+_register(OpHandler(T.roll, macs=False), "roll")
+# fresh tensors: ``new_zeros(x, sizes)`` reads only x's dtype and device, ``zeros_like(x)`` its shape too
+_register(OpHandler(T.new_filled, macs=False), "new_zeros", "new_ones", "new_empty", "new_full")
+_register(OpHandler(T.passthrough, macs=False), "zeros_like", "ones_like", "empty_like", "full_like")
+# ``aten.pad(x, pad, mode, value)`` / ``constant_pad_nd(x, pad, value)``: pads listed from the last dim
+_register(OpHandler(T.pad, macs=False), "pad", "constant_pad_nd")
+_register(OpHandler(T.transpose, macs=False), "transpose.int", "swapaxes", "swapdims", "movedim.int")
 _register(OpHandler(T.t, macs=False), "t")
 _register(OpHandler(T.cat, macs=False), "cat")
-_register(OpHandler(T.split, macs=False, rewrite=T.rewrite_split), "split.Tensor", "split_with_sizes")
+_register(OpHandler(T.stack, macs=False), "stack")
+_register(OpHandler(T.split, macs=False, rewrite=T.rewrite_split), "split.Tensor", "split_with_sizes", "chunk",
+          "unbind.int")
 _register(OpHandler(T.repeat_interleave, macs=False), "repeat_interleave.self_int")
 # channel-mixing ops
 _register(OpHandler(T.matmul), "matmul", "bmm", "mm")
 _register(OpHandler(T.sdpa), "scaled_dot_product_attention")
+_register(OpHandler(T.einsum), "einsum")  # operands packed in a list: einsum(equation, [x, y])
 _register(OpHandler(L.linear_fn), "linear")
 _register(OpHandler(L.layer_norm_fn, macs=False, rewrite=L._rewrite_norm_fn), "layer_norm", "rms_norm")
 L.LAYER_NORM_FUNCTIONS.update(_ops("layer_norm"))
@@ -157,6 +173,59 @@ def index_select(a: A, node: Node):
     return T.select_like(a, node)
 
 
+def _index_layout(a: A, node: Node):
+    """``aten.index.Tensor(x, [i0, None, i2, ...])``: (rank of ``x``, indexed dims, the index tensors'
+    broadcast rank, whether the indexed dims are adjacent), or ``None`` when an index is not a tensor."""
+    x, indices = node.args[0], node.args[1]
+    shape = a.shape(x)
+    if not isinstance(shape, torch.Size) or not isinstance(indices, (list, tuple)):
+        return None
+    dims = [d for d, i in enumerate(indices) if i is not None]
+    shapes = [a.shape(indices[d]) for d in dims]
+    if not dims or not all(isinstance(s, torch.Size) for s in shapes):
+        return None
+    return len(shape), dims, len(torch.broadcast_shapes(*shapes)), dims == list(range(dims[0], dims[-1] + 1))
+
+
+def _index_out_dim(layout, d: int):
+    """Where input dim ``d`` (not indexed) lands in the output of ``aten.index.Tensor``."""
+    rank, dims, k, adjacent = layout
+    if adjacent:
+        return d if d < dims[0] else d - len(dims) + k
+    return k + sum(1 for e in range(d) if e not in dims)  # separated indices: their dims go first
+
+
+def _index_step(a: A, node: Node, d: int, in_shape, out_shape):
+    """Chain step (:func:`~hfp_fx.passes.rules_tensor.param_view_chain`): the input dim behind
+    output dim ``d``, when it is not one the index tensors produce (a relative-position table
+    ``table[index]``: its heads dim comes through whole)."""
+    layout = _index_layout(a, node)
+    if layout is None:
+        return None
+    return next((e for e in range(layout[0]) if e not in layout[1] and _index_out_dim(layout, e) == d), None)
+
+
+@op_handler(functions=_ops("index.Tensor"), macs=False)
+def index_tensor(a: A, node: Node):
+    """``x[i, j]`` with index tensors (``aten.index.Tensor``): gathering along other dims keeps the
+    channels; gathering along the channel dim picks individual channels."""
+    x, indices = node.args[0], node.args[1]
+    m = a.cmap(x)
+    tracked = [a.map(i) for i in (indices if isinstance(indices, (list, tuple)) else ()) if isinstance(i, Node)]
+    if any(t is not None for t in tracked):
+        a.fix(tracked, f"{describe(node)} uses channels as indices")
+    if m is None:
+        return None
+    layout = _index_layout(a, node)
+    if layout is None or m.axis in layout[1]:
+        a.fix(m, f"{describe(node)} picks individual channels")
+        return None
+    return ChannelMap(_index_out_dim(layout, m.axis), m.ids)
+
+
+T._VIEW_STEPS[index_tensor] = _index_step
+
+
 @op_handler(functions=_ops("addmm"))
 def addmm(a: A, node: Node):
     """``addmm(bias, x, weight)`` with parameters ``bias`` (out,) and ``weight`` (in, out): a linear
@@ -190,13 +259,18 @@ def _fixed(a: A, node: Node):
 
 
 # convolutional networks (what ``capture="auto"`` falls back to for a CNN tracing cannot capture)
-_register(OpHandler(L.conv_fn, rewrite=L.rewrite_conv_groups), "conv1d", "conv2d", "conv3d")
+_register(OpHandler(L.conv_fn, rewrite=L.rewrite_conv_groups), "conv1d", "conv2d", "conv3d",
+          "conv1d.padding", "conv2d.padding", "conv3d.padding")  # padding="same" / "valid"
 for _k, _names in ((1, ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d")),
                    (2, ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
                         "adaptive_max_pool2d")),
                    (3, ("max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d"))):
     _register(OpHandler(T._spatial(_k), macs=False), *_names)
 _register(OpHandler(T._spatial(None), macs=False), "upsample_nearest2d.vec", "upsample_bilinear2d.vec")
+
+
+# ``aten.group_norm(x, num_groups, weight, bias, eps, cudnn_enabled)``: F.group_norm's order
+_register(OpHandler(L.group_norm_fn, macs=False, rewrite=L.rewrite_group_norm_fn), "group_norm")
 
 
 @op_handler(functions=_ops("batch_norm"), macs=False)

@@ -432,6 +432,52 @@ def group_norm(a: A, node: Node):
     return m
 
 
+def _group_norm_args(node: Node):
+    """``(x, num_groups, weight, bias, eps)`` of ``F.group_norm`` / ``aten.group_norm`` (same order)."""
+    get = lambda i, name, default=None: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
+    return get(0, "input"), get(1, "num_groups"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+
+
+def rewrite_group_norm_fn(node: Node, edit) -> None:
+    """As :func:`rewrite_group_norm`: one group keeps the original statistics, several groups
+    (removed whole) get the kept group count."""
+    m = edit.map_of(node)
+    if not edit.changed(m):
+        return
+    x, groups, weight, bias, eps = _group_norm_args(node)
+    if groups == 1:
+        _emit_wide_layer_norm(edit, node, x, weight, bias, eps, m, channels_first=True)
+        return
+    args = list(node.args) + [None] * max(0, 2 - len(node.args))
+    args[1] = edit.kept(m) // (m.size // groups)
+    node.args = tuple(args)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "num_groups"}
+
+
+@op_handler(functions=[F.group_norm], macs=False, rewrite=rewrite_group_norm_fn)
+def group_norm_fn(a: A, node: Node):
+    """``F.group_norm(x, G, weight, bias, eps)`` with parameter (or no) affine tensors: the module's rule."""
+    x, groups, weight, bias, _ = _group_norm_args(node)
+    m = a.cmap(x)
+    if m is None:
+        return None
+    if m.axis != 1 or not isinstance(groups, int):
+        a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim, or run-time groups")
+        return m
+    for t in (weight, bias):
+        if isinstance(t, Node) and t.op != "get_attr":
+            a.fix(m, f"{describe(node)} with computed affine tensors")
+            return m
+    if groups == 1:
+        a.gate(0, m)
+    else:
+        a.elements.union_along(m.ids.reshape(groups, -1), (1,))
+    for t in (weight, bias):
+        if isinstance(t, Node):
+            a.bind_param(t.target, 0, m.ids)
+    return m
+
+
 @op_handler(modules=[torch.nn.LocalResponseNorm, torch.nn.CrossMapLRN2d], macs=False)
 def local_response_norm(a: A, node: Node):
     mod = a.module(node)

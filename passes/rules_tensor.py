@@ -315,14 +315,13 @@ _REDUCTIONS_M = ["mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm
 
 # positional (dim, keepdim) indices where they differ from (1, 2): norm(x, p, dim, keepdim),
 # std/var(x, dim, unbiased, keepdim)
-_REDUCTION_ARGS = {"norm": (2, 3), "std": (1, 3), "var": (1, 3)}
+_REDUCTION_ARGS = {"norm": (2, 3), "std": (1, 3), "var": (1, 3), "linalg_vector_norm": (2, 3)}
 
 
 def _reduced_dims(node: Node, rank: int) -> Optional[List[int]]:
     """The (non-negative) dims a reduction node reduces; every dim for ``dim=None``; ``None`` when
     they are computed at run time."""
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    dim_pos, _ = _REDUCTION_ARGS.get(name, (1, 2))
+    dim_pos, _ = _REDUCTION_ARGS.get(_reduction_name(node), (1, 2))
     dims = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", None)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return list(range(rank))
@@ -347,8 +346,9 @@ def _zero_blind(node: Node) -> bool:
     name = _reduction_name(node)
     if name in ("sum", "mean"):
         return True
-    if name == "norm":
-        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", "fro")
+    if name in ("norm", "linalg_vector_norm"):
+        default = "fro" if name == "norm" else 2
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", node.kwargs.get("ord", default))
         return p in ("fro", None) or (isinstance(p, (int, float)) and p > 0)
     return False
 
@@ -484,6 +484,33 @@ def pad(a: A, node: Node):
     return m
 
 
+@op_handler(methods=["new_zeros", "new_ones", "new_empty", "new_full"], macs=False)
+def new_filled(a: A, node: Node):
+    """``x.new_zeros(sizes)`` and kin: a fresh tensor of literal sizes; ``x`` gives only its dtype and device.
+    (``torch.zeros_like(x)`` takes ``x``'s shape, so it keeps ``x``'s channels: ``passthrough``.)"""
+    return None
+
+
+DEFAULT_RULES.register(OpHandler(passthrough, macs=False),
+                       functions=[torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like])
+
+
+@op_handler(functions=[torch.roll], methods=["roll"], macs=False)
+def roll(a: A, node: Node):
+    """``roll(x, shifts, dims)`` (Swin's shifted windows): per channel unless it rolls the channel dim."""
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dims = a.arg(node, 2, "dims", ())
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    rank = len(a.shape(node.args[0]))
+    if not dims or not all(isinstance(d, int) for d in dims) or m.axis in {d % rank for d in dims}:
+        # no dims: the flattened tensor is rolled, which moves values across channels
+        a.fix(m, f"{describe(node)} rolls the channel dim")
+        return None
+    return m
+
+
 # -------------------------------------------------------------------------------------------
 # concatenation, splitting, indexing
 # -------------------------------------------------------------------------------------------
@@ -551,7 +578,7 @@ def split(a: A, node: Node):
     if m is None:
         return tuple(None for _ in shapes)
     in_shape = a.shape(x)
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = node.target if isinstance(node.target, str) else node.target.__name__.partition(".")[0]  # aten overloads
     dim = a.arg(node, 1 if name == "unbind" else 2, "dim", 0)
     if not isinstance(dim, int):
         a.fix(m, f"{describe(node)} splits along a dim computed at run time")
@@ -761,8 +788,9 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
         a.fix(m, f"{describe(node)} reshapes in a way the analysis cannot follow")
         return None
     bi, bj = block
-    if (0 in bi and len(bi) > 1) or (0 in bj and len(bj) > 1):
+    if ((0 in bi and len(bi) > 1) or (0 in bj and len(bj) > 1)) and not _literal_sizes(node):
         # e.g. (B, heads*d) -> (B*heads, d): the kept count would be baked in for one batch size
+        # (sizes that are literals already, as torch.export records them, hold one batch size anyway)
         a.fix(m, f"{describe(node)} merges the channel dim with the batch dim")
         return None
     block_in = [in_shape[d] for d in bi]
@@ -791,6 +819,21 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
     index = [0] * table.dim()
     index[keep] = slice(None)
     return ChannelMap(bj[keep], table[tuple(index)].contiguous())
+
+
+def _literal_sizes(node: Node) -> bool:
+    """Does ``node`` (a view, reshape or unflatten) spell its target sizes as integer literals?"""
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        sizes = node.args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = sizes[0]
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "").partition(".")[0]
+        sizes = node.args[2] if name == "unflatten" and len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
+            and name in ("view", "reshape", "_unsafe_view") else None
+    else:
+        return False
+    return isinstance(sizes, (list, tuple)) and len(sizes) > 0 and all(isinstance(v, int) for v in sizes)
 
 
 def rewrite_sizes(node: Node, edit: "ShrinkEdit") -> None:
@@ -921,7 +964,7 @@ def transpose(a: A, node: Node):
     if not (isinstance(d0, int) and isinstance(d1, int)):
         a.fix(m, f"{describe(node)} uses run-time dims")
         return None
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = node.target if isinstance(node.target, str) else node.target.__name__.partition(".")[0]  # aten overloads
     order = list(range(rank))
     d0, d1 = d0 % rank, d1 % rank
     if name in ("movedim", "moveaxis"):
@@ -954,7 +997,11 @@ def expand(a: A, node: Node):
     return ChannelMap(axis, m.ids)
 
 
-DEFAULT_RULES.register(OpHandler(expand, macs=False), methods=["expand_as"])
+@op_handler(methods=["expand_as"], macs=False)
+def expand_as(a: A, node: Node):
+    """``x.expand_as(other)`` has ``other``'s shape: it broadcasts like ``x + other`` (a per-row norm
+    expanded over the channels of ``other`` follows their pruning)."""
+    return broadcast_couple(a, node, [node.args[0], a.arg(node, 1, "other")])
 
 
 @op_handler(methods=["repeat"], macs=False)
@@ -1168,7 +1215,9 @@ def einsum(a: A, node: Node):
             else:
                 a.fix(ids, f"{describe(node)} contracts the channels with the untracked tensor `{getattr(other, 'name', other)}`")
                 continue
-        a.gate(1 + tracked[0][0], tracked[0][1])
+        # the operand's argument: ``einsum(eq, x, y)``, or ``einsum(eq, [x, y])`` (aten.einsum)
+        packed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+        a.gate((1, tracked[0][0]) if packed else 1 + tracked[0][0], tracked[0][1])
         rows[letter] = ids
     coeff = math.prod(sizes.values()) / math.prod(sizes[letter] for letter in rows)
     a.add_macs(coeff, *rows.values())

@@ -109,3 +109,136 @@ def test_exported_resnet_groups_and_counts_match_the_traced_ones(capsys):
     assert hfp_fx.CostModel(exported).counts() == hfp_fx.CostModel(traced).counts() == hfp_fx.count(model, x)
     assert main(["count", "torchvision:resnet18", "--input-size", "1,3,64,64", "--capture", "export"]) == 0
     assert "11,689,512" in capsys.readouterr().out
+
+
+# -- ATen ops the zoo sweeps met under capture="export" ------------------------------------
+def _same_groups(model, x):
+    dg, _ = check_model(model, x, capture="export")
+    traced = hfp_fx.dependency_graph(model, x)
+    assert sorted(g.channels for g in dg.prunable_groups) == sorted(g.channels for g in traced.prunable_groups)
+    return dg
+
+
+class MHABlock(nn.Module):
+    """``nn.MultiheadAttention`` exports as ``aten.unflatten`` of its packed q/k/v projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc(x + self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_exported_multihead_attention_prunes_its_heads():
+    dg = _same_groups(MHABlock(), torch.randn(2, 5, 16))
+    assert 4 in [g.channels for g in dg.prunable_groups]  # the heads
+
+
+def test_exported_swin_window_attention_prunes_heads_and_stream():
+    """torchvision's shifted windows: ``roll``, ``pad``, the mask built with ``new_zeros``, and the
+    relative-position bias ``table[index]`` (``aten.index.Tensor``) sliced with the heads."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 1], num_heads=[2, 4], window_size=[3, 3],
+                            num_classes=5)
+    dg = _same_groups(model, torch.randn(1, 3, 40, 40))  # 10x10 tokens: padded to whole windows
+    assert any(g.channels == 2 for g in dg.prunable_groups)  # the first stage's heads
+    assert 1 in dg.facts.params["features.1.0.attn.relative_position_bias_table"]  # (entries, heads)
+
+
+class Shuffled(nn.Module):
+    """``einsum(eq, [q, k])`` with packed operands, ``chunk``, ``unbind``, ``swapaxes``, ``movedim``,
+    a gather ``x[:, index]`` along tokens, ``zeros_like`` and an in-place dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(8, 24), nn.Linear(8, 6)
+        self.drop = nn.Dropout(0.1, inplace=True)
+        self.register_buffer("index", torch.tensor([3, 1, 0, 2, 4]))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (2, 12)).transpose(1, 2).chunk(3, dim=-1)  # (B, heads, T, 4)
+        attn = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+        out = torch.einsum("bhij,bhjd->bhid", attn, v)
+        out = out.movedim(1, 2).flatten(2)[:, self.index]  # (B, T, 8)
+        out = out + torch.zeros_like(out)
+        a, b = out.unflatten(-1, (2, 4)).swapaxes(1, 2).unbind(1)
+        return self.proj(self.drop(torch.cat([a, b], -1)))
+
+
+def test_exported_einsum_chunk_unbind_index_and_inplace_dropout():
+    x = torch.randn(2, 5, 8)
+    dg, _ = check_model(Shuffled(), x, capture="export")
+    # q/k channels (united by the einsum) and v channels; symbolic tracing fixes v at `[:, self.index]`
+    assert sorted(g.channels for g in dg.prunable_groups) == [4, 4]
+    targets = {str(n.target) for n in dg.gm.graph.nodes}
+    assert {"aten.einsum.default", "aten.chunk.default", "aten.index.Tensor"} <= targets
+    assert not any("unsupported" in r for g in dg.groups for r in g.reasons)
+
+
+class Rolled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.c1(x)
+        h = torch.roll(h, shifts=(1, -1), dims=(2, 3)) + torch.roll(h, 2, 1)  # the second rolls channels
+        return self.c2(h)
+
+
+def test_roll_keeps_channels_unless_it_rolls_them():
+    x = torch.randn(1, 3, 6, 6)
+    for capture in ("fx", "export"):
+        dg = hfp_fx.dependency_graph(Rolled(), x, capture=capture)
+        assert not dg.prunable_groups
+        assert any("rolls the channel dim" in r for g in dg.groups for r in g.reasons)
+
+
+class TimmOps(nn.Module):
+    """What timm models export: ``padding="same"`` convs (``aten.conv2d.padding``), a one-group and a
+    four-group ``F.group_norm``, ConvNeXt-V2's GRN ``addcmul``, and a ``stack`` of two branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, padding="same", groups=2)
+        self.n1, self.n2 = nn.GroupNorm(1, 8), nn.GroupNorm(4, 8)
+        self.gamma, self.beta = nn.Parameter(torch.randn(1, 8, 1, 1)), nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.group_norm(self.c1(x), 1, self.n1.weight, self.n1.bias)
+        h = h + F.gelu(F.group_norm(self.c2(h), 4, self.n2.weight, self.n2.bias))
+        nx = h.norm(p=2, dim=(2, 3), keepdim=True)
+        h = torch.addcmul(self.beta, self.gamma, h * nx) + h
+        h = torch.stack([h, h.relu()], 0).sum(0)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_exported_timm_ops_prune_like_the_traced_ones():
+    x = torch.randn(2, 3, 8, 8)
+    dg = _same_groups(TimmOps(), x)
+    assert dg.prunable_groups and not any("unsupported" in r for g in dg.groups for r in g.reasons)
+    gm = hfp_fx.dependency_graph(TimmOps(), x, capture="export").gm
+    assert {"aten.conv2d.padding", "aten.group_norm.default", "aten.addcmul.default", "aten.stack.default"} <= \
+        {str(n.target) for n in gm.graph.nodes}
+
+
+class GroupNormed(nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.c1, self.norm, self.c2 = nn.Conv2d(3, 8, 1), nn.GroupNorm(groups, 8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(F.group_norm(self.c1(x), self.norm.num_groups, self.norm.weight, self.norm.bias)))
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_functional_group_norm_prunes_whole_groups_or_keeps_the_statistics(groups):
+    x = torch.randn(2, 3, 5, 5)
+    for capture in ("fx", "export"):
+        dg, small = check_model(GroupNormed(groups), x, capture=capture)
+        assert [g.channels for g in dg.prunable_groups] == [groups if groups > 1 else 8]  # units: whole groups
