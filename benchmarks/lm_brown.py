@@ -396,7 +396,7 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
     ramp = int(round(args.ramp_frac * steps_h))
     prepared = hfp_fx.prepare(dense, {"input_ids": example}, {"params": args.target}, capture="export",
                               uniform_blocks=True, ramp_steps=ramp, lambda_init=args.lambda_init,
-                              dual_rate=args.dual_rate)
+                              dual_rate=args.dual_rate, round_to=args.round_to)
     prepared.train()
     gates = hfp_fx.gate_parameters(prepared)
     opt = adamw(prepared, args.finetune_lr, args.weight_decay, exclude=gates)
@@ -435,7 +435,7 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
 
 def run_magnitude(dense, example: torch.Tensor, args, out: dict):
     small = hfp_fx.prune(dense, {"input_ids": example}, {"params": args.target}, importance="l1",
-                         capture="export", uniform_blocks=True).eval()
+                         capture="export", uniform_blocks=True, round_to=args.round_to).eval()
     report = small.meta["hfp"]
     dg = hfp_fx.dependency_graph(dense, {"input_ids": example}, capture="export")
     reference = hfp_fx.mask(dg, keep=report.keep).eval()
@@ -631,6 +631,9 @@ def parse_args(argv=None):
     p.add_argument("--gate-lr", type=float, default=0.17, help="hfp: SGD lr of the widths (constant)")
     p.add_argument("--lambda-init", type=float, default=1e-3)
     p.add_argument("--dual-rate", type=float, default=0.02)
+    p.add_argument("--round-to", type=int, default=1,
+                   help="hfp and magnitude: kept channels in multiples of this (groups of at most this many "
+                        "channels, such as the 2 KV heads, then stay whole)")
     p.add_argument("--tp-search-steps", type=int, default=8, help="tp_llm: bisection steps on pruning_ratio")
     # evaluation and timing
     p.add_argument("--eval-windows", type=int, default=256, help="validation windows of --seq-len bytes")
@@ -681,6 +684,8 @@ def summarize(rows: List[dict]) -> List[dict]:
         entry = {"method": method, "seeds": len(rs)}
         for key in ("val_ppl", "val_bpb", "params_ratio", "macs_ratio"):
             entry[key], entry[key + "_std"] = ms(key)
+        if rs[0].get("val_ppl_after_pruning") is not None:
+            entry["val_ppl_after_pruning"], entry["val_ppl_after_pruning_std"] = ms("val_ppl_after_pruning")
         for b in ("b1", "bN"):
             entry[f"tokens_per_s_ratio_{b}"], entry[f"tokens_per_s_ratio_{b}_std"] = ms("tokens_per_s_ratio", b)
         out.append(entry)
@@ -702,11 +707,13 @@ def tables(result: dict) -> Tuple[str, str]:
     def pm(m, s, fmt):
         return f"{m:{fmt}} ± {s:{fmt}}" if s else f"{m:{fmt}}"
 
-    summary = [[s["method"], s["seeds"], pm(s["val_ppl"], s["val_ppl_std"], ".3f"),
+    summary = [[s["method"], s["seeds"],
+                pm(s["val_ppl_after_pruning"], s["val_ppl_after_pruning_std"], ".2f") if "val_ppl_after_pruning" in s
+                else "", pm(s["val_ppl"], s["val_ppl_std"], ".3f"),
                 pm(s["val_bpb"], s["val_bpb_std"], ".3f"), f"{s['params_ratio']:.3f}", f"{s['macs_ratio']:.3f}",
                 pm(s["tokens_per_s_ratio_b1"], s["tokens_per_s_ratio_b1_std"], ".2f"),
                 pm(s["tokens_per_s_ratio_bN"], s["tokens_per_s_ratio_bN_std"], ".2f")] for s in result["summary"]]
-    mean = tabulate(summary, headers=["method", "seeds", "val ppl (per byte)", "bits per byte", "params ratio",
+    mean = tabulate(summary, headers=["method", "seeds", "val ppl after pruning", "val ppl (per byte)", "bits per byte", "params ratio",
                                       "MACs ratio", "tokens/s ratio b1", f"tokens/s ratio b{bn}"], tablefmt="github")
     return per_run, mean
 
@@ -772,7 +779,8 @@ def main(argv=None) -> dict:
                "macs_ratio": c.macs / dense_counts.macs,
                "tokens_per_s": {k: v["tokens_per_s"] for k, v in tput.items()},
                "tokens_per_s_ratio": {k: v["ratio"] for k, v in tput.items()},
-               "threads": torch.get_num_threads(), "device": "cpu", "steps": steps}
+               "threads": torch.get_num_threads(), "device": "cpu", "steps": steps,
+               "val_ppl_after_pruning": extra.get("val_ppl_before_finetune")}
         result["rows"].append(row)
         result["details"].append({"method": method, "seed": seed, "widths": widths(model), **extra,
                                   "dense_tokens_per_s": {k: v.get("dense_tokens_per_s") for k, v in tput.items()}})
@@ -785,6 +793,10 @@ def main(argv=None) -> dict:
         result["summary"] = summarize(result["rows"])
         result["seconds_wall"] = round(time.perf_counter() - wall0, 1)
         result["seconds_cpu"] = round(time.process_time() - cpu0, 1)
+        if dense_info.get("reused"):  # the dense training ran in an earlier process
+            result["seconds_cpu_with_dense_training"] = round(result["seconds_cpu"] + (dense_info.get("cpu_seconds")
+                                                                                      or 0.0), 1)
+            result["seconds_wall_with_dense_training"] = round(result["seconds_wall"] + dense_info["seconds"], 1)
         result["complete"] = not partial
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1) + "\n")
