@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from typing import Dict
 
 import torch
@@ -44,7 +45,8 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Mod
     ``like`` is the dense model that was pruned; ``small`` the pruned GraphModule.  Supported:
     decoders whose config has ``rms_norm_eps`` and Llama's layer names (Llama, Qwen2, Mistral, ...).
     LayerNorm models (GPT-2, BERT) raise: a pruned LayerNorm keeps the original width's mean and
-    variance, which no LayerNorm of the smaller width computes.
+    variance, which no LayerNorm of the smaller width computes.  A hidden size that is not a
+    multiple of the kept heads warns: the model runs, but transformers refuses to save its config.
     """
     if not is_hugging_face(like):
         raise TypeError(f"to_pretrained expects the dense transformers model as `like`, got {type(like).__name__}")
@@ -76,6 +78,13 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Mod
     new_config.head_dim = head_dim
     new_config.rms_norm_eps = config.rms_norm_eps * config.hidden_size / hidden
     factor = math.sqrt(config.hidden_size / hidden)
+    if hidden % new_config.num_attention_heads:
+        # transformers 5 validates a config when it is built or loaded, not when its attributes are
+        # set: the model below builds and runs (head_dim is explicit), save_pretrained refuses it
+        warnings.warn(f"the pruned hidden size {hidden} is not a multiple of the {new_config.num_attention_heads} "
+                      f"kept attention heads: the {type(like).__name__} runs, but transformers' config validation "
+                      "refuses it in save_pretrained / from_pretrained. To save it, keep a hidden size that is a "
+                      "multiple of the heads (shrink with an explicit keep)", stacklevel=2)
     try:
         model = type(like)(new_config)
     except ValueError as exc:  # e.g. transformers' check that hidden_size is a multiple of the heads

@@ -170,3 +170,17 @@ def test_to_pretrained_refuses_what_a_config_cannot_express():
     small = hfp_fx.prune(gpt2, x, {"params": 0.5}, capture="export")
     with pytest.raises(ValueError, match="LayerNorm"):
         hfp_fx.to_pretrained(small, like=gpt2)
+
+
+def test_to_pretrained_warns_when_transformers_cannot_save_the_config():
+    """A hidden size that is not a multiple of the kept heads: the model runs (head_dim is explicit),
+    but transformers' config validation refuses it in save_pretrained, so to_pretrained says so."""
+    model, x = build("llama"), ids()
+    dg = hfp_fx.dependency_graph(model, x, capture="export")
+    keep = {g.id: range(25 if g.channels == 48 else g.channels) for g in dg.prunable_groups}  # 6 heads, 25 wide
+    small = hfp_fx.shrink(dg, keep=keep)
+    with pytest.warns(UserWarning, match="not a multiple of the 6 kept attention heads"):
+        hf = hfp_fx.to_pretrained(small, like=model).eval()
+    assert hf.config.hidden_size == 25
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, small(x), atol=1e-4, rtol=1e-4)
