@@ -57,7 +57,8 @@ Everything runs offline on CPU once the corpus is cached:
   fine-tuning (data order of the gated and fine-tune phases; magnitude and tp_llm prune
   deterministically, so their seeds differ only in the fine-tune data order).
 
-    python benchmarks/lm_brown.py                 # full run (about an hour on 2 idle cores)
+    python benchmarks/lm_brown.py                 # full run: about 40 CPU-minutes (45-75 min wall on a
+                                                  # shared 2-core machine), docs/benchmarks.md has the table
     python benchmarks/lm_brown.py --quick         # smoke run: tiny model, a few dozen steps (~1-2 min)
     python benchmarks/lm_brown.py --reuse-dense --methods hfp --seeds 0   # rerun one method
     python benchmarks/lm_brown.py --minutes 20    # dense budget in minutes (steps calibrated)
