@@ -69,7 +69,7 @@ def test_quick_run_offline(tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and result["data"]["source"] == "synthetic"
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "hfp", "magnitude", "tp_llm"}
+    assert set(rows) == {"dense", "dense_ft", "hfp", "magnitude", "tp_llm"}
     for method in ("hfp", "magnitude"):
         assert 0.48 <= rows[method]["params_ratio"] <= 0.5
         detail = next(d for d in result["details"] if d["method"] == method)
