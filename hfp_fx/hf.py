@@ -121,7 +121,8 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Mod
     ``like`` is the dense model that was pruned; ``small`` the pruned GraphModule.  Supported:
     decoders whose config has ``rms_norm_eps`` and Llama's layer names (Llama, Qwen2, Mistral, ...).
     LayerNorm models (GPT-2, BERT) raise: a pruned LayerNorm keeps the original width's mean and
-    variance, which no LayerNorm of the smaller width computes.
+    variance, which no LayerNorm of the smaller width computes.  A hidden size that is not a
+    multiple of the kept heads warns: the model runs, but transformers refuses to save its config.
     """
     if not is_hugging_face(like):
         raise TypeError(f"to_pretrained expects the dense transformers model as `like`, got {type(like).__name__}")

@@ -14,7 +14,8 @@ its channel axes::
 ``variants`` shrunk copies whose groups keep random fractions (a grid of eighths), so each node
 is measured at several (f_in, f_out) points of its own.  Nodes are timed one by one (a
 :class:`NodeTimer` interpreter repeats each node), which misses what the forward costs between
-nodes, so the sum is calibrated against whole-model timings of the same models:
+nodes, so the sum is calibrated against whole-model timings of the same models (each variant
+timed in alternating rounds with the dense model, as a ratio, so drift cancels):
 ``T = s * sum_n t_n + c``.  Because ``f = kept / size`` is linear in the keep vector, the model
 has the cost model's shape (products of at most two kept counts, :class:`LatencyTerms`), is
 exact to evaluate for 0/1 keeps and differentiable for soft ones.
@@ -353,6 +354,7 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     whole: List[float] = []
     fractions: List[Dict[str, float]] = []
     measured = 0
+    dense_gm = None
     with stages("latency model", [f"model {i}/{len(keeps)}" for i in range(1, len(keeps) + 1)]) as stage:
         for i, keep in enumerate(keeps):
             with stage(f"model {i + 1}/{len(keeps)}"):
@@ -370,12 +372,20 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
                     if a.name in timer.times:
                         samples[a.name].append((xs[a.name], timer.times[a.name]))
                 fractions.append(xs)
-                key = _model_signature(gm, inputs)
+                # whole-model timings: the dense model alone, every variant as a ratio to it from
+                # alternating rounds (a machine's speed drifts by tens of percent in a minute)
+                key = _model_signature(gm, inputs) + ("|ratio" if keep else "")
                 if key not in cache:
-                    cache[key] = _model_seconds(gm, inputs, options.min_run_time)
+                    if keep:
+                        cache[key] = measure_latency(dense_gm, gm, inputs, 3, options.min_run_time)[2]
+                    else:
+                        cache[key] = _model_seconds(gm, inputs, options.min_run_time)
                     measured += 1
-                whole.append(cache[key])
-                del gm
+                whole.append(cache[key] * whole[0] if keep else cache[key])
+                if keep:
+                    del gm
+                else:
+                    dense_gm = gm
     if measured:
         _save_cache(path, cache, device_key(device))
     fits = {a.name: _fit_line(*zip(*samples[a.name])) if samples[a.name] else (0.0, 0.0) for a in axes}

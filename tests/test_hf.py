@@ -219,3 +219,4 @@ def test_to_pretrained_refuses_what_a_config_cannot_express():
     small = hfp_fx.prune(gpt2, x, {"params": 0.5}, capture="export")
     with pytest.raises(ValueError, match="LayerNorm"):
         hfp_fx.to_pretrained(small, like=gpt2)
+

@@ -1,0 +1,78 @@
+"""benchmarks/lm_brown.py: the corpus reader, and the whole --quick run offline (synthetic text)."""
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lm_brown.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("lm_brown", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_brown_reader_strips_tags_and_splits_by_document(tmp_path):
+    lm = load()
+    tagged = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, 1/2/cd (/( so/rb )/) ./.\n\n"
+              "\tIt/pps ended/vbd ./.\n")
+    tarball = tmp_path / "corpus.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for i in range(40):
+            name = f"c{'ab'[i // 20]}{i % 20 + 1:02d}"
+            data = tagged.replace("jury", f"jury{i}").encode()
+            info = tarfile.TarInfo(f"package/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        readme = tarfile.TarInfo("package/README")
+        tar.addfile(readme, io.BytesIO(b""))
+    docs = lm.brown_documents(tarball, expected=40)
+    assert [n for n, _ in docs][:2] == ["ca01", "ca02"] and len(docs) == 40
+    assert docs[0][1] == 'The jury0 said "no evidence", 1/2 (so).\nIt ended.'
+    train, val, info = lm.split_documents(docs)
+    assert info["val_documents"] == 2 and info["val_names"] == ["ca20", "cb20"]
+    assert b"jury19" in bytes(val.tolist()) and b"jury19" not in bytes(train.tolist())
+    with pytest.raises(RuntimeError, match="expected 500"):
+        lm.brown_documents(tarball)
+
+
+def test_schedule_and_windows():
+    lm = load()
+    assert lm.lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lm.lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lm.lr_factor(100, 100, 10) == pytest.approx(0.1)
+    import torch
+
+    val = torch.arange(1000, dtype=torch.uint8)
+    w = lm.eval_windows(val, 16, 8)
+    assert w.shape == (8, 17) and w[0, 0] == 0
+
+
+@pytest.mark.slow
+def test_quick_run_offline(tmp_path):
+    """The whole --quick run on the synthetic text: every method, exact hfp/magnitude, ~50% params."""
+    out = tmp_path / "lm.json"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--synthetic", "--cache-dir", str(tmp_path),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["data"]["source"] == "synthetic"
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "dense_ft", "hfp", "magnitude", "tp_llm"}
+    for method in ("hfp", "magnitude"):
+        assert 0.48 <= rows[method]["params_ratio"] <= 0.5
+        detail = next(d for d in result["details"] if d["method"] == method)
+        assert max(detail["exactness"].values()) < 1e-4
+    assert abs(rows["tp_llm"]["params_ratio"] - 0.5) < 0.03
+    assert all(r["tokens_per_s_ratio"]["b1"] > 0 and r["val_ppl"] > 1 for r in rows.values())
