@@ -353,7 +353,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
         scales = _fold_gates(base, dg, hfp.index, vector)  # docs/concepts.md, "Finalize"
         return shrink_model(dg.facts, dg.alive(plan.keep), gm=base, scales=scales), scales
 
-    with stages("finalize", ["budget projection", "fold gates and shrink", "measure latency"]) as stage:
+    names = ["budget projection", "fold gates and shrink"] + (["measure latency"] if resolved.latency else [])
+    with stages("finalize", names) as stage:
         with stage("budget projection"):
             plan = plan_for(resolved)
         with stage("fold gates and shrink"):
