@@ -77,6 +77,24 @@ def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: 
     return out
 
 
+def measured_row(model, small, report, x, prune_s: float, args, base: dict) -> dict:
+    """``base`` plus the paired timing of ``small`` against ``model`` at ``x``, the MACs/params
+    ratios and, for a latency target, what the library predicted and measured."""
+    dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
+    sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
+    timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
+    dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
+    row = {**base, "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
+           **timing, "latency_ratio": 1 / timing["speedup"],
+           "efficiency": timing["speedup"] * small_c.macs / dense_c.macs, "prune_seconds": prune_s}
+    lat = report.latency if report is not None else None
+    if lat is not None:  # what the library predicted and measured, vs this script's own measurement
+        row.update(predicted_ratio=lat.predicted_ms / lat.dense_ms, library_measured_ratio=lat.measured_ratio,
+                   corrections=lat.corrections, latency_model_seconds=lat.model_seconds,
+                   prediction_error=(lat.predicted_ms / lat.dense_ms) / row["latency_ratio"] - 1)
+    return row
+
+
 def matched_row(model, macs_row: dict, x, round_to: int, args) -> dict:
     """A latency target at the latency the MACs-targeted model measured: how much more of the
     model (MACs) a latency-aware allocation keeps at the same speed."""
@@ -86,17 +104,8 @@ def matched_row(model, macs_row: dict, x, round_to: int, args) -> dict:
             "round_to": round_to, "batch": macs_row["batch"]}
     if small is None:
         return {**base, "infeasible": report}
-    dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
-    sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
-    timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
-    dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
-    lat = report.latency
-    row = {**base, "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
-           **timing, "latency_ratio": 1 / timing["speedup"],
-           "efficiency": timing["speedup"] * small_c.macs / dense_c.macs, "prune_seconds": prune_s,
-           "predicted_ratio": lat.predicted_ms / lat.dense_ms, "library_measured_ratio": lat.measured_ratio,
-           "corrections": lat.corrections, "latency_model_seconds": lat.model_seconds, "macs_kept_vs_macs_target": (small_c.macs / dense_c.macs) / macs_row["macs_ratio"]}
-    row["prediction_error"] = row["predicted_ratio"] / row["latency_ratio"] - 1
+    row = measured_row(model, small, report, x, prune_s, args, base)
+    row["macs_kept_vs_macs_target"] = row["macs_ratio"] / macs_row["macs_ratio"]
     print(f"{row['model']} latency={goal:.3f} (matched to MACs {macs_row['target']:.0%}) batch={row['batch']}: "
           f"ratio {row['latency_ratio']:.3f}, MACs {row['macs_ratio']:.3f} = "
           f"{row['macs_kept_vs_macs_target']:.2f}x the MACs-targeted model's", file=sys.stderr, flush=True)
@@ -181,20 +190,8 @@ def main(argv=None) -> int:
                                  "infeasible": report})
                     print(f"{name} {kind}={target:.0%} round_to={round_to}: infeasible ({report})", file=sys.stderr)
                     break
-            dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
-            dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
-            sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
-            timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
-            mac_reduction = dense_c.macs / small_c.macs
-            row = {"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch,
-                   "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
-                   **timing, "latency_ratio": 1 / timing["speedup"], "efficiency": timing["speedup"] / mac_reduction,
-                   "prune_seconds": prune_s}
-            lat = report.latency if report is not None else None
-            if lat is not None:  # what the library predicted and measured, vs this script's own measurement
-                row.update(predicted_ratio=lat.predicted_ms / lat.dense_ms, library_measured_ratio=lat.measured_ratio,
-                           corrections=lat.corrections, latency_model_seconds=lat.model_seconds,
-                           prediction_error=(lat.predicted_ms / lat.dense_ms) / row["latency_ratio"] - 1)
+            row = measured_row(model, small, report, x, prune_s, args,
+                               {"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch})
             rows.append(row)
             print(f"{name} {kind}={target:.0%} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "
                   f"{row['pruned_ms']:.1f} ms (ratio {row['latency_ratio']:.3f}), MACs {row['macs_ratio']:.3f}, "

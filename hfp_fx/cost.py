@@ -98,7 +98,6 @@ class CostModel(torch.nn.Module):
         self.register_buffer("latency_coeff", lc, persistent=False)
         self.register_buffer("latency_rows", li, persistent=False)
         self.const_latency = float(latency.const) if latency is not None else 0.0
-        self.latency_info = latency
         self.register_buffer("param_coeff", pc, persistent=False)
         self.register_buffer("param_rows", pi, persistent=False)
         self.register_buffer("mac_coeff", mc, persistent=False)
