@@ -1,0 +1,513 @@
+"""Pruning quality on a trained model: hfp_fx next to Torch-Pruning's methods, one shared protocol.
+
+The use case: "I have a trained model; make it 2.5x cheaper and lose as little as possible".
+Every seed trains the dense Fashion-MNIST ResNet (``fashion_mnist.FashionResNet``, widths 24/48/96,
+two blocks per stage) for ``E`` epochs (``--epochs``); every method then starts from those weights
+and gets the same extra budget of ``F`` epochs (``--finetune-epochs``; one cosine schedule from
+``--finetune-lr``, any pruning or sparsity phase included) to reach the same MACs target
+(``--target``, 40% of dense, as ``hfp_fx.count`` counts MACs):
+
+* ``dense``                the dense model trained ``F`` more epochs (the reference);
+* ``hfp``                  ``hfp_fx.prepare(trained, x, {"macs": t})`` with per-group widths, ``H``
+                           gated epochs (``--hfp-epochs``; the target ramps from dense over
+                           ``--ramp-epochs``) with ``cross_entropy + hfp_fx.complexity_loss``, then
+                           ``hfp_fx.finalize`` and ``F - H`` epochs of the small model;
+* ``l1``                   ``hfp_fx.prune(trained, x, {"macs": t}, importance="l1")``, then ``F`` epochs;
+* ``tp_magnitude``         Torch-Pruning's group magnitude (``GroupMagnitudeImportance(p=2)``,
+                           global pruning), pruned in small steps until MACs <= t, then ``F`` epochs;
+* ``tp_taylor``            the same with ``GroupTaylorImportance`` (the gradient of a training batch
+                           before every step);
+* ``tp_groupnorm_sparse``  Torch-Pruning's sparse training (``GroupNormPruner``, ``reg=5e-4`` as its
+                           CIFAR ResNet-56 recipe, weight decay off while regularising) for ``H``
+                           epochs, then pruned in steps to MACs <= t and fine-tuned ``F - H`` epochs;
+* ``uniform``              every width scaled by one factor (MACs <= t), trained from scratch for
+                           ``E + F`` epochs: the control.
+
+Torch-Pruning's pruners run by its own API with its own settings (global pruning, at most 90% of a
+layer, ``iterative_steps`` small steps); they stop at the first step where MACs <= t, so they may
+land a little under the target; every row records its achieved MACs and params.  ``--distill``
+adds knowledge distillation from the trained dense model to every method's training alike.
+
+Results: a table (mean +- std over seeds) on stdout, ``benchmarks/results/quality.json`` with one
+row per method and seed (threads and device recorded per row) and ``quality.png`` (accuracy vs
+MACs).  The dense model of a seed is cached under ``~/.cache/hfp_fx/quality`` (``$HFP_FX_CACHE``)
+so that processes splitting the methods share it (a file lock makes the second one wait).
+
+    python benchmarks/quality.py                            # 7 methods x 3 seeds (see docs/benchmarks.md)
+    python benchmarks/quality.py --methods hfp l1 --seeds 0 --out /tmp/a.json
+    python benchmarks/quality.py --merge /tmp/a.json /tmp/b.json   # one table from split runs
+    python benchmarks/quality.py --quick                    # minutes: a small net, 2k images, E=F=1
+    python benchmarks/quality.py --quick --synthetic        # offline (no dataset), what the test runs
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fashion_mnist.py
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fashion_mnist as fm  # noqa: E402
+
+import hfp_fx  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform")
+TP_METHODS = ("tp_magnitude", "tp_taylor", "tp_groupnorm_sparse")
+NUM_CLASSES = 10
+
+
+# ------------------------------------------------------------------------------------- data
+def synthetic_data(n_train: int, n_test: int, seed: int = 0):
+    """Offline stand-in for Fashion-MNIST: ten classes of noisy 28x28 templates (learnable)."""
+    gen = torch.Generator().manual_seed(seed)
+    templates = torch.randn(NUM_CLASSES, 1, 28, 28, generator=gen)
+    templates = F.avg_pool2d(templates, 5, 1, 2) * 6
+
+    def draw(n):
+        y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+        return templates[y] + torch.randn(n, 1, 28, 28, generator=gen), y
+
+    return draw(n_train), draw(n_test)
+
+
+# --------------------------------------------------------------------------------- training
+class Phase:
+    """One cosine schedule of ``steps`` steps from ``lr``; training runs ranges [start, stop) of it."""
+
+    def __init__(self, data, args, steps: int, lr: float, seed: int):
+        self.data, self.args, self.steps, self.lr, self.seed = data, args, max(1, steps), lr, seed
+
+    def optimizer(self, model: nn.Module, gates: Sequence[torch.nn.Parameter] = (), weight_decay=None):
+        a = self.args
+        wd = a.weight_decay if weight_decay is None else weight_decay
+        gate_ids = {id(p) for p in gates}
+        decay = [p for p in model.parameters() if id(p) not in gate_ids and p.dim() > 1]
+        no_decay = [p for p in model.parameters() if id(p) not in gate_ids and p.dim() <= 1]
+        groups = [{"params": decay, "weight_decay": wd, "base_lr": self.lr, "scheduled": True},
+                  {"params": no_decay, "weight_decay": 0.0, "base_lr": self.lr, "scheduled": True}]
+        if gates:  # HFP's widths: their own constant lr (fashion_mnist.py's settings)
+            groups.append({"params": list(gates), "weight_decay": 0.0, "base_lr": a.gate_lr, "scheduled": False})
+        return torch.optim.SGD(groups, lr=self.lr, momentum=0.9, nesterov=True)
+
+    def run(self, model: nn.Module, opt, start: int, stop: int, tag: str, *, hfp: bool = False,
+            teacher: Optional[nn.Module] = None, after_backward: Optional[Callable[[], None]] = None) -> None:
+        a = self.args
+        (train_x, train_y), _ = self.data
+        n, bs = len(train_y), a.batch_size
+        per_epoch = math.ceil(n / bs)
+        model.train()
+        t0, seen, tot = time.perf_counter(), 0, 0.0
+        for step in range(start, stop):
+            epoch, b = divmod(step, per_epoch)
+            if b == 0 or step == start:
+                gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+                perm = torch.randperm(n, generator=gen)
+            idx = perm[b * bs:(b + 1) * bs]
+            x, y = train_x[idx], train_y[idx]
+            if not a.synthetic:
+                x = fm.augment(x, gen)
+            f = 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * (f if g["scheduled"] else 1.0)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(x) / a.kd_temperature, 1)
+                kd = F.kl_div(F.log_softmax(out / a.kd_temperature, 1), soft, log_target=True,
+                              reduction="batchmean") * a.kd_temperature ** 2
+                loss = (1 - a.kd_alpha) * loss + a.kd_alpha * kd
+            if hfp:
+                loss = loss + hfp_fx.complexity_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward()
+            opt.step()
+            tot += float(loss.detach()) * len(y)
+            seen += len(y)
+        if stop > start:
+            print(f"  [{tag}] steps {start}-{stop} of {self.steps}: loss {tot / max(seen, 1):.4f} "
+                  f"test {evaluate(model, self.data):.2f}% ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data) -> float:
+    _, (test_x, test_y) = data
+    was = model.training
+    model.eval()
+    correct = sum(int((model(test_x[i:i + 1000]).argmax(1) == test_y[i:i + 1000]).sum())
+                  for i in range(0, len(test_y), 1000))
+    model.train(was)
+    return 100.0 * correct / len(test_y)
+
+
+def steps_per_epoch(data, args) -> int:
+    return math.ceil(len(data[0][1]) / args.batch_size)
+
+
+# ------------------------------------------------------------------------------ dense model
+def cache_dir() -> Path:
+    root = Path(os.environ.get("HFP_FX_CACHE") or Path.home() / ".cache" / "hfp_fx")
+    path = root / "quality"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dense_signature(args, seed: int) -> dict:
+    keys = ("epochs", "widths", "blocks", "batch_size", "lr", "weight_decay", "train_subset", "synthetic")
+    return {**{k: getattr(args, k) for k in keys}, "seed": seed, "torch": torch.__version__}
+
+
+def trained_dense(data, args, seed: int) -> dict:
+    """The dense model of ``seed`` after ``E`` epochs: from the cache, or trained (and cached)."""
+    sig = dense_signature(args, seed)
+    key = hashlib.sha1(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
+    path, lock = cache_dir() / f"dense_{key}.pt", cache_dir() / f"dense_{key}.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # a second process waits for the first one's training
+        if path.exists() and not args.no_cache:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            print(f"dense seed {seed}: from {path} ({saved['accuracy']:.2f}%)", flush=True)
+            return saved
+        torch.manual_seed(seed)
+        model = fm.FashionResNet(args.widths, args.blocks)
+        phase = Phase(data, args, args.epochs * steps_per_epoch(data, args), args.lr, seed)
+        t0 = time.perf_counter()
+        phase.run(model, phase.optimizer(model), 0, phase.steps, f"dense seed {seed}")
+        saved = {"state": model.state_dict(), "accuracy": evaluate(model, data),
+                 "seconds": round(time.perf_counter() - t0, 1), "signature": sig}
+        if not args.no_cache:
+            torch.save(saved, path)
+        return saved
+
+
+# --------------------------------------------------------------------------------- methods
+def tp_prune_to_target(model: nn.Module, example: torch.Tensor, method: str, target_macs: float,
+                       data, args, pruner=None) -> dict:
+    """Torch-Pruning's own pruner, stepped until ``hfp_fx.count`` MACs <= ``target_macs``."""
+    import torch_pruning as tp
+
+    if pruner is None:
+        pruner = make_tp_pruner(model, example, method, args)
+    (train_x, train_y), _ = data
+    gen = torch.Generator().manual_seed(12345)
+    model.eval()  # as its recipe prunes: BN statistics fixed
+    steps = 0
+    for steps in range(1, args.tp_steps + 1):
+        if method == "tp_taylor":  # the gradient of one training batch, fresh for every step
+            idx = torch.randint(0, len(train_y), (args.batch_size,), generator=gen)
+            model.zero_grad()
+            F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
+        pruner.step()
+        if hfp_fx.count(model, example).macs <= target_macs:
+            break
+    model.zero_grad(set_to_none=True)
+    return {"tp_steps": steps, "tp_version": tp.__version__}
+
+
+def make_tp_pruner(model: nn.Module, example: torch.Tensor, method: str, args):
+    import torch_pruning as tp
+
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+    common = dict(global_pruning=True, pruning_ratio=args.tp_max_ratio, max_pruning_ratio=args.tp_max_ratio,
+                  iterative_steps=args.tp_steps, ignored_layers=ignored)
+    if method == "tp_magnitude":
+        return tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), **common)
+    if method == "tp_taylor":
+        return tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupTaylorImportance(), **common)
+    if method == "tp_groupnorm_sparse":
+        return tp.pruner.GroupNormPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                         reg=args.tp_reg, **common)
+    raise ValueError(method)
+
+
+def run_method(method: str, seed: int, dense: dict, data, args, example: torch.Tensor,
+               dense_counts: hfp_fx.Counts) -> dict:
+    """Train ``method`` from the trained dense model of ``seed``; return its result row."""
+    per_epoch = steps_per_epoch(data, args)
+    total = args.finetune_epochs * per_epoch
+    gated = min(total, int(round(args.hfp_epochs * per_epoch)))
+    phase = Phase(data, args, total, args.finetune_lr, seed + 100)
+    target_macs = args.target * dense_counts.macs
+
+    def trained():
+        m = fm.FashionResNet(args.widths, args.blocks)
+        m.load_state_dict(dense["state"])
+        return m
+
+    teacher = trained().eval() if args.distill else None
+    torch.manual_seed(seed + 7)
+    t0 = time.perf_counter()
+    extra: Dict[str, object] = {}
+    tag = f"{method} seed {seed}"
+    if method == "dense":
+        model = trained()
+        phase.run(model, phase.optimizer(model), 0, total, tag, teacher=teacher)
+    elif method == "hfp":
+        prepared = hfp_fx.prepare(trained(), example, {"macs": args.target}, gates="width",
+                                  lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
+                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)))
+        opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
+        phase.run(prepared, opt, 0, gated, tag + " (gated)", hfp=True, teacher=teacher)
+        prepared.eval()
+        extra["acc_gated"] = evaluate(prepared, data)
+        model = hfp_fx.finalize(prepared)
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
+    elif method == "l1":
+        model = hfp_fx.prune(trained(), example, {"macs": args.target}, importance="l1")
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), 0, total, tag, teacher=teacher)
+    elif method in ("tp_magnitude", "tp_taylor"):
+        model = trained()
+        extra.update(tp_prune_to_target(model, example, method, target_macs, data, args))
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), 0, total, tag, teacher=teacher)
+    elif method == "tp_groupnorm_sparse":
+        model = trained()
+        pruner = make_tp_pruner(model, example, method, args)
+        pruner.update_regularizer()
+        # its recipe regularises with weight decay off: the group-norm penalty replaces it
+        opt = phase.optimizer(model, weight_decay=0.0)
+        phase.run(model, opt, 0, gated, tag + " (sparse)", teacher=teacher,
+                  after_backward=lambda: pruner.regularize(model))
+        extra.update(tp_prune_to_target(model, example, method, target_macs, data, args, pruner=pruner))
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
+    elif method == "uniform":
+        widths, _, _ = fm.uniform_widths(args.widths, args.blocks, example, args.target)
+        extra["widths"] = list(widths)
+        torch.manual_seed(seed + 3)
+        model = fm.FashionResNet(widths, args.blocks)
+        scratch = Phase(data, args, (args.epochs + args.finetune_epochs) * per_epoch, args.lr, seed + 3)
+        scratch.run(model, scratch.optimizer(model), 0, scratch.steps, tag, teacher=teacher)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    counts = hfp_fx.count(copy.deepcopy(model).eval(), example)
+    row = {"method": method, "seed": seed, "acc": evaluate(model, data),
+           "macs_ratio": counts.macs / dense_counts.macs, "params_ratio": counts.params / dense_counts.params,
+           "epochs": args.epochs + args.finetune_epochs, "dense_acc": dense["accuracy"],
+           "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
+           "device": "cpu", "distill": bool(args.distill), **extra}
+    print(f"==> {method} seed {seed}: {row['acc']:.2f}% MACs {row['macs_ratio']:.3f} "
+          f"params {row['params_ratio']:.3f} ({row['seconds']:.0f}s)", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------- report
+def summarize(rows: List[dict], target: float) -> dict:
+    """Mean and std per method, and HFP's margin over the best Torch-Pruning method."""
+    per = {}
+    for method in METHODS:
+        accs = [r["acc"] for r in rows if r["method"] == method]
+        if not accs:
+            continue
+        macs = [r["macs_ratio"] for r in rows if r["method"] == method]
+        per[method] = {"n": len(accs), "acc_mean": statistics.mean(accs),
+                       "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                       "macs_mean": statistics.mean(macs), "macs_max": max(macs),
+                       "params_mean": statistics.mean(r["params_ratio"] for r in rows if r["method"] == method)}
+    summary = {"methods": per,
+               "hfp_fx_rows_over_budget": [f"{r['method']} seed {r['seed']}" for r in rows
+                                           if r["method"] in ("hfp", "l1") and r["macs_ratio"] > target + 1e-9]}
+    tps = [m for m in TP_METHODS if m in per]
+    if "hfp" in per and tps:
+        best = max(tps, key=lambda m: per[m]["acc_mean"])
+        margin = per["hfp"]["acc_mean"] - per[best]["acc_mean"]
+        noise = max(per["hfp"]["acc_std"], per[best]["acc_std"])
+        summary["hfp_vs_best_tp"] = {
+            "best_tp": best, "margin_pt": margin, "seed_std_pt": noise,
+            "verdict": ("win" if margin > noise else "tie (inside the seed-to-seed std)" if margin >= -noise
+                        else "loss")}
+    return summary
+
+
+def markdown(result: dict) -> str:
+    per = result["summary"]["methods"]
+    lines = ["| method | test acc (%) mean +- std | seeds | MACs ratio (mean, max) | params ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for method, s in per.items():
+        lines.append(f"| {method} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['n']} | "
+                     f"{s['macs_mean']:.3f}, {s['macs_max']:.3f} | {s['params_mean']:.3f} |")
+    cmp = result["summary"].get("hfp_vs_best_tp")
+    if cmp:
+        lines.append(f"\nhfp vs the best Torch-Pruning method ({cmp['best_tp']}): {cmp['margin_pt']:+.2f} pt, "
+                     f"seed-to-seed std {cmp['seed_std_pt']:.2f} pt: {cmp['verdict']}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = {"dense": "k", "hfp": "tab:red", "l1": "tab:blue", "tp_magnitude": "tab:purple",
+              "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green"}
+    for method, s in result["summary"]["methods"].items():
+        rows = [r for r in result["rows"] if r["method"] == method]
+        ax.scatter([r["macs_ratio"] for r in rows], [r["acc"] for r in rows], color=colors.get(method, "gray"),
+                   alpha=0.35, s=18)
+        ax.errorbar(s["macs_mean"], s["acc_mean"], yerr=s["acc_std"], color=colors.get(method, "gray"),
+                    marker="*" if method == "hfp" else "o", ms=11 if method == "hfp" else 7, capsize=3,
+                    label=f"{method} {s['acc_mean']:.2f} +- {s['acc_std']:.2f}")
+    ax.axvline(result["config"]["target"], color="gray", ls=":", lw=1, label="MACs target")
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs / dense MACs (log)")
+    ax.set_ylabel("test accuracy (%)")
+    cfg = result["config"]
+    ax.set_title(f"Fashion-MNIST, trained {cfg['epochs']} + {cfg['finetune_epochs']} epochs per method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path) -> None:
+    result["summary"] = summarize(result["rows"], result["config"]["target"])
+    print()
+    print(markdown(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    with contextlib.suppress(ImportError):
+        plot(result, out.with_suffix(".png"))
+    print(f"\nwrote {out}")
+
+
+# options that may differ between the parts of one merged result
+MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "data_dir"}
+
+
+def merge(paths: Sequence[Path]) -> dict:
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        differ = sorted(k for k in set(first["config"]) | set(part["config"])
+                        if k not in MERGE_MAY_DIFFER and first["config"].get(k) != part["config"].get(k))
+        if differ:
+            raise SystemExit(f"error: cannot merge {path}: options differ: {differ}")
+    seen = set()
+    for part in parts:
+        for r in part["rows"]:
+            if (r["method"], r["seed"]) in seen:
+                raise SystemExit(f"error: {r['method']} seed {r['seed']} appears twice")
+            seen.add((r["method"], r["seed"]))
+    order = {m: i for i, m in enumerate(METHODS)}
+    merged = copy.deepcopy(first)
+    merged["rows"] = sorted((r for part in parts for r in part["rows"]), key=lambda r: (order[r["method"]], r["seed"]))
+    merged["config"]["merged_from"] = [str(p) for p in paths]
+    merged["cpu_seconds"] = round(sum(p["cpu_seconds"] for p in parts), 1)
+    return merged
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--target", type=float, default=0.4, help="MACs fraction every pruned method must reach")
+    p.add_argument("--epochs", type=int, default=3, help="E: epochs of the dense model")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="F: the extra epochs every method gets")
+    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--hfp-epochs", type=float, default=1.0,
+                   help="H: gated epochs of hfp (and sparse-training epochs of tp_groupnorm_sparse), part of F")
+    p.add_argument("--ramp-epochs", type=float, default=0.5, help="hfp: the target ramps from dense over these")
+    p.add_argument("--lambda-init", type=float, default=1e-3)
+    p.add_argument("--dual-rate", type=float, default=0.02)
+    p.add_argument("--gate-lr", type=float, default=0.17, help="hfp: constant SGD lr of the widths")
+    p.add_argument("--tp-steps", type=int, default=200, help="Torch-Pruning iterative_steps")
+    p.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning pruning_ratio / max_pruning_ratio")
+    p.add_argument("--tp-reg", type=float, default=5e-4, help="tp_groupnorm_sparse: GroupNormPruner(reg=...)")
+    p.add_argument("--distill", action="store_true", help="knowledge distillation from the dense model, every method")
+    p.add_argument("--kd-alpha", type=float, default=0.5)
+    p.add_argument("--kd-temperature", type=float, default=4.0)
+    p.add_argument("--widths", type=int, nargs="+", default=[24, 48, 96])
+    p.add_argument("--blocks", type=int, nargs="+", default=[2, 2, 2])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="dense and uniform: peak lr of the cosine schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--train-subset", type=int, default=0, help="only the first N training images (0 = all)")
+    p.add_argument("--quick", action="store_true", help="minutes: widths 8/16/32, one block per stage, 2k images, "
+                   "E=F=1, one seed")
+    p.add_argument("--synthetic", action="store_true", help="random class templates instead of Fashion-MNIST")
+    p.add_argument("--no-cache", action="store_true", help="train the dense models again, save nothing")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data-dir", type=Path, default=fm.DATA_DIR)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only combine these result files (methods or seeds split over processes) into --out")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.widths, a.blocks, a.epochs, a.finetune_epochs = [8, 16, 32], [1, 1, 1], 1, 1
+        a.hfp_epochs, a.ramp_epochs, a.tp_steps = 0.5, 0.25, 100
+        a.train_subset = a.train_subset or 2000
+        a.seeds = a.seeds if argv and "--seeds" in argv else [0]
+    if not 0 < a.hfp_epochs <= a.finetune_epochs:
+        p.error("need 0 < --hfp-epochs <= --finetune-epochs")
+    if a.out is None:
+        a.out = RESULTS / ("quality_quick.json" if a.quick else "quality.json")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.merge:
+        result = merge(a.merge)
+        write(result, a.out)
+        return result
+    torch.set_num_threads(a.threads)
+    t_start = time.process_time()
+    if a.synthetic:
+        data = synthetic_data(a.train_subset or 4000, 1000)
+    else:
+        data = fm.load_fashion_mnist(fm.ensure_dataset(a.data_dir))
+        if a.train_subset:
+            data = ((data[0][0][:a.train_subset], data[0][1][:a.train_subset]), data[1])
+    if any(m in TP_METHODS for m in a.methods):
+        import torch_pruning  # noqa: F401 - fail now, not after the dense training
+    example = data[1][0][:1].clone()
+    dense_counts = hfp_fx.count(fm.FashionResNet(a.widths, a.blocks), example)
+    print(f"{len(data[0][1])} train / {len(data[1][1])} test images; FashionResNet({a.widths}, {a.blocks}): "
+          f"{dense_counts}; E={a.epochs} F={a.finetune_epochs} H={a.hfp_epochs}; {torch.get_num_threads()} threads",
+          flush=True)
+    result = {"target_macs": a.target,
+              "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+              "dense": {"params": dense_counts.params, "macs": dense_counts.macs},
+              "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                              "cpus": os.cpu_count(), "git": fm.git_describe()},
+              "rows": []}
+    for seed in a.seeds:
+        dense = trained_dense(data, a, seed) if any(m != "uniform" for m in a.methods) else {"accuracy": None}
+        for method in a.methods:
+            result["rows"].append(run_method(method, seed, dense, data, a, example, dense_counts))
+            result["cpu_seconds"] = round(time.process_time() - t_start, 1)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=1))
+    result["cpu_seconds"] = round(time.process_time() - t_start, 1)
+    write(result, a.out)
+    a.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""benchmarks/quality.py: the whole --quick protocol offline (synthetic data), and its merge."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch_pruning")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    quality = load()
+    out = tmp_path_factory.mktemp("quality") / "quick.json"
+    quality.main(["--quick", "--synthetic", "--no-cache", "--threads", "1", "--out", str(out)])
+    return quality, out, json.loads(out.read_text())
+
+
+def test_quick_run_has_every_method_within_budget(quick):
+    quality, out, result = quick
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(quality.METHODS) and result["target_macs"] == 0.4
+    assert rows["dense"]["macs_ratio"] == 1.0 and rows["dense"]["acc"] > 30  # it learned (chance: 10%)
+    for method in ("hfp", "l1", "uniform", *quality.TP_METHODS):
+        assert 0.3 < rows[method]["macs_ratio"] <= 0.4 + 1e-9, (method, rows[method]["macs_ratio"])
+    for r in rows.values():
+        assert {"method", "seed", "acc", "macs_ratio", "params_ratio", "epochs", "threads", "device"} <= set(r)
+        assert r["epochs"] == 2 and r["threads"] == 1
+    for method in quality.TP_METHODS:
+        assert 1 <= rows[method]["tp_steps"] <= 100
+    summary = result["summary"]
+    assert summary["hfp_fx_rows_over_budget"] == []
+    assert summary["hfp_vs_best_tp"]["best_tp"] in quality.TP_METHODS
+    assert out.with_suffix(".png").exists() and not out.with_suffix(".partial.json").exists()
+
+
+def test_merge_joins_parts_and_refuses_a_row_twice(quick, tmp_path):
+    quality, out, result = quick
+    a, b = dict(result), dict(result)
+    a["rows"] = [r for r in result["rows"] if r["method"] in ("hfp", "dense")]
+    b["rows"] = [dict(r, seed=1) for r in result["rows"] if r["method"] != "dense"]
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    merged = quality.merge([pa, pb])
+    assert [(r["method"], r["seed"]) for r in merged["rows"]][:3] == [("dense", 0), ("hfp", 0), ("hfp", 1)]
+    assert quality.summarize(merged["rows"], 0.4)["methods"]["hfp"]["n"] == 2
+    with pytest.raises(SystemExit, match="appears twice"):
+        quality.merge([pa, pa])
+    other = dict(b, config=dict(b["config"], target=0.25))
+    pb.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="options differ"):
+        quality.merge([pa, pb])
