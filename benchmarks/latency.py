@@ -13,7 +13,7 @@ what hardware-friendly widths do.
     python benchmarks/latency.py                          # defaults below, CPU
     python benchmarks/latency.py --quick                  # two small models, batch 1
     python benchmarks/latency.py --models resnet50 mobilenet_v2 --targets 0.5 --batch 1 32
-    python benchmarks/latency.py --channels-last --compile --device cuda
+    python benchmarks/latency.py --channels-last --compile --device cuda --dtype float16
     python benchmarks/latency.py --kinds macs latency --targets 0.5 --batch 1 --threads 2 \\
         --models resnet50 mobilenet_v2 --out benchmarks/results/latency_target.json
 
@@ -22,6 +22,7 @@ Writes ``benchmarks/results/latency.json``, ``latency.md`` and ``latency.png``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -80,8 +81,8 @@ def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: 
 def measured_row(model, small, report, x, prune_s: float, args, base: dict) -> dict:
     """``base`` plus the paired timing of ``small`` against ``model`` at ``x``, the MACs/params
     ratios and, for a latency target, what the library predicted and measured."""
-    dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device)
-    sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device)
+    dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device, args.dtype)
+    sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device, args.dtype)
     timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
     dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
     row = {**base, "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
@@ -125,8 +126,9 @@ def prune_for(model, kind: str, target: float, round_to: int, x, args):
     return small, small.meta["hfp"], time.perf_counter() - t0
 
 
-def prepare_for_timing(model, x, channels_last: bool, compile_: bool, device: str):
-    model = model.eval().to(device)
+def prepare_for_timing(model, x, channels_last: bool, compile_: bool, device: str, dtype: str = "float32"):
+    # a copy: the caller prunes and counts the float32 model again for the next batch
+    model, x = copy.deepcopy(model).eval().to(device, getattr(torch, dtype)), x.to(getattr(torch, dtype))
     if channels_last and x.dim() == 4:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
@@ -152,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="dtype of the timed models (pruned in float32 first)")
     ap.add_argument("--quick", action="store_true", help="resnet18 + mobilenet_v2, batch 1, 50%% only")
     ap.add_argument("--out", default=str(RESULTS / "latency.json"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure the rest")
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
     jobs = [(m, k, t, r) for m in args.models for k in args.kinds for t in args.targets for r in args.round_to
             if (m, k, t, r) not in done]
     meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
-            "channels_last": args.channels_last, "compile": args.compile, "rounds": args.rounds,
+            "channels_last": args.channels_last, "compile": args.compile, "dtype": args.dtype, "rounds": args.rounds,
             "min_run_time": args.min_run_time,
             "cpu": (os.uname().machine if hasattr(os, "uname") else ""), "complete": False}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +181,7 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
     for name, kind, target, round_to in progress(jobs, len(jobs), "latency"):
-        model = torchvision.models.get_model(name, weights=None).eval()
+        model = torchvision.models.get_model(name, weights=None).eval().to(args.device)
         size = 224
         small = None
         for batch in args.batch:
@@ -221,7 +225,7 @@ def write_markdown(rows, meta, path: Path) -> str:
               f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}", f"{1 / r['speedup']:.3f}", predicted(r),
               f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}"] for r in rows]
     text = (f"Device {meta['device']}, {meta['threads']} threads, torch {meta['torch']}, channels_last="
-            f"{meta['channels_last']}, compile={meta['compile']}, "
+            f"{meta['channels_last']}, compile={meta['compile']}, dtype={meta.get('dtype', 'float32')}, "
             f"{meta.get('rounds', 1)} alternating rounds. Latency: median ± IQR over rounds; latency ratio: "
             "median of per-round pruned/dense ratios; predicted: the latency model's ratio for the plan.\n\n")
     text += tabulate(table, headers=["model", "target kind", "target", "round_to", "batch", "MACs ratio", "dense ms",

@@ -46,6 +46,7 @@ import contextlib
 import copy
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -159,6 +160,12 @@ def evaluate(model: nn.Module, data) -> float:
     return 100.0 * correct / len(test_y)
 
 
+def device_name(device: str) -> str:
+    """``cpu`` or the accelerator's name, recorded in every row."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
 def steps_per_epoch(data, args) -> int:
     return math.ceil(len(data[0][1]) / args.batch_size)
 
@@ -188,11 +195,11 @@ def trained_dense(data, args, seed: int) -> dict:
             print(f"dense seed {seed}: from {path} ({saved['accuracy']:.2f}%)", flush=True)
             return saved
         torch.manual_seed(seed)
-        model = fm.FashionResNet(args.widths, args.blocks)
+        model = fm.FashionResNet(args.widths, args.blocks).to(args.device)
         phase = Phase(data, args, args.epochs * steps_per_epoch(data, args), args.lr, seed)
         t0 = time.perf_counter()
         phase.run(model, phase.optimizer(model), 0, phase.steps, f"dense seed {seed}")
-        saved = {"state": model.state_dict(), "accuracy": evaluate(model, data),
+        saved = {"state": {k: v.cpu() for k, v in model.state_dict().items()}, "accuracy": evaluate(model, data),
                  "seconds": round(time.perf_counter() - t0, 1), "signature": sig}
         if not args.no_cache:
             torch.save(saved, path)
@@ -251,7 +258,7 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
     def trained():
         m = fm.FashionResNet(args.widths, args.blocks)
         m.load_state_dict(dense["state"])
-        return m
+        return m.to(args.device)
 
     teacher = trained().eval() if args.distill else None
     torch.manual_seed(seed + 7)
@@ -293,10 +300,10 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
     elif method == "uniform":
-        widths, _, _ = fm.uniform_widths(args.widths, args.blocks, example, args.target)
+        widths, _, _ = fm.uniform_widths(args.widths, args.blocks, example.cpu(), args.target)
         extra["widths"] = list(widths)
         torch.manual_seed(seed + 3)
-        model = fm.FashionResNet(widths, args.blocks)
+        model = fm.FashionResNet(widths, args.blocks).to(args.device)
         scratch = Phase(data, args, (args.epochs + args.finetune_epochs) * per_epoch, args.lr, seed + 3)
         scratch.run(model, scratch.optimizer(model), 0, scratch.steps, tag, teacher=teacher)
     else:
@@ -306,7 +313,7 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
            "macs_ratio": counts.macs / dense_counts.macs, "params_ratio": counts.params / dense_counts.params,
            "epochs": args.epochs + args.finetune_epochs, "dense_acc": dense["accuracy"],
            "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
-           "device": "cpu", "distill": bool(args.distill), **extra}
+           "device": device_name(args.device), "distill": bool(args.distill), **extra}
     print(f"==> {method} seed {seed}: {row['acc']:.2f}% MACs {row['macs_ratio']:.3f} "
           f"params {row['params_ratio']:.3f} ({row['seconds']:.0f}s)", flush=True)
     return row
@@ -395,7 +402,7 @@ def write(result: dict, out: Path) -> None:
 
 
 # options that may differ between the parts of one merged result
-MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "data_dir"}
+MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "data_dir", "device"}
 
 
 def merge(paths: Sequence[Path]) -> dict:
@@ -452,6 +459,7 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", action="store_true", help="random class templates instead of Fashion-MNIST")
     p.add_argument("--no-cache", action="store_true", help="train the dense models again, save nothing")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="training device, e.g. cuda")
     p.add_argument("--data-dir", type=Path, default=fm.DATA_DIR)
     p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
@@ -483,10 +491,11 @@ def main(argv=None) -> dict:
         data = fm.load_fashion_mnist(fm.ensure_dataset(a.data_dir))
         if a.train_subset:
             data = ((data[0][0][:a.train_subset], data[0][1][:a.train_subset]), data[1])
-    if any(m in TP_METHODS for m in a.methods):
-        import torch_pruning  # noqa: F401 - fail now, not after the dense training
+    if any(m in TP_METHODS for m in a.methods) and importlib.util.find_spec("torch_pruning") is None:
+        raise SystemExit("error: the tp_* methods need Torch-Pruning: pip install -e '.[bench]'")
+    data = tuple(tuple(t.to(a.device) for t in part) for part in data)
     example = data[1][0][:1].clone()
-    dense_counts = hfp_fx.count(fm.FashionResNet(a.widths, a.blocks), example)
+    dense_counts = hfp_fx.count(fm.FashionResNet(a.widths, a.blocks).to(a.device), example)
     print(f"{len(data[0][1])} train / {len(data[1][1])} test images; FashionResNet({a.widths}, {a.blocks}): "
           f"{dense_counts}; E={a.epochs} F={a.finetune_epochs} H={a.hfp_epochs}; {torch.get_num_threads()} threads",
           flush=True)

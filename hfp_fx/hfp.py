@@ -251,6 +251,10 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
     check_feasible(cost, dg.prunable_groups, state.target, min_channels, round_to)
+    # the gates live where the weights live, so a CUDA model trains without another .to()
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
+    if device is not None and device.type != "meta":
+        state.to(device)
     prepared = insert_gates(dg.facts, state)
     prepared.train(model.training)  # the gates' schedule follows the model's mode
     prepared._hfp_graph = dg

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One GPU suite, about 8 minutes on one GPU; everything lands under benchmarks/results/gpu/.
+#
+#   bash benchmarks/gpu_suite.sh            # needs CUDA; installs nothing, uses the current python
+#   GPU_SUITE_QUICK=1 bash benchmarks/gpu_suite.sh   # a 2-minute smoke version of every step
+#   GPU_SUITE_QUICK=1 GPU_SUITE_DEVICE=cpu bash benchmarks/gpu_suite.sh   # check the script without a GPU
+#
+# Steps (each has its own time limit, and a failed step does not stop the others; the summary
+# in results/gpu/suite.json says which passed):
+#   1. the tests on CUDA (pytest -m cuda: prepare/complexity_loss/finalize/prune/shrink on a CUDA
+#      model, gates and buffers on its device, bf16/fp16 autocast steps, torch.compile of a
+#      prepared model's training step and of a pruned model)
+#   2. latency at 50% MACs: ResNet-50, MobileNetV2, ViT-B/16 at batch 1 and 64, fp16, eager and compiled
+#   3. training-step overhead of prepare at batch 64 on CUDA
+#   4. benchmarks/quality.py on CUDA, 3 seeds
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=benchmarks/results/gpu
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+QUICK=${GPU_SUITE_QUICK:-0}
+DEV=${GPU_SUITE_DEVICE:-cuda}
+if [ "$DEV" = cuda ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "error: no CUDA device visible to $PY (torch.cuda.is_available() is False)" >&2
+  exit 2
+fi
+$PY - > "$OUT/environment.json" <<'EOF'
+import json, platform, torch
+cuda = torch.cuda.is_available()
+print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+                  "gpu": torch.cuda.get_device_name(0) if cuda else None,
+                  "python": platform.python_version()}, indent=1))
+EOF
+declare -A STATUS SECONDS_OF
+step() {  # step NAME LIMIT_SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  STATUS[$name]=$rc
+  SECONDS_OF[$name]=$((SECONDS - t0))
+  echo "   rc=$rc in ${SECONDS_OF[$name]}s (log: $OUT/$name.log)"
+  tail -n 5 "$OUT/$name.log"
+}
+
+if [ "$QUICK" = 1 ]; then
+  LAT_MODELS="resnet18"; LAT_BATCH="1"; LAT_TIME=0.05; OVER_STEPS=3; Q_ARGS="--quick"
+else
+  LAT_MODELS="resnet50 mobilenet_v2 vit_b_16"; LAT_BATCH="1 64"; LAT_TIME=0.3; OVER_STEPS=20
+  Q_ARGS="--seeds 0 1 2"
+fi
+
+step tests 120 $PY -m pytest -q -m cuda tests/test_device.py --junitxml="$OUT/tests.xml"
+for mode in eager compiled; do
+  extra=""; [ "$mode" = compiled ] && extra="--compile"
+  step "latency_$mode" 150 $PY benchmarks/latency.py --device $DEV --dtype float16 --kinds macs --targets 0.5 \
+    --round-to 1 8 --models $LAT_MODELS --batch $LAT_BATCH --rounds 3 --min-run-time $LAT_TIME $extra \
+    --out "$OUT/latency_fp16_$mode.json"
+done
+step overhead 60 $PY benchmarks/overhead.py --devices $DEV --batch 64 --steps $OVER_STEPS --models resnet50 mobilenet_v2 \
+  --out "$OUT/overhead_b64.json"
+# Fashion-MNIST: $FASHION_MNIST_DIR (the IDX files) where the machine cannot install the Debian package
+step quality 200 $PY benchmarks/quality.py --device $DEV --threads 4 $Q_ARGS ${FASHION_MNIST_DIR:+--data-dir "$FASHION_MNIST_DIR"} \
+  --out "$OUT/quality.json"
+
+{
+  echo "{"
+  first=1
+  for name in "${!STATUS[@]}"; do
+    [ $first = 1 ] || echo ","
+    first=0
+    printf '  "%s": {"rc": %s, "seconds": %s}' "$name" "${STATUS[$name]}" "${SECONDS_OF[$name]}"
+  done
+  echo ""
+  echo "}"
+} > "$OUT/suite.json"
+cat "$OUT/suite.json"
+for name in "${!STATUS[@]}"; do [ "${STATUS[$name]}" = 0 ] || exit 1; done
