@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One GPU suite, about 8 minutes on one GPU; everything lands under benchmarks/results/gpu/.
+# One GPU suite, under 8 minutes on one GPU (step limits add up to 430 s); everything lands under benchmarks/results/gpu/.
 #
 #   bash benchmarks/gpu_suite.sh            # needs CUDA; installs nothing, uses the current python
 #   GPU_SUITE_QUICK=1 bash benchmarks/gpu_suite.sh   # a 2-minute smoke version of every step
-#   GPU_SUITE_QUICK=1 GPU_SUITE_DEVICE=cpu bash benchmarks/gpu_suite.sh   # check the script without a GPU
+#   GPU_SUITE_QUICK=1 GPU_SUITE_DEVICE=cpu GPU_SUITE_OUT=/tmp/gpu bash benchmarks/gpu_suite.sh
+#                                           # check the script without a GPU (float32 latency, out of the repo)
 #
 # Steps (each has its own time limit, and a failed step does not stop the others; the summary
 # in results/gpu/suite.json says which passed):
@@ -12,14 +13,15 @@
 #      prepared model's training step and of a pruned model)
 #   2. latency at 50% MACs: ResNet-50, MobileNetV2, ViT-B/16 at batch 1 and 64, fp16, eager and compiled
 #   3. training-step overhead of prepare at batch 64 on CUDA
-#   4. benchmarks/quality.py on CUDA, 3 seeds
+#   4. benchmarks/quality.py on CUDA, 3 seeds (the rows so far stay in quality.partial.json at the limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=benchmarks/results/gpu
+OUT=${GPU_SUITE_OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 QUICK=${GPU_SUITE_QUICK:-0}
 DEV=${GPU_SUITE_DEVICE:-cuda}
+DTYPE=float16; [ "$DEV" = cpu ] && DTYPE=float32  # CPU half-precision kernels are too slow for a dry run
 if [ "$DEV" = cuda ] && ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "error: no CUDA device visible to $PY (torch.cuda.is_available() is False)" >&2
   exit 2
@@ -51,17 +53,20 @@ else
   Q_ARGS="--seeds 0 1 2"
 fi
 
-step tests 120 $PY -m pytest -q -m cuda tests/test_device.py --junitxml="$OUT/tests.xml"
+step tests 40 $PY -m pytest -q -m cuda tests/test_device.py --junitxml="$OUT/tests.xml"
+# compiling costs far more than timing, so the compiled step gets most of the time; latency.py
+# writes its JSON after every model, so a step that hits its limit keeps the models it finished
 for mode in eager compiled; do
-  extra=""; [ "$mode" = compiled ] && extra="--compile"
-  step "latency_$mode" 150 $PY benchmarks/latency.py --device $DEV --dtype float16 --kinds macs --targets 0.5 \
-    --round-to 1 8 --models $LAT_MODELS --batch $LAT_BATCH --rounds 3 --min-run-time $LAT_TIME $extra \
-    --out "$OUT/latency_fp16_$mode.json"
+  extra=""; limit=60
+  if [ "$mode" = compiled ]; then extra="--compile"; limit=150; fi
+  step "latency_$mode" $limit $PY benchmarks/latency.py --device $DEV --dtype $DTYPE --kinds macs --targets 0.5 \
+    --round-to 1 --models $LAT_MODELS --batch $LAT_BATCH --rounds 3 --min-run-time $LAT_TIME $extra \
+    --out "$OUT/latency_${DTYPE}_$mode.json"
 done
-step overhead 60 $PY benchmarks/overhead.py --devices $DEV --batch 64 --steps $OVER_STEPS --models resnet50 mobilenet_v2 \
+step overhead 30 $PY benchmarks/overhead.py --devices $DEV --batch 64 --steps $OVER_STEPS --models resnet50 mobilenet_v2 \
   --out "$OUT/overhead_b64.json"
 # Fashion-MNIST: $FASHION_MNIST_DIR (the IDX files) where the machine cannot install the Debian package
-step quality 200 $PY benchmarks/quality.py --device $DEV --threads 4 $Q_ARGS ${FASHION_MNIST_DIR:+--data-dir "$FASHION_MNIST_DIR"} \
+step quality 150 $PY benchmarks/quality.py --device $DEV --threads 4 $Q_ARGS ${FASHION_MNIST_DIR:+--data-dir "$FASHION_MNIST_DIR"} \
   --out "$OUT/quality.json"
 
 {

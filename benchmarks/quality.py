@@ -180,7 +180,7 @@ def cache_dir() -> Path:
 
 def dense_signature(args, seed: int) -> dict:
     keys = ("epochs", "widths", "blocks", "batch_size", "lr", "weight_decay", "train_subset", "synthetic")
-    return {**{k: getattr(args, k) for k in keys}, "seed": seed, "torch": torch.__version__}
+    return {**{k: getattr(args, k) for k in keys}, "seed": seed, "torch": str(torch.__version__)}
 
 
 def trained_dense(data, args, seed: int) -> dict:
@@ -191,7 +191,8 @@ def trained_dense(data, args, seed: int) -> dict:
     with open(lock, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)  # a second process waits for the first one's training
         if path.exists() and not args.no_cache:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+                saved = torch.load(path, map_location="cpu", weights_only=True)
             print(f"dense seed {seed}: from {path} ({saved['accuracy']:.2f}%)", flush=True)
             return saved
         torch.manual_seed(seed)
