@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hfp_fx
-from helpers import check_model
+from helpers import assert_close, check_model
 from test_transformers import TinyLlama, groups_with
 
 
@@ -242,3 +242,31 @@ def test_functional_group_norm_prunes_whole_groups_or_keeps_the_statistics(group
     for capture in ("fx", "export"):
         dg, small = check_model(GroupNormed(groups), x, capture=capture)
         assert [g.channels for g in dg.prunable_groups] == [groups if groups > 1 else 8]  # units: whole groups
+
+
+class LatentPool(nn.Module):
+    """A learned query (a parameter's view) fed to a Linear: timm's attention pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent, self.fc1, self.q = nn.Parameter(torch.randn(1, 1, 8)), nn.Linear(8, 16), nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        q = self.q(self.latent.expand(x.shape[0], -1, -1))
+        return self.fc2(torch.relu(self.fc1(x)) * q)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_counts_and_shrink_work_with_grad_mode_off(capture):
+    model, x = LatentPool().eval(), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        dense = hfp_fx.count(model, x, capture=capture)
+        dg = hfp_fx.dependency_graph(model, x, capture=capture)
+        cm = hfp_fx.CostModel(dg)
+        keep = {g.id: list(range(g.channels // 2)) for g in dg.prunable_groups}
+        small = hfp_fx.shrink(dg, keep=keep)
+        assert_close(hfp_fx.mask(dg, keep=keep)(x), small(x))
+        assert cm.counts() == dense
+        assert cm.counts(dg.alive(keep)[cm.unit_ids]) == hfp_fx.count(small, x)
+    assert torch.is_grad_enabled() and dg.prunable_groups
