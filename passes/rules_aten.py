@@ -61,7 +61,9 @@ _register(OpHandler(T.passthrough, macs=False),
           "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
           "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num",
           # in-place forms export keeps from the module code (``nn.Dropout(inplace=True)``)
-          "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_")
+          "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_",
+          # bounds given as tensors (``torch.clamp(x, self.lo, self.hi)``): they broadcast like operands
+          "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clamp_.Tensor")
 # broadcasting element-wise ops
 _register(OpHandler(T.elementwise, macs=False),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",

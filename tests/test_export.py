@@ -244,6 +244,44 @@ def test_functional_group_norm_prunes_whole_groups_or_keeps_the_statistics(group
         assert [g.channels for g in dg.prunable_groups] == [groups if groups > 1 else 8]  # units: whole groups
 
 
+class QKNormAttention(nn.Module):
+    """Gemma-4-style attention (timm ``gemma4_vit``): clamps with tensor bounds around the
+    projections, an RMSNorm over ``head_dim`` per head (q/k norm, shared weight), position
+    tables built under ``torch.no_grad()`` with a device literal, and attention through SDPA."""
+
+    def __init__(self, dim=12, heads=3, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.register_buffer("lo", torch.tensor(-3.0))
+        self.register_buffer("hi", torch.tensor(3.0))
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, dim)
+        self.q_norm, self.k_norm = nn.Parameter(torch.randn(head_dim)), nn.Parameter(torch.randn(head_dim))
+        self.register_buffer("freq", torch.rand(head_dim))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        x = torch.clamp(x, self.lo, self.hi)
+        q = self.q(x).view(b, n, self.heads, self.head_dim)
+        k = self.k(x).view(b, n, self.heads, self.head_dim)
+        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        q = F.rms_norm(q, (self.head_dim,), self.q_norm, 1e-6)
+        k = F.rms_norm(k, (self.head_dim,), self.k_norm, 1e-6)
+        with torch.no_grad():
+            pos = torch.arange(n, dtype=torch.float32).to(x.device)[:, None] * self.freq
+        q, k = q * pos.cos()[:, None], k * pos.cos()[:, None]
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0)
+        return self.o(torch.clamp(h.transpose(1, 2).reshape(b, n, -1), min=self.lo))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_per_head_rms_norm_over_head_dim_prunes_whole_heads(capture):
+    dg, small = check_model(QKNormAttention(), torch.randn(2, 5, 12), capture=capture)
+    assert [g.channels for g in dg.prunable_groups if "q.weight" in str(g)] == [3]  # heads, not head_dim
+    assert not any("unsupported" in r for g in dg.groups for r in g.reasons)
+    assert torch.is_grad_enabled()  # the no_grad block's meta run failed inside export's wrapper
+
+
 class LatentPool(nn.Module):
     """A learned query (a parameter's view) fed to a Linear: timm's attention pooling."""
 
