@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 A = ChannelAnalysis
 aten = torch.ops.aten
 
-__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor"]
+__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor", "reshape_as"]
 
 
 def _ops(*names):
@@ -168,6 +168,22 @@ def select_int(a: A, node: Node):
         a.fix(m, f"{describe(node)} picks a single channel")
         return None
     return ChannelMap(m.axis - (1 if m.axis > dim else 0), m.ids)
+
+
+@op_handler(functions=_ops("reshape_as", "view_as"), macs=False)
+def reshape_as(a: A, node: Node):
+    """``aten.reshape_as(x, other)``: a reshape to the shape the shrunk model reads from ``other``
+    (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``), so the result's channels are ``other``'s."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    out, theirs = T.reshape(a, node), a.map(other)
+    if out is None and theirs is None:
+        return None
+    if isinstance(out, ChannelMap) and isinstance(theirs, ChannelMap) and out.axis == theirs.axis \
+            and out.size == theirs.size:
+        a.union(out.ids, theirs.ids)
+        return out
+    a.fix([a.map(node.args[0]), out, theirs], f"{describe(node)} takes its shape from a tensor with other channels")
+    return None
 
 
 @op_handler(functions=_ops("index_select"), macs=False)

@@ -308,3 +308,31 @@ def test_counts_and_shrink_work_with_grad_mode_off(capture):
         assert cm.counts() == dense
         assert cm.counts(dg.alive(keep)[cm.unit_ids]) == hfp_fx.count(small, x)
     assert torch.is_grad_enabled() and dg.prunable_groups
+
+
+class LinearNormed(nn.Module):
+    """LeViT's ``LinearNorm``: a BatchNorm1d over ``(B*N, C)`` whose result is ``reshape_as(x)``;
+    ``shaped_by_input``: the second reshape takes its shape from the (unpruned) input instead."""
+
+    def __init__(self, shaped_by_input=False):
+        super().__init__()
+        self.shaped_by_input = shaped_by_input
+        self.fc1, self.bn1, self.fc2, self.bn2 = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 6), nn.BatchNorm1d(6)
+        self.fc3, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = torch.relu(self.bn1(h.flatten(0, 1)).reshape_as(h))
+        y = self.fc2(h)
+        y = self.bn2(y.flatten(0, 1)).reshape_as(x if self.shaped_by_input else y)
+        h2 = self.fc3(y)
+        return self.head(h2.flatten(0, 1).reshape_as(h) if self.shaped_by_input else h2)
+
+
+@pytest.mark.parametrize("shaped_by_input", [False, True])
+def test_exported_reshape_as_follows_the_shape_source(shaped_by_input):
+    dg, _ = check_model(LinearNormed(shaped_by_input), torch.randn(2, 5, 6), capture="export")
+    assert any(n.target is torch.ops.aten.reshape_as.default for n in dg.gm.graph.nodes)
+    widths = sorted(g.channels for g in dg.prunable_groups)
+    # fc1/bn1 and fc3 are tied through ``reshape_as(h)``; the 6 channels of the input's width are not prunable
+    assert widths == ([16] if shaped_by_input else [6, 16, 16])
