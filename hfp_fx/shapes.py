@@ -116,6 +116,8 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         reused = self.memo.get(key)
         if reused is not None:
             return reused
+        if self.on_meta and isinstance(n.target, torch._ops.HigherOrderOperator):
+            args = tuple(_MetaGraph(v) if isinstance(v, torch.fx.GraphModule) else v for v in args)
         with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) if counted \
                 else contextlib.nullcontext() as counter:
             result = getattr(self, n.op)(n.target, args, kwargs)
@@ -126,6 +128,20 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
 
 def _to_meta_device(value: Any) -> Any:
     return torch.device("meta") if isinstance(value, torch.device) else value
+
+
+class _MetaGraph(torch.fx.Interpreter):
+    """The body of a higher-order op (``torch.export`` wraps a model's ``with torch.no_grad():``
+    block in ``wrap_with_set_grad_enabled``), run on meta tensors: its device literals name the
+    meta device, as the outer graph's do."""
+
+    def __call__(self, *args):
+        return self.run(*args)
+
+    def run_node(self, n):
+        with self._set_current_node(n):
+            args, kwargs = torch.fx.node.map_aggregate(self.fetch_args_kwargs_from_env(n), _to_meta_device)
+            return getattr(self, n.op)(n.target, args, kwargs)
 
 
 def _op_name(n: torch.fx.Node) -> str:

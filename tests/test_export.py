@@ -279,7 +279,20 @@ def test_per_head_rms_norm_over_head_dim_prunes_whole_heads(capture):
     dg, small = check_model(QKNormAttention(), torch.randn(2, 5, 12), capture=capture)
     assert [g.channels for g in dg.prunable_groups if "q.weight" in str(g)] == [3]  # heads, not head_dim
     assert not any("unsupported" in r for g in dg.groups for r in g.reasons)
-    assert torch.is_grad_enabled()  # the no_grad block's meta run failed inside export's wrapper
+
+
+def test_a_real_run_after_a_meta_failure_in_a_no_grad_block_keeps_grad_mode_and_counts(monkeypatch):
+    """An op without a meta kernel inside the exported ``with torch.no_grad():`` block: torch's
+    ``wrap_with_set_grad_enabled`` does not restore grad mode when its body raises, and the real
+    run that follows dispatches SDPA to the CPU kernel ``FlopCounterMode`` has no formula for."""
+    import hfp_fx.shapes
+
+    def no_meta_kernel(self, n):
+        raise NotImplementedError("no meta kernel")
+
+    monkeypatch.setattr(hfp_fx.shapes._MetaGraph, "run_node", no_meta_kernel)
+    check_model(QKNormAttention(), torch.randn(2, 5, 12), capture="export")  # MACs as the cost model's
+    assert torch.is_grad_enabled()
 
 
 class LatentPool(nn.Module):
