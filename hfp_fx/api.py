@@ -31,8 +31,8 @@ from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.copies import clone_copy, meta_copy, shape_only
-from hfp_fx.shapes import propagate_shapes
+from hfp_fx.copies import clone_copy, meta_copy, shape_only, without_grad
+from hfp_fx.shapes import FLOP_FORMULAS, propagate_shapes
 from hfp_fx.tracing import capture as capture_model, input_names, normalize_inputs
 
 __all__ = ["dependency_graph", "count", "mask", "shrink"]
@@ -123,15 +123,15 @@ def count(model: torch.nn.Module, example_inputs: Any, capture: str = "fx") -> C
         propagate_shapes(traced.graph_module, inputs)
         return Counts(params, int(sum(n.meta.get("macs", 0) for n in traced.graph_module.graph.nodes)))
     try:  # a meta copy: no compute, and the user's model is never run
-        twin = shape_only(meta_copy(model))
-        # grad mode stays on (free on meta tensors): FlopCounterMode's module tracker hooks
-        # autograd and fails under no_grad when a parameter itself is a submodule's input
-        with FlopCounterMode(display=False) as counter:
+        # no parameter of the copy requires gradients (see copies.without_grad): the count runs
+        # the same whether or not the caller turned grad mode off
+        twin = without_grad(shape_only(meta_copy(model)))
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
             call(twin, [torch.empty_like(x, device="meta") for x in inputs])
     except Exception:  # noqa: BLE001 - ops without meta kernels: count a real run of a copy
-        twin = shape_only(clone_copy(model))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call(twin, inputs)
+        twin = without_grad(shape_only(clone_copy(model)))
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+            call(twin, [x.detach() for x in inputs])
     return Counts(params, counter.get_total_flops() // 2)
 
 

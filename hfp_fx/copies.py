@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.fx
 
-__all__ = ["state_copy", "clone_copy", "meta_copy", "graph_twin", "shape_only"]
+__all__ = ["state_copy", "clone_copy", "meta_copy", "graph_twin", "shape_only", "without_grad"]
 
 #: values a module attribute may hold that nothing can write into: shared by the copy
 _IMMUTABLE = frozenset([int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device,
@@ -167,6 +167,20 @@ def shape_only(module: torch.nn.Module) -> torch.nn.Module:
     for m in module.modules():
         if isinstance(m, torch.nn.modules.batchnorm._NormBase):
             m.eval()
+    return module
+
+
+def without_grad(module: torch.nn.Module) -> torch.nn.Module:
+    """Make the parameters of a *copy* not require gradients before a shape/MAC pass.
+
+    A shape/MAC pass computes no gradients; and ``FlopCounterMode``'s module tracker registers
+    backward hooks on the module inputs that require them, which fails ("Expected gradient
+    function to be set") when grad mode is off and a parameter's view is a submodule's input
+    (a latent query ``self.latent.expand(...)`` fed to a Linear).  With no parameter requiring
+    gradients the pass runs the same under ``torch.no_grad()`` as with autograd on.
+    """
+    for p in module.parameters():
+        p.requires_grad_(False)
     return module
 
 

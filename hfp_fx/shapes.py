@@ -26,14 +26,32 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from hfp_fx.copies import graph_twin
+from hfp_fx.copies import graph_twin, without_grad
 from hfp_fx.meta_memo import MetaMemo, call_key
 from hfp_fx.meta_shortcuts import meta_result, tensor_metadata
 from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["propagate_shapes", "ShapePropagationError"]
+__all__ = ["propagate_shapes", "ShapePropagationError", "FLOP_FORMULAS"]
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``softmax(q k^T) v`` (two batched matmuls), as ``torch.utils.flop_counter``
+    counts its CUDA attention kernels; key/value heads may divide the query heads (GQA)."""
+    *batch, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    n = 1
+    for b in batch:
+        n *= b
+    return 2 * n * s_q * s_k * d_q + 2 * n * s_q * s_k * d_v
+
+
+#: formulas ``FlopCounterMode`` lacks: the CPU attention kernel ``scaled_dot_product_attention``
+#: dispatches to on real tensors (on meta tensors it decomposes into counted matmuls), so that
+#: a real forward counts what the meta pass and the cost model count
+FLOP_FORMULAS = {op: _attention_flops for op in
+                 [getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)] if op is not None}
 
 
 class ShapePropagationError(RuntimeError):
@@ -98,7 +116,10 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         reused = self.memo.get(key)
         if reused is not None:
             return reused
-        with FlopCounterMode(display=False) if counted else contextlib.nullcontext() as counter:
+        if self.on_meta and isinstance(n.target, torch._ops.HigherOrderOperator):
+            args = tuple(_MetaGraph(v) if isinstance(v, torch.fx.GraphModule) else v for v in args)
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) if counted \
+                else contextlib.nullcontext() as counter:
             result = getattr(self, n.op)(n.target, args, kwargs)
         macs = counter.get_total_flops() // 2 if counted else 0
         self.memo.put(key, result, macs)
@@ -107,6 +128,20 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
 
 def _to_meta_device(value: Any) -> Any:
     return torch.device("meta") if isinstance(value, torch.device) else value
+
+
+class _MetaGraph(torch.fx.Interpreter):
+    """The body of a higher-order op (``torch.export`` wraps a model's ``with torch.no_grad():``
+    block in ``wrap_with_set_grad_enabled``), run on meta tensors: its device literals name the
+    meta device, as the outer graph's do."""
+
+    def __call__(self, *args):
+        return self.run(*args)
+
+    def run_node(self, n):
+        with self._set_current_node(n):
+            args, kwargs = torch.fx.node.map_aggregate(self.fetch_args_kwargs_from_env(n), _to_meta_device)
+            return getattr(self, n.op)(n.target, args, kwargs)
 
 
 def _op_name(n: torch.fx.Node) -> str:
@@ -125,14 +160,19 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tenso
     """
     meta_inputs = [torch.empty_like(x, device="meta") for x in example_inputs]
     try:
-        # grad mode on: free on meta tensors, and FlopCounterMode's module tracker fails under
-        # no_grad when a parameter is a module's input (see api.count)
-        _ShapeAndFlopProp(graph_twin(gm, "meta"), graph=gm.graph, rules=rules, on_meta=True).run(*meta_inputs)
+        # the twin's parameters require no gradients: FlopCounterMode's module tracker would
+        # otherwise fail under no_grad when a parameter is a module's input (copies.without_grad).
+        # A node that fails inside ``torch.export``'s ``wrap_with_set_grad_enabled`` (a ``with
+        # torch.no_grad():`` block of the model) leaves grad mode as the block set it: restore it
+        with torch.set_grad_enabled(torch.is_grad_enabled()):
+            _ShapeAndFlopProp(without_grad(graph_twin(gm, "meta")), graph=gm.graph, rules=rules,
+                              on_meta=True).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
         try:
             with torch.no_grad():
-                _ShapeAndFlopProp(graph_twin(gm, None), graph=gm.graph, rules=rules).run(*example_inputs)
+                _ShapeAndFlopProp(without_grad(graph_twin(gm, None)), graph=gm.graph, rules=rules).run(
+                    *[x.detach() for x in example_inputs])
         except ShapePropagationError as exc2:
             raise ShapePropagationError(
                 f"running {gm.__class__.__name__} on the example inputs failed at {exc2}. "

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 A = ChannelAnalysis
 aten = torch.ops.aten
 
-__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor"]
+__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor", "reshape_as"]
 
 
 def _ops(*names):
@@ -61,7 +61,9 @@ _register(OpHandler(T.passthrough, macs=False),
           "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
           "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num",
           # in-place forms export keeps from the module code (``nn.Dropout(inplace=True)``)
-          "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_")
+          "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_",
+          # bounds given as tensors (``torch.clamp(x, self.lo, self.hi)``): they broadcast like operands
+          "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clamp_.Tensor")
 # broadcasting element-wise ops
 _register(OpHandler(T.elementwise, macs=False),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
@@ -166,6 +168,22 @@ def select_int(a: A, node: Node):
         a.fix(m, f"{describe(node)} picks a single channel")
         return None
     return ChannelMap(m.axis - (1 if m.axis > dim else 0), m.ids)
+
+
+@op_handler(functions=_ops("reshape_as", "view_as"), macs=False)
+def reshape_as(a: A, node: Node):
+    """``aten.reshape_as(x, other)``: a reshape to the shape the shrunk model reads from ``other``
+    (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``), so the result's channels are ``other``'s."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    out, theirs = T.reshape(a, node), a.map(other)
+    if out is None and theirs is None:
+        return None
+    if isinstance(out, ChannelMap) and isinstance(theirs, ChannelMap) and out.axis == theirs.axis \
+            and out.size == theirs.size:
+        a.union(out.ids, theirs.ids)
+        return out
+    a.fix([a.map(node.args[0]), out, theirs], f"{describe(node)} takes its shape from a tensor with other channels")
+    return None
 
 
 @op_handler(functions=_ops("index_select"), macs=False)

@@ -254,11 +254,18 @@ def _module_param(mod, node: Node, attr: str) -> Optional[str]:
     return _pname(node, attr) if isinstance(getattr(mod, attr, None), torch.Tensor) else None
 
 
+def _normalises_channels(node: Node, edit, m, k: int) -> bool:
+    """Whether the pruned channels of ``m`` lie in the ``k`` normalised (last) dims of ``node``;
+    channels on a dim before them (the heads of a per-head q/k norm over ``head_dim``) leave the
+    norm a per-position op whose sizes do not change."""
+    return edit.changed(m) and m.axis >= len(edit.dense_shape(node)) - k
+
+
 def _rewrite_norm_module(node: Node, edit) -> None:
     m = edit.map_of(node)
-    if not edit.changed(m):
-        return
     mod = edit.module(node)
+    if not _normalises_channels(node, edit, m, len(mod.normalized_shape)):
+        return
     weight = _module_param(mod, node, "weight")
     bias = _module_param(mod, node, "bias")
     if isinstance(mod, torch.nn.LayerNorm):
@@ -293,10 +300,10 @@ def _norm_fn_args(node: Node, rms: bool):
 
 def _rewrite_norm_fn(node: Node, edit) -> None:
     m = edit.map_of(node)
-    if not edit.changed(m):
-        return
     rms = node.target not in LAYER_NORM_FUNCTIONS
-    x, _, weight, bias, eps = _norm_fn_args(node, rms)
+    x, shape, weight, bias, eps = _norm_fn_args(node, rms)
+    if not _normalises_channels(node, edit, m, len(shape) if isinstance(shape, (list, tuple)) else 1):
+        return
     if rms:
         _emit_rms_norm(edit, node, x, weight, eps, m)
     else:

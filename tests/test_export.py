@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hfp_fx
-from helpers import check_model
+from helpers import assert_close, check_model
 from test_transformers import TinyLlama, groups_with
 
 
@@ -242,3 +242,110 @@ def test_functional_group_norm_prunes_whole_groups_or_keeps_the_statistics(group
     for capture in ("fx", "export"):
         dg, small = check_model(GroupNormed(groups), x, capture=capture)
         assert [g.channels for g in dg.prunable_groups] == [groups if groups > 1 else 8]  # units: whole groups
+
+
+class QKNormAttention(nn.Module):
+    """Gemma-4-style attention (timm ``gemma4_vit``): clamps with tensor bounds around the
+    projections, an RMSNorm over ``head_dim`` per head (q/k norm, shared weight), position
+    tables built under ``torch.no_grad()`` with a device literal, and attention through SDPA."""
+
+    def __init__(self, dim=12, heads=3, head_dim=4):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.register_buffer("lo", torch.tensor(-3.0))
+        self.register_buffer("hi", torch.tensor(3.0))
+        self.q, self.k, self.v = (nn.Linear(dim, heads * head_dim) for _ in range(3))
+        self.o = nn.Linear(heads * head_dim, dim)
+        self.q_norm, self.k_norm = nn.Parameter(torch.randn(head_dim)), nn.Parameter(torch.randn(head_dim))
+        self.register_buffer("freq", torch.rand(head_dim))
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        x = torch.clamp(x, self.lo, self.hi)
+        q = self.q(x).view(b, n, self.heads, self.head_dim)
+        k = self.k(x).view(b, n, self.heads, self.head_dim)
+        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        q = F.rms_norm(q, (self.head_dim,), self.q_norm, 1e-6)
+        k = F.rms_norm(k, (self.head_dim,), self.k_norm, 1e-6)
+        with torch.no_grad():
+            pos = torch.arange(n, dtype=torch.float32).to(x.device)[:, None] * self.freq
+        q, k = q * pos.cos()[:, None], k * pos.cos()[:, None]
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0)
+        return self.o(torch.clamp(h.transpose(1, 2).reshape(b, n, -1), min=self.lo))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_per_head_rms_norm_over_head_dim_prunes_whole_heads(capture):
+    dg, small = check_model(QKNormAttention(), torch.randn(2, 5, 12), capture=capture)
+    assert [g.channels for g in dg.prunable_groups if "q.weight" in str(g)] == [3]  # heads, not head_dim
+    assert not any("unsupported" in r for g in dg.groups for r in g.reasons)
+
+
+def test_a_real_run_after_a_meta_failure_in_a_no_grad_block_keeps_grad_mode_and_counts(monkeypatch):
+    """An op without a meta kernel inside the exported ``with torch.no_grad():`` block: torch's
+    ``wrap_with_set_grad_enabled`` does not restore grad mode when its body raises, and the real
+    run that follows dispatches SDPA to the CPU kernel ``FlopCounterMode`` has no formula for."""
+    import hfp_fx.shapes
+
+    def no_meta_kernel(self, n):
+        raise NotImplementedError("no meta kernel")
+
+    monkeypatch.setattr(hfp_fx.shapes._MetaGraph, "run_node", no_meta_kernel)
+    check_model(QKNormAttention(), torch.randn(2, 5, 12), capture="export")  # MACs as the cost model's
+    assert torch.is_grad_enabled()
+
+
+class LatentPool(nn.Module):
+    """A learned query (a parameter's view) fed to a Linear: timm's attention pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent, self.fc1, self.q = nn.Parameter(torch.randn(1, 1, 8)), nn.Linear(8, 16), nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        q = self.q(self.latent.expand(x.shape[0], -1, -1))
+        return self.fc2(torch.relu(self.fc1(x)) * q)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_counts_and_shrink_work_with_grad_mode_off(capture):
+    model, x = LatentPool().eval(), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        dense = hfp_fx.count(model, x, capture=capture)
+        dg = hfp_fx.dependency_graph(model, x, capture=capture)
+        cm = hfp_fx.CostModel(dg)
+        keep = {g.id: list(range(g.channels // 2)) for g in dg.prunable_groups}
+        small = hfp_fx.shrink(dg, keep=keep)
+        assert_close(hfp_fx.mask(dg, keep=keep)(x), small(x))
+        assert cm.counts() == dense
+        assert cm.counts(dg.alive(keep)[cm.unit_ids]) == hfp_fx.count(small, x)
+    assert torch.is_grad_enabled() and dg.prunable_groups
+
+
+class LinearNormed(nn.Module):
+    """LeViT's ``LinearNorm``: a BatchNorm1d over ``(B*N, C)`` whose result is ``reshape_as(x)``;
+    ``shaped_by_input``: the second reshape takes its shape from the (unpruned) input instead."""
+
+    def __init__(self, shaped_by_input=False):
+        super().__init__()
+        self.shaped_by_input = shaped_by_input
+        self.fc1, self.bn1, self.fc2, self.bn2 = nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Linear(16, 6), nn.BatchNorm1d(6)
+        self.fc3, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = torch.relu(self.bn1(h.flatten(0, 1)).reshape_as(h))
+        y = self.fc2(h)
+        y = self.bn2(y.flatten(0, 1)).reshape_as(x if self.shaped_by_input else y)
+        h2 = self.fc3(y)
+        return self.head(h2.flatten(0, 1).reshape_as(h) if self.shaped_by_input else h2)
+
+
+@pytest.mark.parametrize("shaped_by_input", [False, True])
+def test_exported_reshape_as_follows_the_shape_source(shaped_by_input):
+    dg, _ = check_model(LinearNormed(shaped_by_input), torch.randn(2, 5, 6), capture="export")
+    assert any(n.target is torch.ops.aten.reshape_as.default for n in dg.gm.graph.nodes)
+    widths = sorted(g.channels for g in dg.prunable_groups)
+    # fc1/bn1 and fc3 are tied through ``reshape_as(h)``; the 6 channels of the input's width are not prunable
+    assert widths == ([16] if shaped_by_input else [6, 16, 16])
