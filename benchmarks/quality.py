@@ -272,7 +272,8 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
     elif method == "hfp":
         prepared = hfp_fx.prepare(trained(), example, {"macs": args.target}, gates="width",
                                   lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
-                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)))
+                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)),
+                                  rerank_every=args.rerank_every)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         phase.run(prepared, opt, 0, gated, tag + " (gated)", hfp=True, teacher=teacher)
         prepared.eval()
@@ -445,6 +446,8 @@ def parse_args(argv=None):
     p.add_argument("--lambda-init", type=float, default=1e-3)
     p.add_argument("--dual-rate", type=float, default=0.02)
     p.add_argument("--gate-lr", type=float, default=0.17, help="hfp: constant SGD lr of the widths")
+    p.add_argument("--rerank-every", type=int, default=0,
+                   help="hfp: prepare(rerank_every=N), re-rank channels by Taylor importance every N steps")
     p.add_argument("--tp-steps", type=int, default=200, help="Torch-Pruning iterative_steps")
     p.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning pruning_ratio / max_pruning_ratio")
     p.add_argument("--tp-reg", type=float, default=5e-4, help="tp_groupnorm_sparse: GroupNormPruner(reg=...)")

@@ -138,21 +138,56 @@ class WidthGates(GateKind):
     ``rank`` holds each channel's rank within its group (0 = kept longest).  The channels ranked
     below ``round(width * n)`` act as exact zeros; the gradient reaches the width through the
     group's boundary channel (straight-through), see :meth:`position`.
+
+    ``rerank_every=N > 0`` re-ranks each group's channels every ``N`` training steps by their
+    first-order (Taylor) importance: the squared gradient of the task loss with respect to each
+    channel's gate, averaged over steps (:meth:`record_taylor`; for a removed channel, what
+    switching it back on is worth).  The ranking at ``prepare`` (filter magnitude) knows
+    nothing of the data; this one follows what the loss needs.
     """
 
     kind = "width"
     refusal_hint = "it shapes per-channel gates: use it with gates='channel'"
 
-    def __init__(self, index: PrunableIndex, rank: torch.Tensor, *, min_channels: int = 1, **refused: Any):
+    def __init__(self, index: PrunableIndex, rank: torch.Tensor, *, min_channels: int = 1,
+                 rerank_every: int = 0, rerank_decay: float = 0.9, **refused: Any):
         super().__init__(index, refused)
         if rank.shape != (index.num_channels,):
             raise ValueError(f"rank needs one entry per prunable channel ({index.num_channels}), got {tuple(rank.shape)}")
+        if int(rerank_every) < 0 or not 0.0 <= float(rerank_decay) < 1.0:
+            raise ValueError(f"need rerank_every >= 0 and 0 <= rerank_decay < 1, got {rerank_every}, {rerank_decay}")
         self.width = torch.nn.Parameter(torch.ones(index.num_groups))
         # persistent: a reloaded prepared model keeps the ranking its widths were trained with.
         # Integer buffers, so that casting the prepared model (.half()) cannot round them.
         self.register_buffer("rank", rank, persistent=True)
         self.register_buffer("group_size", index.sizes()[self.group_index], persistent=False)
         self.min_channels = int(min_channels)
+        self.rerank_every, self.rerank_decay = int(rerank_every), float(rerank_decay)
+        # float64 whatever the model's dtype: squared gradients span many orders of magnitude
+        self.register_buffer("taylor", torch.zeros(index.num_channels, dtype=torch.float64), persistent=False)
+
+    def record_taylor(self, grad: torch.Tensor) -> None:
+        """Backward hook on the forward pass's gate vector: fold in each channel's d loss / d gate."""
+        with torch.no_grad():
+            self.taylor.mul_(self.rerank_decay).add_(grad.detach().double().pow(2), alpha=1.0 - self.rerank_decay)
+
+    def rerank(self) -> None:
+        """Rank each group's channels by :attr:`taylor` (largest first); ties keep the old order.
+
+        Under ``torch.distributed`` the scores are summed over ranks first, so that every rank
+        keeps the same channels."""
+        with torch.no_grad():
+            scores = self.taylor.clone()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(scores)
+            # sort by (group, score descending, old rank): one stable sort per key, least significant first
+            order = torch.argsort(self.rank, stable=True)
+            order = order[torch.argsort(scores[order], descending=True, stable=True)]
+            order = order[torch.argsort(self.group_index[order], stable=True)]
+            start = torch.as_tensor(self.index.offsets[:-1], device=order.device)[self.group_index[order]]
+            new_rank = torch.empty_like(self.rank)
+            new_rank[order] = torch.arange(order.numel(), device=order.device) - start
+            self.rank.copy_(new_rank)
 
     @property
     def trainable(self) -> torch.nn.Parameter:

@@ -135,7 +135,10 @@ class HFPState(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The gate vector the gated sites read: entry 0 is the constant 1 of fixed channels."""
-        return torch.cat([self.trainable.new_ones(1), self.gates.effective_gates()])
+        gates = self.gates.effective_gates()
+        if getattr(self.gates, "rerank_every", 0) and self.training and gates.requires_grad:
+            gates.register_hook(self.gates.record_taylor)  # the task loss's gradient only
+        return torch.cat([self.trainable.new_ones(1), gates])
 
     # -- the complexity loss ------------------------------------------------------------------
     def keep_values(self, soft: bool = True) -> torch.Tensor:
@@ -185,6 +188,12 @@ class HFPState(torch.nn.Module):
                 moved = torch.where(over, self.lambdas * (1 + self.dual_rate),
                                     (self.lambdas * (1 - self.dual_rate)).clamp(min=self.lambda_init))
                 self.lambdas.copy_(torch.where(targeted, moved, self.lambdas))
+                every = getattr(self.gates, "rerank_every", 0)
+                if every:  # counted on the host: no device sync between re-rankings
+                    self._steps_since_rerank = getattr(self, "_steps_since_rerank", 0) + 1
+                    if self._steps_since_rerank >= every:
+                        self._steps_since_rerank = 0
+                        self.gates.rerank()
         return (total * max(self.num_channels, 1)).to(self.trainable.dtype)
 
 
@@ -211,7 +220,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
             rules: Optional[OpRegistry] = None, capture: str = "fx",
-            uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None) -> torch.fx.GraphModule:
+            uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
+            rerank_every: int = 0) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -226,6 +236,9 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     model's config requires (:func:`hfp_fx.hf.config_fit`; see :func:`hfp_fx.to_pretrained`).
     A ``latency`` target measures a latency model first (:mod:`hfp_fx.latency`, options in
     ``latency_options``); the loss then pushes the predicted latency like params and MACs.
+    ``rerank_every=N`` (widths only): every ``N`` training steps, re-rank each group's channels
+    by their Taylor importance measured during training (:class:`hfp_fx.gates.WidthGates`),
+    so the widths cut the channels the loss needs least, not the smallest filters of ``model``.
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
@@ -241,7 +254,10 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     cost = CostModel(dg, latency=latency)
     index = PrunableIndex.of(dg)
     if gates == "width":
-        kind: GateKind = WidthGates(index, _channel_ranks(dg), min_channels=min_channels, **chosen)
+        kind: GateKind = WidthGates(index, _channel_ranks(dg), min_channels=min_channels,
+                                    rerank_every=rerank_every, **chosen)
+    elif rerank_every:
+        raise ValueError("rerank_every re-ranks the channels of per-group widths: use it with gates='width'")
     else:
         kind = ChannelGates(index, **chosen)
     state = HFPState(cost, index, kind, budget.resolve(cost.counts(), _dense_ms(cost)), min_channels=min_channels,

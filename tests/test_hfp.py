@@ -1,4 +1,5 @@
 """HFP: prepare -> complexity loss -> finalize / prune hit the targets exactly."""
+import copy
 import functools
 import math
 
@@ -459,3 +460,62 @@ def test_width_gradient_flows_through_one_boundary_channel_and_past_the_floor():
         assert torch.allclose(hfp.gates.width.grad.double(), sizes / mean_size), (width, hfp.gates.width.grad)
         if width == 0.01:
             assert all(int(hfp.kept_channels()[hfp.offsets[i]:hfp.offsets[i + 1]].sum()) == 4 for i in range(3))
+
+
+class _SmallButNeeded(torch.nn.Module):
+    """Channel 0 of ``fc1`` has the smallest filter but is the only one ``fc2`` reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+        with torch.no_grad():
+            self.fc1.weight.normal_()
+            self.fc1.weight[0] *= 0.01
+            self.fc1.bias.fill_(0.5)
+            self.fc1.bias[0] = 0.001
+            self.fc2.weight.zero_()
+            self.fc2.weight[0, 0] = 5.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_rerank_moves_the_channel_the_loss_needs_to_the_top_and_finalize_stays_exact():
+    torch.manual_seed(0)
+    model, x = _SmallButNeeded(), torch.randn(16, 4).abs()
+    for every in (0, 2):
+        prepared = hfp_fx.prepare(model, x[:1], {"params": 0.6}, rerank_every=every)
+        gates = prepared.hfp.gates
+        assert int(gates.rank[0]) == 7  # magnitude ranks it last
+        opt = torch.optim.SGD(hfp_fx.gate_parameters(prepared), lr=0.0)  # the ranking alone decides
+        for _ in range(4):
+            loss = prepared(x).mean() + 0 * hfp_fx.complexity_loss(prepared)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert int(gates.rank[0]) == (7 if every == 0 else 0)
+        assert sorted(gates.rank.tolist()) == list(range(8))
+        prepared.eval()
+        small = hfp_fx.finalize(prepared)  # 60% of the params: four of fc1's eight channels
+        reference = copy.deepcopy(prepared)
+        apply_plan(reference, small.meta["hfp"].keep)  # asserts the kept channels are the top-ranked
+        with torch.no_grad():
+            assert_close(small(x), reference(x))
+        assert (0 in small.meta["hfp"].keep.get("g0", [0])) == (every > 0)
+
+
+def test_rerank_records_the_task_gradient_only_and_breaks_ties_by_the_old_rank():
+    model, x = _SmallButNeeded(), torch.randn(4, 4)
+    prepared = hfp_fx.prepare(model, x[:1], {"params": 0.5}, rerank_every=1)
+    gates = prepared.hfp.gates
+    before = gates.rank.clone()
+    hfp_fx.complexity_loss(prepared).backward()  # the cost term alone: nothing recorded, nothing moves
+    assert float(gates.taylor.abs().sum()) == 0.0 and torch.equal(gates.rank, before)
+    with torch.no_grad():
+        gates.taylor.zero_()
+        gates.taylor[3] = 1.0
+    gates.rerank()
+    expected = [0 if c == 3 else int(r) + (int(r) < int(before[3])) for c, r in enumerate(before)]
+    assert gates.rank.tolist() == expected
+    with pytest.raises(ValueError, match="gates='width'"):
+        hfp_fx.prepare(model, x[:1], {"params": 0.5}, gates="channel", rerank_every=5)
