@@ -60,3 +60,21 @@ def test_merge_joins_parts_and_refuses_a_row_twice(quick, tmp_path):
     pb.write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="options differ"):
         quality.merge([pa, pb])
+
+
+def test_distillation_flag_trains_against_the_dense_teacher(tmp_path, monkeypatch):
+    quality = load()
+    seen = []
+    real = quality.F.kl_div
+
+    def kl_div(*args, **kwargs):
+        seen.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality.F, "kl_div", kl_div)
+    out = tmp_path / "kd.json"
+    result = quality.main(["--quick", "--synthetic", "--no-cache", "--threads", "1", "--methods", "l1",
+                           "--distill", "--out", str(out)])
+    (row,) = result["rows"]
+    assert row["method"] == "l1" and row["distill"] and row["macs_ratio"] <= 0.4 + 1e-9
+    assert len(seen) == 16  # one distillation term per fine-tuning step of l1 (the dense model trains without)
