@@ -114,7 +114,8 @@ def cmd_prune(args) -> int:
     model, x = _load(args)
     target = _target(args)
     small = hfp_fx.prune(model, x, target, importance=args.importance, round_to=args.round_to,
-                         min_channels=args.min_channels, exclude=args.exclude or (), capture=args.capture)
+                         min_channels=args.min_channels, exclude=args.exclude or (), capture=args.capture,
+                         uniform_blocks=args.uniform_blocks)
     report = small.meta["hfp"]
     print(_allocation_table(small, args.show))
     got = hfp_fx.count(small, x)
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     targets(p)
     p.add_argument("--importance", default="l1", choices=["l1", "l2", "uniform"])
     p.add_argument("--min-channels", type=int, default=1)
+    p.add_argument("--uniform-blocks", action="store_true",
+                   help="one width per kind of layer across repeated blocks (prune(uniform_blocks=True))")
     p.add_argument("--exclude", nargs="*", help="module names never pruned")
     p.add_argument("--out", help="write the pruned model here (hfp_fx.save format)")
     p.add_argument("--plot", help="write a per-group kept-width bar chart (PNG; needs matplotlib)")

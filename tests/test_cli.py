@@ -137,3 +137,19 @@ def test_prune_to_a_latency_target_prints_predicted_and_measured(tmp_path, monke
     assert list((tmp_path / "cache" / "latency").glob("*.json"))
     assert main(["prune", "torchvision:resnet18", *SMALL, "--latency", "3"]) != 0
     assert "latency" in capsys.readouterr().err
+
+
+def test_prune_uniform_blocks_keeps_one_width_per_kind_of_layer(tmp_path, capsys):
+    out_file = tmp_path / "r18.pt"
+    args = ["prune", "torchvision:resnet18", *SMALL, "--macs", "50%", "--out", str(out_file)]
+    widths = {}
+    for flag in ((), ("--uniform-blocks",)):
+        assert main([*args, *flag]) == 0
+        capsys.readouterr()
+        report = hfp_fx.load(out_file).meta["hfp"]
+        widths[flag] = {g.name: g.kept for g in report.groups.values()}
+    uniform = widths[("--uniform-blocks",)]
+    # layer1.0.conv1 and layer1.1.conv1 are the same layer of two blocks of one stage
+    assert uniform["layer1.0.conv1"] == uniform["layer1.1.conv1"]
+    assert uniform["layer4.0.conv1"] == uniform["layer4.1.conv1"]
+    assert widths[()] != uniform  # without the flag the allocation differs
