@@ -61,7 +61,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -531,16 +530,24 @@ def parse_args(argv=None):
 MERGE_MAY_DIFFER = {"runs", "out", "threads", "log_every", "merge", "device", "data_dir", "dense_checkpoint"}
 
 
-def merge_results(paths: Sequence[Path]) -> dict:
-    """One result holding the runs of ``paths``, which must share every outcome-changing option."""
+def load_mergeable(paths: Sequence[Path], may_differ: set) -> List[dict]:
+    """The result files ``paths``, refused unless their ``config`` agree outside ``may_differ``."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
         differ = sorted(k for k in set(first["config"]) | set(part["config"])
-                        if k not in MERGE_MAY_DIFFER and first["config"].get(k) != part["config"].get(k))
+                        if k not in may_differ and first["config"].get(k) != part["config"].get(k))
         if differ:
             raise SystemExit(f"error: cannot merge {path} into {paths[0]}: options differ: "
                              + ", ".join(f"{k}={part['config'].get(k)!r} vs {first['config'].get(k)!r}" for k in differ))
+    return parts
+
+
+def merge_results(paths: Sequence[Path]) -> dict:
+    """One result holding the runs of ``paths``, which must share every outcome-changing option."""
+    parts = load_mergeable(paths, MERGE_MAY_DIFFER)
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
         twice = sorted(set(first["runs"]) & set(part["runs"]))
         if twice:
             raise SystemExit(f"error: runs {twice} appear in more than one file")

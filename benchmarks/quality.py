@@ -410,13 +410,9 @@ MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "
 
 
 def merge(paths: Sequence[Path]) -> dict:
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    """One result holding the rows of ``paths`` (methods or seeds split over processes)."""
+    parts = fm.load_mergeable(paths, MERGE_MAY_DIFFER)
     first = parts[0]
-    for path, part in zip(paths[1:], parts[1:]):
-        differ = sorted(k for k in set(first["config"]) | set(part["config"])
-                        if k not in MERGE_MAY_DIFFER and first["config"].get(k) != part["config"].get(k))
-        if differ:
-            raise SystemExit(f"error: cannot merge {path}: options differ: {differ}")
     seen = set()
     for part in parts:
         for r in part["rows"]:
