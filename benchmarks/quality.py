@@ -33,7 +33,7 @@ row per method and seed (threads and device recorded per row) and ``quality.png`
 MACs).  The dense model of a seed is cached under ``~/.cache/hfp_fx/quality`` (``$HFP_FX_CACHE``)
 so that processes splitting the methods share it (a file lock makes the second one wait).
 
-    python benchmarks/quality.py                            # 7 methods x 3 seeds (see docs/benchmarks.md)
+    python benchmarks/quality.py                            # 7 methods x 3 seeds; the docs used --seeds 0 1 2 3 4
     python benchmarks/quality.py --methods hfp l1 --seeds 0 --out /tmp/a.json
     python benchmarks/quality.py --merge /tmp/a.json /tmp/b.json   # one table from split runs
     python benchmarks/quality.py --quick                    # minutes: a small net, 2k images, E=F=1
