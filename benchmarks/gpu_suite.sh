@@ -47,10 +47,11 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
 }
 
 if [ "$QUICK" = 1 ]; then
-  LAT_MODELS="resnet18"; LAT_BATCH="1"; LAT_TIME=0.05; OVER_STEPS=3; Q_ARGS="--quick"
+  LAT_MODELS="resnet18"; LAT_BATCH="1"; LAT_TIME=0.05; Q_ARGS="--quick"
+  OVER_ARGS="--models resnet18 --size 64 --steps 3 --warmup 1"
 else
-  LAT_MODELS="resnet50 mobilenet_v2 vit_b_16"; LAT_BATCH="1 64"; LAT_TIME=0.3; OVER_STEPS=20
-  Q_ARGS="--seeds 0 1 2"
+  LAT_MODELS="resnet50 mobilenet_v2 vit_b_16"; LAT_BATCH="1 64"; LAT_TIME=0.3; Q_ARGS="--seeds 0 1 2"
+  OVER_ARGS="--models resnet50 mobilenet_v2 --steps 20"
 fi
 
 step tests 40 $PY -m pytest -q -m cuda tests/test_device.py --junitxml="$OUT/tests.xml"
@@ -63,10 +64,9 @@ for mode in eager compiled; do
     --round-to 1 --models $LAT_MODELS --batch $LAT_BATCH --rounds 3 --min-run-time $LAT_TIME $extra \
     --out "$OUT/latency_${DTYPE}_$mode.json"
 done
-step overhead 30 $PY benchmarks/overhead.py --devices $DEV --batch 64 --steps $OVER_STEPS --models resnet50 mobilenet_v2 \
-  --out "$OUT/overhead_b64.json"
+step overhead 45 $PY benchmarks/overhead.py --devices $DEV --batch 64 $OVER_ARGS --out "$OUT/overhead_b64.json"
 # Fashion-MNIST: $FASHION_MNIST_DIR (the IDX files) where the machine cannot install the Debian package
-step quality 150 $PY benchmarks/quality.py --device $DEV --threads 4 $Q_ARGS ${FASHION_MNIST_DIR:+--data-dir "$FASHION_MNIST_DIR"} \
+step quality 135 $PY benchmarks/quality.py --device $DEV --threads 4 $Q_ARGS ${FASHION_MNIST_DIR:+--data-dir "$FASHION_MNIST_DIR"} \
   --out "$OUT/quality.json"
 
 {
