@@ -85,6 +85,7 @@ class HFPState(torch.nn.Module):
         self.min_channels, self.round_to = int(min_channels), int(round_to)
         self.lambda_init, self.dual_rate, self.warmup_steps = float(lambda_init), float(dual_rate), int(warmup_steps)
         self.ramp_steps = int(ramp_steps)
+        self._steps_since_rerank = 0  # training steps since the width gates last re-ranked
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # state dicts saved before the gate kinds were submodules hold their tensors flat
@@ -190,7 +191,7 @@ class HFPState(torch.nn.Module):
                 self.lambdas.copy_(torch.where(targeted, moved, self.lambdas))
                 every = getattr(self.gates, "rerank_every", 0)
                 if every:  # counted on the host: no device sync between re-rankings
-                    self._steps_since_rerank = getattr(self, "_steps_since_rerank", 0) + 1
+                    self._steps_since_rerank += 1
                     if self._steps_since_rerank >= every:
                         self._steps_since_rerank = 0
                         self.gates.rerank()

@@ -1,6 +1,7 @@
 """Shared checks: shrink equals mask, the cost model predicts the shrunk model, nothing mutated."""
-import copy
+import importlib.util
 import io
+from pathlib import Path
 
 import torch
 
@@ -137,3 +138,11 @@ def train_then_finalize(prepared, x, loss_of, steps, lr=0.02):
         assert_close(prepared(x), small(x))
     return small
 
+
+
+def load_script(path: Path, name: str):
+    """Import the script at ``path`` (a benchmark or an example, not a package module) as ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

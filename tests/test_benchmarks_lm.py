@@ -1,5 +1,4 @@
 """benchmarks/lm_brown.py: the corpus reader, and the whole --quick run offline (synthetic text)."""
-import importlib.util
 import io
 import json
 import os
@@ -9,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 pytest.importorskip("transformers")
 
@@ -16,10 +16,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "lm_brown.py"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("lm_brown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "lm_brown")
 
 
 def test_brown_reader_strips_tags_and_splits_by_document(tmp_path):

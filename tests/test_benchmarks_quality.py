@@ -1,9 +1,9 @@
 """benchmarks/quality.py: the whole --quick protocol offline (synthetic data), and its merge."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 pytest.importorskip("torch_pruning")
 
@@ -11,10 +11,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "quality")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Every script under examples/ runs with tiny settings and does what its docstring says."""
-import importlib.util
 import logging
 from pathlib import Path
 
@@ -7,15 +6,13 @@ import pytest
 import torch
 
 import hfp_fx
+from helpers import load_script
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 def test_every_example_is_covered():
