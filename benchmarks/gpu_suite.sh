@@ -50,7 +50,7 @@ if [ "$QUICK" = 1 ]; then
   LAT_MODELS="resnet18"; LAT_BATCH="1"; LAT_TIME=0.05; Q_ARGS="--quick"
   OVER_ARGS="--models resnet18 --size 64 --steps 3 --warmup 1"
 else
-  LAT_MODELS="resnet50 mobilenet_v2 vit_b_16"; LAT_BATCH="1 64"; LAT_TIME=0.3; Q_ARGS="--seeds 0 1 2"
+  LAT_MODELS="resnet50 mobilenet_v2 vit_b_16"; LAT_BATCH="1 64"; LAT_TIME=0.1; Q_ARGS="--seeds 0 1 2"
   OVER_ARGS="--models resnet50 mobilenet_v2 --steps 20"
 fi
 
@@ -61,7 +61,7 @@ for mode in eager compiled; do
   extra=""; limit=60
   if [ "$mode" = compiled ]; then extra="--compile"; limit=150; fi
   step "latency_$mode" $limit $PY benchmarks/latency.py --device $DEV --dtype $DTYPE --kinds macs --targets 0.5 \
-    --round-to 1 --models $LAT_MODELS --batch $LAT_BATCH --rounds 3 --min-run-time $LAT_TIME $extra \
+    --round-to 1 --models $LAT_MODELS --batch $LAT_BATCH --rounds 20 --min-run-time $LAT_TIME $extra \
     --out "$OUT/latency_${DTYPE}_$mode.json"
 done
 step overhead 45 $PY benchmarks/overhead.py --devices $DEV --batch 64 $OVER_ARGS --out "$OUT/overhead_b64.json"

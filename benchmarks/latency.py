@@ -3,9 +3,9 @@
 For each model and target (``--kinds macs latency``: a MACs fraction, or a fraction of the dense
 model's measured latency, which ``hfp_fx`` meets with its measured latency model), prune
 one-shot (L1 saliency, exact global projection) and time
-dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up), alternately for
-``--rounds`` rounds so that the machine's drift hits both alike: latency is the median (± IQR)
-over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the
+dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up) in ``--rounds``
+pairs of short alternating blocks, so that the machine's drift hits both alike: latency is the
+median (± IQR) over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the
 measured speed-up and the *latency efficiency* = speed-up / (dense MACs / pruned MACs): 1.0
 means the pruned model is exactly as much faster as it is smaller.  ``--round-to 1 8 16`` shows
 what hardware-friendly widths do.
@@ -32,11 +32,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.utils.benchmark as benchmark
 import torchvision
 
 import hfp_fx
-from hfp_fx.latency import LatencyOptions
+from hfp_fx.latency import LatencyOptions, paired_times
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny",
@@ -52,29 +51,17 @@ def progress(iterable, total, desc):
         return iterable
 
 
-def _timer(model, x, device: str) -> benchmark.Timer:
-    with torch.inference_mode():
-        for _ in range(3):  # warm-up (oneDNN primitive caches, compile)
-            model(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
-
-
-def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: float, device: str) -> dict:
-    """Dense and pruned timed alternately, ``rounds`` times each: drift of the machine's speed (other
-    load, frequency) hits both alike, and the speed-up is the median of the per-round ratios."""
-    timers = {"dense": _timer(dense, dense_x, device), "pruned": _timer(pruned, pruned_x, device)}
-    times = {"dense": [], "pruned": []}
-    with torch.inference_mode():
-        for _ in range(rounds):
-            for name, timer in timers.items():
-                times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
+def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: float) -> dict:
+    """Dense and pruned timed in ``rounds`` pairs of short alternating blocks
+    (:func:`hfp_fx.latency.paired_times`): drift of the machine's speed hits both alike, and
+    the speed-up is the median of the per-round ratios."""
+    dense_t, pruned_t = paired_times(dense, pruned, (dense_x,), (pruned_x,), rounds=rounds, block=min_run_time)
     out = {}
-    for name, ts in times.items():
+    for name, ts in (("dense", dense_t), ("pruned", pruned_t)):
+        ts = [t * 1e3 for t in ts]
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        out[f"{name}_ms"], out[f"{name}_iqr_ms"], out[f"{name}_rounds_ms"] = statistics.median(ts), q[2] - q[0], ts
-    out["speedup"] = statistics.median(d / p for d, p in zip(times["dense"], times["pruned"]))
+        out[f"{name}_ms"], out[f"{name}_iqr_ms"] = statistics.median(ts), q[2] - q[0]
+    out["speedup"] = statistics.median(d / p for d, p in zip(dense_t, pruned_t))
     return out
 
 
@@ -83,7 +70,7 @@ def measured_row(model, small, report, x, prune_s: float, args, base: dict) -> d
     ratios and, for a latency target, what the library predicted and measured."""
     dm, dx = prepare_for_timing(model, x, args.channels_last, args.compile, args.device, args.dtype)
     sm, sx = prepare_for_timing(small, x, args.channels_last, args.compile, args.device, args.dtype)
-    timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time, args.device)
+    timing = paired_measure(dm, dx, sm, sx, args.rounds, args.min_run_time)
     dense_c, small_c = hfp_fx.count(model, x[:1]), hfp_fx.count(small, x[:1])
     row = {**base, "macs_ratio": small_c.macs / dense_c.macs, "params_ratio": small_c.params / dense_c.params,
            **timing, "latency_ratio": 1 / timing["speedup"],
@@ -149,8 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", nargs="*", type=int, default=[1, 32])
     ap.add_argument("--round-to", nargs="*", type=int, default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timed runs per measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating dense/pruned measurements per row")
+    ap.add_argument("--min-run-time", type=float, default=0.05, help="seconds of timed runs per block")
+    ap.add_argument("--rounds", type=int, default=30, help="pairs of alternating dense/pruned blocks per row")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true", help="time torch.compile'd models")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +149,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.targets, args.batch, args.round_to, args.min_run_time = \
-            ["resnet18", "mobilenet_v2"], [0.5], [1], [1, 8], 0.2
+            ["resnet18", "mobilenet_v2"], [0.5], [1], [1, 8], 0.02
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []

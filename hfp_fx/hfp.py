@@ -251,7 +251,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
                                     cost_power=cost_power, relative_gates=relative_gates).items()
               if v != _PER_CHANNEL_DEFAULTS[k]}
     dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
-    latency = build_latency_model(dg, latency_options) if budget.latency is not None else None
+    latency = build_latency_model(dg, latency_options, round_to=round_to) if budget.latency is not None else None
     cost = CostModel(dg, latency=latency)
     index = PrunableIndex.of(dg)
     if gates == "width":
@@ -556,7 +556,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
         latency = None
         if budget.latency is not None:
             with stage("latency model"):
-                latency = build_latency_model(dg, latency_options)
+                latency = build_latency_model(dg, latency_options, round_to=round_to)
         with stage("budget projection"):
             cm = CostModel(dg, latency=latency)
             resolved = budget.resolve(cm.counts(), _dense_ms(cm))

@@ -11,8 +11,8 @@ its channel axes::
     t_n = a_n + b_n * f              # one channel axis: batch norm, activations, depthwise, add
 
 ``a_n, b_n >= 0`` are fitted by least squares to the node's times in the dense model and in
-``variants`` shrunk copies whose groups keep random fractions (a grid of eighths), so each node
-is measured at several (f_in, f_out) points of its own.  Nodes are timed one by one (a
+``variants`` shrunk copies whose widths are spread from 1/16 of dense to 7/8, each group jittered
+around its copy's level, so each node is measured at several (f_in, f_out) points of its own.  Nodes are timed one by one (a
 :class:`NodeTimer` interpreter repeats each node), which misses what the forward costs between
 nodes, so the sum is calibrated against whole-model timings of the same models (each variant
 timed in alternating rounds with the dense model, as a ratio, so drift cancels):
@@ -57,10 +57,12 @@ from hfp_fx.passes.channel_analysis import iter_maps
 from hfp_fx.progress import stages
 
 __all__ = ["LatencyOptions", "LatencyTerms", "LatencyReport", "NodeTimer", "build_latency_model",
-           "measure_latency", "device_key"]
+           "measure_latency", "paired_times", "device_key"]
 
-#: kept fractions the variants draw from, per group
-GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+#: the narrowest variant's width level (kept fraction); the others are spread from it to dense
+LOWEST = 1 / 16
+#: per-group factors around a variant's level, so each node is timed at (f_in, f_out) pairs of its own
+JITTER = (0.75, 1.0, 1.25)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,8 @@ class LatencyOptions:
 
     ``variants``: shrunk copies timed besides the dense model (more: a better fit, a slower
     build). ``node_time``: seconds of repeated runs per node timing. ``min_run_time``: seconds
-    per whole-model timing (``torch.utils.benchmark``). ``rounds``: alternating dense/pruned
-    timings when the result is measured. ``corrections``: how often ``prune``/``finalize`` may
+    per block of whole-model runs (``torch.utils.benchmark``). ``rounds``: pairs of alternating
+    dense/pruned blocks per measured ratio (:func:`paired_times`). ``corrections``: how often ``prune``/``finalize`` may
     tighten the plan when the measured latency misses the target (0: measure and report only).
     ``tolerance``: how far over the budget a measured ratio may be (relative); ``slack``: how far
     under it before the plan is loosened again (relative). ``cache_dir``:
@@ -79,8 +81,8 @@ class LatencyOptions:
 
     variants: int = 8
     node_time: float = 2e-3
-    min_run_time: float = 0.3
-    rounds: int = 5
+    min_run_time: float = 0.05
+    rounds: int = 30
     corrections: int = 2
     tolerance: float = 0.0
     slack: float = 0.05
@@ -219,14 +221,39 @@ def _model_seconds(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], min_run_
         return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def paired_times(a: Callable[..., Any], b: Callable[..., Any], inputs_a: Sequence[Any],
+                 inputs_b: Optional[Sequence[Any]] = None, rounds: int = 30,
+                 block: float = 0.05) -> Tuple[List[float], List[float]]:
+    """Seconds per call of ``a(*inputs_a)`` and ``b(*inputs_b)``, timed in ``rounds`` pairs of
+    back-to-back blocks of about ``block`` seconds each, the order flipping every round.
+
+    Short alternating blocks are what make a ratio trustworthy on a shared machine: its speed
+    drifts by tens of percent within a minute, and a pair of blocks 0.1 s apart sees the same
+    speed.  On a 2-core VM, 40 pairs of 30 ms blocks gave a MobileNetV2 ratio within +-1.5%
+    over four repeats, where 5 pairs of 0.3 s blocks spread over +-10%.
+    """
+    inputs_b = inputs_a if inputs_b is None else inputs_b
+    timers = []
+    with torch.inference_mode():
+        for fn, xs in ((a, inputs_a), (b, inputs_b)):
+            for _ in range(2):  # warm-up: oneDNN primitive caches, allocator, compiled code
+                fn(*xs)
+            timer = benchmark.Timer(stmt="fn(*xs)", globals={"fn": fn, "xs": xs}, num_threads=torch.get_num_threads())
+            once = timer.timeit(1).mean
+            timers.append((timer, max(1, round(block / max(once, 1e-9)))))
+        times: Tuple[List[float], List[float]] = ([], [])
+        for r in range(max(1, rounds)):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                timer, number = timers[i]
+                times[i].append(timer.timeit(number).mean)
+    return times
+
+
 def measure_latency(dense: torch.nn.Module, small: torch.nn.Module, inputs: Sequence[torch.Tensor],
-                    rounds: int = 5, min_run_time: float = 0.3) -> Tuple[float, float, float]:
-    """``(dense_ms, small_ms, ratio)``: both timed alternately ``rounds`` times (machine drift
-    hits both alike); the ratio is the median of the per-round ``small / dense`` ratios."""
-    dense_t, small_t = [], []
-    for _ in range(max(1, rounds)):
-        dense_t.append(_model_seconds(dense, inputs, min_run_time))
-        small_t.append(_model_seconds(small, inputs, min_run_time))
+                    rounds: int = 30, min_run_time: float = 0.05) -> Tuple[float, float, float]:
+    """``(dense_ms, small_ms, ratio)`` from :func:`paired_times` (``min_run_time``: seconds per
+    block); the ratio is the median of the per-round ``small / dense`` ratios."""
+    dense_t, small_t = paired_times(dense, small, inputs, rounds=rounds, block=min_run_time)
     ratio = statistics.median(s / d for s, d in zip(small_t, dense_t))
     return statistics.median(dense_t) * 1e3, statistics.median(small_t) * 1e3, ratio
 
@@ -302,38 +329,78 @@ def _fraction(alive: torch.Tensor, ids: torch.Tensor) -> float:
     return float(alive[ids].double().mean())
 
 
-def _fit_line(xs: Sequence[float], ts: Sequence[float]) -> Tuple[float, float]:
-    """Least-squares ``t = a + b x`` with ``a, b >= 0``."""
-    n = len(xs)
-    mx, mt = sum(xs) / n, sum(ts) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx if sxx > 0 else 0.0
-    if b <= 0:
-        return mt, 0.0
-    a = mt - b * mx
-    if a < 0:
-        return 0.0, sum(x * t for x, t in zip(xs, ts)) / max(sum(x * x for x in xs), 1e-30)
-    return a, b
+def _features(fs: Sequence[float]) -> Tuple[float, ...]:
+    """A node's regressors: ``(1, f)`` for one channel axis, ``(1, f_in, f_out, f_in*f_out)`` for two.
+
+    The single-axis terms carry what scales with one side only (reading the input, writing the
+    output, per-channel work); the product carries the arithmetic.  At batch 1 on a CPU the
+    memory terms dominate many layers, and a product-only fit made latency fall with the square
+    of a uniform width where it falls about linearly.
+    """
+    if len(fs) == 1:
+        return (1.0, fs[0])
+    return (1.0, fs[0], fs[1], fs[0] * fs[1])
 
 
-def _variant_keeps(dg, count: int, seed: int) -> List[Dict[str, List[int]]]:
+def _fit_nonnegative(xs: Sequence[Sequence[float]], ts: Sequence[float]) -> Tuple[float, ...]:
+    """Least squares ``t ~ sum_j c_j x_j`` with every ``c_j >= 0``.
+
+    Exhaustive over the active sets (at most four regressors): each subset's unconstrained fit is
+    kept if it is non-negative, and the feasible one with the smallest residual wins.
+    """
+    X = torch.tensor(xs, dtype=torch.float64)
+    t = torch.tensor(ts, dtype=torch.float64).unsqueeze(1)
+    k = X.shape[1]
+    best, best_err = (0.0,) * k, float((t ** 2).sum())
+    for mask in range(1, 1 << k):
+        cols = [j for j in range(k) if mask >> j & 1]
+        sol = torch.linalg.lstsq(X[:, cols], t, driver="gelsd").solution.squeeze(1)
+        if bool((sol < 0).any()):
+            continue
+        err = float(((X[:, cols] @ sol.unsqueeze(1) - t) ** 2).sum())
+        if err < best_err * (1 - 1e-12):
+            coef = [0.0] * k
+            for j, c in zip(cols, sol.tolist()):
+                coef[j] = c
+            best, best_err = tuple(coef), err
+    return best
+
+
+def _variant_keeps(dg, count: int, seed: int, round_to: int = 1) -> List[Dict[str, List[int]]]:
+    """``count`` keeps whose overall widths are spread from 1/16 to 7/8 of dense, each group
+    jittered around its variant's level.
+
+    The spread is what pins down the calibration's offset: variants that all sit near the same
+    average width (every group drawing from one grid) leave the fitted constant free, and then a
+    per-op overhead fitted at ~60% width was extrapolated to a floor far above the real one
+    (MobileNetV2 at two threads: predicted 67% of dense with one channel per group, measured 39%).
+    Widths are multiples of ``round_to``, as the plans will be: at two CPU threads a width one
+    short of a multiple of 8 ran 17% slower (MobileNetV2 at half width), so timing widths the
+    planner cannot choose would bias every node's fit.
+    """
     rng = random.Random(seed)
     keeps = []
-    for _ in range(count):
+    for k in range(count):
+        level = LOWEST + (1.0 - LOWEST) * k / count
         keep = {}
         for g in dg.prunable_groups:
-            n = max(1, round(g.channels * rng.choice(GRID)))
+            f = min(1.0, level * rng.choice(JITTER))
+            step = round_to if g.channels >= round_to else g.channels
+            n = min(g.channels, max(step, round(g.channels * f / step) * step))
             if n < g.channels:
                 keep[g.id] = list(range(n))
         keeps.append(keep)
+    rng.shuffle(keeps)  # no order effect between narrow and wide variants in the timings
     return keeps
 
 
 def build_latency_model(dg, options: Optional[LatencyOptions] = None,
-                        shrink: Optional[Callable[[torch.Tensor], torch.nn.Module]] = None) -> LatencyTerms:
+                        shrink: Optional[Callable[[torch.Tensor], torch.nn.Module]] = None,
+                        round_to: int = 1) -> LatencyTerms:
     """Measure ``dg``'s model and fit a :class:`LatencyTerms` (see the module doc).
 
     ``shrink(alive)`` builds a pruned copy (default: :func:`hfp_fx.passes.shrink.shrink_model`).
+    ``round_to``: the plans' width step; the variants are timed at such widths.
     """
     from hfp_fx.passes.shrink import shrink_model
 
@@ -349,8 +416,8 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     axes = _timed_nodes(dg, prunable)
     path = _cache_path(options, device)
     cache = _load_cache(path)
-    keeps = [{}] + _variant_keeps(dg, options.variants, options.seed)
-    samples: Dict[str, List[Tuple[float, float]]] = {a.name: [] for a in axes}
+    keeps = [{}] + _variant_keeps(dg, options.variants, options.seed, round_to)
+    node_times: List[Dict[str, float]] = []  # per model: node name -> seconds
     whole: List[float] = []
     fractions: List[Dict[str, float]] = []
     measured = 0
@@ -367,19 +434,17 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
                 measured += timer.measured
                 xs = {}
                 for a in axes:
-                    fs = [_fraction(alive, r) for r in a.rows]
-                    xs[a.name] = math.prod(fs)
-                    if a.name in timer.times:
-                        samples[a.name].append((xs[a.name], timer.times[a.name]))
+                    xs[a.name] = _features([_fraction(alive, r) for r in a.rows])
                 fractions.append(xs)
+                node_times.append({a.name: timer.times[a.name] for a in axes if a.name in timer.times})
                 # whole-model timings: the dense model alone, every variant as a ratio to it from
                 # alternating rounds (a machine's speed drifts by tens of percent in a minute)
-                key = _model_signature(gm, inputs) + ("|ratio" if keep else "")
+                key = _model_signature(gm, inputs) + ("|paired ratio" if keep else "")
                 if key not in cache:
                     if keep:
-                        cache[key] = measure_latency(dense_gm, gm, inputs, 3, options.min_run_time)[2]
+                        cache[key] = measure_latency(dense_gm, gm, inputs, options.rounds, options.min_run_time)[2]
                     else:
-                        cache[key] = _model_seconds(gm, inputs, options.min_run_time)
+                        cache[key] = _model_seconds(gm, inputs, options.rounds * options.min_run_time)
                     measured += 1
                 whole.append(cache[key] * whole[0] if keep else cache[key])
                 if keep:
@@ -388,16 +453,28 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
                     dense_gm = gm
     if measured:
         _save_cache(path, cache, device_key(device))
-    fits = {a.name: _fit_line(*zip(*samples[a.name])) if samples[a.name] else (0.0, 0.0) for a in axes}
-    predicted = [sum(fits[n][0] + fits[n][1] * x for n, x in xs.items()) for xs in fractions]
+    samples: Dict[str, List[Tuple[Tuple[float, ...], float]]] = {a.name: [] for a in axes}
+    for xs, times, total in zip(fractions, node_times, whole):
+        # Node timings are not paired: each model's nodes are timed over some seconds, at that
+        # moment's machine speed, or read from the cache of another day.  The paired whole-model
+        # ratio is what is trusted; a model's node times keep their proportions but are rescaled
+        # so that their sum stands to the dense model's sum as the measured ratio says.
+        level = (total / whole[0]) * sum(node_times[0].values()) / max(sum(times.values()), 1e-12)
+        for name, t in times.items():
+            samples[name].append((xs[name], t * level))
+    fits = {a.name: _fit_nonnegative(*zip(*samples[a.name])) if samples[a.name] else (0.0,) for a in axes}
+    predicted = [sum(sum(c * x for c, x in zip(fits[n], feats)) for n, feats in xs.items()) for xs in fractions]
     scale, offset = _calibrate(predicted, whole)
     terms = []
     for a in axes:
-        _, b = fits[a.name]
-        if b > 0:
-            sizes = math.prod(r.numel() for r in a.rows)
-            terms.append((scale * b * 1e3 / sizes, a.rows))
-    const = (scale * sum(a for a, _ in fits.values()) + offset) * 1e3
+        if len(a.rows) == 1:
+            factors = [(a.rows[0],)]
+        else:
+            factors = [(a.rows[0],), (a.rows[1],), a.rows]
+        for c, rows in zip(fits[a.name][1:], factors):
+            if c > 0:  # f = kept / size, so the term is c / size * kept
+                terms.append((scale * c * 1e3 / math.prod(r.numel() for r in rows), rows))
+    const = (scale * sum(f[0] for f in fits.values()) + offset) * 1e3
     errors = [abs((scale * p + offset) / w - 1) for p, w in zip(predicted, whole)]
     fit = {"scale": scale, "offset_ms": offset * 1e3, "nodes": len(axes), "models": len(keeps),
            "timings": measured, "max_fit_error": max(errors), "median_fit_error": statistics.median(errors)}
