@@ -21,7 +21,11 @@ and gets the same extra budget of ``F`` epochs (``--finetune-epochs``; one cosin
                            CIFAR ResNet-56 recipe, weight decay off while regularising) for ``H``
                            epochs, then pruned in steps to MACs <= t and fine-tuned ``F - H`` epochs;
 * ``uniform``              every width scaled by one factor (MACs <= t), trained from scratch for
-                           ``E + F`` epochs: the control.
+                           ``E + F`` epochs: the control;
+* ``hfp_latency``          (not run by default) ``hfp`` with a latency target instead of MACs: the
+                           latency the same seed's ``hfp`` model measured (``--latency``, batch 1,
+                           paired against the dense model), so the two compare at equal measured
+                           latency: does spending the budget where latency is cheap buy accuracy?
 
 Torch-Pruning's pruners run by its own API with its own settings (global pruning, at most 90% of a
 layer, ``iterative_steps`` small steps); they stop at the first step where MACs <= t, so they may
@@ -38,6 +42,12 @@ so that processes splitting the methods share it (a file lock makes the second o
     python benchmarks/quality.py --merge /tmp/a.json /tmp/b.json   # one table from split runs
     python benchmarks/quality.py --quick                    # minutes: a small net, 2k images, E=F=1
     python benchmarks/quality.py --quick --synthetic        # offline (no dataset), what the test runs
+    python benchmarks/quality.py --methods hfp hfp_latency --latency --threads 2 \
+        --out benchmarks/results/quality_latency.json       # HFP-MACs vs HFP-latency at equal latency
+
+``--latency`` adds each final model's latency at batch 1 to its row, as a ratio to the dense model
+(``hfp_fx.latency.measure_latency``: ``--latency-rounds`` pairs of short alternating blocks, on
+``--device`` with ``--threads`` threads); only measure on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -67,9 +77,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fashion_mnist as fm  # noqa: E402
 
 import hfp_fx  # noqa: E402
+from hfp_fx.latency import LatencyOptions, measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform")
+METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "hfp_latency")
+#: run when --methods is not given; hfp_latency is its own question (see the module doc)
+DEFAULT_METHODS = METHODS[:-1]
 TP_METHODS = ("tp_magnitude", "tp_taylor", "tp_groupnorm_sparse")
 NUM_CLASSES = 10
 
@@ -248,8 +261,9 @@ def make_tp_pruner(model: nn.Module, example: torch.Tensor, method: str, args):
 
 
 def run_method(method: str, seed: int, dense: dict, data, args, example: torch.Tensor,
-               dense_counts: hfp_fx.Counts) -> dict:
-    """Train ``method`` from the trained dense model of ``seed``; return its result row."""
+               dense_counts: hfp_fx.Counts, previous: Sequence[dict] = ()) -> dict:
+    """Train ``method`` from the trained dense model of ``seed``; return its result row
+    (``previous``: the rows so far, where ``hfp_latency`` finds its target)."""
     per_epoch = steps_per_epoch(data, args)
     total = args.finetune_epochs * per_epoch
     gated = min(total, int(round(args.hfp_epochs * per_epoch)))
@@ -279,6 +293,26 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
         prepared.eval()
         extra["acc_gated"] = evaluate(prepared, data)
         model = hfp_fx.finalize(prepared)
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
+    elif method == "hfp_latency":
+        goal = next((r.get("latency_ratio") for r in previous if r["method"] == "hfp" and r["seed"] == seed), None)
+        if goal is None:
+            raise SystemExit("error: hfp_latency targets the latency the same seed's hfp model measured: "
+                             "run --methods hfp hfp_latency --latency")
+        goal = extra["latency_target"] = min(goal, 1.0)  # a tiny net's pruned copy may time as slow as dense
+        options = LatencyOptions(variants=3 if args.quick else 8, rounds=args.latency_rounds)
+        prepared = hfp_fx.prepare(trained(), example, {"latency": goal}, gates="width",
+                                  lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
+                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)), latency_options=options)
+        opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
+        phase.run(prepared, opt, 0, gated, tag + " (gated)", hfp=True, teacher=teacher)
+        prepared.eval()
+        extra["acc_gated"] = evaluate(prepared, data)
+        model = hfp_fx.finalize(prepared)
+        report = model.meta["hfp"].latency
+        extra.update(library_latency_ratio=report.measured_ratio, predicted_latency_ratio=report.predicted_ms / report.dense_ms,
+                     latency_corrections=report.corrections)
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
     elif method == "l1":
@@ -311,6 +345,10 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     counts = hfp_fx.count(copy.deepcopy(model).eval(), example)
+    if args.latency or method == "hfp_latency":
+        # both in eval mode at batch 1, the deployment the latency target describes
+        _, _, extra["latency_ratio"] = measure_latency(trained().eval(), copy.deepcopy(model).eval(), (example,),
+                                                       rounds=args.latency_rounds)
     row = {"method": method, "seed": seed, "acc": evaluate(model, data),
            "macs_ratio": counts.macs / dense_counts.macs, "params_ratio": counts.params / dense_counts.params,
            "epochs": args.epochs + args.finetune_epochs, "dense_acc": dense["accuracy"],
@@ -330,13 +368,26 @@ def summarize(rows: List[dict], target: float) -> dict:
         if not accs:
             continue
         macs = [r["macs_ratio"] for r in rows if r["method"] == method]
-        per[method] = {"n": len(accs), "acc_mean": statistics.mean(accs),
+        latency = [r["latency_ratio"] for r in rows if r["method"] == method and "latency_ratio" in r]
+        per[method] = {"latency_mean": statistics.mean(latency)} if latency else {}
+        per[method].update({"n": len(accs), "acc_mean": statistics.mean(accs),
                        "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                        "macs_mean": statistics.mean(macs), "macs_max": max(macs),
-                       "params_mean": statistics.mean(r["params_ratio"] for r in rows if r["method"] == method)}
+                       "params_mean": statistics.mean(r["params_ratio"] for r in rows if r["method"] == method)})
     summary = {"methods": per,
                "hfp_fx_rows_over_budget": [f"{r['method']} seed {r['seed']}" for r in rows
                                            if r["method"] in ("hfp", "l1") and r["macs_ratio"] > target + 1e-9]}
+    pairs = [(r, next(h for h in rows if h["method"] == "hfp" and h["seed"] == r["seed"]))
+             for r in rows if r["method"] == "hfp_latency"]
+    if pairs:  # the same seed's hfp row set the latency target
+        diffs = [r["acc"] - h["acc"] for r, h in pairs]
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        summary["hfp_latency_vs_hfp"] = {
+            "acc_margin_pt": statistics.mean(diffs), "per_seed_pt": diffs, "std_pt": std,
+            "macs_kept_x": statistics.mean(r["macs_ratio"] / h["macs_ratio"] for r, h in pairs),
+            "latency_x": statistics.mean(r["latency_ratio"] / h["latency_ratio"] for r, h in pairs),
+            "verdict": ("at least as accurate" if statistics.mean(diffs) >= 0 else
+                        "less accurate, inside the per-seed spread" if statistics.mean(diffs) >= -std else "less accurate")}
     tps = [m for m in TP_METHODS if m in per]
     if "hfp" in per and tps:
         best = max(tps, key=lambda m: per[m]["acc_mean"])
@@ -351,11 +402,17 @@ def summarize(rows: List[dict], target: float) -> dict:
 
 def markdown(result: dict) -> str:
     per = result["summary"]["methods"]
-    lines = ["| method | test acc (%) mean +- std | seeds | MACs ratio (mean, max) | params ratio |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| method | test acc (%) mean +- std | seeds | MACs ratio (mean, max) | params ratio | latency ratio (b1) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for method, s in per.items():
+        latency = f"{s['latency_mean']:.3f}" if "latency_mean" in s else ""
         lines.append(f"| {method} | {s['acc_mean']:.2f} +- {s['acc_std']:.2f} | {s['n']} | "
-                     f"{s['macs_mean']:.3f}, {s['macs_max']:.3f} | {s['params_mean']:.3f} |")
+                     f"{s['macs_mean']:.3f}, {s['macs_max']:.3f} | {s['params_mean']:.3f} | {latency} |")
+    lat = result["summary"].get("hfp_latency_vs_hfp")
+    if lat:
+        lines.append(f"\nhfp_latency vs hfp at the latency hfp measured: {lat['acc_margin_pt']:+.2f} pt "
+                     f"(per seed {', '.join(f'{d:+.2f}' for d in lat['per_seed_pt'])}), {lat['macs_kept_x']:.2f}x the MACs, "
+                     f"{lat['latency_x']:.3f}x the measured latency: {lat['verdict']}")
     cmp = result["summary"].get("hfp_vs_best_tp")
     if cmp:
         lines.append(f"\nhfp vs the best Torch-Pruning method ({cmp['best_tp']}): {cmp['margin_pt']:+.2f} pt, "
@@ -373,7 +430,8 @@ def plot(result: dict, path: Path) -> None:
     # than accuracy vs MACs; each label carries the method's mean MACs ratio
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     colors = {"dense": "k", "hfp": "tab:red", "l1": "tab:blue", "tp_magnitude": "tab:purple",
-              "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green"}
+              "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green",
+              "hfp_latency": "tab:orange"}
     methods = list(result["summary"]["methods"].items())
     for i, (method, s) in enumerate(methods):
         rows = [r for r in result["rows"] if r["method"] == method]
@@ -430,7 +488,7 @@ def merge(paths: Sequence[Path]) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--target", type=float, default=0.4, help="MACs fraction every pruned method must reach")
     p.add_argument("--epochs", type=int, default=3, help="E: epochs of the dense model")
@@ -461,6 +519,8 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", action="store_true", help="random class templates instead of Fashion-MNIST")
     p.add_argument("--no-cache", action="store_true", help="train the dense models again, save nothing")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency", action="store_true", help="measure every final model's batch-1 latency vs dense")
+    p.add_argument("--latency-rounds", type=int, default=60, help="pairs of alternating timing blocks per ratio")
     p.add_argument("--device", default="cpu", help="training device, e.g. cuda")
     p.add_argument("--data-dir", type=Path, default=fm.DATA_DIR)
     p.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes next to it)")
@@ -471,7 +531,12 @@ def parse_args(argv=None):
         a.widths, a.blocks, a.epochs, a.finetune_epochs = [8, 16, 32], [1, 1, 1], 1, 1
         a.hfp_epochs, a.ramp_epochs, a.tp_steps = 0.5, 0.25, 100
         a.train_subset = a.train_subset or 2000
+        a.latency_rounds = min(a.latency_rounds, 10)
         a.seeds = a.seeds if argv and "--seeds" in argv else [0]
+    if "hfp_latency" in a.methods:
+        if "hfp" not in a.methods or a.methods.index("hfp") > a.methods.index("hfp_latency"):
+            p.error("hfp_latency targets the latency of the same seed's hfp model: list hfp before it")
+        a.latency = True
     if not 0 < a.hfp_epochs <= a.finetune_epochs:
         p.error("need 0 < --hfp-epochs <= --finetune-epochs")
     if a.out is None:
@@ -510,7 +575,7 @@ def main(argv=None) -> dict:
     for seed in a.seeds:
         dense = trained_dense(data, a, seed) if any(m != "uniform" for m in a.methods) else {"accuracy": None}
         for method in a.methods:
-            result["rows"].append(run_method(method, seed, dense, data, a, example, dense_counts))
+            result["rows"].append(run_method(method, seed, dense, data, a, example, dense_counts, result["rows"]))
             result["cpu_seconds"] = round(time.process_time() - t_start, 1)
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.with_suffix(".partial.json").write_text(json.dumps(result, indent=1))

@@ -233,19 +233,28 @@ def paired_times(a: Callable[..., Any], b: Callable[..., Any], inputs_a: Sequenc
     over four repeats, where 5 pairs of 0.3 s blocks spread over +-10%.
     """
     inputs_b = inputs_a if inputs_b is None else inputs_b
-    timers = []
+    device = next((t.device for t in (*inputs_a, *inputs_b) if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+    def seconds(fn, xs, number: int) -> float:
+        # plain perf_counter blocks: torch.utils.benchmark's timeit() runs two warm-up calls
+        # before every block, which tripled the cost of one-call blocks of a large model
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(number):
+            fn(*xs)
+        _sync(device)
+        return (time.perf_counter() - start) / number
+
+    calls = []
     with torch.inference_mode():
         for fn, xs in ((a, inputs_a), (b, inputs_b)):
             for _ in range(2):  # warm-up: oneDNN primitive caches, allocator, compiled code
                 fn(*xs)
-            timer = benchmark.Timer(stmt="fn(*xs)", globals={"fn": fn, "xs": xs}, num_threads=torch.get_num_threads())
-            once = timer.timeit(1).mean
-            timers.append((timer, max(1, round(block / max(once, 1e-9)))))
+            calls.append((fn, xs, max(1, round(block / max(seconds(fn, xs, 1), 1e-9)))))
         times: Tuple[List[float], List[float]] = ([], [])
         for r in range(max(1, rounds)):
             for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                timer, number = timers[i]
-                times[i].append(timer.timeit(number).mean)
+                times[i].append(seconds(*calls[i]))
     return times
 
 

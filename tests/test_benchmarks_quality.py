@@ -75,3 +75,19 @@ def test_distillation_flag_trains_against_the_dense_teacher(tmp_path, monkeypatc
     (row,) = result["rows"]
     assert row["method"] == "l1" and row["distill"] and row["macs_ratio"] <= 0.4 + 1e-9
     assert len(seen) == 16  # one distillation term per fine-tuning step of l1 (the dense model trains without)
+
+
+def test_hfp_latency_targets_the_latency_that_hfp_measured(tmp_path):
+    quality = load()
+    out = tmp_path / "latency.json"
+    result = quality.main(["--quick", "--synthetic", "--no-cache", "--threads", "1", "--methods", "hfp", "hfp_latency",
+                           "--out", str(out)])
+    hfp, lat = result["rows"]
+    assert (hfp["method"], lat["method"]) == ("hfp", "hfp_latency")
+    assert 0 < hfp["latency_ratio"] < 1.5 and lat["latency_target"] == min(1.0, hfp["latency_ratio"])
+    assert lat["library_latency_ratio"] > 0 and lat["predicted_latency_ratio"] > 0 and "latency_ratio" in lat
+    summary = result["summary"]["hfp_latency_vs_hfp"]
+    assert summary["per_seed_pt"] == [lat["acc"] - hfp["acc"]]
+    assert "hfp_latency vs hfp" in quality.markdown(result)
+    with pytest.raises(SystemExit):  # its target comes from hfp's row, so hfp must run first
+        quality.parse_args(["--methods", "hfp_latency", "hfp"])
