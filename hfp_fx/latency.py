@@ -7,15 +7,17 @@ and dtype, in eval mode under ``torch.inference_mode`` (the latency users deploy
 Every op node that reads or writes prunable channels gets a term in the kept fractions ``f`` of
 its channel axes::
 
-    t_n = a_n + b_n * f_in * f_out   # input and output channels differ: a conv, a linear
-    t_n = a_n + b_n * f              # one channel axis: batch norm, activations, depthwise, add
+    t_n = a_n + b_n * f_in + c_n * f_out + d_n * f_in * f_out   # two axes: a conv, a linear
+    t_n = a_n + b_n * f                                         # one axis: batch norm, depthwise, add
 
-``a_n, b_n >= 0`` are fitted by least squares to the node's times in the dense model and in
-``variants`` shrunk copies whose widths are spread from 1/16 of dense to 7/8, each group jittered
-around its copy's level, so each node is measured at several (f_in, f_out) points of its own.  Nodes are timed one by one (a
-:class:`NodeTimer` interpreter repeats each node), which misses what the forward costs between
-nodes, so the sum is calibrated against whole-model timings of the same models (each variant
-timed in alternating rounds with the dense model, as a ratio, so drift cancels):
+with non-negative coefficients, fitted by least squares to the node's times in the dense model
+and in ``variants`` shrunk copies whose widths are spread from 1/16 of dense to 7/8, each group
+jittered around its copy's level and rounded to the plan's ``round_to``, so each node is measured
+at several (f_in, f_out) points of its own.  Nodes are timed one by one (a :class:`NodeTimer`
+interpreter repeats each node), which misses what the forward costs between nodes and drifts
+with the machine's speed, so each copy is also timed whole against the dense model
+(:func:`paired_times`: short alternating blocks, so drift cancels), its node times are rescaled
+to that measured ratio, and the sum is calibrated on the whole-model times:
 ``T = s * sum_n t_n + c``.  Because ``f = kept / size`` is linear in the keep vector, the model
 has the cost model's shape (products of at most two kept counts, :class:`LatencyTerms`), is
 exact to evaluate for 0/1 keeps and differentiable for soft ones.
