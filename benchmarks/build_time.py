@@ -28,7 +28,7 @@ import torchvision
 
 import hfp_fx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: benchmarks/transformers.py must not shadow the package
 from vs_torch_pruning import build, err_text, input_size, progress, warmup_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -73,7 +73,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: benchmarks/transformers.py must not shadow the package
 import fashion_mnist as fm  # noqa: E402
 
 import hfp_fx  # noqa: E402
