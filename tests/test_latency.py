@@ -224,3 +224,35 @@ def test_a_latency_pruned_model_saves_and_loads_with_its_target(tmp_path):
     again = hfp_fx.load(tmp_path / "small.pt", small_cnn, x)
     assert again.meta["hfp"].target.latency == pytest.approx(small.meta["hfp"].target.latency)
     assert_close(again(x), small(x))
+
+
+def test_variants_spread_from_narrow_to_wide_at_the_plans_width_step():
+    dg = hfp_fx.dependency_graph(torchvision.models.resnet18(), torch.randn(1, 3, 32, 32))
+    keeps = latency_mod._variant_keeps(dg, 8, seed=0, round_to=8)
+    sizes = {g.id: g.channels for g in dg.prunable_groups}
+    fractions = []
+    for keep in keeps:
+        for gid, kept in keep.items():
+            assert kept == list(range(len(kept))) and len(kept) % 8 == 0, (gid, len(kept))
+        fractions.append(sum(len(keep.get(g, range(n))) for g, n in sizes.items()) / sum(sizes.values()))
+    # one copy near the floor, one near dense: the calibration's constant is pinned from both ends
+    assert min(fractions) < 0.2 and max(fractions) > 0.8
+
+
+def test_node_fit_is_nonnegative_and_recovers_a_separable_time():
+    points = [(fi, fo) for fi in (0.25, 0.5, 0.75, 1.0) for fo in (0.125, 0.5, 1.0)]
+    xs = [latency_mod._features(p) for p in points]
+    exact = [1.0 + 2.0 * fi + 0.0 * fo + 3.0 * fi * fo for fi, fo in points]
+    assert latency_mod._fit_nonnegative(xs, exact) == pytest.approx((1.0, 2.0, 0.0, 3.0), abs=1e-9)
+    # time that falls as channels are added has no non-negative description but a constant
+    falling = [2.0 - fi for fi, _ in points]
+    coef = latency_mod._fit_nonnegative(xs, falling)
+    assert all(c >= 0 for c in coef) and coef[0] == pytest.approx(sum(falling) / len(falling))
+
+
+def test_paired_times_alternate_the_order_every_round():
+    calls = []
+    times = latency_mod.paired_times(lambda: calls.append("a"), lambda: calls.append("b"), (), rounds=4, block=0.0)
+    assert [len(t) for t in times] == [4, 4]
+    timed = calls[6:]  # two warm-up calls and one sizing call per function come first
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
