@@ -3,7 +3,7 @@
 For each model and target (``--kinds macs latency``: a MACs fraction, or a fraction of the dense
 model's measured latency, which ``hfp_fx`` meets with its measured latency model), prune
 one-shot (L1 saliency, exact global projection) and time
-dense and pruned models with ``torch.utils.benchmark`` (fixed threads, warm-up) in ``--rounds``
+dense and pruned models (fixed threads, warm-up; ``hfp_fx.latency.paired_times``) in ``--rounds``
 pairs of short alternating blocks, so that the machine's drift hits both alike: latency is the
 median (± IQR) over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the
 measured speed-up and the *latency efficiency* = speed-up / (dense MACs / pruned MACs): 1.0

@@ -73,8 +73,8 @@ class LatencyOptions:
 
     ``variants``: shrunk copies timed besides the dense model (more: a better fit, a slower
     build). ``node_time``: seconds of repeated runs per node timing. ``min_run_time``: seconds
-    per block of whole-model runs (``torch.utils.benchmark``). ``rounds``: pairs of alternating
-    dense/pruned blocks per measured ratio (:func:`paired_times`). ``corrections``: how often ``prune``/``finalize`` may
+    per block of whole-model runs. ``rounds``: pairs of alternating dense/pruned blocks per
+    measured ratio (:func:`paired_times`). ``corrections``: how often ``prune``/``finalize`` may
     tighten the plan when the measured latency misses the target (0: measure and report only).
     ``tolerance``: how far over the budget a measured ratio may be (relative); ``slack``: how far
     under it before the plan is loosened again (relative). ``cache_dir``:
@@ -231,8 +231,8 @@ def paired_times(a: Callable[..., Any], b: Callable[..., Any], inputs_a: Sequenc
 
     Short alternating blocks are what make a ratio trustworthy on a shared machine: its speed
     drifts by tens of percent within a minute, and a pair of blocks 0.1 s apart sees the same
-    speed.  On a 2-core VM, 40 pairs of 30 ms blocks gave a MobileNetV2 ratio within +-1.5%
-    over four repeats, where 5 pairs of 0.3 s blocks spread over +-10%.
+    speed.  On a 2-core VM, four repeats of one MobileNetV2 ratio spread over 0.773-0.799 with
+    40 pairs of 30 ms blocks, and over 0.74-0.83 (five repeats) with 5 pairs of 0.3 s blocks.
     """
     inputs_b = inputs_a if inputs_b is None else inputs_b
     device = next((t.device for t in (*inputs_a, *inputs_b) if isinstance(t, torch.Tensor)), torch.device("cpu"))
@@ -430,7 +430,7 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     keeps = [{}] + _variant_keeps(dg, options.variants, options.seed, round_to)
     node_times: List[Dict[str, float]] = []  # per model: node name -> seconds
     whole: List[float] = []
-    fractions: List[Dict[str, float]] = []
+    fractions: List[Dict[str, Tuple[float, ...]]] = []  # per model: node name -> regressors
     measured = 0
     dense_gm = None
     with stages("latency model", [f"model {i}/{len(keeps)}" for i in range(1, len(keeps) + 1)]) as stage:
