@@ -60,7 +60,7 @@ def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: 
     for name, ts in (("dense", dense_t), ("pruned", pruned_t)):
         ts = [t * 1e3 for t in ts]
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
-        out[f"{name}_ms"], out[f"{name}_iqr_ms"] = statistics.median(ts), q[2] - q[0]
+        out[f"{name}_ms"], out[f"{name}_iqr_ms"], out[f"{name}_rounds_ms"] = statistics.median(ts), q[2] - q[0], ts
     out["speedup"] = statistics.median(d / p for d, p in zip(dense_t, pruned_t))
     return out
 

@@ -283,36 +283,30 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
     if method == "dense":
         model = trained()
         phase.run(model, phase.optimizer(model), 0, total, tag, teacher=teacher)
-    elif method == "hfp":
-        prepared = hfp_fx.prepare(trained(), example, {"macs": args.target}, gates="width",
+    elif method in ("hfp", "hfp_latency"):
+        if method == "hfp":
+            budget, options = {"macs": args.target}, {"rerank_every": args.rerank_every}
+        else:
+            goal = next((r.get("latency_ratio") for r in previous if r["method"] == "hfp" and r["seed"] == seed), None)
+            if goal is None:
+                raise SystemExit("error: hfp_latency targets the latency the same seed's hfp model measured: "
+                                 "run --methods hfp hfp_latency --latency")
+            goal = extra["latency_target"] = min(goal, 1.0)  # a tiny net's pruned copy may time as slow as dense
+            budget = {"latency": goal}
+            options = {"latency_options": LatencyOptions(variants=3 if args.quick else 8, rounds=args.latency_rounds)}
+        prepared = hfp_fx.prepare(trained(), example, budget, gates="width",
                                   lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
-                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)),
-                                  rerank_every=args.rerank_every)
-        opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
-        phase.run(prepared, opt, 0, gated, tag + " (gated)", hfp=True, teacher=teacher)
-        prepared.eval()
-        extra["acc_gated"] = evaluate(prepared, data)
-        model = hfp_fx.finalize(prepared)
-        extra["acc_after_prune"] = evaluate(model, data)
-        phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
-    elif method == "hfp_latency":
-        goal = next((r.get("latency_ratio") for r in previous if r["method"] == "hfp" and r["seed"] == seed), None)
-        if goal is None:
-            raise SystemExit("error: hfp_latency targets the latency the same seed's hfp model measured: "
-                             "run --methods hfp hfp_latency --latency")
-        goal = extra["latency_target"] = min(goal, 1.0)  # a tiny net's pruned copy may time as slow as dense
-        options = LatencyOptions(variants=3 if args.quick else 8, rounds=args.latency_rounds)
-        prepared = hfp_fx.prepare(trained(), example, {"latency": goal}, gates="width",
-                                  lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
-                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)), latency_options=options)
+                                  ramp_steps=int(round(args.ramp_epochs * per_epoch)), **options)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
         phase.run(prepared, opt, 0, gated, tag + " (gated)", hfp=True, teacher=teacher)
         prepared.eval()
         extra["acc_gated"] = evaluate(prepared, data)
         model = hfp_fx.finalize(prepared)
         report = model.meta["hfp"].latency
-        extra.update(library_latency_ratio=report.measured_ratio, predicted_latency_ratio=report.predicted_ms / report.dense_ms,
-                     latency_corrections=report.corrections)
+        if report is not None:  # a latency target: what the library predicted and measured
+            extra.update(library_latency_ratio=report.measured_ratio,
+                         predicted_latency_ratio=report.predicted_ms / report.dense_ms,
+                         latency_corrections=report.corrections)
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
     elif method == "l1":
@@ -381,13 +375,13 @@ def summarize(rows: List[dict], target: float) -> dict:
              for r in rows if r["method"] == "hfp_latency"]
     if pairs:  # the same seed's hfp row set the latency target
         diffs = [r["acc"] - h["acc"] for r, h in pairs]
-        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        margin, std = statistics.mean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
         summary["hfp_latency_vs_hfp"] = {
-            "acc_margin_pt": statistics.mean(diffs), "per_seed_pt": diffs, "std_pt": std,
+            "acc_margin_pt": margin, "per_seed_pt": diffs, "std_pt": std,
             "macs_kept_x": statistics.mean(r["macs_ratio"] / h["macs_ratio"] for r, h in pairs),
             "latency_x": statistics.mean(r["latency_ratio"] / h["latency_ratio"] for r, h in pairs),
-            "verdict": ("at least as accurate" if statistics.mean(diffs) >= 0 else
-                        "less accurate, inside the per-seed spread" if statistics.mean(diffs) >= -std else "less accurate")}
+            "verdict": ("at least as accurate" if margin >= 0 else
+                        "less accurate, inside the per-seed spread" if margin >= -std else "less accurate")}
     tps = [m for m in TP_METHODS if m in per]
     if "hfp" in per and tps:
         best = max(tps, key=lambda m: per[m]["acc_mean"])
