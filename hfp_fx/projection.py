@@ -24,17 +24,23 @@ final, and step 3 runs again for the others to use the freed budget.
 """
 from __future__ import annotations
 
+import fnmatch
 import heapq
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.target import ResolvedTarget
 
-__all__ = ["Plan", "project", "check_feasible", "metrics_of", "InfeasibleTargetError", "uniform_block_classes", "Fit"]
+__all__ = ["Plan", "project", "check_feasible", "metrics_of", "InfeasibleTargetError", "uniform_block_classes", "Fit",
+           "min_kept_of", "MaxPrune"]
+
+#: the most of a group that may be removed: one fraction for every group, or per pattern
+#: ``{pattern: fraction}`` (see :func:`min_kept_of`)
+MaxPrune = Union[None, float, Mapping[str, float]]
 
 #: ``fit(kept, allowed) -> {group id: count}``: ``kept`` maps every prunable group id to its
 #: planned count, ``allowed(gid, n)`` says whether ``n`` respects the group's ``min_channels`` /
@@ -80,10 +86,47 @@ class _Group:
         return new, float(self.sal[self.n:new].mean())
 
 
-def _lower_limit(size: int, min_channels: int, round_to: int) -> Tuple[int, int]:
+def min_kept_of(groups: Sequence, max_prune: MaxPrune) -> Dict[str, int]:
+    """Per group id, the fewest channels ``max_prune`` lets the plan keep (groups not limited: absent).
+
+    ``max_prune`` is the largest fraction of a group that may be removed: a float for every
+    group, or ``{pattern: fraction}`` where a pattern names a group by its id (``"g0"``) or
+    matches (``fnmatch``) its name, the first module that owns one of its channels
+    (``"model.embed_tokens"`` for a Llama's residual stream, ``"*.mlp.*"`` for its MLPs; see
+    ``dependency_graph(...).summary()``).  A group several patterns match takes the strictest.  This is the per-axis
+    cap of LLM pruners (at most 40% of the residual stream, say), so that neither a learned nor a
+    one-shot allocation can strip one kind of layer.
+
+        >>> from types import SimpleNamespace as NS
+        >>> gs = [NS(id="g0", name="embed", channels=10, members=[]),
+        ...       NS(id="g1", name="layers.0.mlp.up", channels=8, members=[])]
+        >>> min_kept_of(gs, {"embed": 0.4, "*.mlp.*": 0.5})
+        {'g0': 6, 'g1': 4}
+    """
+    if max_prune is None:
+        return {}
+    patterns = {"*": max_prune} if isinstance(max_prune, (int, float)) else dict(max_prune)
+    out: Dict[str, int] = {}
+    for pattern, fraction in patterns.items():
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"max_prune[{pattern!r}] = {fraction!r} must be a fraction in [0, 1] of the group "
+                             "that may be removed")
+        matched = [g for g in groups if pattern == g.id or fnmatch.fnmatchcase(g.name, pattern)]
+        if not matched:
+            names = ", ".join(f"{g.id} ({g.name})" for g in groups[:12])
+            raise ValueError(f"max_prune pattern {pattern!r} matches no prunable group; patterns match a group's "
+                             f"id or name, e.g. {names}")
+        for g in matched:
+            # removing at most fraction * n channels keeps at least n - floor(fraction * n)
+            lo = g.channels - int(fraction * g.channels + 1e-9)
+            out[g.id] = max(out.get(g.id, 0), lo)
+    return out
+
+
+def _lower_limit(size: int, min_channels: int, round_to: int, min_kept: int = 0) -> Tuple[int, int]:
     """(smallest allowed kept count, block size) for a group of ``size`` channels."""
     step = round_to if size >= round_to else size
-    lo = min(size, max(min_channels, step))
+    lo = min(size, max(min_channels, step, min_kept))
     if lo != size:
         lo = min(size, -(-lo // step) * step)
     return lo, step
@@ -105,11 +148,14 @@ def metrics_of(cm: CostModel, keep: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_channels: int = 1,
-                   round_to: int = 1) -> Counts:
-    """Raise :class:`InfeasibleTargetError` unless the target is reachable; return the smallest counts."""
+                   round_to: int = 1, min_kept: Optional[Mapping[str, int]] = None) -> Counts:
+    """Raise :class:`InfeasibleTargetError` unless the target is reachable; return the smallest counts.
+
+    ``min_kept``: per group id, the fewest channels it may keep (:func:`min_kept_of`)."""
     keep = torch.ones(cm.num_units, dtype=torch.float64)
+    min_kept = min_kept or {}
     for g in groups:
-        lo, _ = _lower_limit(g.channels, min_channels, round_to)
+        lo, _ = _lower_limit(g.channels, min_channels, round_to, min_kept.get(g.id, 0))
         cols = cm.columns(g.units)
         keep[cols[lo:]] = 0.0
     floor = {k: float(v) for k, v in metrics_of(cm, keep).items()}
@@ -120,7 +166,8 @@ def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_
             shown = f"{value:.3f} ms" if name == "latency" else f"{round(value):,} {name}"
             raise InfeasibleTargetError(
                 f"target {name}={t:,} is not reachable: with every prunable group at its minimum "
-                f"(min_channels={min_channels}, round_to={round_to}) the model still has {shown} "
+                f"(min_channels={min_channels}, round_to={round_to}"
+                f"{', max_prune' if min_kept else ''}) the model still has {shown} "
                 f"({100 * value / max(dense[name], 1e-12):.1f}% of dense); fixed groups "
                 "and excluded modules set that floor")
     return Counts(int(round(floor["params"])), int(round(floor["macs"])))
@@ -143,7 +190,8 @@ def _allowed(n: int, lo: int, step: int, size: int) -> int:
 
 def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor], target: ResolvedTarget,
             initial: Optional[Mapping[str, int]] = None, min_channels: int = 1, round_to: int = 1,
-            cost_power: float = 1.0, tied: Sequence[Sequence[str]] = (), fit: Optional[Fit] = None) -> Plan:
+            cost_power: float = 1.0, tied: Sequence[Sequence[str]] = (), fit: Optional[Fit] = None,
+            min_kept: Optional[Mapping[str, int]] = None) -> Plan:
     """Choose kept channels per group so every targeted count is <= its target (see module doc).
 
     Blocks are ranked by ``saliency / marginal_cost ** cost_power``: 1 trades importance against
@@ -151,16 +199,18 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
     model only the job of meeting the budget (one-shot magnitude pruning, where cost-ranking
     would strip the most expensive layers down to one channel).  ``tied``: classes of group ids
     that keep one count (:func:`uniform_block_classes`).  ``fit``: a :data:`Fit`, applied after
-    the add-back step (module doc).
+    the add-back step (module doc).  ``min_kept``: per group id, the fewest channels it keeps
+    (:func:`min_kept_of`).
     """
     if min_channels < 1 or round_to < 1:
         raise ValueError("min_channels and round_to must be >= 1")
     dense = cm.counts()
+    min_kept = min_kept or {}
     state: List[_Group] = []
     for g in groups:
         sal = saliency[g.id].detach().double().reshape(-1)
         order = torch.argsort(-sal, stable=True)
-        lo, step = _lower_limit(g.channels, min_channels, round_to)
+        lo, step = _lower_limit(g.channels, min_channels, round_to, min_kept.get(g.id, 0))
         n0 = g.channels if initial is None else int(initial.get(g.id, g.channels))
         state.append(_Group(g.id, cm.columns(g.units)[order], order, sal[order], g.channels, lo, step,
                             _allowed(n0, lo, step, g.channels)))
@@ -199,7 +249,7 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
                 grads[name] = torch.stack([g[s.cols[0]] for s in state]) if state else g[:0]
         return values, grads
 
-    check_feasible(cm, groups, target, min_channels, round_to)
+    check_feasible(cm, groups, target, min_channels, round_to, min_kept)
 
     # 2. remove
     while True:
