@@ -13,7 +13,7 @@ from hfp_fx.passes import rules_swin as _rules_swin  # noqa: F401
 from hfp_fx.passes import rules_aten as _rules_aten  # noqa: F401  (torch.export graphs)
 from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.cost import CostModel, Counts
-from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune
+from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune, recalibrate_latency
 from hfp_fx.distill import distillation_loss
 from hfp_fx.projection import InfeasibleTargetError, Plan
 from hfp_fx.report import GroupReport, PruneReport
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters", "distillation_loss",
+    "recalibrate_latency",
     "save", "load", "to_pretrained", "set_progress", "Target", "LatencyOptions", "LatencyReport", "Plan",
     "PruneReport", "GroupReport",
     "render_graph", "plot_widths", "ComplexityLog",

@@ -68,6 +68,21 @@ class ConfigFit:
     kv_heads: int  #: their dense count
     queries_per_kv: int  #: query heads per key/value head
 
+    def raise_floors(self, min_kept: Mapping[str, int]) -> Dict[str, int]:
+        """``min_kept`` with the stream's floor raised to a multiple of the dense query heads.
+
+        The fit only lowers the hidden size to a multiple of the kept heads; a floor just above
+        such a multiple (``max_prune``) would leave it no width but one with fewer key/value heads.
+
+            >>> ConfigFit("g0", 256, ("g1",), 2, 2).raise_floors({"g0": 154, "g2": 10})
+            {'g0': 156, 'g2': 10}
+        """
+        out = dict(min_kept)
+        if self.hidden in out:
+            heads = self.kv_heads * self.queries_per_kv
+            out[self.hidden] = min(self.hidden_size, -(-out[self.hidden] // heads) * heads)
+        return out
+
     def __call__(self, kept: Dict[str, int], allowed: Callable[[str, int], bool]) -> Mapping[str, int]:
         hidden = kept.get(self.hidden, self.hidden_size)
         counts = {kept.get(g, self.kv_heads) for g in self.kv_groups} or {self.kv_heads}

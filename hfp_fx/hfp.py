@@ -48,7 +48,8 @@ from hfp_fx.report import PruneReport
 from hfp_fx.saliency import IMPORTANCE_KINDS, magnitude_saliency
 from hfp_fx.target import ResolvedTarget, Target
 
-__all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters"]
+__all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
+           "recalibrate_latency"]
 
 GATE_KINDS = ("width", "channel")
 
@@ -77,6 +78,9 @@ class HFPState(torch.nn.Module):
                                                                                             latency_ns)],
                                                      dtype=torch.long), persistent=False)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        # measured / predicted latency of the current widths (recalibrate_latency): the loss and
+        # finalize's projection plan for the latency this machine measures, not the model's
+        self.register_buffer("latency_scale", torch.ones((), dtype=torch.float64))
         self.dense = cost.counts()
         self.dense_latency_ms = float(cost.latency(torch.ones(cost.num_units, dtype=torch.float64)))
         self.register_buffer("dense_counts", torch.tensor([self.dense.params, self.dense.macs,
@@ -97,6 +101,7 @@ class HFPState(torch.nn.Module):
             if old in state_dict and new not in state_dict:
                 state_dict[new] = state_dict.pop(old)
         # saved before latency targets: two loss weights (params, MACs)
+        state_dict.setdefault(prefix + "latency_scale", self.latency_scale.clone())  # saved before it existed
         lambdas = state_dict.get(prefix + "lambdas")
         if lambdas is not None and lambdas.numel() == 2:
             state_dict[prefix + "lambdas"] = torch.cat([lambdas, self.lambdas[2:].to(lambdas)])
@@ -154,7 +159,7 @@ class HFPState(torch.nn.Module):
         """``(params, macs, latency in ns)``; latency is 0 without a latency model."""
         keep = self.keep_values(soft)
         params, macs = self.cost.evaluate(keep)
-        return params, macs, self.cost.latency(keep) * 1e6
+        return params, macs, self.cost.latency(keep) * 1e6 * self.latency_scale
 
     def current_lambdas(self) -> torch.Tensor:
         if self.warmup_steps <= 0:
@@ -222,6 +227,12 @@ def _channel_ranks(dg: DependencyGraph, scores: Dict[str, torch.Tensor]) -> torc
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
+def _floors(dg: DependencyGraph, max_prune: MaxPrune, fit) -> Dict[str, int]:
+    """Per group id, the fewest channels ``max_prune`` allows, raised where a config fit needs it."""
+    min_kept = min_kept_of(dg.prunable_groups, max_prune)
+    return fit.raise_floors(min_kept) if fit is not None and min_kept else min_kept
+
+
 def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
     while hasattr(model, "module") and not hasattr(model, "hfp"):
         model = model.module  # DistributedDataParallel / DataParallel
@@ -276,7 +287,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     latency = build_latency_model(dg, latency_options, round_to=round_to) if budget.latency is not None else None
     cost = CostModel(dg, latency=latency)
     index = PrunableIndex.of(dg)
-    min_kept = min_kept_of(dg.prunable_groups, max_prune)
+    fit = config_fit(model, dg) if uniform_blocks else None
+    min_kept = _floors(dg, max_prune, fit)
     if gates == "width":
         ranks = _channel_ranks(dg, saliency_of(dg, importance, calibration, calibration_loss))
         floors = torch.tensor([min_kept.get(gid, 0) for gid in index.group_ids], dtype=torch.long)
@@ -307,7 +319,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     prepared.meta["hfp_exclude"] = list(exclude)
     prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
     prepared.meta["hfp_latency_options"] = latency_options or LatencyOptions()
-    prepared.meta["hfp_fit"] = config_fit(model, dg) if uniform_blocks else None  # plain data
+    prepared.meta["hfp_fit"] = fit  # plain data
     prepared.meta["hfp_min_kept"] = min_kept
     return prepared
 
@@ -343,13 +355,15 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
         sp, sm = hfp.cost.evaluate(soft_keep)
         current = hfp.current_targets().tolist()
         kept = int(hfp.kept_channels().sum())
-        hard_latency = float(hfp.cost.latency(hfp.keep_values(soft=False)))
-        soft_latency = float(hfp.cost.latency(soft_keep))
+        scale = float(hfp.latency_scale)
+        hard_latency = float(hfp.cost.latency(hfp.keep_values(soft=False))) * scale
+        soft_latency = float(hfp.cost.latency(soft_keep)) * scale
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
            "kept_channels": kept, "prunable_channels": hfp.num_channels}
-    if hfp.cost.has_latency:  # milliseconds, predicted by the latency model
-        out.update(latency=hard_latency, latency_soft=soft_latency, dense_latency=hfp.dense_latency_ms)
+    if hfp.cost.has_latency:  # milliseconds, predicted by the latency model (times latency_scale)
+        out.update(latency=hard_latency, latency_soft=soft_latency, dense_latency=hfp.dense_latency_ms,
+                   latency_scale=scale)
     for i, (name, t) in enumerate((("params", hfp.target.params), ("macs", hfp.target.macs),
                                    ("latency", hfp.target.latency))):
         if name == "latency" and not hfp.cost.has_latency:
@@ -393,6 +407,12 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     initial = hfp.kept_per_group()
     tied = uniform_block_classes(dg.prunable_groups) if prepared.meta.get("hfp_uniform_blocks") else ()
 
+    scale = float(hfp.latency_scale)
+    if resolved.latency is not None and scale != 1.0:  # plan in the latency model's units
+        resolved_plan = ResolvedTarget(resolved.params, resolved.macs, min(resolved.latency / scale, hfp.dense_latency_ms))
+    else:
+        resolved_plan = resolved
+
     def plan_for(budget: ResolvedTarget) -> Plan:
         return project(hfp.cost, dg.prunable_groups, saliency, budget, initial=initial,
                        min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied,
@@ -407,7 +427,13 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     names = ["budget projection", "fold gates and shrink"] + (["measure latency"] if resolved.latency else [])
     with stages("finalize", names) as stage:
         with stage("budget projection"):
-            plan = plan_for(resolved)
+            try:
+                plan = plan_for(resolved_plan)
+            except InfeasibleTargetError:
+                if resolved_plan is resolved:
+                    raise
+                resolved_plan = resolved  # the measured scale puts the target out of reach: best effort
+                plan = plan_for(resolved)
         with stage("fold gates and shrink"):
             small, scales = build(plan)
         latency = None
@@ -415,7 +441,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
             with stage("measure latency"):
                 small, plan, latency, scales = _meet_latency(
                     _trained_copy(prepared, dg), small, plan, resolved, _dense_ms(hfp.cost), plan_for, build, dg.example_inputs,
-                    prepared.meta.get("hfp_latency_options") or LatencyOptions(), scales)
+                    prepared.meta.get("hfp_latency_options") or LatencyOptions(), scales,
+                    planned=resolved_plan.latency, trained=initial)
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
                                        exclude=prepared.meta.get("hfp_exclude", []), latency=latency)
@@ -423,7 +450,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
 
 
 def _meet_latency(dense: torch.nn.Module, small: torch.nn.Module, plan: Plan, resolved: ResolvedTarget,
-                  model_dense_ms: float, plan_for, build, inputs, options: LatencyOptions, extra=None):
+                  model_dense_ms: float, plan_for, build, inputs, options: LatencyOptions, extra=None,
+                  planned: Optional[float] = None, trained: Optional[Dict[str, int]] = None):
     """Measure ``small`` against ``dense`` (paired rounds) and correct the plan by the miss.
 
     The latency model predicts, the budget is a measured ratio: while the measured ratio is over
@@ -432,11 +460,15 @@ def _meet_latency(dense: torch.nn.Module, small: torch.nn.Module, plan: Plan, re
     then by bisection between them) and the model rebuilt, ``options.corrections`` times at most.
     The result is the measured model closest to the budget from below (else the last one).
     Returns ``(small, plan, LatencyReport, extra)``; ``build(plan)`` gives ``(small, extra)``.
+    ``planned``: the budget ``plan`` was made for (default: the target).  ``trained``: per group,
+    the channels trained gates kept; a correction that would remove more than
+    ``options.max_correction_cut`` of them is refused (the report's ``refused`` says why).
     """
     goal = resolved.latency / model_dense_ms  # the budget as a fraction of the dense latency
     limit = goal * (1 + options.tolerance)
-    planned, meets, misses = resolved.latency, None, None
-    corrections, best, last = 0, None, None
+    planned = resolved.latency if planned is None else planned
+    meets, misses = None, None
+    corrections, best, last, refused = 0, None, None, None
     dense = dense.eval()
     while True:
         mode = small.training
@@ -458,17 +490,79 @@ def _meet_latency(dense: torch.nn.Module, small: torch.nn.Module, plan: Plan, re
         else:
             planned = min(planned * goal / ratio, model_dense_ms)
         try:
-            plan = plan_for(ResolvedTarget(resolved.params, resolved.macs, planned))
+            candidate = plan_for(ResolvedTarget(resolved.params, resolved.macs, planned))
         except InfeasibleTargetError:
             break  # as small as the model gets: the report says how close it came
+        cut = _cut_of_trained(candidate, trained)
+        if cut > options.max_correction_cut:
+            refused = (f"meeting the measured latency ({ratio:.3f} of dense, target {goal:.3f}) would remove "
+                       f"{cut:.0%} of the channels the trained gates kept (LatencyOptions.max_correction_cut="
+                       f"{options.max_correction_cut}); kept the trained widths. Call "
+                       "hfp_fx.recalibrate_latency(prepared) a few times during training so the loss aims at the "
+                       "measured latency, or allow a deeper cut")
+            break
+        plan = candidate
         small, extra = build(plan)
         corrections += 1
     chosen = best or last
-    if chosen[2].measured_ratio > limit:
+    if refused is not None:
+        chosen[2].refused = refused
+        warnings.warn(refused, stacklevel=3)
+    elif chosen[2].measured_ratio > limit:
         warnings.warn(f"measured latency {chosen[2].measured_ratio:.3f} of dense misses the target {goal:.3f} "
                       f"after {corrections} correction(s) (predicted {chosen[2].predicted_ms / chosen[2].dense_ms:.3f}); "
                       "timings on a loaded machine vary (see hfp_fx.latency.LatencyOptions)", stacklevel=3)
     return chosen
+
+
+def _cut_of_trained(plan: Plan, trained: Optional[Dict[str, int]]) -> float:
+    """The share of the trained gates' kept channels that ``plan`` removes (0 without trained widths)."""
+    if not trained:
+        return 0.0
+    before = sum(trained.values())
+    after = sum(min(plan.kept_per_group[gid][1], n) for gid, n in trained.items() if gid in plan.kept_per_group)
+    return max(0.0, 1.0 - after / max(before, 1))
+
+
+def recalibrate_latency(prepared: torch.nn.Module) -> Dict[str, float]:
+    """Measure the prepared model at its current widths and aim the loss at measured latency.
+
+    The latency model predicts; the machine measures.  This shrinks a copy to the widths the
+    gates keep now, times it against the dense model (paired rounds,
+    :func:`hfp_fx.latency.measure_latency`, with the prepared model's ``LatencyOptions``) and sets
+    ``prepared.hfp.latency_scale = measured / predicted``: from then on ``complexity_loss`` and
+    :func:`finalize`'s projection compare ``predicted * scale`` with the target, so training
+    settles on widths that measure on target and ``finalize`` seldom has to correct (and cut
+    into) what was learned.  Call it a few times during the gated phase, e.g. when the target
+    ramp has ended and again near its end.  Under ``torch.distributed`` rank 0 measures and
+    broadcasts the scale.  Returns ``{"predicted_ratio", "measured_ratio", "scale"}``.
+    """
+    prepared = _unwrap(prepared)
+    hfp: HFPState = prepared.hfp
+    if not hfp.cost.has_latency:
+        raise ValueError("recalibrate_latency needs a latency model: prepare the model with a latency target "
+                         "(hfp_fx.prepare(model, x, {'latency': 0.5}))")
+    dg: DependencyGraph = prepared._hfp_graph
+    with torch.no_grad():
+        kept = hfp.kept_channels().cpu()
+        keep = {gid: torch.nonzero(k).flatten().tolist() for gid, k in hfp.index.split_per_group(kept).items()}
+        keep = {gid: idx for gid, idx in keep.items() if len(idx) < hfp.index.group_slice(gid).stop
+                - hfp.index.group_slice(gid).start}
+        predicted = float(hfp.cost.latency(hfp.keep_values(soft=False).cpu())) / hfp.dense_latency_ms
+    options = prepared.meta.get("hfp_latency_options") or LatencyOptions()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    measured = torch.zeros((), dtype=torch.float64)
+    if not distributed or torch.distributed.get_rank() == 0:
+        dense = _trained_copy(prepared, dg).eval()
+        small = shrink_model(dg.facts, dg.alive(keep), gm=copy.deepcopy(dense)).eval()
+        _, _, ratio = measure_latency(dense, small, dg.example_inputs, options.rounds, options.min_run_time)
+        measured.fill_(ratio)
+    if distributed:
+        measured = measured.to(hfp.latency_scale.device)
+        torch.distributed.broadcast(measured, src=0)
+    scale = float(measured) / max(predicted, 1e-12)
+    hfp.latency_scale.fill_(scale)
+    return {"predicted_ratio": predicted, "measured_ratio": float(measured), "scale": scale}
 
 
 def _trained_copy(prepared: torch.fx.GraphModule, dg: DependencyGraph) -> torch.fx.GraphModule:
@@ -601,7 +695,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
             tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
             saliency = saliency_of(dg, importance, calibration, calibration_loss)
             fit = config_fit(model, dg) if uniform_blocks else None
-            min_kept = min_kept_of(dg.prunable_groups, max_prune)
+            min_kept = _floors(dg, max_prune, fit)
 
             def plan_for(b: ResolvedTarget) -> Plan:
                 return project(cm, dg.prunable_groups, saliency, b, min_channels=min_channels, round_to=round_to,

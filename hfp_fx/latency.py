@@ -79,6 +79,10 @@ class LatencyOptions:
     ``tolerance``: how far over the budget a measured ratio may be (relative); ``slack``: how far
     under it before the plan is loosened again (relative). ``cache_dir``:
     where node timings are kept (``None``: ``$HFP_FX_CACHE`` or ``~/.cache/hfp_fx``).
+    ``max_correction_cut``: in :func:`hfp_fx.finalize`, the largest share of the channels the
+    trained gates kept that a correction may remove; a correction that would cut deeper is
+    refused (the trained widths are kept, with a warning that says by how much the target is
+    missed): call :func:`hfp_fx.recalibrate_latency` during training instead.
     """
 
     variants: int = 8
@@ -90,6 +94,7 @@ class LatencyOptions:
     slack: float = 0.05
     seed: int = 0
     cache_dir: Optional[str] = None
+    max_correction_cut: float = 0.1
 
 
 @dataclass
@@ -114,6 +119,7 @@ class LatencyReport:
     measured_ratio: Optional[float] = None  #: median of per-round pruned/dense ratios
     corrections: int = 0  #: times the plan was moved after a measurement
     model_seconds: float = 0.0  #: time spent building the latency model (0 when built earlier, by prepare)
+    refused: Optional[str] = None  #: why finalize kept the trained widths instead of correcting them
 
     @property
     def prediction_error(self) -> Optional[float]:

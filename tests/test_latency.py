@@ -256,3 +256,58 @@ def test_paired_times_alternate_the_order_every_round():
     assert [len(t) for t in times] == [4, 4]
     timed = calls[6:]  # two warm-up calls and one sizing call per function come first
     assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_recalibrate_latency_scales_the_loss_and_the_finalize_plan(tmp_path, monkeypatch):
+    """A machine 1.2x slower (relative) than the model predicts: the loss sees 1.2x the predicted
+    latency, and finalize plans for the target in the model's units (the target / 1.2)."""
+    model, x = small_cnn(), torch.randn(2, 3, 32, 32)
+    options = fast_options(tmp_path, corrections=0)
+    goal = reachable_latency(model, x, options, where=0.9)
+    prepared = hfp_fx.prepare(model, x, {"latency": goal}, latency_options=options)
+    with torch.no_grad():
+        prepared.hfp.gates.width.fill_(0.7)
+    predicted = hfp_fx.complexity(prepared)["latency"] / hfp_fx.complexity(prepared)["dense_latency"]
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, 1.2 * predicted, 1.2 * predicted))
+    info = hfp_fx.recalibrate_latency(prepared)
+    assert info["scale"] == pytest.approx(1.2) and info["predicted_ratio"] == pytest.approx(predicted)
+    assert float(prepared.hfp.latency_scale) == pytest.approx(1.2)
+    after = hfp_fx.complexity(prepared)
+    assert after["latency"] / after["dense_latency"] == pytest.approx(1.2 * predicted)
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
+    report = hfp_fx.finalize(prepared).meta["hfp"].latency
+    # the plan was made for goal / 1.2 of the model's dense latency
+    assert report.predicted_ms / report.dense_ms <= goal / 1.2 + 1e-9
+    with pytest.raises(ValueError, match="needs a latency model"):
+        hfp_fx.recalibrate_latency(hfp_fx.prepare(model, x, {"macs": 0.5}))
+
+
+def test_finalize_refuses_a_correction_that_cuts_into_the_trained_widths(monkeypatch):
+    """Trained widths keep 100 channels; the clock says the model is 1.5x over the goal, and the
+    corrected plan would keep 70: with ``max_correction_cut=0.1`` that correction is refused."""
+    goal, dense_ms = 0.5, 10.0
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency",
+                        lambda dense, small, *a: (dense_ms, dense_ms * 1.5 * small.predicted, 1.5 * small.predicted))
+
+    def plan_for(budget):
+        ratio = min(1.0, budget.latency / dense_ms)
+        kept = int(round(100 * ratio / goal))  # the trained plan (ratio = goal) keeps 100 of 200
+        return Plan({}, Counts(1, 1), Counts(1, 1), budget, {"g0": (200, kept)}, ratio * dense_ms)
+
+    def build(plan):
+        return _Planned(plan.latency_ms / dense_ms), None
+
+    resolved = ResolvedTarget(None, None, goal * dense_ms)
+    first = plan_for(resolved)
+    for cut, refused in ((0.1, True), (0.5, False)):
+        options = LatencyOptions(corrections=3, max_correction_cut=cut)
+        call = lambda: hfp_fx.hfp._meet_latency(torch.nn.Identity(), build(first)[0], first, resolved,  # noqa: E731
+                                                dense_ms, plan_for, build, (), options, trained={"g0": 100})
+        if refused:
+            with pytest.warns(UserWarning, match="kept the trained widths"):
+                small, plan, report, _ = call()
+            assert report.corrections == 0 and plan.kept_per_group["g0"] == (200, 100)
+            assert "would remove 33% of the channels" in report.refused
+        else:
+            small, plan, report, _ = call()
+            assert report.corrections >= 1 and report.refused is None and plan.kept_per_group["g0"][1] < 100
