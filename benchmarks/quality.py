@@ -144,9 +144,8 @@ class Phase:
             loss = F.cross_entropy(out, y)
             if teacher is not None:
                 with torch.no_grad():
-                    soft = F.log_softmax(teacher(x) / a.kd_temperature, 1)
-                kd = F.kl_div(F.log_softmax(out / a.kd_temperature, 1), soft, log_target=True,
-                              reduction="batchmean") * a.kd_temperature ** 2
+                    teacher_out = teacher(x)
+                kd = hfp_fx.distillation_loss(out, teacher_out, a.kd_temperature)
                 loss = (1 - a.kd_alpha) * loss + a.kd_alpha * kd
             if hfp:
                 loss = loss + hfp_fx.complexity_loss(model)
@@ -298,7 +297,22 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
                                   lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
                                   ramp_steps=int(round(args.ramp_epochs * per_epoch)), **options)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
-        phase.run(prepared, opt, 0, gated, tag + " (gated)", hfp=True, teacher=teacher)
+        ramp = int(round(args.ramp_epochs * per_epoch))
+        # hfp_latency: measure the current widths a few times once the ramp is over, so the loss
+        # aims at the measured latency and finalize need not cut into the trained widths
+        stops = sorted({min(gated, max(1, ramp + (gated - ramp) * k // args.recalibrate))
+                        for k in range(args.recalibrate)} | {gated}) if method == "hfp_latency" and args.recalibrate \
+            else [gated]
+        start = 0
+        for stop in stops:
+            phase.run(prepared, opt, start, stop, tag + " (gated)", hfp=True, teacher=teacher)
+            start = stop
+            if stop < gated:
+                prepared.eval()
+                info = hfp_fx.recalibrate_latency(prepared)
+                extra.setdefault("latency_recalibrations", []).append({"step": stop, **info})
+                print(f"  [{tag}] step {stop}: predicted {info['predicted_ratio']:.3f}, measured "
+                      f"{info['measured_ratio']:.3f} -> latency scale {info['scale']:.3f}", flush=True)
         prepared.eval()
         extra["acc_gated"] = evaluate(prepared, data)
         model = hfp_fx.finalize(prepared)
@@ -306,7 +320,7 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
         if report is not None:  # a latency target: what the library predicted and measured
             extra.update(library_latency_ratio=report.measured_ratio,
                          predicted_latency_ratio=report.predicted_ms / report.dense_ms,
-                         latency_corrections=report.corrections)
+                         latency_corrections=report.corrections, latency_correction_refused=report.refused)
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
     elif method == "l1":
@@ -496,6 +510,9 @@ def parse_args(argv=None):
     p.add_argument("--gate-lr", type=float, default=0.17, help="hfp: constant SGD lr of the widths")
     p.add_argument("--rerank-every", type=int, default=0,
                    help="hfp: prepare(rerank_every=N), re-rank channels by Taylor importance every N steps")
+    p.add_argument("--recalibrate", type=int, default=3,
+                   help="hfp_latency: hfp_fx.recalibrate_latency calls during the gated phase, from the end of "
+                        "the target ramp on (0: none)")
     p.add_argument("--tp-steps", type=int, default=200, help="Torch-Pruning iterative_steps")
     p.add_argument("--tp-max-ratio", type=float, default=0.9, help="Torch-Pruning pruning_ratio / max_pruning_ratio")
     p.add_argument("--tp-reg", type=float, default=5e-4, help="tp_groupnorm_sparse: GroupNormPruner(reg=...)")

@@ -86,6 +86,11 @@ def test_hfp_latency_targets_the_latency_that_hfp_measured(tmp_path):
     assert (hfp["method"], lat["method"]) == ("hfp", "hfp_latency")
     assert 0 < hfp["latency_ratio"] < 1.5 and lat["latency_target"] == min(1.0, hfp["latency_ratio"])
     assert lat["library_latency_ratio"] > 0 and lat["predicted_latency_ratio"] > 0 and "latency_ratio" in lat
+    # the gated phase measured its widths and rescaled the loss's latency (quick: ramp 0.25 of 0.5 epochs)
+    steps = [r["step"] for r in lat["latency_recalibrations"]]
+    assert steps == sorted(set(steps)) and len(steps) >= 1
+    assert all(r["scale"] == pytest.approx(r["measured_ratio"] / r["predicted_ratio"])
+               for r in lat["latency_recalibrations"])
     summary = result["summary"]["hfp_latency_vs_hfp"]
     assert summary["per_seed_pt"] == [lat["acc"] - hfp["acc"]]
     assert "hfp_latency vs hfp" in quality.markdown(result)
