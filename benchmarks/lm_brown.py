@@ -421,7 +421,7 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
                               uniform_blocks=True, ramp_steps=ramp, lambda_init=args.lambda_init,
                               dual_rate=args.dual_rate, round_to=args.round_to, importance=args.hfp_importance,
                               calibration=calibration_of(args) if args.hfp_importance in DATA_KINDS else None,
-                              max_prune=args.max_prune)
+                              max_prune=args.max_prune, budget=args.hfp_budget)
     prepared.train()
     gates = hfp_fx.gate_parameters(prepared)
     opt = adamw(prepared, args.finetune_lr, args.weight_decay, exclude=gates)
@@ -693,6 +693,8 @@ def parse_args(argv=None):
     p.add_argument("--tp-search-steps", type=int, default=8, help="tp_llm: bisection steps on pruning_ratio")
     p.add_argument("--hfp-importance", default="l1", choices=("l1", "activation", "taylor"),
                    help="hfp: the channel ranking its widths cut along")
+    p.add_argument("--hfp-budget", default="penalty", choices=("penalty", "project"),
+                   help="hfp: prepare(budget=...), how the gated phase meets the target")
     p.add_argument("--calib-batches", type=int, default=8,
                    help="activation / taylor importance: training batches of --batch-size windows")
     p.add_argument("--max-prune", type=parse_max_prune, default=None, metavar="PATTERN=FRACTION[,...]",

@@ -226,6 +226,13 @@ class WidthGates(GateKind):
     def kept_channels(self) -> torch.Tensor:
         return self.position() > 0.5
 
+    def kept_for(self, width: torch.Tensor) -> torch.Tensor:
+        """Per channel, whether it would be kept with ``width`` (one value per group) in place of
+        the trained widths: the forward pass's rule, without gradients."""
+        n = self.group_size.double()
+        kept = torch.maximum(width.double().clamp(0, 1)[self.group_index] * n, self.floor.double())
+        return kept - self.rank.double() > 0.5
+
     def effective_gates(self) -> torch.Tensor:
         d = self.position()
         hard = (d > 0.5).to(d.dtype)

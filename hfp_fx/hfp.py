@@ -52,6 +52,7 @@ __all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "
            "recalibrate_latency"]
 
 GATE_KINDS = ("width", "channel")
+BUDGET_MODES = ("penalty", "project")
 
 
 class HFPState(torch.nn.Module):
@@ -61,10 +62,15 @@ class HFPState(torch.nn.Module):
 
     def __init__(self, cost: CostModel, index: PrunableIndex, gates: GateKind, target: ResolvedTarget, *,
                  min_channels: int = 1, round_to: int = 1, lambda_init: float = 1e-3, dual_rate: float = 0.02,
-                 warmup_steps: int = 0, ramp_steps: int = 0):
+                 warmup_steps: int = 0, ramp_steps: int = 0, budget: str = "penalty"):
         super().__init__()
         if int(ramp_steps) < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
+        if budget not in BUDGET_MODES:
+            raise ValueError(f"budget must be one of {BUDGET_MODES}, got {budget!r}")
+        if budget == "project" and not isinstance(gates, WidthGates):
+            raise ValueError("budget='project' moves per-group widths: use it with gates='width'")
+        self.budget = budget
         self.cost = cost
         self.gates = gates
         self.index = index
@@ -143,10 +149,68 @@ class HFPState(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The gate vector the gated sites read: entry 0 is the constant 1 of fixed channels."""
+        if self.budget == "project" and self.training and torch.is_grad_enabled():
+            self.project_widths()
         gates = self.gates.effective_gates()
         if getattr(self.gates, "rerank_every", 0) and self.training and gates.requires_grad:
             gates.register_hook(self.gates.record_taylor)  # the task loss's gradient only
         return torch.cat([self.trainable.new_ones(1), gates])
+
+    @torch.no_grad()
+    def project_widths(self) -> None:
+        """``budget="project"``: move the widths onto the budget, if they are over it.
+
+        The exact multiplier instead of a learned one: with ``d_g`` the marginal cost of group
+        ``g``'s width (its channel count times the cost-model derivative of one of its channels,
+        summed over the targeted quantities, each relative to its target), the widths become
+        ``clip(w - nu * d)`` with the smallest ``nu >= 0`` (bisection) for which every targeted
+        hard count is at most its current target (the ramp's value).  This is the Euclidean
+        projection of the widths onto the linearised budget, so training is projected gradient
+        descent: the task gradient moves the widths, the projection keeps the architecture the
+        forward pass trains at the budget from the first step, and the allocation settles where
+        every group's task gradient is ``nu`` times its marginal cost.  Called at the start of
+        every training forward pass.
+        """
+        gates: WidthGates = self.gates
+        targets = self.current_targets()
+        targeted = self.targets > 0
+        width = gates.width.detach().double().clamp(0, 1)
+
+        def counts(w: torch.Tensor) -> torch.Tensor:
+            keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=w.device)
+            keep = keep.index_put((self.columns,), gates.kept_for(w).double())
+            params, macs = self.cost.evaluate(keep)
+            return torch.stack([params, macs, self.cost.latency(keep) * 1e6 * self.latency_scale])
+
+        def over(w: torch.Tensor) -> bool:
+            return bool(((counts(w) > targets) & targeted).any())
+
+        if not over(width):
+            return
+        with torch.enable_grad():
+            keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=width.device)
+            kept = gates.kept_for(width).double().requires_grad_(True)
+            params, macs = self.cost.evaluate(keep.index_put((self.columns,), kept))
+            values = torch.stack([params, macs, self.cost.latency(keep.index_put((self.columns,), kept)) * 1e6
+                                  * self.latency_scale])
+            (grad,) = torch.autograd.grad((values / targets.clamp(min=1.0))[targeted].sum(), kept)
+        per_group = torch.zeros(self.index.num_groups, dtype=torch.float64, device=grad.device)
+        per_group.index_add_(0, gates.group_index, grad)  # = size * mean marginal cost of the group
+        direction = per_group.clamp(min=0)
+        if not bool((direction > 0).any()):
+            return
+        lo, hi = 0.0, float((width / direction.clamp(min=1e-30)).max())
+        if over(width - hi * direction):
+            lo = hi  # even every width at its floor is over: as far as it goes
+        for _ in range(40):
+            if hi - lo <= 1e-9 * max(hi, 1e-30):
+                break
+            mid = (lo + hi) / 2
+            if over(width - mid * direction):
+                lo = mid
+            else:
+                hi = mid
+        gates.width.copy_((width - hi * direction).clamp(0, 1).to(gates.width.dtype))
 
     # -- the complexity loss ------------------------------------------------------------------
     def keep_values(self, soft: bool = True) -> torch.Tensor:
@@ -250,7 +314,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             rules: Optional[OpRegistry] = None, capture: str = "fx",
             uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
             rerank_every: int = 0, importance: str = "l1", calibration: Optional[Iterable[Any]] = None,
-            calibration_loss: Optional[CalibrationLoss] = None, max_prune: MaxPrune = None) -> torch.fx.GraphModule:
+            calibration_loss: Optional[CalibrationLoss] = None, max_prune: MaxPrune = None,
+            budget: str = "penalty") -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -272,19 +337,23 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     (``"l1"`` filter magnitude; ``"activation"`` or ``"taylor"`` measured on ``calibration``).
     ``max_prune``: the largest fraction of a group that may be removed, for every group or per
     pattern (:func:`hfp_fx.projection.min_kept_of`); the widths never go below it and
-    :func:`finalize` keeps it.
+    :func:`finalize` keeps it.  ``budget``: how training meets the target; ``"penalty"`` (default)
+    is ``complexity_loss`` with its adaptive weight (dual ascent); ``"project"`` (widths only)
+    also moves the widths onto the (ramped) budget at the start of every training forward pass
+    (:meth:`HFPState.project_widths`), so the forward pass always trains an architecture within
+    the budget and ``finalize`` has next to nothing left to cut.
     """
     if gates not in GATE_KINDS:
         raise ValueError(f"gates must be one of {GATE_KINDS}, got {gates!r}")
     if int(min_channels) < 1 or int(round_to) < 1:
         raise ValueError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
-    budget = Target.parse(target)
+    wanted = Target.parse(target)
     # the per-channel options the caller changed: a gate kind refuses those it does not take
     chosen = {k: v for k, v in dict(threshold=threshold, count=count, temperature=temperature, gate_max=gate_max,
                                     cost_power=cost_power, relative_gates=relative_gates).items()
               if v != _PER_CHANNEL_DEFAULTS[k]}
     dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
-    latency = build_latency_model(dg, latency_options, round_to=round_to) if budget.latency is not None else None
+    latency = build_latency_model(dg, latency_options, round_to=round_to) if wanted.latency is not None else None
     cost = CostModel(dg, latency=latency)
     index = PrunableIndex.of(dg)
     fit = config_fit(model, dg) if uniform_blocks else None
@@ -302,9 +371,10 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
                          "use them with gates='width'")
     else:
         kind = ChannelGates(index, **chosen)
-    state = HFPState(cost, index, kind, budget.resolve(cost.counts(), _dense_ms(cost)), min_channels=min_channels,
+    state = HFPState(cost, index, kind, wanted.resolve(cost.counts(), _dense_ms(cost)), min_channels=min_channels,
                      round_to=round_to,
-                     lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps, ramp_steps=ramp_steps)
+                     lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps, ramp_steps=ramp_steps,
+                     budget=budget)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")

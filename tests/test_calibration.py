@@ -212,3 +212,38 @@ def test_taylor_default_loss_on_a_causal_lm():
     assert hf.config.num_key_value_heads == 2 and hf.config.hidden_size == 24
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids[1]).logits, small(ids[1]), atol=1e-4)
+
+
+def test_budget_project_keeps_the_trained_architecture_within_the_ramped_target():
+    """budget='project': after every training forward the hard counts are at most the ramp's
+    target, so finalize finds the widths already on budget and removes (almost) nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.4, "params": 0.6}, budget="project", ramp_steps=4,
+                              max_prune={"*": 0.9})
+    prepared.train()
+    opt = torch.optim.SGD(hfp_fx.gate_parameters(prepared), lr=0.2)
+    hfp = prepared.hfp
+    for _ in range(8):
+        target = hfp.current_targets()
+        out = prepared(x)  # the projection runs here
+        params, macs, _ = hfp.counts(soft=False)
+        assert params <= target[0] + 1e-6 and macs <= target[1] + 1e-6
+        loss = F.cross_entropy(out, y) + hfp_fx.complexity_loss(prepared)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared(x)
+    kept = hfp.kept_per_group()
+    small = hfp_fx.finalize(prepared)
+    final = {gid: g.kept for gid, g in small.meta["hfp"].groups.items()}
+    assert all(final[gid] >= n for gid, n in kept.items())  # nothing cut: only added back under the budget
+    c = hfp_fx.complexity(prepared)
+    assert c["macs"] <= c["target_macs"] and c["params"] <= c["target_params"]
+    with pytest.raises(ValueError, match="budget must be one of"):
+        hfp_fx.prepare(model, x, "50%", budget="lagrange")
+    with pytest.raises(ValueError, match="use it with gates='width'"):
+        hfp_fx.prepare(model, x, "50%", budget="project", gates="channel")
