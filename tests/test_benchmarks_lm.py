@@ -66,10 +66,46 @@ def test_quick_run_offline(tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and result["data"]["source"] == "synthetic"
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "dense_ft", "hfp", "magnitude", "tp_llm"}
-    for method in ("hfp", "magnitude"):
+    assert set(rows) == {"dense", "dense_ft", "hfp", "magnitude", "activation", "taylor", "tp_llm"}
+    assert rows["taylor"]["importance"] == "taylor" and rows["hfp"]["distill"] is False
+    for method in ("hfp", "magnitude", "activation", "taylor"):
         assert 0.48 <= rows[method]["params_ratio"] <= 0.5
         detail = next(d for d in result["details"] if d["method"] == method)
         assert max(detail["exactness"].values()) < 1e-4
     assert abs(rows["tp_llm"]["params_ratio"] - 0.5) < 0.03
     assert all(r["tokens_per_s_ratio"]["b1"] > 0 and r["val_ppl"] > 1 for r in rows.values())
+
+
+def test_max_prune_option():
+    lm = load()
+    assert lm.parse_max_prune("model.embed_tokens=0.3,*.mlp.*=0.5") == {"model.embed_tokens": 0.3, "*.mlp.*": 0.5}
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        lm.parse_max_prune("0.3")
+
+
+def test_oracle_shapes_sit_on_the_iso_parameter_line_and_are_cut_exactly():
+    import torch
+
+    import hfp_fx
+
+    oracle = load_script(SCRIPT.parent / "lm_oracle.py", "lm_oracle")
+    args = oracle.lm.parse_args(["--quick"])
+    cfg = oracle.lm.model_config(args)  # 2 layers, hidden 64, 4 heads / 2 KV heads, MLP 172
+    dense = oracle.params_of(cfg, 64, 2, 172)
+    shapes = oracle.iso_param_shapes(cfg, 0.5, [64, 56, 48, 40], [2, 1])
+    assert shapes and all(h % (2 * kv) == 0 for h, kv, _ in shapes)
+    for h, kv, m in shapes:  # the widest MLP under the budget, within 2% of it
+        assert 0.48 * dense <= oracle.params_of(cfg, h, kv, m) <= 0.5 * dense
+        assert m == 172 or oracle.params_of(cfg, h, kv, m + 1) > 0.5 * dense
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    dg = hfp_fx.dependency_graph(model, {"input_ids": ids}, capture="export")
+    h, kv, m = shapes[0]
+    small = oracle.constrained_magnitude(model, dg, (h, kv, m))
+    c = small.config
+    assert (c.hidden_size, c.num_key_value_heads, c.intermediate_size) == (h, kv, m)
+    assert sum(p.numel() for p in small.parameters()) == oracle.params_of(cfg, h, kv, m)
