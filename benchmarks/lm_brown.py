@@ -746,17 +746,36 @@ def git_describe() -> Optional[str]:
 
 
 # settings that may differ between the parts of a merged result (they do not change a row's outcome)
-MERGE_MAY_DIFFER = {"methods", "seeds", "out", "report", "merge", "reuse_dense", "log_every"}
+MERGE_MAY_DIFFER = {"methods", "seeds", "out", "report", "merge", "reuse_dense", "log_every", "threads"}
+# method options every row records itself (``row["options"]``): parts may differ in them
+ROW_OPTIONS = ("hfp_frac", "ramp_frac", "gate_lr", "lambda_init", "dual_rate", "hfp_importance", "hfp_budget",
+               "max_prune", "calib_batches")
+
+
+def method_options(settings: dict, method: str) -> dict:
+    """The options that shaped ``method``'s rows (parts of a merged result may differ in them)."""
+    if method == "hfp":
+        data = settings.get("hfp_importance", "l1") in DATA_KINDS
+        return {k: settings.get(k) for k in ROW_OPTIONS if k != "calib_batches" or data}
+    if method in ONE_SHOT_IMPORTANCE:
+        data = ONE_SHOT_IMPORTANCE[method] in DATA_KINDS
+        return {"max_prune": settings.get("max_prune"), **({"calib_batches": settings.get("calib_batches")}
+                                                           if data else {})}
+    return {}
 
 
 def merge_results(paths: List[Path]) -> dict:
     """One result holding the rows of ``paths``: runs of the same settings and dense model."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
+    for part in parts:  # rows written before rows recorded their options
+        for r in part["rows"]:
+            r.setdefault("options", method_options(part["settings"], r["method"]))
     first = parts[0]
     merged = copy.deepcopy(first)
     for path, part in zip(paths[1:], parts[1:]):
         differ = sorted(k for k in set(first["settings"]) | set(part["settings"])
-                        if k not in MERGE_MAY_DIFFER and first["settings"].get(k) != part["settings"].get(k))
+                        if k not in MERGE_MAY_DIFFER and k not in ROW_OPTIONS
+                        and first["settings"].get(k) != part["settings"].get(k))
         if differ or part["dense"]["val_ppl"] != first["dense"]["val_ppl"]:
             raise SystemExit(f"error: cannot merge {path} into {paths[0]}: settings differ: {differ or 'dense model'}")
         seen = {(r["method"], r["seed"]) for r in merged["rows"]}
@@ -774,6 +793,13 @@ def merge_results(paths: List[Path]) -> dict:
     merged["details"].sort(key=key)
     merged["summary"] = summarize(merged["rows"])
     merged["settings"]["methods"] = [m for m in METHODS if any(r["method"] == m for r in merged["rows"])]
+    for method in {r["method"] for r in merged["rows"]}:
+        variants = {json.dumps(r["options"], sort_keys=True) for r in merged["rows"] if r["method"] == method}
+        if len(variants) > 1:
+            raise SystemExit(f"error: the {method} rows were run with different options: {sorted(variants)}")
+    for k in ROW_OPTIONS:
+        if len({json.dumps(p["settings"].get(k)) for p in parts}) > 1:
+            merged["settings"][k] = "per method: see rows[].options"
     merged["settings"]["merged_from"] = [str(p) for p in paths]
     merged["complete"] = all(p.get("complete") for p in parts)
     for k in ("seconds_wall", "seconds_cpu"):
@@ -910,6 +936,7 @@ def main(argv=None) -> dict:
                "tokens_per_s_ratio": {k: v["ratio"] for k, v in tput.items()},
                "threads": torch.get_num_threads(), "device": "cpu", "steps": steps,
                "importance": method_importance(method), "distill": bool(a.distill),
+               "options": method_options(vars(a), method),
                "val_ppl_after_pruning": extra.get("val_ppl_before_finetune")}
         result["rows"].append(row)
         result["details"].append({"method": method, "seed": seed, "widths": widths(model), **extra,
