@@ -21,7 +21,9 @@ and gets the same extra budget of ``F`` epochs (``--finetune-epochs``; one cosin
                            CIFAR ResNet-56 recipe, weight decay off while regularising) for ``H``
                            epochs, then pruned in steps to MACs <= t and fine-tuned ``F - H`` epochs;
 * ``uniform``              every width scaled by one factor (MACs <= t), trained from scratch for
-                           ``E + F`` epochs: the control;
+                           ``E + F`` epochs: the control (the whole budget);
+* ``uniform_ft``           (not run by default) the same net trained from scratch for only ``F``
+                           epochs: what the fine-tune budget alone buys without a dense model;
 * ``hfp_latency``          (not run by default) ``hfp`` with a latency target instead of MACs: the
                            latency the same seed's ``hfp`` model measured (``--latency``, batch 1,
                            paired against the dense model), so the two compare at equal measured
@@ -80,9 +82,10 @@ import hfp_fx  # noqa: E402
 from hfp_fx.latency import LatencyOptions, measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "hfp_latency")
-#: run when --methods is not given; hfp_latency is its own question (see the module doc)
-DEFAULT_METHODS = METHODS[:-1]
+METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "uniform_ft",
+           "hfp_latency")
+#: run when --methods is not given; uniform_ft and hfp_latency are their own questions (module doc)
+DEFAULT_METHODS = METHODS[:-2]
 TP_METHODS = ("tp_magnitude", "tp_taylor", "tp_groupnorm_sparse")
 NUM_CLASSES = 10
 
@@ -293,7 +296,7 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
             goal = extra["latency_target"] = min(goal, 1.0)  # a tiny net's pruned copy may time as slow as dense
             budget = {"latency": goal}
             options = {"latency_options": LatencyOptions(variants=3 if args.quick else 8, rounds=args.latency_rounds)}
-        prepared = hfp_fx.prepare(trained(), example, budget, gates="width",
+        prepared = hfp_fx.prepare(trained(), example, budget, gates="width", budget=args.hfp_budget,
                                   lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
                                   ramp_steps=int(round(args.ramp_epochs * per_epoch)), **options)
         opt = phase.optimizer(prepared, hfp_fx.gate_parameters(prepared))
@@ -343,12 +346,13 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
         extra.update(tp_prune_to_target(model, example, method, target_macs, data, args, pruner=pruner))
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
-    elif method == "uniform":
+    elif method in ("uniform", "uniform_ft"):
         widths, _, _ = fm.uniform_widths(args.widths, args.blocks, example.cpu(), args.target)
         extra["widths"] = list(widths)
         torch.manual_seed(seed + 3)
         model = fm.FashionResNet(widths, args.blocks).to(args.device)
-        scratch = Phase(data, args, (args.epochs + args.finetune_epochs) * per_epoch, args.lr, seed + 3)
+        epochs = args.finetune_epochs + (args.epochs if method == "uniform" else 0)
+        scratch = Phase(data, args, epochs * per_epoch, args.lr, seed + 3)
         scratch.run(model, scratch.optimizer(model), 0, scratch.steps, tag, teacher=teacher)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -359,7 +363,8 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
                                                        rounds=args.latency_rounds)
     row = {"method": method, "seed": seed, "acc": evaluate(model, data),
            "macs_ratio": counts.macs / dense_counts.macs, "params_ratio": counts.params / dense_counts.params,
-           "epochs": args.epochs + args.finetune_epochs, "dense_acc": dense["accuracy"],
+           "epochs": args.finetune_epochs if method == "uniform_ft" else args.epochs + args.finetune_epochs,
+           "dense_acc": dense["accuracy"],
            "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads(),
            "device": device_name(args.device), "distill": bool(args.distill), **extra}
     print(f"==> {method} seed {seed}: {row['acc']:.2f}% MACs {row['macs_ratio']:.3f} "
@@ -438,7 +443,7 @@ def plot(result: dict, path: Path) -> None:
     # than accuracy vs MACs; each label carries the method's mean MACs ratio
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
     colors = {"dense": "k", "hfp": "tab:red", "l1": "tab:blue", "tp_magnitude": "tab:purple",
-              "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green",
+              "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green", "uniform_ft": "tab:gray",
               "hfp_latency": "tab:orange"}
     methods = list(result["summary"]["methods"].items())
     for i, (method, s) in enumerate(methods):
@@ -510,6 +515,8 @@ def parse_args(argv=None):
     p.add_argument("--gate-lr", type=float, default=0.17, help="hfp: constant SGD lr of the widths")
     p.add_argument("--rerank-every", type=int, default=0,
                    help="hfp: prepare(rerank_every=N), re-rank channels by Taylor importance every N steps")
+    p.add_argument("--hfp-budget", default="penalty", choices=("penalty", "project"),
+                   help="hfp, hfp_latency: prepare(budget=...), how the gated phase meets the target")
     p.add_argument("--recalibrate", type=int, default=3,
                    help="hfp_latency: hfp_fx.recalibrate_latency calls during the gated phase, from the end of "
                         "the target ramp on (0: none)")
@@ -584,7 +591,7 @@ def main(argv=None) -> dict:
                               "cpus": os.cpu_count(), "git": fm.git_describe()},
               "rows": []}
     for seed in a.seeds:
-        dense = trained_dense(data, a, seed) if any(m != "uniform" for m in a.methods) else {"accuracy": None}
+        dense = trained_dense(data, a, seed) if any(m not in ("uniform", "uniform_ft") for m in a.methods) else {"accuracy": None}
         for method in a.methods:
             result["rows"].append(run_method(method, seed, dense, data, a, example, dense_counts, result["rows"]))
             result["cpu_seconds"] = round(time.process_time() - t_start, 1)
