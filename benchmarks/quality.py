@@ -47,6 +47,11 @@ so that processes splitting the methods share it (a file lock makes the second o
     python benchmarks/quality.py --methods hfp hfp_latency --latency --threads 2 \
         --out benchmarks/results/quality_latency.json       # HFP-MACs vs HFP-latency at equal latency
 
+``--hfp-budget project`` trains hfp (and hfp_latency) with ``prepare(budget="project")``: the
+widths are projected onto the ramped budget at every step instead of pushed by the penalty.
+``hfp_latency`` calls ``hfp_fx.recalibrate_latency`` ``--recalibrate`` times during its gated
+phase (from the end of the target ramp on), so its loss aims at the measured latency.
+
 ``--latency`` adds each final model's latency at batch 1 to its row, as a ratio to the dense model
 (``hfp_fx.latency.measure_latency``: ``--latency-rounds`` pairs of short alternating blocks, on
 ``--device`` with ``--threads`` threads); only measure on an otherwise idle machine.
