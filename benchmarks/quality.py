@@ -485,9 +485,16 @@ def write(result: dict, out: Path) -> None:
 MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "data_dir", "device"}
 
 
+#: options that shape only hfp and hfp_latency: a part without those rows may differ in them
+HFP_ONLY = {"hfp_budget", "ramp_epochs", "gate_lr", "lambda_init", "dual_rate", "rerank_every", "recalibrate"}
+
+
 def merge(paths: Sequence[Path]) -> dict:
     """One result holding the rows of ``paths`` (methods or seeds split over processes)."""
-    parts = fm.load_mergeable(paths, MERGE_MAY_DIFFER)
+    raw = [json.loads(Path(p).read_text()) for p in paths]
+    with_hfp = [p for p, part in zip(paths, raw) if any(r["method"].startswith("hfp") for r in part["rows"])]
+    fm.load_mergeable(with_hfp or paths[:1], MERGE_MAY_DIFFER)  # hfp's own options agree among its parts
+    parts = fm.load_mergeable(list(with_hfp) + [p for p in paths if p not in with_hfp], MERGE_MAY_DIFFER | HFP_ONLY)
     first = parts[0]
     seen = set()
     for part in parts:
@@ -496,7 +503,7 @@ def merge(paths: Sequence[Path]) -> dict:
                 raise SystemExit(f"error: {r['method']} seed {r['seed']} appears twice")
             seen.add((r["method"], r["seed"]))
     order = {m: i for i, m in enumerate(METHODS)}
-    merged = copy.deepcopy(first)
+    merged = copy.deepcopy(first)  # the first part with hfp rows, so its hfp options are the config's
     merged["rows"] = sorted((r for part in parts for r in part["rows"]), key=lambda r: (order[r["method"]], r["seed"]))
     merged["config"]["merged_from"] = [str(p) for p in paths]
     merged["cpu_seconds"] = round(sum(p["cpu_seconds"] for p in parts), 1)

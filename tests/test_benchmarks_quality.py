@@ -57,6 +57,15 @@ def test_merge_joins_parts_and_refuses_a_row_twice(quick, tmp_path):
     pb.write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="options differ"):
         quality.merge([pa, pb])
+    # an option that shapes only hfp may differ in a part without hfp rows, never between hfp parts
+    c = dict(b, rows=[r for r in b["rows"] if r["method"] == "l1"], config=dict(b["config"], hfp_budget="x"))
+    pc = tmp_path / "c.json"
+    pc.write_text(json.dumps(c))
+    merged = quality.merge([pc, pa])
+    assert merged["config"]["hfp_budget"] == a["config"]["hfp_budget"] and len(merged["rows"]) == len(a["rows"]) + 1
+    pb.write_text(json.dumps(dict(b, config=dict(b["config"], hfp_budget="x"))))
+    with pytest.raises(SystemExit, match="hfp_budget"):
+        quality.merge([pa, pb])
 
 
 def test_distillation_flag_trains_against_the_dense_teacher(tmp_path, monkeypatch):
