@@ -66,8 +66,10 @@ Everything runs offline on CPU once the corpus is cached:
   fine-tuning (data order of the gated and fine-tune phases; magnitude and tp_llm prune
   deterministically, so their seeds differ only in the fine-tune data order).
 
-    python benchmarks/lm_brown.py                 # full run: about 40 CPU-minutes (45-75 min wall on a
-                                                  # shared 2-core machine), docs/benchmarks.md has the table
+    python benchmarks/lm_brown.py                 # full run: dense training (~7 CPU-min) + 7 methods x 3 seeds
+                                                  # (~30 CPU-min; ~40 with --distill), docs/benchmarks.md has the tables
+    python benchmarks/lm_brown.py --reuse-dense --methods hfp --hfp-budget project \
+        --max-prune model.embed_tokens=0.3 --hfp-frac 1.0 --ramp-frac 0.4   # the hfp recipe of the docs
     python benchmarks/lm_brown.py --quick         # smoke run: tiny model, a few dozen steps (~1-2 min)
     python benchmarks/lm_brown.py --reuse-dense --methods hfp --seeds 0   # rerun one method
     python benchmarks/lm_brown.py --minutes 20    # dense budget in minutes (steps calibrated)
