@@ -260,7 +260,7 @@ def test_paired_times_alternate_the_order_every_round():
 
 def test_recalibrate_latency_scales_the_loss_and_the_finalize_plan(tmp_path, monkeypatch):
     """A machine 1.2x slower (relative) than the model predicts: the loss sees 1.2x the predicted
-    latency, and finalize plans for the target in the model's units (the target / 1.2)."""
+    latency; finalize plans for the target in the model's units (target / scale)."""
     model, x = small_cnn(), torch.randn(2, 3, 32, 32)
     options = fast_options(tmp_path, corrections=0)
     goal = reachable_latency(model, x, options, where=0.9)
@@ -274,10 +274,18 @@ def test_recalibrate_latency_scales_the_loss_and_the_finalize_plan(tmp_path, mon
     assert float(prepared.hfp.latency_scale) == pytest.approx(1.2)
     after = hfp_fx.complexity(prepared)
     assert after["latency"] / after["dense_latency"] == pytest.approx(1.2 * predicted)
+    # a target the scale puts below the model's floor is still finalized (planned unscaled)
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
+    with torch.no_grad():
+        prepared.hfp.latency_scale.fill_(100.0)
+    assert hfp_fx.finalize(prepared).meta["hfp"].latency.predicted_ms <= goal + 1e-9
+    # a machine faster than the model (scale 0.8): finalize plans for the looser goal / 0.8
+    monkeypatch.setattr(hfp_fx.hfp, "measure_latency",
+                        lambda dense, small, *a: (1.0, 0.8 * predicted, 0.8 * predicted))
+    assert hfp_fx.recalibrate_latency(prepared)["scale"] == pytest.approx(0.8)
     monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
     report = hfp_fx.finalize(prepared).meta["hfp"].latency
-    # the plan was made for goal / 1.2 of the model's dense latency
-    assert report.predicted_ms / report.dense_ms <= goal / 1.2 + 1e-9
+    assert goal < report.predicted_ms / report.dense_ms <= min(1.0, goal / 0.8) + 1e-9
     with pytest.raises(ValueError, match="needs a latency model"):
         hfp_fx.recalibrate_latency(hfp_fx.prepare(model, x, {"macs": 0.5}))
 
