@@ -199,7 +199,9 @@ class HFPState(torch.nn.Module):
         direction = per_group.clamp(min=0)
         if not bool((direction > 0).any()):
             return
-        lo, hi = 0.0, float((width / direction.clamp(min=1e-30)).max())
+        moving = direction > 0
+        # the nu at which every group that moves is at width 0 (groups without cost never move)
+        lo, hi = 0.0, float((width[moving] / direction[moving]).max())
         if over(width - hi * direction):
             lo = hi  # even every width at its floor is over: as far as it goes
         for _ in range(40):
