@@ -736,6 +736,13 @@ def parse_args(argv=None):
     return a
 
 
+def resolve_schedule(a) -> None:
+    """Fill in the step counts left to their defaults: warm-ups 5%, fine-tune 25% of the dense steps."""
+    a.warmup = max(1, int(0.05 * a.steps)) if a.warmup is None else a.warmup
+    a.finetune_steps = a.finetune_steps or max(2, int(round(0.25 * a.steps)))
+    a.warmup_finetune = max(1, int(0.05 * a.finetune_steps)) if a.warmup_finetune is None else a.warmup_finetune
+
+
 def git_describe() -> Optional[str]:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -884,9 +891,7 @@ def main(argv=None) -> dict:
     cfg = model_config(a)
     if a.minutes is not None:
         a.steps = calibrate_steps(a, cfg, train)
-    a.warmup = max(1, int(0.05 * a.steps)) if a.warmup is None else a.warmup
-    a.finetune_steps = a.finetune_steps or max(2, int(round(0.25 * a.steps)))
-    a.warmup_finetune = max(1, int(0.05 * a.finetune_steps)) if a.warmup_finetune is None else a.warmup_finetune
+    resolve_schedule(a)
     print(f"data: {data_info['source']}: {data_info['words']:,} words, {data_info['train_bytes']:,} train / "
           f"{data_info['val_bytes']:,} validation bytes ({data_info['val_documents']} documents); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)

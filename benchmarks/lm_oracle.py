@@ -236,9 +236,7 @@ def run(ours, rest) -> dict:
     train, val, info = lm.load_data(a)
     a.data_source, a.train_data = info["source"], train
     cfg = lm.model_config(a)
-    a.warmup = max(1, int(0.05 * a.steps)) if a.warmup is None else a.warmup
-    a.finetune_steps = a.finetune_steps or max(2, int(round(0.25 * a.steps)))
-    a.warmup_finetune = max(1, int(0.05 * a.finetune_steps)) if a.warmup_finetune is None else a.warmup_finetune
+    lm.resolve_schedule(a)
     windows = lm.eval_windows(val, a.seq_len, a.eval_windows)
     dense, _ = lm.get_dense(a, cfg, train)
     dense_eval = lm.evaluate(dense, windows, a.eval_batch)

@@ -40,7 +40,9 @@ import torch.fx
 import torch.nn.functional as F
 
 from hfp_fx.gates import PrunableIndex
+from hfp_fx.passes.edit import pick_input
 from hfp_fx.passes.insert_gates import insert_gates
+from hfp_fx.saliency import mean_one, per_group_scores
 from hfp_fx.tracing import normalize_inputs
 
 __all__ = ["data_saliency", "DATA_IMPORTANCE_KINDS", "CalibrationLoss"]
@@ -63,12 +65,6 @@ def _device_of(gm: torch.nn.Module) -> Optional[torch.device]:
     return None if tensor is None or tensor.device.type == "meta" else tensor.device
 
 
-def _site_input(args: tuple, kwargs: dict, arg) -> Any:
-    if isinstance(arg, tuple):
-        return args[arg[0]][arg[1]]
-    return args[arg] if isinstance(arg, int) else kwargs.get(arg)
-
-
 class _ActivationRecorder(torch.fx.Interpreter):
     """Runs the traced graph and adds each gate site's per-channel mean ``|x|`` into ``scores``."""
 
@@ -80,9 +76,10 @@ class _ActivationRecorder(torch.fx.Interpreter):
             self.sites_of.setdefault(site.node, []).append(site)
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        for site in self.sites_of.get(n.name, ()):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = _site_input(args, kwargs, site.arg)
+        sites = self.sites_of.get(n.name, ())
+        args, kwargs = self.fetch_args_kwargs_from_env(n) if sites else ((), {})
+        for site in sites:
+            x = pick_input(args, kwargs, site.arg)
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 continue
             axis = site.axis % x.dim()
@@ -127,18 +124,6 @@ def default_loss(output: Any, inputs: tuple) -> torch.Tensor:
                      "calibration_loss=lambda output, inputs: <scalar loss>")
 
 
-def _normalised(dg, scores: torch.Tensor, fallback: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    out = {}
-    for g in dg.prunable_groups:
-        s = scores[g.units]
-        if fallback is not None and not bool((s > 0).any()):
-            s = fallback[g.units]
-        if not bool((s > 0).any()):
-            s = torch.ones(g.channels, dtype=torch.float64)
-        out[g.id] = s / s.mean()
-    return out
-
-
 def _activation(dg, calibration: Iterable[Any]) -> Dict[str, torch.Tensor]:
     gm = copy.deepcopy(dg.gm).eval()
     # indexed by unit (``dg.roots`` maps element ids to units); True: sites with a weight
@@ -150,26 +135,26 @@ def _activation(dg, calibration: Iterable[Any]) -> Dict[str, torch.Tensor]:
             recorder.run(*inputs)
             seen += 1
     _check_seen(seen)
-    return _normalised(dg, scores[True] / seen, fallback=scores[False] / seen)
+    return per_group_scores(dg, scores[True] / seen, fallback=scores[False] / seen)
 
 
 def _taylor(dg, calibration: Iterable[Any], loss_fn: Optional[CalibrationLoss]) -> Dict[str, torch.Tensor]:
     index = PrunableIndex.of(dg)
-    probe = _ProbeGates(index, _device_of(dg.gm))
+    device = _device_of(dg.gm)
+    probe = _ProbeGates(index, device)
     gm = insert_gates(dg.facts, probe).eval()  # a copy: dg.gm is left as it is
     for p in gm.parameters():
         p.requires_grad_(p is probe.gates)  # only the gates need gradients
     total = torch.zeros(index.num_channels, dtype=torch.float64)
     seen = 0
-    for inputs in _batches(calibration, _device_of(dg.gm)):
+    for inputs in _batches(calibration, device):
         probe.gates.grad = None
         loss = (loss_fn or default_loss)(gm(*inputs), inputs)
         loss.backward()
         total += probe.gates.grad.detach().double().abs().cpu()
         seen += 1
     _check_seen(seen)
-    return {gid: (s / s.mean() if bool((s > 0).any()) else torch.ones_like(s))
-            for gid, s in index.split_per_group(total / seen).items()}
+    return {gid: mean_one(s) for gid, s in index.split_per_group(total / seen).items()}
 
 
 def _check_seen(seen: int) -> None:

@@ -162,9 +162,8 @@ class WidthGates(GateKind):
         # Integer buffers, so that casting the prepared model (.half()) cannot round them.
         self.register_buffer("rank", rank, persistent=True)
         self.register_buffer("group_size", index.sizes()[self.group_index], persistent=False)
-        self.min_channels = int(min_channels)
         # per position, the fewest channels its group keeps: min_channels, or a group's max_prune floor
-        floor = index.sizes().clamp(max=self.min_channels)
+        floor = index.sizes().clamp(max=int(min_channels))
         if min_kept is not None:
             floor = torch.maximum(floor, torch.minimum(min_kept.to(torch.long), index.sizes()))
         self.register_buffer("floor", floor[self.group_index], persistent=False)

@@ -176,23 +176,14 @@ class HFPState(torch.nn.Module):
         targeted = self.targets > 0
         width = gates.width.detach().double().clamp(0, 1)
 
-        def counts(w: torch.Tensor) -> torch.Tensor:
-            keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=w.device)
-            keep = keep.index_put((self.columns,), gates.kept_for(w).double())
-            params, macs = self.cost.evaluate(keep)
-            return torch.stack([params, macs, self.cost.latency(keep) * 1e6 * self.latency_scale])
-
         def over(w: torch.Tensor) -> bool:
-            return bool(((counts(w) > targets) & targeted).any())
+            return bool(((self.counts_of(self.keep_of(gates.kept_for(w))) > targets) & targeted).any())
 
         if not over(width):
             return
         with torch.enable_grad():
-            keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=width.device)
             kept = gates.kept_for(width).double().requires_grad_(True)
-            params, macs = self.cost.evaluate(keep.index_put((self.columns,), kept))
-            values = torch.stack([params, macs, self.cost.latency(keep.index_put((self.columns,), kept)) * 1e6
-                                  * self.latency_scale])
+            values = self.counts_of(self.keep_of(kept))
             (grad,) = torch.autograd.grad((values / targets.clamp(min=1.0))[targeted].sum(), kept)
         per_group = torch.zeros(self.index.num_groups, dtype=torch.float64, device=grad.device)
         per_group.index_add_(0, gates.group_index, grad)  # = size * mean marginal cost of the group
@@ -217,15 +208,22 @@ class HFPState(torch.nn.Module):
     # -- the complexity loss ------------------------------------------------------------------
     def keep_values(self, soft: bool = True) -> torch.Tensor:
         """Keep value per cost-model column: exact hard counts forward, surrogate gradient."""
-        keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=self.trainable.device)
-        kept = self.gates.keep_surrogate() if soft else self.kept_channels()
+        return self.keep_of(self.gates.keep_surrogate() if soft else self.kept_channels())
+
+    def keep_of(self, kept: torch.Tensor) -> torch.Tensor:
+        """Keep value per cost-model column, from one per prunable channel (fixed channels: 1)."""
+        keep = torch.ones(self.cost.num_units, dtype=torch.float64, device=kept.device)
         return keep.index_put((self.columns,), kept.double())
+
+    def counts_of(self, keep: torch.Tensor) -> torch.Tensor:
+        """``[params, macs, latency in ns]`` of a keep vector; the latency is the model's prediction
+        times ``latency_scale`` (0 without a latency model)."""
+        params, macs = self.cost.evaluate(keep)
+        return torch.stack([params, macs, self.cost.latency(keep) * 1e6 * self.latency_scale])
 
     def counts(self, soft: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(params, macs, latency in ns)``; latency is 0 without a latency model."""
-        keep = self.keep_values(soft)
-        params, macs = self.cost.evaluate(keep)
-        return params, macs, self.cost.latency(keep) * 1e6 * self.latency_scale
+        return tuple(self.counts_of(self.keep_values(soft)).unbind())
 
     def current_lambdas(self) -> torch.Tensor:
         if self.warmup_steps <= 0:
@@ -251,7 +249,7 @@ class HFPState(torch.nn.Module):
         """``sum_X lambda_X * max(0, log(X / X_target)) * U`` over the targeted params/MACs/latency."""
         # Everything stays on the gates' device: no .item()/float() host syncs per step.
         targeted = self.targets > 0
-        ratios = torch.stack(self.counts(soft=True)) / self.current_targets().clamp(min=1.0)
+        ratios = self.counts_of(self.keep_values(soft=True)) / self.current_targets().clamp(min=1.0)
         # psi(r) = max(0, log r), written so r -> 0 cannot produce 0 * inf gradients
         psi = torch.log(torch.clamp(torch.where(targeted, ratios, torch.ones_like(ratios)), min=1.0))
         total = (self.current_lambdas() * psi).sum()
@@ -420,16 +418,12 @@ def complexity(prepared: torch.nn.Module) -> Dict[str, float]:
     """Current hard (exact) and soft params/MACs, targets and ratios."""
     hfp: HFPState = _unwrap(prepared).hfp
     with torch.no_grad():
-        hp, hm = hfp.cost.evaluate(hfp.keep_values(soft=False))
-        soft = hfp.gates.soft_keep()
-        soft_keep = torch.ones(hfp.cost.num_units, dtype=torch.float64, device=soft.device).index_put(
-            (hfp.columns,), soft.double())
-        sp, sm = hfp.cost.evaluate(soft_keep)
+        hp, hm, hard_ns = hfp.counts_of(hfp.keep_values(soft=False)).tolist()
+        sp, sm, soft_ns = hfp.counts_of(hfp.keep_of(hfp.gates.soft_keep())).tolist()
         current = hfp.current_targets().tolist()
         kept = int(hfp.kept_channels().sum())
         scale = float(hfp.latency_scale)
-        hard_latency = float(hfp.cost.latency(hfp.keep_values(soft=False))) * scale
-        soft_latency = float(hfp.cost.latency(soft_keep)) * scale
+        hard_latency, soft_latency = hard_ns * 1e-6, soft_ns * 1e-6
     out = {"params": int(round(float(hp))), "macs": int(round(float(hm))), "params_soft": float(sp),
            "macs_soft": float(sm), "dense_params": hfp.dense.params, "dense_macs": hfp.dense.macs,
            "kept_channels": kept, "prunable_channels": hfp.num_channels}

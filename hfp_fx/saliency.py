@@ -18,11 +18,11 @@ channels compare across groups.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
-__all__ = ["magnitude_saliency", "IMPORTANCE_KINDS"]
+__all__ = ["magnitude_saliency", "IMPORTANCE_KINDS", "mean_one", "per_group_scores"]
 
 IMPORTANCE_KINDS = ("l1", "l2", "uniform")
 
@@ -41,12 +41,22 @@ def magnitude_saliency(dg, importance: str = "l1") -> Dict[str, torch.Tensor]:
         flat = w.detach().double().cpu().transpose(0, s.dim).reshape(w.shape[s.dim], -1)
         per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
         scores[s.role].index_add_(0, roots[s.ids], per)
+    return per_group_scores(dg, scores["out"], scores["in"], uniform=importance == "uniform")
+
+
+def mean_one(s: torch.Tensor) -> torch.Tensor:
+    """``s`` divided by its mean; all ones where ``s`` has no positive entry (nothing to rank by)."""
+    return s / s.mean() if bool((s > 0).any()) else torch.ones_like(s)
+
+
+def per_group_scores(dg, scores: torch.Tensor, fallback: Optional[torch.Tensor] = None,
+                     uniform: bool = False) -> Dict[str, torch.Tensor]:
+    """Per prunable group, the per-unit ``scores`` of its channels (``fallback``'s where a group
+    has no positive score), divided by their group's mean (:func:`mean_one`)."""
     out = {}
     for g in dg.prunable_groups:
-        s = scores["out"][g.units]
-        if not bool((s > 0).any()):
-            s = scores["in"][g.units]
-        if importance == "uniform" or not bool((s > 0).any()):
-            s = torch.ones(g.channels, dtype=torch.float64)
-        out[g.id] = s / s.mean()
+        s = scores[g.units]
+        if fallback is not None and not bool((s > 0).any()):
+            s = fallback[g.units]
+        out[g.id] = mean_one(torch.zeros_like(s) if uniform else s)
     return out

@@ -7,7 +7,7 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
-__all__ = ["input_of", "replace_input", "scale_input"]
+__all__ = ["input_of", "pick_input", "replace_input", "scale_input"]
 
 
 ArgKey = Union[int, str, Tuple[int, int]]
@@ -16,9 +16,15 @@ ArgKey = Union[int, str, Tuple[int, int]]
 def input_of(node: Node, arg: ArgKey):
     """Positional argument ``arg`` (int), keyword argument ``arg`` (str), or item ``j`` of the list
     argument ``i`` (``arg == (i, j)``: ``aten.einsum(equation, [x, y])``) of ``node``."""
+    return pick_input(node.args, node.kwargs, arg)
+
+
+def pick_input(args, kwargs, arg: ArgKey):
+    """What :func:`input_of` picks, from an ``(args, kwargs)`` pair: a node's, or the values an
+    ``Interpreter`` fetched for them."""
     if isinstance(arg, tuple):
-        return node.args[arg[0]][arg[1]]
-    return node.args[arg] if isinstance(arg, int) else node.kwargs[arg]
+        return args[arg[0]][arg[1]]
+    return args[arg] if isinstance(arg, int) else kwargs[arg]
 
 
 def replace_input(node: Node, arg: ArgKey, new: Node) -> None:
