@@ -28,7 +28,7 @@ import torchvision
 
 import hfp_fx
 
-sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: benchmarks/transformers.py must not shadow the package
+sys.path.append(str(Path(__file__).resolve().parent))  # its sibling modules, however it is loaded
 from vs_torch_pruning import build, err_text, input_size, progress, warmup_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

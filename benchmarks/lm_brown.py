@@ -91,7 +91,6 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import tarfile
 import time
 import warnings
@@ -100,10 +99,7 @@ from typing import Dict, List, Optional, Tuple
 
 # OpenMP threads that sleep instead of spin when idle (a shared 2-core machine)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# run as a script, this folder comes first on sys.path, and its transformers.py (the ViT/Swin
-# benchmark) would shadow the transformers package
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

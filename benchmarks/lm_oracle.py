@@ -30,13 +30,11 @@ import copy
 import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # see lm_brown.py
 
 import torch  # noqa: E402
 

@@ -80,7 +80,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: benchmarks/transformers.py must not shadow the package
+sys.path.append(str(Path(__file__).resolve().parent))  # its sibling modules, however it is loaded
 import fashion_mnist as fm  # noqa: E402
 
 import hfp_fx  # noqa: E402

@@ -45,7 +45,7 @@ def _unique_params(model: torch.nn.Module) -> int:
 
 
 def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Sequence[str] = (),
-                     rules: Optional[OpRegistry] = None, capture: str = "fx") -> DependencyGraph:
+                     rules: Optional[OpRegistry] = None, capture: str = "auto") -> DependencyGraph:
     """Trace ``model`` and group its channels into prune groups.
 
     ``exclude`` names submodules (qualified names, e.g. ``"layer4"``) whose channels must never
@@ -53,9 +53,10 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
     ``hfp_fx.passes.registry.DEFAULT_RULES``); pass ``default_rules()`` extended with your own
     handlers to teach hfp_fx an op for this call only.
 
-    ``capture``: ``"fx"`` (symbolic tracing, the default), ``"export"`` (``torch.export``, an
-    ATen graph; Hugging Face models as they are) or ``"auto"`` (export for Hugging Face models,
-    else tracing with export as the fallback); see :func:`hfp_fx.tracing.capture`.
+    ``capture``: ``"auto"`` (the default: ``torch.export`` for Hugging Face models, else symbolic
+    tracing, with export as the fallback when tracing fails, so a traceable model's graph is the
+    one ``"fx"`` gives), ``"fx"`` (symbolic tracing only) or ``"export"`` (``torch.export``, an
+    ATen graph); see :func:`hfp_fx.tracing.capture`.
     ``example_inputs``: a tensor, a tuple of tensors or a dict of keyword tensors
     (``{"input_ids": ids}``); the captured graph takes them positionally.
     """
@@ -92,7 +93,7 @@ def _is_aten_graph(model: torch.nn.Module) -> bool:
         isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes if n.op == "call_function")
 
 
-def count(model: torch.nn.Module, example_inputs: Any, capture: str = "fx") -> Counts:
+def count(model: torch.nn.Module, example_inputs: Any, capture: str = "auto") -> Counts:
     """Parameters (``sum(p.numel())``, shared tensors once) and MACs (``torch.utils.flop_counter`` / 2).
 
     MACs are counted on ``meta`` tensors, so this costs no compute and touches no state.  The
@@ -136,7 +137,7 @@ def count(model: torch.nn.Module, example_inputs: Any, capture: str = "fx") -> C
 
 
 def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
-         rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
+         rules: Optional[OpRegistry] = None, capture: str = "auto") -> torch.fx.GraphModule:
     """Same shapes as ``model``; the channels not in ``keep`` contribute exactly zero.
 
     ``keep`` maps a prune group id to the sorted channel indices to keep; groups not named are
@@ -148,7 +149,7 @@ def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = N
 
 
 def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
-           rules: Optional[OpRegistry] = None, capture: str = "fx") -> torch.fx.GraphModule:
+           rules: Optional[OpRegistry] = None, capture: str = "auto") -> torch.fx.GraphModule:
     """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes."""
     dg = model if isinstance(model, DependencyGraph) else dependency_graph(
         model, example_inputs, rules=rules, capture=capture)

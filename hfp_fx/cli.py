@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("spec", help="torchvision:NAME, timm:NAME, path/to/file.py:factory or package.module:factory")
         p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224 (default: the model's)")
-        p.add_argument("--capture", choices=["fx", "export", "auto"], default="fx",
-                       help="capture the model with torch.fx tracing (default), torch.export, or auto")
+        p.add_argument("--capture", choices=["fx", "export", "auto"], default="auto",
+                       help="how the model is captured: auto (default; torch.fx tracing, torch.export for "
+                            "Hugging Face models or when tracing fails), fx or export")
         p.set_defaults(func=fn)
         return p
 

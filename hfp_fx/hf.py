@@ -1,17 +1,23 @@
-"""Back to Hugging Face: a pruned Llama-style model as a ``PreTrainedModel`` with a smaller config.
+"""Back to Hugging Face: a pruned decoder as a ``PreTrainedModel`` of its own class, smaller config.
 
 A pruned model from ``hfp_fx.prune`` / ``finalize`` (captured with ``torch.export``) computes its
 RMSNorms over the kept hidden channels ``d'`` with the statistics of the original width ``d``:
 ``x * rsqrt(sum(x^2) / d + eps) * w``.  A standard RMSNorm over ``d'`` computes the same with
-``eps' = eps * d / d'`` and ``w' = w * sqrt(d / d')``, so the pruned weights fit the model's own
-class with ``hidden_size = d'``, ``rms_norm_eps = eps'``, the kept ``intermediate_size``,
-``num_attention_heads`` and ``num_key_value_heads``, and ``head_dim`` written out (it does not
-change).  One configuration needs one width per kind of layer: prune with ``uniform_blocks=True``.
+``eps' = eps * d / d'`` and ``w' = w * sqrt(d / d')`` (Gemma's ``1 + w`` scale: ``1 + w' =
+(1 + w) * sqrt(d / d')``), so the pruned weights fit the model's own class with ``hidden_size =
+d'``, ``rms_norm_eps = eps'``, the kept ``intermediate_size``, ``num_attention_heads`` and
+``num_key_value_heads``, and ``head_dim`` written out (it does not change).  Gemma, which scales
+its embeddings by ``sqrt(hidden_size)``, takes another exact route (see ``_weights``).  One configuration
+needs one width per kind of layer: prune with ``uniform_blocks=True``.
 
-transformers' configs also want ``hidden_size`` to be a multiple of ``num_attention_heads``.
-:func:`config_fit` turns that into a :data:`~hfp_fx.projection.Fit` for the budget projection:
-``prune(..., uniform_blocks=True)`` and ``prepare(..., uniform_blocks=True)`` -> ``finalize`` pass
-it for such a model, so the pruned hidden size is always one the config accepts.
+A LayerNorm over pruned channels keeps the original width's mean and variance, which no LayerNorm
+of the smaller width computes: on LayerNorm decoders (GPT-2, GPT-NeoX, OPT, Phi, StableLM)
+``uniform_blocks=True`` keeps the residual stream whole, and the heads too where the config
+derives the head dim from the hidden size, so the result always loads.
+
+Every family is described by a :class:`DecoderLayout` (:data:`LAYOUTS`): where its norms, heads
+and MLP live and which config fields hold their widths.  :func:`to_pretrained` runs the model it
+returns against the pruned graph and raises if they differ.
 
 Example (needs ``transformers``)::
 
@@ -19,18 +25,19 @@ Example (needs ``transformers``)::
     >>> cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
     ...                                num_attention_heads=6, num_key_value_heads=2)
     >>> model, ids = transformers.LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (1, 8))
-    >>> dg = hfp_fx.dependency_graph(model, ids, capture="export")
+    >>> dg = hfp_fx.dependency_graph(model, ids)
     >>> keep = {g.id: range(g.channels // 2) for g in dg.prunable_groups}  # the same half everywhere
     >>> small = hfp_fx.shrink(dg, keep=keep)
-    >>> hf = hfp_fx.to_pretrained(small, like=model)
+    >>> hf = hfp_fx.to_pretrained(small, like=model)  # checks hf against small on random ids
     >>> torch.allclose(hf(ids).logits, small(ids), atol=1e-4)
     True
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import math
-import re
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
@@ -38,22 +45,106 @@ import torch
 
 from hfp_fx.export_capture import is_hugging_face
 
-__all__ = ["to_pretrained", "config_fit", "ConfigFit"]
+__all__ = ["to_pretrained", "config_fit", "ConfigFit", "DecoderLayout", "LAYOUTS", "layout_of"]
 
-#: RMSNorms over the hidden size (the residual stream) in Llama-style decoders
-_STREAM_NORMS = re.compile(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$")
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where a decoder family keeps the tensors whose widths its config records.
+
+    Parameter names are relative to ``layer`` (``"model.layers.{}."``) except ``final_norm``;
+    the experts of a mixture-of-experts layer are one 3-d parameter each for their fused
+    gate/up and down projections, with one width for all (whole experts are not pruned).
+    ``attention``: the parameter whose ``attention_dim`` holds every kept head's rows (a separate
+    ``q_proj`` or a fused q/k/v projection) and ``kv``: the key projection's (``None`` when fused:
+    the kept key/value heads are then computed from the fused rows).
+    """
+
+    norm: str  #: "rms" (``x * w``), "rms_1p" (Gemma's ``x * (1 + w)``) or "layer" (LayerNorm)
+    final_norm: str  #: the norm over the residual stream at the end, e.g. ``"model.norm.weight"``
+    layer: str = "model.layers.{}."
+    attention: Tuple[str, int] = ("self_attn.q_proj.weight", 0)
+    kv: Optional[Tuple[str, int]] = ("self_attn.k_proj.weight", 0)
+    #: per MLP width the config holds: (parameter, dim, parts (a fused gate/up: 2), config field);
+    #: mixture-of-experts models have the experts' width and a shared expert's
+    mlps: Tuple[Tuple[str, int, int, str], ...] = (("mlp.gate_proj.weight", 0, 1, "intermediate_size"),)
+    head_dim_in_config: bool = True  #: the config sets ``head_dim`` (else hidden_size / heads: heads stay whole)
+    fused_qkv: bool = False  #: ``attention`` holds q, k and v rows (Phi-3)
+    #: embeddings times sqrt(hidden_size) taken from the config (Gemma): the smaller model runs
+    #: the whole residual stream at ``sqrt(d' / d)`` of the pruned graph's scale (see ``_weights``)
+    embed_scale: bool = False
+    #: norms that read the residual stream (rescaled with it), matched on the parameter name's end
+    stream_norms: Tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    #: norms of a sublayer's output before it is added to the stream (Gemma2/3's post-norms)
+    post_norms: Tuple[str, ...] = ()
+    #: the projections that write into the residual stream (weights and biases)
+    writers: Tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    #: the widths of the stream and the MLPs are multiples of this (experts: ``torch._grouped_mm``)
+    align: int = 1
+    #: RMSNorms of the queries / keys: (norm weight, the projection it normalises, whether it
+    #: spans all heads' rows as OLMo2's does, not one head's as Qwen3's and Gemma3's)
+    qk_norms: Tuple[Tuple[str, str, bool], ...] = ()
+
+
+_LLAMA = DecoderLayout("rms", "model.norm.weight")
+_PER_HEAD_QK = (("self_attn.q_norm.weight", "self_attn.q_proj", False), ("self_attn.k_norm.weight", "self_attn.k_proj",
+                                                                         False))
+_GEMMA2_NORMS = dict(stream_norms=("input_layernorm.weight", "pre_feedforward_layernorm.weight"),
+                     post_norms=("post_attention_layernorm.weight", "post_feedforward_layernorm.weight"))
+
+#: ``config.model_type`` -> layout; a family missing here is refused by name
+LAYOUTS: Dict[str, DecoderLayout] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "granite": _LLAMA,
+    "qwen3": DecoderLayout("rms", "model.norm.weight", qk_norms=_PER_HEAD_QK),
+    "gemma": DecoderLayout("rms_1p", "model.norm.weight", embed_scale=True),
+    "gemma2": DecoderLayout("rms_1p", "model.norm.weight", embed_scale=True, **_GEMMA2_NORMS),
+    "gemma3_text": DecoderLayout("rms_1p", "model.norm.weight", embed_scale=True, qk_norms=_PER_HEAD_QK,
+                                 **_GEMMA2_NORMS),
+    "olmo2": DecoderLayout("rms", "model.norm.weight", stream_norms=(
+        "post_attention_layernorm.weight", "post_feedforward_layernorm.weight"),
+        qk_norms=tuple((norm, proj, True) for norm, proj, _ in _PER_HEAD_QK)),
+    "phi3": DecoderLayout("rms", "model.norm.weight", attention=("self_attn.qkv_proj.weight", 0), kv=None,
+                          fused_qkv=True, mlps=(("mlp.gate_up_proj.weight", 0, 2, "intermediate_size"),)),
+    "phi": DecoderLayout("layer", "model.final_layernorm.weight", mlps=(("mlp.fc1.weight", 0, 1, "intermediate_size"),)),
+    "stablelm": DecoderLayout("layer", "model.norm.weight", head_dim_in_config=False),
+    "gpt_neox": DecoderLayout("layer", "gpt_neox.final_layer_norm.weight", layer="gpt_neox.layers.{}.",
+                              attention=("attention.query_key_value.weight", 0), kv=None,
+                              mlps=(("mlp.dense_h_to_4h.weight", 0, 1, "intermediate_size"),),
+                              head_dim_in_config=False),
+    "gpt2": DecoderLayout("layer", "transformer.ln_f.weight", layer="transformer.h.{}.",
+                          attention=("attn.c_attn.weight", 1), kv=None, mlps=(("mlp.c_fc.weight", 1, 1, "n_inner"),),
+                          head_dim_in_config=False),
+    "opt": DecoderLayout("layer", "model.decoder.final_layer_norm.weight", layer="model.decoder.layers.{}.",
+                         mlps=(("fc1.weight", 0, 1, "ffn_dim"),), head_dim_in_config=False),
+    "mixtral": DecoderLayout("rms", "model.norm.weight", mlps=(("mlp.experts.gate_up_proj", 1, 2, "intermediate_size"),),
+                             align=8),
+    "qwen2_moe": DecoderLayout("rms", "model.norm.weight", align=8, mlps=(
+        ("mlp.experts.gate_up_proj", 1, 2, "moe_intermediate_size"),
+        ("mlp.shared_expert.gate_proj.weight", 0, 1, "shared_expert_intermediate_size"))),
+    "qwen3_moe": DecoderLayout("rms", "model.norm.weight", qk_norms=_PER_HEAD_QK, align=8, mlps=(
+        ("mlp.experts.gate_up_proj", 1, 2, "moe_intermediate_size"),)),
+}
+
+
+def layout_of(model: torch.nn.Module) -> Optional[DecoderLayout]:
+    """The :class:`DecoderLayout` of a Hugging Face decoder, ``None`` for any other model."""
+    config = getattr(model, "config", None)
+    if not is_hugging_face(model) or config is None:
+        return None
+    return LAYOUTS.get(str(getattr(config, "model_type", "")))
 
 
 @dataclass(frozen=True)
 class ConfigFit:
-    """The widths a Llama-style config can express: ``hidden_size`` a multiple of the kept query heads.
+    """The widths a decoder's config can express: ``hidden_size`` a multiple of the kept query heads.
 
     A :data:`~hfp_fx.projection.Fit`: called with the planned count of every prunable group, it
     lowers the residual stream group ``hidden`` to the largest multiple of ``kv x queries_per_kv``
     (``kv``: the kept key/value heads, equal in every layer), and only if no such width is
     allowed (fewer hidden channels than heads, ``min_channels``, ``round_to``) keeps fewer
-    key/value groups.  Groups not in ``kept`` are fixed at their dense size.  Plain data, so a
-    prepared model can carry it to ``finalize``.
+    key/value groups.  Groups not in ``kept`` are fixed at their dense size.  ``whole``: groups
+    the config cannot shrink at all (a LayerNorm model's stream), held at their dense size by
+    :meth:`raise_floors`.  Plain data, so a prepared model can carry it to ``finalize``.
 
         >>> fit = ConfigFit(hidden="g0", hidden_size=48, kv_groups=("g1", "g3"), kv_heads=2, queries_per_kv=3)
         >>> fit({"g0": 25, "g1": 2, "g3": 2, "g2": 40}, lambda gid, n: n >= 1)
@@ -67,119 +158,204 @@ class ConfigFit:
     kv_groups: Tuple[str, ...]  #: per layer, the group id of its key/value heads
     kv_heads: int  #: their dense count
     queries_per_kv: int  #: query heads per key/value head
+    whole: Tuple[Tuple[str, int], ...] = ()  #: (group id, dense channels) that must stay whole
+    why_whole: str = ""  #: what ``whole`` is for, for messages
+    #: groups whose counts must be multiples of ``align`` (the stream and the experts' widths of a
+    #: mixture-of-experts model: ``torch._grouped_mm`` wants 16-byte strides)
+    aligned: Tuple[str, ...] = ()
+    align: int = 1
+
+    @property
+    def round_to_of(self) -> Dict[str, int]:
+        """Per group id, the multiple its count must be (read by the projection from the start)."""
+        return {g: self.align for g in self.aligned}
 
     def raise_floors(self, min_kept: Mapping[str, int]) -> Dict[str, int]:
-        """``min_kept`` with the stream's floor raised to a multiple of the dense query heads.
+        """``min_kept`` with the stream's floor raised to a multiple of the dense query heads, and
+        the ``whole`` groups at their dense size.
 
         The fit only lowers the hidden size to a multiple of the kept heads; a floor just above
         such a multiple (``max_prune``) would leave it no width but one with fewer key/value heads.
 
             >>> ConfigFit("g0", 256, ("g1",), 2, 2).raise_floors({"g0": 154, "g2": 10})
             {'g0': 156, 'g2': 10}
+            >>> ConfigFit("g0", 256, ("g1",), 2, 2, whole=(("g0", 256),)).raise_floors({})
+            {'g0': 256}
         """
         out = dict(min_kept)
         if self.hidden in out:
             heads = self.kv_heads * self.queries_per_kv
             out[self.hidden] = min(self.hidden_size, -(-out[self.hidden] // heads) * heads)
+        out.update(dict(self.whole))
         return out
 
     def __call__(self, kept: Dict[str, int], allowed: Callable[[str, int], bool]) -> Mapping[str, int]:
+        out = self._fit_heads(kept, allowed)
+        if out is None:
+            return {}
+        for g in self.aligned:
+            if g == self.hidden or g not in kept:
+                continue
+            n = kept[g] - kept[g] % self.align
+            while n > 0 and not allowed(g, n):
+                n -= self.align
+            if n <= 0:
+                return {}
+            if n != kept[g]:
+                out[g] = n
+        return out
+
+    def _fit_heads(self, kept: Dict[str, int], allowed: Callable[[str, int], bool]) -> Optional[Dict[str, int]]:
         hidden = kept.get(self.hidden, self.hidden_size)
         counts = {kept.get(g, self.kv_heads) for g in self.kv_groups} or {self.kv_heads}
         if len(counts) != 1:
-            return {}  # layers with different heads: no config fits (to_pretrained says why)
+            return None  # layers with different heads: no config fits (to_pretrained says why)
         kv = counts.pop()
         for k in range(kv, 0, -1):
             if k < kv and not all(g in kept and allowed(g, k) for g in self.kv_groups):
                 continue
             heads = k * self.queries_per_kv
-            for n in range(hidden - hidden % heads, 0, -heads):
+            step = math.lcm(heads, self.align) if self.hidden in self.aligned else heads
+            for n in range(hidden - hidden % step, 0, -step):
                 if n == hidden or self.hidden in kept and allowed(self.hidden, n):
                     out = {g: k for g in self.kv_groups if g in kept}
                     if self.hidden in kept:
                         out[self.hidden] = n
                     return out
-        return {}
+        return None
 
 
 def config_fit(model: torch.nn.Module, dg) -> Optional[ConfigFit]:
-    """The :class:`ConfigFit` of a Llama-style Hugging Face ``model`` (the decoders
-    :func:`to_pretrained` supports) analysed as ``dg``; ``None`` for any other model.
+    """The :class:`ConfigFit` of a Hugging Face decoder with a known :class:`DecoderLayout`
+    (:data:`LAYOUTS`) analysed as ``dg``; ``None`` for any other model.
 
-    Recognised by class and config attributes (transformers is never imported): a
-    ``PreTrainedModel`` whose config has ``rms_norm_eps``, and groups holding ``model.norm.weight``
-    (the residual stream) and every layer's ``self_attn.k_proj.weight`` rows (its key/value heads).
+    Found from the layout's names (transformers is never imported): the group holding the final
+    norm's channels is the residual stream, and each layer's attention rows belong to its
+    key/value group.  On a LayerNorm model the stream is held whole, and so are the heads where
+    the config derives the head dim from the hidden size; a warning says so.
     """
+    layout = layout_of(model)
     config = getattr(model, "config", None)
-    if not is_hugging_face(model) or getattr(config, "rms_norm_eps", None) is None:
+    if layout is None:
         return None
-    heads = getattr(config, "num_attention_heads", None)
-    layers = getattr(config, "num_hidden_layers", None)
-    hidden_size = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    hidden_size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if not (heads and layers and hidden_size):
         return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if getattr(config, "multi_query", False):
+        kv_heads = 1
 
-    def owner(param: str, dim: int):
-        return next((g for g in dg.groups if any(m.target == param and m.dim == dim for m in g.members)), None)
+    def owners(param: str, dim: int):
+        return [g for g in dg.groups if any(m.target == param and m.dim == dim for m in g.members)]
 
-    stream = owner("model.norm.weight", 0)
-    kv = [owner(f"model.layers.{i}.self_attn.k_proj.weight", 0) for i in range(layers)]
-    if stream is None or stream.channels != hidden_size or any(g is None or g.channels != kv_heads for g in kv):
+    stream = next(iter(owners(layout.final_norm, 0)), None)
+    name, dim = layout.attention
+    per_layer = [owners(layout.layer.format(i) + name, dim) for i in range(layers)]
+    if stream is None or stream.channels != hidden_size or not all(per_layer):
         return None
-    return ConfigFit(stream.id, hidden_size, tuple(g.id for g in kv), kv_heads, heads // kv_heads)
+    kv = [gs[0] for gs in per_layer]
+    whole = []
+    if layout.norm == "layer":
+        whole.append((stream.id, hidden_size))
+        if not layout.head_dim_in_config:  # the heads stay whole too: no count of them to fit
+            whole += sorted({(g.id, g.channels) for gs in per_layer for g in gs})
+            kv = []
+        warnings.warn(f"{type(model).__name__} normalises with LayerNorm, which no smaller config reproduces: "
+                      f"uniform_blocks=True keeps its residual stream{' whole' if kv else ' and heads whole'} and "
+                      f"prunes {'the heads and ' if kv else ''}the MLP, so hfp_fx.to_pretrained can load the result",
+                      stacklevel=3)
+    if any(len(gs) != 1 or gs[0].channels != kv_heads for gs in per_layer[:len(kv)]):
+        return None
+    aligned: Tuple[str, ...] = ()
+    if layout.align > 1:
+        experts = [g.id for name, dim, _, _ in layout.mlps for i in range(layers)
+                   for g in owners(layout.layer.format(i) + name, dim)]
+        aligned = (stream.id, *dict.fromkeys(experts))
+    return ConfigFit(stream.id, hidden_size, tuple(g.id for g in kv), kv_heads, heads // kv_heads, tuple(whole),
+                     "LayerNorm" if whole else "", aligned, layout.align)
 
 
-def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Module:
-    """A model of ``like``'s class and configuration, resized to ``small``'s widths, holding its weights.
+# --------------------------------------------------------------------------------- to_pretrained
+def _width(state: Mapping[str, torch.Tensor], key: str, dim: int, layers: int) -> int:
+    sizes = {tuple(state[key.format(i)].shape)[dim] for i in range(layers)}
+    if len(sizes) != 1:
+        raise ValueError(f"the layers of the pruned model have different widths for {key.format('#')} "
+                         f"({sorted(sizes)}); prune with uniform_blocks=True to fit one configuration")
+    return sizes.pop()
 
-    ``like`` is the dense model that was pruned; ``small`` the pruned GraphModule.  Supported:
-    decoders whose config has ``rms_norm_eps`` and Llama's layer names (Llama, Qwen2, Mistral, ...).
-    LayerNorm models (GPT-2, BERT) raise: a pruned LayerNorm keeps the original width's mean and
-    variance, which no LayerNorm of the smaller width computes.  A hidden size that is not a
-    multiple of the kept heads warns: the model runs, but transformers refuses to save its config.
+
+def _pruned_config(config, layout: DecoderLayout, state, dense_state):
+    """``config`` with the pruned widths, the kept stream's share ``d'/d`` and the kept heads' share."""
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden_size = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    hidden = state[layout.final_norm].shape[0]
+    if layout.norm == "layer" and hidden != hidden_size:
+        raise ValueError(f"the pruned {config.model_type} model keeps {hidden} of {hidden_size} residual-stream "
+                         "channels under LayerNorm, which keeps the original width's mean and variance and no "
+                         "config of the smaller width computes; prune with uniform_blocks=True, which keeps the "
+                         "stream whole on LayerNorm models")
+    new = copy.deepcopy(config)
+    layer = layout.layer
+    for mlp_name, mlp_dim, parts, config_field in layout.mlps:
+        setattr(new, config_field, _width(state, layer + mlp_name, mlp_dim, layers) // parts)
+    attention, attention_dim = layout.attention
+    rows = _width(state, layer + attention, attention_dim, layers)
+    dense_rows = dense_state[layer.format(0) + attention].shape[attention_dim]
+    head_share = rows / dense_rows  # kept heads / heads (whole GQA groups go)
+    if not layout.head_dim_in_config:
+        if rows != dense_rows:
+            raise ValueError(f"{config.model_type}'s config derives the head dim from hidden_size / heads, so it "
+                             "cannot express fewer heads; prune with uniform_blocks=True, which keeps them whole")
+    else:
+        head_dim = getattr(config, "head_dim", None) or hidden_size // heads
+        kv_kept = kv_heads * rows // dense_rows
+        new.num_attention_heads = heads * rows // dense_rows
+        if hasattr(config, "num_key_value_heads"):
+            new.num_key_value_heads = kv_kept
+        if layout.kv is not None:
+            k_rows = _width(state, layer + layout.kv[0], layout.kv[1], layers)
+            if k_rows != kv_kept * head_dim:
+                raise ValueError(f"the pruned key projections keep {k_rows} rows, not {kv_kept} whole heads")
+        new.head_dim = head_dim
+    if layout.norm != "layer":
+        new.hidden_size = hidden
+        if not layout.embed_scale:  # a stream at sqrt(d'/d) of the scale needs the original eps
+            new.rms_norm_eps = config.rms_norm_eps * hidden_size / hidden
+    return new, hidden_size / hidden, head_share
+
+
+def _weights(model, layout: DecoderLayout, state, dense_state, stream_factor: float, head_share: float):
+    """``model``'s state dict from the pruned graph's tensors, the norms rescaled.
+
+    The pruned graph's RMSNorms over the stream compute ``x * rsqrt(sum(x^2) / d + eps) * w`` over
+    ``d'`` channels.  Two exact ways to get that from a standard RMSNorm over ``d'``:
+
+    * eps ``eps * d / d'`` and weight ``w * sqrt(d / d')`` (every family but Gemma);
+    * Gemma scales its embeddings by ``sqrt(hidden_size)`` of the config, ``sqrt(d')`` now: the
+      smaller model carries the stream divided by ``c = sqrt(d / d')``, which makes
+      ``sum(u^2) / d' = sum(x^2) / d`` so the eps stays and the norms that read the stream take
+      ``1 + w' = (1 + w) * c``; the projections that write into the stream are divided by ``c``
+      (a post-norm's input with them, so its weight stays).  The embedding stays tied.
+
+    One config ``rms_norm_eps`` serves every norm.  A q/k norm needs its own eps (its width's
+    dense / kept share ``r`` times the original, ``r = 1`` per head); an RMSNorm is blind to its
+    input's scale but for eps, so scaling the projection it normalises by ``sqrt(e / r)``
+    (``e``: the config eps over the original) turns the config's eps into the one it needs.
     """
-    if not is_hugging_face(like):
-        raise TypeError(f"to_pretrained expects the dense transformers model as `like`, got {type(like).__name__}")
-    config = like.config
-    if getattr(config, "rms_norm_eps", None) is None:
-        raise ValueError(f"{type(like).__name__} normalises with LayerNorm: its pruned norms keep the statistics of "
-                         f"the original hidden size {config.hidden_size}, which its config cannot express")
-    if str(getattr(config, "model_type", "")).startswith("gemma"):
-        raise ValueError(f"{type(like).__name__} scales its RMSNorm by (1 + weight); not supported yet")
-    state = small.state_dict()
-    dense_state = like.state_dict()
-    layers = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-    def width(key: str, dim: int) -> int:
-        sizes = {tuple(state[key.format(i)].shape)[dim] for i in range(layers)}
-        if len(sizes) != 1:
-            raise ValueError(f"the layers of the pruned model have different widths for {key.format('#')} "
-                             f"({sorted(sizes)}); prune with uniform_blocks=True to fit one configuration")
-        return sizes.pop()
-
-    prefix = "model.layers.{}."
-    hidden = state["model.norm.weight"].shape[0]
-    new_config = copy.deepcopy(config)
-    new_config.hidden_size = hidden
-    new_config.intermediate_size = width(prefix + "mlp.gate_proj.weight", 0)
-    new_config.num_attention_heads = width(prefix + "self_attn.q_proj.weight", 0) // head_dim
-    new_config.num_key_value_heads = width(prefix + "self_attn.k_proj.weight", 0) // head_dim
-    new_config.head_dim = head_dim
-    new_config.rms_norm_eps = config.rms_norm_eps * config.hidden_size / hidden
-    factor = math.sqrt(config.hidden_size / hidden)
-    try:  # transformers 5 validates a config when it is built or saved, not when a field is set
-        validate = getattr(new_config, "validate", None)
-        if callable(validate):
-            validate()
-        model = type(like)(new_config)
-    except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
-        raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths (hidden_size {hidden}, "
-                         f"{new_config.num_attention_heads} heads): {exc}. Prune with uniform_blocks=True "
-                         "(prune, or prepare -> finalize), which keeps hidden_size a multiple of the kept "
-                         "heads (hfp_fx.hf.config_fit), or shrink with a keep that does") from exc
-    weights: Dict[str, torch.Tensor] = {}
+    c = math.sqrt(stream_factor)
+    eps_factor = 1.0 if layout.embed_scale else stream_factor
+    factors: Dict[str, float] = {}  # parameter name suffix -> factor
+    for norm, proj, over_heads in layout.qk_norms:
+        r = 1 / head_share if over_heads else 1.0
+        factors[norm] = math.sqrt(r)
+        factors[proj + ".weight"] = factors[proj + ".bias"] = math.sqrt(eps_factor / r)
+    if layout.embed_scale:
+        factors.update({f"{w}.{p}": 1 / c for w in layout.writers for p in ("weight", "bias")})
+    out: Dict[str, torch.Tensor] = {}
     for key in model.state_dict():
         value = state.get(key)
         if value is None:  # a tied tensor the pruned graph holds under its other name
@@ -189,6 +365,112 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module) -> torch.nn.Mod
             if alias is None:
                 raise ValueError(f"the pruned model has no tensor for {key}")
             value = state[alias]
-        weights[key] = value * factor if _STREAM_NORMS.search(key) else value
-    model.load_state_dict(weights, strict=True)
-    return model.train(small.training)
+        factor = 1.0
+        if layout.norm != "layer" and (key == layout.final_norm or key.endswith(layout.stream_norms)):
+            factor = c
+        else:
+            factor = next((f for suffix, f in factors.items() if key.endswith(suffix)), 1.0)
+        if factor != 1.0:
+            is_norm = key.endswith("norm.weight")
+            value = (1 + value) * factor - 1 if is_norm and layout.norm == "rms_1p" else value * factor
+        out[key] = value
+    return out
+
+
+def _example_for(small: torch.fx.GraphModule, vocab_size: int, seed: int = 0):
+    """Random inputs of the shapes the (shape-specialised) pruned graph was captured with."""
+    gen = torch.Generator().manual_seed(seed)
+    names, values = [], []
+    for node in small.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"cannot check the pruned graph: its input {node.name} has no recorded shape; pass "
+                             "example_inputs=")
+        if val.dtype.is_floating_point:
+            values.append(torch.randn(tuple(val.shape), generator=gen).to(val.dtype))
+        elif "mask" in node.name:
+            values.append(torch.ones(tuple(val.shape), dtype=val.dtype))
+        else:
+            values.append(torch.randint(0, vocab_size, tuple(val.shape), generator=gen, dtype=val.dtype))
+        names.append(node.name)
+    return names, values
+
+
+def _check(hf, small, example_inputs, vocab_size: int) -> None:
+    if example_inputs is None:
+        names, values = _example_for(small, vocab_size)
+    elif isinstance(example_inputs, Mapping):
+        names, values = list(example_inputs), list(example_inputs.values())
+    else:
+        values = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
+        names = list(inspect.signature(hf.forward).parameters)[:len(values)]
+    was_training = hf.training
+    hf.eval()
+    try:
+        with torch.no_grad():
+            expected = small(*values)
+            got = hf(**dict(zip(names, values)), use_cache=False).logits
+    except RuntimeError as exc:  # e.g. torch._grouped_mm's alignment on odd expert widths
+        raise ValueError(f"the {type(hf).__name__} that to_pretrained built does not run: {exc}. Prune with "
+                         "uniform_blocks=True, which picks widths its config and kernels accept "
+                         "(hfp_fx.hf.config_fit)") from exc
+    finally:
+        hf.train(was_training)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    tol = 1e-4 if got.dtype in (torch.float32, torch.float64) else 2e-2
+    err = float((got.float() - expected.float()).abs().max() / (expected.float().abs().max() + 1e-12))
+    if not err <= tol:
+        raise ValueError(f"to_pretrained built a {type(hf).__name__} whose logits differ from the pruned graph's by "
+                         f"{err:.1e} of their scale (tolerance {tol:.0e}): its config cannot express this pruned "
+                         "model. Please report it with the family and widths; the pruned GraphModule itself is exact")
+
+
+def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inputs=None,
+                  check: bool = True) -> torch.nn.Module:
+    """A model of ``like``'s class and configuration, resized to ``small``'s widths, holding its weights.
+
+    ``like`` is the dense model that was pruned; ``small`` the pruned GraphModule.  Supported: the
+    decoder families of :data:`LAYOUTS` (Llama, Mistral, Qwen2/3, Granite, Gemma 1/2/3, OLMo2,
+    Phi-3, the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE, and with the residual stream
+    whole Phi, StableLM, GPT-NeoX, GPT-2, OPT).  Widths a
+    config cannot hold (layers of different widths, a hidden size that is no multiple of the
+    heads, a pruned LayerNorm stream) raise a ``ValueError`` naming ``uniform_blocks=True``.
+
+    ``check`` (default): run the returned model and ``small`` on ``example_inputs`` (default: random
+    token ids of the shape ``small`` was captured with) and raise ``ValueError`` if their logits
+    differ by more than 1e-4 of their scale (2e-2 in half precision): never a silently different
+    model.  The per-head q/k norms of Qwen3 and Gemma3 and OLMo2's over all heads stay exact
+    under the one config ``rms_norm_eps`` by rescaling their projections (see ``_weights``).
+    """
+    if not is_hugging_face(like):
+        raise TypeError(f"to_pretrained expects the dense transformers model as `like`, got {type(like).__name__}")
+    config = like.config
+    layout = layout_of(like)
+    if layout is None:
+        raise ValueError(f"{type(like).__name__} (model_type {getattr(config, 'model_type', None)!r}) is not a "
+                         f"decoder family to_pretrained knows ({', '.join(sorted(LAYOUTS))}); its pruned GraphModule "
+                         "is exact and can be saved with hfp_fx.save, or add a DecoderLayout to hfp_fx.hf.LAYOUTS")
+    state = small.state_dict()
+    dense_state = like.state_dict()
+    missing = [k for k in (layout.final_norm, layout.layer.format(0) + layout.mlps[0][0]) if k not in state]
+    if missing:
+        raise ValueError(f"the pruned model has no {missing[0]}: pass the GraphModule that hfp_fx pruned from `like`")
+    new_config, stream_factor, head_share = _pruned_config(config, layout, state, dense_state)
+    try:  # transformers 5 validates a config when it is built or saved, not when a field is set
+        validate = getattr(new_config, "validate", None)
+        if callable(validate):
+            validate()
+        model = type(like)(new_config)
+    except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
+        raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths (hidden_size "
+                         f"{getattr(new_config, 'hidden_size', None)}, {getattr(new_config, 'num_attention_heads', None)}"
+                         f" heads): {exc}. Prune with uniform_blocks=True (prune, or prepare -> finalize), which "
+                         "keeps hidden_size a multiple of the kept heads (hfp_fx.hf.config_fit), or shrink with a "
+                         "keep that does") from exc
+    model.load_state_dict(_weights(model, layout, state, dense_state, stream_factor, head_share), strict=True)
+    model = model.to(dtype=next(like.parameters()).dtype).train(small.training)
+    if check:
+        _check(model, small, example_inputs, config.vocab_size)
+    return model

@@ -294,7 +294,7 @@ def _channel_ranks(dg: DependencyGraph, scores: Dict[str, torch.Tensor]) -> torc
 def _floors(dg: DependencyGraph, max_prune: MaxPrune, fit) -> Dict[str, int]:
     """Per group id, the fewest channels ``max_prune`` allows, raised where a config fit needs it."""
     min_kept = min_kept_of(dg.prunable_groups, max_prune)
-    return fit.raise_floors(min_kept) if fit is not None and min_kept else min_kept
+    return fit.raise_floors(min_kept) if fit is not None else min_kept
 
 
 def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
@@ -311,7 +311,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
             warmup_steps: int = 0, gate_max: Optional[float] = None, cost_power: float = 1.0,
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
-            rules: Optional[OpRegistry] = None, capture: str = "fx",
+            rules: Optional[OpRegistry] = None, capture: str = "auto",
             uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
             rerank_every: int = 0, importance: str = "l1", calibration: Optional[Iterable[Any]] = None,
             calibration_loss: Optional[CalibrationLoss] = None, max_prune: MaxPrune = None,
@@ -709,7 +709,7 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
 
 def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
-          cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "fx",
+          cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "auto",
           uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
           calibration: Optional[Iterable[Any]] = None, calibration_loss: Optional[CalibrationLoss] = None,
           max_prune: MaxPrune = None) -> torch.fx.GraphModule:

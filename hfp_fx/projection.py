@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -206,11 +207,15 @@ def project(cm: CostModel, groups: Sequence, saliency: Mapping[str, torch.Tensor
         raise ValueError("min_channels and round_to must be >= 1")
     dense = cm.counts()
     min_kept = min_kept or {}
+    # a fit may also ask for multiples per group from the start (ConfigFit.round_to_of): lowering
+    # every count afterwards would freeze those groups out of the refill
+    round_to_of = dict(getattr(fit, "round_to_of", None) or {})
     state: List[_Group] = []
     for g in groups:
         sal = saliency[g.id].detach().double().reshape(-1)
         order = torch.argsort(-sal, stable=True)
-        lo, step = _lower_limit(g.channels, min_channels, round_to, min_kept.get(g.id, 0))
+        lo, step = _lower_limit(g.channels, min_channels, math.lcm(round_to, round_to_of.get(g.id, 1)),
+                                min_kept.get(g.id, 0))
         n0 = g.channels if initial is None else int(initial.get(g.id, g.channels))
         state.append(_Group(g.id, cm.columns(g.units)[order], order, sal[order], g.channels, lo, step,
                             _allowed(n0, lo, step, g.channels)))

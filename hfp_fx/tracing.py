@@ -365,7 +365,7 @@ def _positional_names(model: torch.nn.Module, names: Tuple[str, ...]) -> bool:
 
 
 def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], rules: Optional[OpRegistry] = None,
-            how: str = "fx", names: Optional[Tuple[str, ...]] = None) -> TracedModel:
+            how: str = "auto", names: Optional[Tuple[str, ...]] = None) -> TracedModel:
     """The one place that decides how a model is captured (the ``capture=`` keyword).
 
     ``"fx"``: :func:`trace` (symbolic tracing); ``"export"``: ``torch.export``
@@ -392,15 +392,16 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
             traced = trace(model, example_inputs, rules)
     except torch.fx.proxy.TraceError as exc:
         log.info("symbolic tracing of %s failed (%s); capturing with torch.export", type(model).__name__, exc)
-        traced, caught = None, []
+        traced, caught, fx_error = None, [], exc
     if traced is None or traced.opaque:
         try:
             return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True,
                                capture="export")
         except Exception as exc:  # noqa: BLE001 - keep what tracing managed
             if traced is None:
-                raise TraceError(f"neither torch.fx nor torch.export can capture {type(model).__name__}: "
-                                 f"{type(exc).__name__}: {exc}".splitlines()[0][:500]) from exc
+                raise TraceError(f"neither torch.fx nor torch.export can capture {type(model).__name__}. "
+                                 f"torch.fx: {fx_error} torch.export: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from exc
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return traced

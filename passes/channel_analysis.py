@@ -115,6 +115,8 @@ class ChannelFacts:
     importance: List[MagnitudeSlice] = field(default_factory=list)
     rules: registry.OpRegistry = field(default_factory=lambda: registry.DEFAULT_RULES)
     example_inputs: Tuple[torch.Tensor, ...] = ()
+    #: node name -> {dim: element ids} for views of a parameter pruned on several dims
+    param_views: Dict[str, Dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 def iter_maps(value) -> Iterable[ChannelMap]:
@@ -159,6 +161,9 @@ class ChannelAnalysis:
         self.elements = ElementTable()
         self.maps: Dict[str, Any] = {}
         self.params: Dict[str, Dict[int, torch.Tensor]] = {}
+        #: nodes that view a parameter with channels on several dims (a transposed 3-d expert
+        #: weight): node name -> {dim: element ids}, for the shrink pass's shape check
+        self.param_views: Dict[str, Dict[int, torch.Tensor]] = {}
         self.macs: List[MacTerm] = []
         self.gates: List[GateSite] = []
         self.mac_mismatch: List[Tuple[str, int, int]] = []
@@ -257,7 +262,8 @@ class ChannelAnalysis:
             self.maps[node.name] = self._visit(node)
         self.node = None
         return ChannelFacts(self.gm, self.elements, self.maps, self.params, self.macs, self.gates, self.opaque,
-                            self.canonical, self.mac_mismatch, self.importance, self.rules, self.example_inputs)
+                            self.canonical, self.mac_mismatch, self.importance, self.rules, self.example_inputs,
+                            self.param_views)
 
     def _visit(self, node: Node) -> Any:
         if node.op in ("placeholder", "get_attr"):

@@ -84,6 +84,8 @@ class OpRegistry:
         self._modules: Dict[type, OpHandler] = dict(base._modules) if base else {}
         self._functions: Dict[Any, OpHandler] = dict(base._functions) if base else {}
         self._methods: Dict[str, OpHandler] = dict(base._methods) if base else {}
+        #: operator names (``"namespace::op"``): ops a library registers only once it is imported
+        self._op_names: Dict[str, OpHandler] = dict(base._op_names) if base else {}
         self._module_cache: Dict[Tuple[type, bool], Optional[OpHandler]] = {}
 
     def copy(self) -> "OpRegistry":
@@ -91,13 +93,15 @@ class OpRegistry:
 
     # -- registration ----------------------------------------------------------------------
     def register(self, handler: OpHandler, *, modules: Iterable[type] = (), functions: Iterable[Callable] = (),
-                 methods: Iterable[str] = (), replace: bool = False) -> None:
-        """Register ``handler`` for these module classes, functions and ``Tensor`` method names."""
+                 methods: Iterable[str] = (), op_names: Iterable[str] = (), replace: bool = False) -> None:
+        """Register ``handler`` for these module classes, functions, ``Tensor`` method names and
+        operator names (``"transformers::grouped_mm_fallback"``: every overload of a custom op
+        that may not exist yet, as its library registers it when imported)."""
         if not isinstance(handler, OpHandler):
             raise TypeError(f"register expects an OpHandler, got {type(handler).__name__}; "
                             "wrap a rule function as OpHandler(rule)")
         for table, keys, kind in ((self._modules, modules, "module"), (self._functions, functions, "function"),
-                                  (self._methods, methods, "method")):
+                                  (self._methods, methods, "method"), (self._op_names, op_names, "operator")):
             for key in keys:
                 old = table.get(key)
                 if old is not None and old is not handler and not replace:
@@ -128,9 +132,12 @@ class OpRegistry:
 
     def lookup_function(self, fn: Callable) -> Optional[OpHandler]:
         try:
-            return self._functions.get(fn)
+            found = self._functions.get(fn)
         except TypeError:  # unhashable target
             return None
+        if found is None and self._op_names and isinstance(fn, torch._ops.OpOverload):
+            found = self._op_names.get(fn.name().partition(".")[0])
+        return found
 
     def lookup_method(self, name: str) -> Optional[OpHandler]:
         return self._methods.get(name)
@@ -155,14 +162,15 @@ class OpRegistry:
 
     def handlers(self):
         """Every (kind, key, handler) registered, for documentation and tests."""
-        for kind, table in (("module", self._modules), ("function", self._functions), ("method", self._methods)):
+        for kind, table in (("module", self._modules), ("function", self._functions), ("method", self._methods),
+                            ("operator", self._op_names)):
             for key, handler in table.items():
                 yield kind, key, handler
 
 
 def _key_name(key: Any) -> str:
     if isinstance(key, str):
-        return f"`Tensor.{key}`"
+        return f"`{key}`" if "::" in key else f"`Tensor.{key}`"
     return f"`{getattr(key, '__module__', None) or ''}.{getattr(key, '__name__', repr(key))}`"
 
 
@@ -176,7 +184,7 @@ def default_rules() -> OpRegistry:
 
 
 def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
-               macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None, decompose=None,
+               op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None, decompose=None,
                registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: make the decorated rule a handler's ``analyze`` and register it.
 
@@ -187,7 +195,7 @@ def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = 
         handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call,
                             decompose=decompose)
         (registry if registry is not None else DEFAULT_RULES).register(
-            handler, modules=modules, functions=functions, methods=methods, replace=replace)
+            handler, modules=modules, functions=functions, methods=methods, op_names=op_names, replace=replace)
         return rule
 
     return deco

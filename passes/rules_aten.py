@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 A = ChannelAnalysis
 aten = torch.ops.aten
 
-__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor", "reshape_as"]
+__all__ = ["embedding", "slice_tensor", "select_int", "addmm", "index_tensor", "reshape_as", "grouped_mm"]
 
 
 def _ops(*names):
@@ -296,3 +296,45 @@ def batch_norm(a: A, node: Node):
     """``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, ...)``:
     per channel on dim 1 (``F.batch_norm`` puts the running statistics first)."""
     return L.per_channel_norm_args(a, node, ("weight", "bias", "running_mean", "running_var"))
+
+
+# mixture-of-experts: ``grouped_mm(x, w, offs)``, ``x`` (tokens sorted by expert, K) times the
+# expert's ``w[e]`` (K, N) for the rows ``offs`` gives it; transformers' experts hold ``w`` as a
+# 3-d parameter (experts, N, K) seen through ``transpose(-2, -1)``
+def _expert_weight(a: A, w: Node):
+    """``(parameter name, {dim of w: dim of the parameter})`` behind a grouped-mm weight operand:
+    the parameter itself or its transpose of the last two dims, read by this node alone."""
+    if w.op == "get_attr":
+        return str(w.target), {0: 0, 1: 1, 2: 2}
+    src = w.args[0] if w.op == "call_function" and w.args else None
+    if (w.target in _ops("transpose.int") and isinstance(src, Node) and src.op == "get_attr"
+            and len(w.users) == 1 and {d % 3 for d in w.args[1:3]} == {1, 2}):
+        return str(src.target), {0: 0, 1: 2, 2: 1}
+    return None, None
+
+
+@op_handler(op_names=["transformers::grouped_mm_fallback"], functions=_ops("_grouped_mm"))
+def grouped_mm(a: A, node: Node):
+    """The experts' matmul: the tokens' channels ``K`` are contracted with dim 1 of ``w``, the
+    output's channels are dim 2 of ``w``, one width for every expert (one 3-d parameter)."""
+    x, w = node.args[0], node.args[1]
+    xs, ws = a.shape(x), a.shape(w)
+    mx = a.cmap(x)
+    param, dims = _expert_weight(a, w) if isinstance(w, Node) else (None, None)
+    if param is None or xs is None or ws is None or len(xs) != 2 or len(ws) != 3:
+        return _fixed(a, node)
+    out_ids = a.new(ws[2])
+    a.bind_param(param, dims[2], out_ids, importance="out")
+    view = {2: out_ids}
+    if mx is not None and mx.axis == 1:
+        a.bind_param(param, dims[1], mx.ids, importance="in")
+        a.gate(0, mx)
+        view[1] = mx.ids
+        a.add_macs(xs[0], out_ids, mx.ids)
+    else:
+        if mx is not None:
+            a.fix(mx, f"{describe(node)} contracts over a dim that is not the channel dim")
+        a.add_macs(xs[0] * xs[1], out_ids)
+    if w.op != "get_attr":
+        a.param_views[w.name] = view
+    return ChannelMap(1, out_ids)

@@ -179,7 +179,8 @@ def param_view_chain(a: A, x: Node, dim: int) -> Optional[Tuple[str, int, List[T
             return None
         handler = a.rules.lookup(node)
         step = _VIEW_STEPS.get(handler.analyze) if handler is not None else None
-        src = node.args[0] if node.args else None
+        # the input the chain goes on through: ``1.0 + w`` has its tensor second
+        src = next((v for v in node.args if isinstance(v, Node)), None)
         if step is None or not isinstance(src, Node):
             return None
         in_shape, out_shape = a.shape(src), a.shape(node)
@@ -200,6 +201,12 @@ def _same_dim_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[in
     if extra and node.target not in ("to", "type_as"):  # clamp(min=t) combines another tensor
         return None
     return d
+
+
+def _scalar_operand_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
+    """Arithmetic of one tensor with scalars (Gemma's RMSNorm scale ``1 + w``): the same dim."""
+    tensors = [v for v in list(node.args) + list(node.kwargs.values()) if isinstance(v, Node)]
+    return d if len(tensors) == 1 and len(in_shape) == len(out_shape) else None
 
 
 def _expand_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
@@ -1299,5 +1306,5 @@ def _is_tuple_shape(s) -> bool:
 
 #: view-like rules :func:`param_view_chain` walks back through: ``step(a, node, out dim, in
 #: shape, out shape) -> in dim`` (``None``: the dim is not one input dim kept whole)
-_VIEW_STEPS = {passthrough: _same_dim_step, expand: _expand_step, reshape: _reshape_step,
+_VIEW_STEPS = {passthrough: _same_dim_step, elementwise: _scalar_operand_step, expand: _expand_step, reshape: _reshape_step,
                permute: _permute_step, transpose: _transpose_step, t: _transpose_step, getitem: _getitem_step}

@@ -55,9 +55,10 @@ class Checked(nn.Module):
 def test_auto_falls_back_to_export_when_tracing_fails():
     x = torch.randn(3, 6)
     with pytest.raises(hfp_fx.TraceError):
-        hfp_fx.dependency_graph(Checked(), x)
+        hfp_fx.dependency_graph(Checked(), x, capture="fx")
     dg, _ = check_model(Checked(), x, capture="auto")
     assert [g.channels for g in dg.prunable_groups] == [16]
+    assert hfp_fx.dependency_graph(Checked(), x).capture == "export"  # "auto" is the default
 
 
 def test_auto_keeps_symbolic_tracing_for_models_it_captures():

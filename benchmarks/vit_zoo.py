@@ -11,10 +11,10 @@ For every model (random init, eval mode, 1x3x224x224 unless noted):
 * **exact**: the 20% model against ``hfp_fx.mask`` on the same plan (max relative error), and a
   random keep of half of every group (heads and residual-stream channels included).
 
-    python benchmarks/transformers.py                       # all models below (~5 min on 2 cores)
-    python benchmarks/transformers.py --models vit_b_16 swin_t
+    python benchmarks/vit_zoo.py                       # all models below (~5 min on 2 cores)
+    python benchmarks/vit_zoo.py --models vit_b_16 swin_t
 
-Writes ``benchmarks/results/transformers.json`` and prints a table.  For reference, Torch-Pruning's
+Writes ``benchmarks/results/vit_zoo.json`` and prints a table.  For reference, Torch-Pruning's
 README reports ViT-B/16 at 17.6 -> 4.6 GMACs (26%) with LayerNorm and heads sliced
 approximately.
 """
@@ -101,7 +101,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="*", default=TORCHVISION + TIMM)
     ap.add_argument("--targets", nargs="*", type=float, default=[0.2, 0.1])
-    ap.add_argument("--out", default=str(RESULTS / "transformers.json"))
+    ap.add_argument("--out", default=str(RESULTS / "vit_zoo.json"))
     args = ap.parse_args(argv)
     rows = []
     for name in args.models:
