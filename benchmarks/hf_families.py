@@ -4,7 +4,8 @@ For every family, a tiny random-init configuration (2 layers, hidden 48, 6 query
 key/value heads of dim 8 where the family has GQA, MLP 64, vocabulary 64) in eval mode, with the
 default capture (no ``capture=`` argument):
 
-* **groups**: the prunable groups and what they hold (stream, kv/heads, mlp, experts, ...);
+* **groups**: the prunable groups and what they hold (stream, heads, mlp, whole experts, the
+  experts' width);
 * **exact**: ``shrink`` against ``mask`` on a random keep of half of every prunable group (max
   relative error of the logits);
 * **params**: ``prune(model, x, {"params": t}, uniform_blocks=True)`` for the first of 50%, 70%,
@@ -97,13 +98,16 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kind_of(group) -> str:
-    """What a prunable group of a decoder holds, from its members' parameter names."""
+    """What a prunable group of a decoder holds, from its members' parameter names: ``stream``,
+    ``heads``, ``mlp``, ``experts`` (whole experts: router rows) or ``expert_mlp`` (their width)."""
     names = [m.target for m in group.members]
     layers = {m.group(1) if m else None for m in (re.search(r"\.(\d+)\.", n) for n in names)}
     if len(layers) > 1:  # members in several layers (or outside them): the residual stream
         return "stream"
-    if any("expert" in n and "shared" not in n for n in names):
+    if any(m.target.endswith("mlp.gate.weight") and m.dim == 0 for m in group.members):
         return "experts"
+    if any("experts." in n for n in names):
+        return "expert_mlp"
     if any(k in n for n in names for k in ("q_proj", "qkv", "query_key_value", "c_attn")):
         return "heads"
     return "mlp"
@@ -157,6 +161,10 @@ def survey(family: str, seed: int = 0) -> dict:
             loaded = type(model).from_pretrained(folder).eval()
         with torch.no_grad():
             row["round_trip_max_rel_err"] = max_rel_err(loaded(**x).logits, small(*args))
+        dense, pruned = model.config.to_dict(), loaded.config.to_dict()
+        row["config_changes"] = {k: [dense[k], v] for k, v in pruned.items()
+                                 if k in dense and dense[k] != v and isinstance(v, (int, float))
+                                 and not isinstance(v, bool)}
     except ValueError as exc:
         row["round_trip_refused"] = str(exc)[:400]
     except Exception as exc:
@@ -177,7 +185,9 @@ def markdown(rows) -> str:
         else:
             reached = "infeasible" if "infeasible" in r else r.get("prune_error", "—")[:60]
         if "round_trip_max_rel_err" in r:
-            trip = f"yes ({r['round_trip_max_rel_err']:.0e})"
+            changes = ", ".join(f"{k} {a}->{b}" for k, (a, b) in r.get("config_changes", {}).items()
+                                if k != "rms_norm_eps")
+            trip = f"yes ({r['round_trip_max_rel_err']:.0e}): {changes}"
         elif "round_trip_refused" in r:
             trip = "refused: " + r["round_trip_refused"].split(" (")[0].split(";")[0][:70]
         else:

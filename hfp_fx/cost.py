@@ -35,6 +35,11 @@ class Counts:
         return f"params={self.params:,} MACs={self.macs:,}"
 
 
+def _sum_of_products(coeff: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``sum_t coeff[t] * prod_j lengths[rows[t, j]]`` (row -1: the trailing factor 1)."""
+    return (coeff.to(lengths.dtype) * lengths[rows].prod(dim=1)).sum()
+
+
 class CostModel(torch.nn.Module):
     """Params and MACs (and, given a measured :class:`~hfp_fx.latency.LatencyTerms`, latency in
     milliseconds) as functions of a keep value per unit (``dg.groups[i].units``)."""
@@ -58,15 +63,17 @@ class CostModel(torch.nn.Module):
             return row_index[key]
 
         def terms(items) -> Tuple[torch.Tensor, torch.Tensor]:
+            # a term multiplies up to three channel counts: a weight is bilinear in its input and
+            # output channels, a mixture-of-experts weight (experts, out, in) trilinear
             coeffs, idx = [], []
             for coeff, rs in items:
                 r = [row(x) for x in rs]
-                if len(r) > 2:
-                    raise NotImplementedError("cost terms with more than two channel factors")
+                if len(r) > 3:
+                    raise NotImplementedError(f"a cost term with {len(r)} channel factors (at most 3)")
                 coeffs.append(coeff)
-                idx.append(r + [-1] * (2 - len(r)))
+                idx.append(r + [-1] * (3 - len(r)))
             return (torch.tensor(coeffs, dtype=torch.float64),
-                    torch.tensor(idx, dtype=torch.long).reshape(-1, 2))
+                    torch.tensor(idx, dtype=torch.long).reshape(-1, 3))
 
         # parameters the traced graph never uses (e.g. aux heads in eval mode) are not in the
         # pruned model either, so they are not counted; see DependencyGraph.unused_params
@@ -131,19 +138,15 @@ class CostModel(torch.nn.Module):
     def evaluate(self, keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(params, macs)`` for a keep value per unit column (1 = kept)."""
         L = self.row_lengths(keep)
-        pc = self.param_coeff.to(keep.dtype)
-        mc = self.mac_coeff.to(keep.dtype)
-        params = (pc * L[self.param_rows[:, 0]] * L[self.param_rows[:, 1]]).sum() + self.const_params
-        macs = (mc * L[self.mac_rows[:, 0]] * L[self.mac_rows[:, 1]]).sum() + self.const_macs
+        params = _sum_of_products(self.param_coeff, self.param_rows, L) + self.const_params
+        macs = _sum_of_products(self.mac_coeff, self.mac_rows, L) + self.const_macs
         return params, macs
 
     def latency(self, keep: torch.Tensor) -> torch.Tensor:
         """Predicted latency (ms) for a keep value per unit column; 0 without a latency model."""
         if not self.has_latency:
             return keep.new_zeros(())
-        L = self.row_lengths(keep)
-        lc = self.latency_coeff.to(keep.dtype)
-        return (lc * L[self.latency_rows[:, 0]] * L[self.latency_rows[:, 1]]).sum() + self.const_latency
+        return _sum_of_products(self.latency_coeff, self.latency_rows, self.row_lengths(keep)) + self.const_latency
 
     def counts(self, alive_units: Optional[torch.Tensor] = None) -> Counts:
         """Exact integer counts for a boolean keep per unit column (default: dense)."""

@@ -78,6 +78,9 @@ class PruneGroup:
     members: List[Member] = field(default_factory=list)
     reasons: List[str] = field(default_factory=list, repr=False)  #: every reason, when not prunable
     units: torch.Tensor = field(default=None, repr=False)  #: unit id of each channel, in order
+    #: the fewest channels the graph itself needs (a ``topk(k)`` over them: k), and why
+    floor: int = 1
+    floor_reason: Optional[str] = field(default=None, repr=False)
 
     @property
     def modules(self) -> List[str]:
@@ -181,13 +184,20 @@ class DependencyGraph:
             for gi in torch.unique(group_of[fixed_units]).tolist():
                 if gi >= 0:
                     group_reasons[gi].add(why)
+        floors: Dict[int, Tuple[int, str]] = {}
+        for ids, count, why in self.facts.floors:
+            for gi in torch.unique(group_of[roots[ids.reshape(-1)]]).tolist():
+                if gi >= 0 and count > floors.get(gi, (1, ""))[0]:
+                    floors[gi] = (count, why)
         for gi, us in enumerate(ordered):
             why = sorted(group_reasons[gi])
             mem = members[gi]
             name = mem[0].module if mem else f"unit{int(us[0])}"
+            floor, floor_reason = floors.get(gi, (1, None))
             self.groups.append(PruneGroup(
                 id=f"g{gi}", name=name, channels=int(us.numel()), prunable=not why,
-                reason=_summarize(why), reasons=why, members=mem, units=us.clone()))
+                reason=_summarize(why), reasons=why, members=mem, units=us.clone(),
+                floor=min(floor, int(us.numel())), floor_reason=floor_reason))
 
     # -- queries --------------------------------------------------------------------------
     def group(self, gid: str) -> PruneGroup:
@@ -215,6 +225,9 @@ class DependencyGraph:
             idx = torch.as_tensor(list(idx), dtype=torch.long)
             if idx.numel() == 0:
                 raise ValueError(f"keep[{gid!r}] is empty; every group keeps at least one channel")
+            if idx.numel() < g.floor:
+                raise ValueError(f"keep[{gid!r}] keeps {idx.numel()} channels of {g.name}, but {g.floor_reason}: "
+                                 f"keep at least {g.floor}")
             if idx.min() < 0 or idx.max() >= g.channels or torch.unique(idx).numel() != idx.numel():
                 raise ValueError(f"keep[{gid!r}] must hold distinct channel indices in [0, {g.channels})")
             alive[g.units] = False

@@ -54,7 +54,8 @@ class DecoderLayout:
 
     Parameter names are relative to ``layer`` (``"model.layers.{}."``) except ``final_norm``;
     the experts of a mixture-of-experts layer are one 3-d parameter each for their fused
-    gate/up and down projections, with one width for all (whole experts are not pruned).
+    gate/up and down projections, with one width for all, and whole experts go with the rows of
+    the ``router`` (top-k unchanged).
     ``attention``: the parameter whose ``attention_dim`` holds every kept head's rows (a separate
     ``q_proj`` or a fused q/k/v projection) and ``kv``: the key projection's (``None`` when fused:
     the kept key/value heads are then computed from the fused rows).
@@ -81,6 +82,8 @@ class DecoderLayout:
     writers: Tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     #: the widths of the stream and the MLPs are multiples of this (experts: ``torch._grouped_mm``)
     align: int = 1
+    #: a mixture-of-experts router: (its weight, one row per expert; the config field of the count)
+    router: Optional[Tuple[str, str]] = None
     #: RMSNorms of the queries / keys: (norm weight, the projection it normalises, whether it
     #: spans all heads' rows as OLMo2's does, not one head's as Qwen3's and Gemma3's)
     qk_norms: Tuple[Tuple[str, str, bool], ...] = ()
@@ -116,12 +119,16 @@ LAYOUTS: Dict[str, DecoderLayout] = {
                           head_dim_in_config=False),
     "opt": DecoderLayout("layer", "model.decoder.final_layer_norm.weight", layer="model.decoder.layers.{}.",
                          mlps=(("fc1.weight", 0, 1, "ffn_dim"),), head_dim_in_config=False),
+    "falcon": DecoderLayout("layer", "transformer.ln_f.weight", layer="transformer.h.{}.",
+                            attention=("self_attention.query_key_value.weight", 0), kv=None,
+                            mlps=(("mlp.dense_h_to_4h.weight", 0, 1, "ffn_hidden_size"),), head_dim_in_config=False),
     "mixtral": DecoderLayout("rms", "model.norm.weight", mlps=(("mlp.experts.gate_up_proj", 1, 2, "intermediate_size"),),
-                             align=8),
-    "qwen2_moe": DecoderLayout("rms", "model.norm.weight", align=8, mlps=(
+                             align=8, router=("mlp.gate.weight", "num_local_experts")),
+    "qwen2_moe": DecoderLayout("rms", "model.norm.weight", align=8, router=("mlp.gate.weight", "num_experts"), mlps=(
         ("mlp.experts.gate_up_proj", 1, 2, "moe_intermediate_size"),
         ("mlp.shared_expert.gate_proj.weight", 0, 1, "shared_expert_intermediate_size"))),
-    "qwen3_moe": DecoderLayout("rms", "model.norm.weight", qk_norms=_PER_HEAD_QK, align=8, mlps=(
+    "qwen3_moe": DecoderLayout("rms", "model.norm.weight", qk_norms=_PER_HEAD_QK, align=8,
+                               router=("mlp.gate.weight", "num_experts"), mlps=(
         ("mlp.experts.gate_up_proj", 1, 2, "moe_intermediate_size"),)),
 }
 
@@ -260,7 +267,7 @@ def config_fit(model: torch.nn.Module, dg) -> Optional[ConfigFit]:
     if layout.norm == "layer":
         whole.append((stream.id, hidden_size))
         if not layout.head_dim_in_config:  # the heads stay whole too: no count of them to fit
-            whole += sorted({(g.id, g.channels) for gs in per_layer for g in gs})
+            whole += sorted({(g.id, g.channels) for gs in per_layer for g in gs if g.prunable})
             kv = []
         warnings.warn(f"{type(model).__name__} normalises with LayerNorm, which no smaller config reproduces: "
                       f"uniform_blocks=True keeps its residual stream{' whole' if kv else ' and heads whole'} and "
@@ -302,6 +309,8 @@ def _pruned_config(config, layout: DecoderLayout, state, dense_state):
     layer = layout.layer
     for mlp_name, mlp_dim, parts, config_field in layout.mlps:
         setattr(new, config_field, _width(state, layer + mlp_name, mlp_dim, layers) // parts)
+    if layout.router is not None:  # whole experts: the router's rows
+        setattr(new, layout.router[1], _width(state, layer + layout.router[0], 0, layers))
     attention, attention_dim = layout.attention
     rows = _width(state, layer + attention, attention_dim, layers)
     dense_rows = dense_state[layer.format(0) + attention].shape[attention_dim]
@@ -434,7 +443,7 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inpu
     ``like`` is the dense model that was pruned; ``small`` the pruned GraphModule.  Supported: the
     decoder families of :data:`LAYOUTS` (Llama, Mistral, Qwen2/3, Granite, Gemma 1/2/3, OLMo2,
     Phi-3, the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE, and with the residual stream
-    whole Phi, StableLM, GPT-NeoX, GPT-2, OPT).  Widths a
+    whole Phi, StableLM, GPT-NeoX, GPT-2, OPT, Falcon).  Widths a
     config cannot hold (layers of different widths, a hidden size that is no multiple of the
     heads, a pruned LayerNorm stream) raise a ``ValueError`` naming ``uniform_blocks=True``.
 

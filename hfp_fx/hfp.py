@@ -292,8 +292,12 @@ def _channel_ranks(dg: DependencyGraph, scores: Dict[str, torch.Tensor]) -> torc
 
 
 def _floors(dg: DependencyGraph, max_prune: MaxPrune, fit) -> Dict[str, int]:
-    """Per group id, the fewest channels ``max_prune`` allows, raised where a config fit needs it."""
+    """Per group id, the fewest channels ``max_prune`` and the graph (a top-k over the group)
+    allow, raised where a config fit needs it."""
     min_kept = min_kept_of(dg.prunable_groups, max_prune)
+    for g in dg.prunable_groups:
+        if g.floor > 1:
+            min_kept[g.id] = max(min_kept.get(g.id, 0), g.floor)
     return fit.raise_floors(min_kept) if fit is not None else min_kept
 
 
@@ -685,7 +689,7 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
     sites that need a scale node, named after the site (``GateSite.name``)."""
     uses: Dict[Tuple[str, int], int] = {}
     for site in dg.facts.gates:
-        if site.weight is not None:
+        if site.weight is not None and site.kind == "scale":
             uses[site.weight] = uses.get(site.weight, 0) + 1
     state = dict(gm.named_parameters(remove_duplicate=False))
     readers = _readers(gm)
@@ -694,7 +698,7 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
         scale = vector[index.position_of_elements(site.ids)]
         if bool((scale == 1).all()):
             continue
-        if (site.weight is not None and uses[site.weight] == 1 and site.weight[0] in state
+        if (site.weight is not None and site.kind == "scale" and uses[site.weight] == 1 and site.weight[0] in state
                 and readers.get(id(state[site.weight[0]])) == 1):
             name, dim = site.weight
             w = state[name]

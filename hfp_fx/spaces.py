@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["ChannelMap", "ElementTable"]
+__all__ = ["ChannelMap", "IndexValues", "ElementTable"]
 
 
 @dataclass
@@ -40,6 +40,15 @@ class ChannelMap:
 
     def moved(self, axis: int) -> "ChannelMap":
         return ChannelMap(axis, self.ids)
+
+
+@dataclass
+class IndexValues:
+    """A tensor whose *values* are positions along the channels ``ids``: the expert indices a
+    mixture-of-experts router's ``topk`` picks.  Pruning renumbers them among the kept
+    channels, which only the ops that know it (``sort``, ``histc``, views) may read."""
+
+    ids: torch.Tensor
 
 
 class ElementTable:

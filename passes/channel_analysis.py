@@ -37,7 +37,7 @@ import torch
 import torch.fx
 from torch.fx.node import Node
 
-from hfp_fx.spaces import ChannelMap, ElementTable
+from hfp_fx.spaces import ChannelMap, ElementTable, IndexValues
 from hfp_fx.passes import registry
 
 __all__ = ["ChannelAnalysis", "ChannelFacts", "MacTerm", "GateSite", "MagnitudeSlice", "describe", "iter_maps"]
@@ -65,6 +65,9 @@ class GateSite:
     axis: int
     ids: torch.Tensor
     weight: Optional[Tuple[str, int]] = None
+    #: ``"scale"``: removed positions are multiplied by 0; ``"logit"``: they become ``-inf``
+    #: (``x + log(gate)``), at the input of a softmax over the channels (a router's experts)
+    kind: str = "scale"
 
     @property
     def name(self) -> str:
@@ -117,6 +120,8 @@ class ChannelFacts:
     example_inputs: Tuple[torch.Tensor, ...] = ()
     #: node name -> {dim: element ids} for views of a parameter pruned on several dims
     param_views: Dict[str, Dict[int, torch.Tensor]] = field(default_factory=dict)
+    #: (element ids, fewest that must stay): a ``topk(k)`` over the channels needs k of them
+    floors: List[Tuple[torch.Tensor, int, str]] = field(default_factory=list)
 
 
 def iter_maps(value) -> Iterable[ChannelMap]:
@@ -164,6 +169,7 @@ class ChannelAnalysis:
         #: nodes that view a parameter with channels on several dims (a transposed 3-d expert
         #: weight): node name -> {dim: element ids}, for the shrink pass's shape check
         self.param_views: Dict[str, Dict[int, torch.Tensor]] = {}
+        self.floors: List[Tuple[torch.Tensor, int, str]] = []
         self.macs: List[MacTerm] = []
         self.gates: List[GateSite] = []
         self.mac_mismatch: List[Tuple[str, int, int]] = []
@@ -226,6 +232,13 @@ class ChannelAnalysis:
         if isinstance(value, torch.Tensor):
             self.elements.fix(value, reason)
             return
+        if isinstance(value, IndexValues):
+            self.elements.fix(value.ids, reason)
+            return
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                if isinstance(v, IndexValues):
+                    self.elements.fix(v.ids, reason)
         for m in iter_maps(value):
             self.elements.fix(m.ids, reason)
 
@@ -250,10 +263,15 @@ class ChannelAnalysis:
         if coeff:
             self.macs.append(MacTerm(self.node.name, float(coeff), tuple(r for r in rows if r is not None)))
 
-    def gate(self, arg: Union[int, str, Tuple[int, int]], m: ChannelMap, weight: Optional[Tuple[str, int]] = None) -> None:
+    def gate(self, arg: Union[int, str, Tuple[int, int]], m: ChannelMap, weight: Optional[Tuple[str, int]] = None,
+             kind: str = "scale") -> None:
         if weight is not None:  # tied weights: one canonical name, so folding counts every use
             weight = (self.canonical.get(weight[0], weight[0]), weight[1])
-        self.gates.append(GateSite(self.node.name, arg, m.axis, m.ids, weight))
+        self.gates.append(GateSite(self.node.name, arg, m.axis, m.ids, weight, kind))
+
+    def floor(self, ids: torch.Tensor, count: int, why: str) -> None:
+        """At least ``count`` of the channels ``ids`` must stay (``why`` says for what)."""
+        self.floors.append((ids, int(count), why))
 
     # -- the walk -------------------------------------------------------------------------
     def run(self) -> ChannelFacts:
@@ -263,7 +281,7 @@ class ChannelAnalysis:
         self.node = None
         return ChannelFacts(self.gm, self.elements, self.maps, self.params, self.macs, self.gates, self.opaque,
                             self.canonical, self.mac_mismatch, self.importance, self.rules, self.example_inputs,
-                            self.param_views)
+                            self.param_views, self.floors)
 
     def _visit(self, node: Node) -> Any:
         if node.op in ("placeholder", "get_attr"):
@@ -278,11 +296,17 @@ class ChannelAnalysis:
             out = self._unknown(node, module, f"opaque module `{node.target}` (not traceable: {self.opaque[node.target]})")
         else:
             handler = self.rules.lookup(node, module)
+            indices = [v for v in (self.map(x) for x in _flatten_args((node.args, node.kwargs)))
+                       if isinstance(v, IndexValues)]
+            if indices and not (handler is not None and handler.reads_indices):
+                if op_name(node) in INDEX_PRESERVING and len(indices) == 1:
+                    return indices[0]  # a view or cast of the indices: still the same positions
+                self.fix(indices, f"{describe(node, module)} reads channel indices (a top-k's) as values")
             if handler is None:
                 if node.op == "call_method" and node.target in _METADATA_METHODS:
                     return None
                 if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
-                    return None
+                    return self._named_field(node)
                 out = self._unknown(node, module, f"unsupported {describe(node, module)}")
             else:
                 out = handler.analyze(self, node)
@@ -292,6 +316,15 @@ class ChannelAnalysis:
             self.fix(out, reason)
             self.fix([self.map(a) for a in _flatten_args((node.args, node.kwargs))], reason)
         return out
+
+    def _named_field(self, node: Node) -> Any:
+        """``result.values`` / ``result.indices`` of a (values, indices) named tuple (``topk``,
+        ``sort``): that item's map; other attributes carry no channels."""
+        value = self.map(node.args[0]) if node.args else None
+        field_name = node.args[1] if len(node.args) > 1 else None
+        if isinstance(value, (tuple, list)) and len(value) == 2 and field_name in ("values", "indices"):
+            return value[0 if field_name == "values" else 1]
+        return None
 
     def _check_macs(self, node: Node, start: int) -> None:
         """Keep the cost model equal to ``torch.utils.flop_counter`` node by node.
@@ -341,6 +374,21 @@ def _shape_of(tm):
     if isinstance(tm, dict):
         return {k: _shape_of(v) for k, v in tm.items()}
     return None
+
+
+#: ops whose output holds the same values as their input (views, casts, copies): a top-k's
+#: channel indices pass through them unchanged
+INDEX_PRESERVING = {"view", "_unsafe_view", "reshape", "flatten", "to", "_to_copy", "type", "long", "int", "float",
+                    "double", "half", "bfloat16", "clone", "contiguous", "unsqueeze", "squeeze", "alias", "detach"}
+
+
+def op_name(node: Node) -> str:
+    """The bare op name of a call: ``view`` for ``aten.view.default``, ``torch.reshape`` or ``x.view``."""
+    target = node.target
+    if isinstance(target, str):
+        return target
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet if packet is not None else target, "__name__", "")
 
 
 def _flatten_args(args) -> List[Any]:

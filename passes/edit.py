@@ -44,8 +44,9 @@ def replace_input(node: Node, arg: ArgKey, new: Node) -> None:
 
 
 def scale_input(gm: torch.fx.GraphModule, node: Node, arg: ArgKey, axis: int, values: torch.Tensor,
-                buffer: str) -> Node:
-    """Make ``node`` read ``x * values`` (``values`` along ``axis``) in place of its argument ``x``.
+                buffer: str, op=torch.mul) -> Node:
+    """Make ``node`` read ``x * values`` (``values`` along ``axis``) in place of its argument ``x``
+    (``op=torch.add``: ``x + values``, a logit gate's ``log(keep)``).
 
     ``values`` becomes the buffer ``buffer`` of ``gm``, shaped to broadcast along ``axis``.
     """
@@ -54,6 +55,6 @@ def scale_input(gm: torch.fx.GraphModule, node: Node, arg: ArgKey, axis: int, va
     shape[axis] = -1
     gm.register_buffer(buffer, values.reshape(shape))
     with gm.graph.inserting_before(node):
-        scaled = gm.graph.call_function(torch.mul, (x, gm.graph.get_attr(buffer)))
+        scaled = gm.graph.call_function(op, (x, gm.graph.get_attr(buffer)))
     replace_input(node, arg, scaled)
     return scaled

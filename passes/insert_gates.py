@@ -33,17 +33,23 @@ __all__ = ["insert_gates", "SiteGate"]
 
 
 class SiteGate(torch.nn.Module):
-    """Multiply ``x`` along ``axis`` by ``vector[index]`` (one entry per channel position)."""
+    """Multiply ``x`` along ``axis`` by ``vector[index]`` (one entry per channel position), or at
+    a softmax's logits (``logit=True``) add its log: ``softmax(x + log g)`` weighs each channel's
+    share by ``g``, and a gate at 0 removes it."""
 
-    def __init__(self, index: torch.Tensor, axis: int, rank: int):
+    def __init__(self, index: torch.Tensor, axis: int, rank: int, logit: bool = False):
         super().__init__()
         self.register_buffer("index", index.clone(), persistent=False)
         shape = [1] * rank
         shape[axis] = -1
         self.shape: List[int] = shape
+        self.logit = logit
 
     def forward(self, x: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-        return x * vector.index_select(0, self.index).view(self.shape).to(x.dtype)
+        g = vector.index_select(0, self.index).view(self.shape).to(x.dtype)
+        if self.logit:  # log(0) -> the dtype's most negative finite log: no 0 * inf in the backward
+            return x + torch.log(g.clamp_min(torch.finfo(g.dtype).tiny))
+        return x * g
 
 
 def _weight_gated_call(gm: torch.fx.GraphModule, facts: ChannelFacts, node: torch.fx.Node, site, size: int):
@@ -91,7 +97,8 @@ def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphMod
             continue  # every channel here is fixed
         node = nodes[site.node]
         name = site.name
-        gated = _weight_gated_call(gm, facts, node, site, index.numel()) if sites_of[site.node] == 1 else None
+        gated = (_weight_gated_call(gm, facts, node, site, index.numel())
+                 if sites_of[site.node] == 1 and site.kind == "scale" else None)
         if gated is not None:
             fn, extra, dim = gated
             weight = gm.get_submodule(node.target).weight
@@ -100,7 +107,7 @@ def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphMod
             continue
         arg = input_of(node, site.arg)
         rank = len(arg.meta["tensor_meta"].shape)
-        hfp.sites.add_module(name, SiteGate(index, site.axis, rank))
+        hfp.sites.add_module(name, SiteGate(index, site.axis, rank, logit=site.kind == "logit"))
         with graph.inserting_before(node):
             gated = graph.call_module(f"hfp.sites.{name}", (arg, vector))
         replace_input(node, site.arg, gated)

@@ -29,7 +29,8 @@ __all__ = ["apply_masks"]
 
 def apply_masks(facts: ChannelFacts, alive: torch.Tensor) -> torch.fx.GraphModule:
     """A copy of the traced model in which the channels not ``alive`` (one bool per element)
-    contribute nothing at any gate site."""
+    contribute nothing at any gate site (are multiplied by 0, or set to ``-inf`` at a softmax's
+    ``"logit"`` site)."""
     gm = copy.deepcopy(facts.gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     state = dict(gm.named_parameters(remove_duplicate=False))
@@ -39,7 +40,7 @@ def apply_masks(facts: ChannelFacts, alive: torch.Tensor) -> torch.fx.GraphModul
         keep = alive[site.ids]
         if bool(keep.all()):
             continue
-        if site.weight is not None:
+        if site.weight is not None and site.kind == "scale":
             name, dim = site.weight
             with torch.no_grad():
                 w = state[name]
@@ -49,6 +50,10 @@ def apply_masks(facts: ChannelFacts, alive: torch.Tensor) -> torch.fx.GraphModul
             continue
         node = nodes[site.node]
         dtype = input_of(node, site.arg).meta["tensor_meta"].dtype
-        scale_input(gm, node, site.arg, site.axis, keep.to(device=device, dtype=dtype), f"_hfp_mask_{site.name}")
+        values = keep.to(device=device, dtype=dtype)
+        if site.kind == "logit":  # removed logits at -inf: log(0)
+            scale_input(gm, node, site.arg, site.axis, values.log(), f"_hfp_mask_{site.name}", op=torch.add)
+        else:
+            scale_input(gm, node, site.arg, site.axis, values, f"_hfp_mask_{site.name}")
     gm.recompile()
     return gm

@@ -18,10 +18,13 @@ An :class:`OpHandler` holds, for the ops it is registered for:
 * ``decompose(gm, node) -> bool`` -- for layers that cannot express pruned shapes
   (``nn.MultiheadAttention`` ties its input, inner and output widths): write the call out as
   plain ops reading the module's parameters, before the analysis, so that the other handlers
-  prune it; ``False`` leaves the call as it is (then ``analyze`` applies).
+  prune it; ``False`` leaves the call as it is (then ``analyze`` applies);
+* ``reads_indices`` -- the rule understands inputs whose values are channel positions
+  (:class:`~hfp_fx.spaces.IndexValues`, a router's top-k experts: ``sort``, ``histc``); for
+  other ops the analysis fixes those channels, except for views and casts, which pass them on.
 
-Handlers are kept in an :class:`OpRegistry`, keyed by module class, function object or
-``Tensor`` method name.  **Lookup rule for modules**: the exact class first, then the nearest
+Handlers are kept in an :class:`OpRegistry`, keyed by module class, function object,
+``Tensor`` method name or operator name (``"namespace::op"``).  **Lookup rule for modules**: the exact class first, then the nearest
 base class in the MRO that has a handler, provided the module still uses that base's
 ``forward`` (a subclass that overrides ``forward`` may compute something else, so it is traced
 through instead).  Attribute resizing alone also applies to such subclasses, since it only
@@ -67,6 +70,9 @@ class OpHandler:
     rewrite: Optional[Callable[..., None]] = None
     gated_call: Optional[Callable[[torch.nn.Module], Optional[Callable]]] = None
     decompose: Optional[Callable[..., bool]] = None
+    #: the rule understands inputs whose values are channel indices (``IndexValues``); for any
+    #: other rule the analysis fixes those channels first
+    reads_indices: bool = False
 
     @property
     def name(self) -> str:
@@ -184,7 +190,8 @@ def default_rules() -> OpRegistry:
 
 
 def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
-               op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None, decompose=None,
+               op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None,
+               decompose=None, reads_indices: bool = False,
                registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: make the decorated rule a handler's ``analyze`` and register it.
 
@@ -193,7 +200,7 @@ def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = 
 
     def deco(rule: Rule) -> Rule:
         handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call,
-                            decompose=decompose)
+                            decompose=decompose, reads_indices=reads_indices)
         (registry if registry is not None else DEFAULT_RULES).register(
             handler, modules=modules, functions=functions, methods=methods, op_names=op_names, replace=replace)
         return rule

@@ -76,6 +76,9 @@ _register(OpHandler(T.elementwise, macs=False),
 _register(OpHandler(T.reduction, macs=False, rewrite=T.rewrite_mean),
           "mean.dim", "sum.dim_IntList", "amax", "amin", "linalg_vector_norm", "norm.ScalarOpt_dim",
           "var.correction", "std.correction", "var.dim", "std.dim")
+_register(OpHandler(T.topk, macs=False), "topk")
+_register(OpHandler(T.sort, macs=False, reads_indices=True), "sort", "sort.stable")
+_register(OpHandler(T.histc, macs=False, rewrite=T.rewrite_histc, reads_indices=True), "histc")
 _register(OpHandler(T.along_dim, macs=False), "softmax.int", "_softmax", "log_softmax.int", "_log_softmax",
           "cumsum")
 # reshapes, permutations, broadcasting: literal sizes at args[1] are rewritten
@@ -94,7 +97,7 @@ _register(OpHandler(T.passthrough, macs=False), "zeros_like", "ones_like", "empt
 # ``aten.pad(x, pad, mode, value)`` / ``constant_pad_nd(x, pad, value)``: pads listed from the last dim
 _register(OpHandler(T.pad, macs=False), "pad", "constant_pad_nd")
 _register(OpHandler(T.transpose, macs=False), "transpose.int", "swapaxes", "swapdims", "movedim.int")
-_register(OpHandler(T.t, macs=False), "t")
+_register(OpHandler(T.t, macs=False), "t", "numpy_T")
 _register(OpHandler(T.cat, macs=False), "cat")
 _register(OpHandler(T.stack, macs=False), "stack")
 _register(OpHandler(T.split, macs=False, rewrite=T.rewrite_split), "split.Tensor", "split_with_sizes", "chunk",
@@ -316,7 +319,9 @@ def _expert_weight(a: A, w: Node):
 @op_handler(op_names=["transformers::grouped_mm_fallback"], functions=_ops("_grouped_mm"))
 def grouped_mm(a: A, node: Node):
     """The experts' matmul: the tokens' channels ``K`` are contracted with dim 1 of ``w``, the
-    output's channels are dim 2 of ``w``, one width for every expert (one 3-d parameter)."""
+    output's channels are dim 2 of ``w``, one width for every expert (one 3-d parameter).  When
+    the offsets carry the experts (``cumsum(histc(top-k indices))``), whole experts go with
+    dim 0 of ``w``: a removed expert gets no tokens."""
     x, w = node.args[0], node.args[1]
     xs, ws = a.shape(x), a.shape(w)
     mx = a.cmap(x)
@@ -326,6 +331,10 @@ def grouped_mm(a: A, node: Node):
     out_ids = a.new(ws[2])
     a.bind_param(param, dims[2], out_ids, importance="out")
     view = {2: out_ids}
+    offsets = a.cmap(node.args[2]) if len(node.args) > 2 else None
+    if offsets is not None and offsets.axis == 0 and offsets.size == ws[0]:  # per-expert row ends
+        a.bind_param(param, dims[0], offsets.ids)
+        view[0] = offsets.ids
     if mx is not None and mx.axis == 1:
         a.bind_param(param, dims[1], mx.ids, importance="in")
         a.gate(0, mx)

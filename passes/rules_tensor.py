@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx.node import Node
 
-from hfp_fx.spaces import ChannelMap
-from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
+from hfp_fx.spaces import ChannelMap, IndexValues
+from hfp_fx.passes.channel_analysis import INDEX_PRESERVING, ChannelAnalysis, describe, op_name
 from hfp_fx.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, cat_shape, pointwise_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 
@@ -423,7 +423,14 @@ def normalize(a: A, node: Node):
 
 @op_handler(modules=[torch.nn.Softmax, torch.nn.LogSoftmax], functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod], methods=["softmax", "log_softmax", "cumsum", "cumprod"], macs=False)
 def along_dim(a: A, node: Node):
-    """Ops that mix values along one ``dim``: fine unless that dim carries channels."""
+    """Ops that mix values along one ``dim``: fine unless that dim carries channels.
+
+    Two exceptions are exact: a softmax over the channels, whose removed inputs the reference
+    sets to ``-inf`` (a ``"logit"`` gate site: the softmax of the rest is the softmax over the
+    kept channels, and the removed outputs are 0), and a cumsum over per-channel counts of top-k
+    indices (``histc``) read only as a grouped matmul's offsets: a removed channel counts 0, so
+    its offset only marks an empty group (MoE experts).
+    """
     m = a.cmap(node.args[0])
     if m is None:
         return None
@@ -431,8 +438,101 @@ def along_dim(a: A, node: Node):
     dim = getattr(module, "dim", None) if module is not None else a.arg(node, 1, "dim")
     rank = len(a.shape(node.args[0]))
     if dim is None or not isinstance(dim, int) or dim % rank == m.axis:
+        name = type(module).__name__.lower() if module is not None else op_name(node)
+        if isinstance(dim, int) and name in ("softmax", "_softmax"):
+            a.gate(0, m, kind="logit")
+            return m
+        if isinstance(dim, int) and name == "cumsum" and _counts_of_indices(node.args[0]) and _only_offsets(a, node):
+            return m
         a.fix(m, f"{describe(node, module)} mixes values across channels")
     return m
+
+
+def _only_offsets(a: A, node: Node) -> bool:
+    """Whether every reader of ``node`` (through casts) is a grouped matmul's offsets: a removed
+    channel's running sum repeats the previous one, which only an empty group of rows ignores."""
+    for user in node.users:
+        if op_name(user) in INDEX_PRESERVING:
+            if not _only_offsets(a, user):
+                return False
+        elif not (op_name(user) in ("grouped_mm_fallback", "_grouped_mm") and len(user.args) > 2
+                  and user.args[2] is node):
+            return False
+    return True
+
+
+def _counts_of_indices(x: Node) -> bool:
+    """Whether ``x`` is (a cast of) a ``histc`` node: per-channel counts of top-k indices."""
+    while isinstance(x, Node) and op_name(x) in INDEX_PRESERVING and x.args:
+        x = x.args[0]
+    return isinstance(x, Node) and op_name(x) == "histc"
+
+
+@op_handler(functions=[torch.topk], methods=["topk"], macs=False)
+def topk(a: A, node: Node):
+    """``topk(x, k, dim)``: over the channels, the indices become :class:`IndexValues` (which
+    channels were picked) and at least ``k`` channels must stay; over another dim, both outputs
+    keep ``x``'s channels."""
+    x = node.args[0]
+    m = a.cmap(x)
+    if m is None:
+        return None
+    k, dim = a.arg(node, 1, "k"), a.arg(node, 2, "dim", -1)
+    if not isinstance(k, int) or not isinstance(dim, int):
+        a.fix(m, f"{describe(node)} with a computed k or dim")
+        return None
+    if dim % len(a.shape(x)) != m.axis:
+        return (m, m)
+    a.floor(m.ids, k, f"{describe(node)} picks {k} of them")
+    return (None, IndexValues(m.ids))
+
+
+@op_handler(functions=[torch.sort], methods=["sort"], macs=False, reads_indices=True)
+def sort(a: A, node: Node):
+    """Sorted top-k indices are still indices (the permutation is not); sorting along another
+    dim than the channels keeps them."""
+    x = node.args[0]
+    value = a.map(x)
+    if isinstance(value, IndexValues):
+        return (value, None)
+    m = a.cmap(x)
+    if m is None:
+        return None
+    dim = a.arg(node, 1, "dim", -1)
+    if isinstance(dim, int) and dim % len(a.shape(x)) != m.axis:
+        return (m, m)
+    a.fix(m, f"{describe(node)} sorts across channels")
+    return None
+
+
+def _histc_args(node: Node):
+    get = lambda i, name, default: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
+    return get(1, "bins", 100), get(2, "min", 0), get(3, "max", 0)
+
+
+def rewrite_histc(node: Node, edit) -> None:
+    """One bin per kept channel: ``bins`` and ``max`` count the kept channels."""
+    m = edit.map_of(node)
+    if m is None or not edit.changed(m):
+        return
+    n = edit.kept(m)
+    node.args = (node.args[0], n, 0, n - 1)
+    node.kwargs = {}
+
+
+@op_handler(functions=[torch.histc], methods=["histc"], macs=False, rewrite=rewrite_histc, reads_indices=True)
+def histc(a: A, node: Node):
+    """``histc(indices, bins=n, min=0, max=n - 1)`` of top-k channel indices: one count per
+    channel (how many tokens each expert gets)."""
+    value = a.map(node.args[0])
+    if isinstance(value, IndexValues):
+        n = value.ids.numel()
+        if _histc_args(node) == (n, 0, n - 1):
+            return ChannelMap(0, value.ids)
+        a.fix(value.ids, f"{describe(node)} counts channel indices in bins other than one per channel")
+        return None
+    a.fix(a.cmap(node.args[0]), f"{describe(node)} mixes values across channels")
+    return None
 
 
 def _spatial(k: Optional[int]):
@@ -1094,10 +1194,48 @@ def _batch_partner(a: A, node: Node, other: Any, dim: int, m: ChannelMap) -> Non
         a.fix(m, f"{describe(node)} combines the channels with the untracked tensor `{getattr(other, 'name', other)}`")
 
 
+def _transposed_weight(a: A, y: Any) -> Optional[str]:
+    """The 2-d parameter ``W`` when ``y`` is ``W.T`` (``t``, ``numpy_T``, ``transpose(0, 1)``) read
+    by this matmul alone: ``x @ W.T`` is a linear layer (Falcon's)."""
+    if not isinstance(y, Node) or y.op not in ("call_function", "call_method") or len(y.users) != 1 or not y.args:
+        return None
+    src = y.args[0]
+    if not (isinstance(src, Node) and src.op == "get_attr" and len(a.shape(src) or ()) == 2):
+        return None
+    name = op_name(y)
+    swapped = name in ("t", "numpy_T", "T") or (name in ("transpose", "swapaxes") and
+                                                {d % 2 for d in y.args[1:3] if isinstance(d, int)} == {0, 1})
+    return str(src.target) if swapped else None
+
+
+def _linear_through_transpose(a: A, node: Node, x: Node, y: Node, weight: str) -> ChannelMap:
+    """``x @ W.T``: ``W``'s rows are the output channels, its columns the input's."""
+    xs, out = a.shape(x), a.shape(node)
+    mx = a.cmap(x)
+    out_ids = a.new(out[-1])
+    a.bind_param(weight, 0, out_ids, importance="out")
+    view = {1: out_ids}
+    tokens = math.prod(out[:-1])
+    if mx is not None and mx.axis == len(xs) - 1:
+        a.bind_param(weight, 1, mx.ids, importance="in")
+        a.gate(0, mx)
+        view[0] = mx.ids
+        a.add_macs(tokens, out_ids, mx.ids)
+    else:
+        if mx is not None:
+            a.fix(mx, f"{describe(node)} contracts over a dim that is not the channel dim")
+        a.add_macs(tokens * xs[-1], out_ids)
+    a.param_views[y.name] = view
+    return ChannelMap(len(out) - 1, out_ids)
+
+
 @op_handler(functions=[torch.matmul, operator.matmul, torch.bmm, torch.mm], methods=["matmul", "bmm", "mm", "__matmul__"])
 def matmul(a: A, node: Node):
     x, y = node.args[0], node.args[1]
     xs, ys, out = a.shape(x), a.shape(y), a.shape(node)
+    weight = _transposed_weight(a, y)
+    if weight is not None and xs is not None and len(xs) >= 2:
+        return _linear_through_transpose(a, node, x, y, weight)
     mx, my = a.cmap(x), a.cmap(y)
     if xs is None or ys is None or len(xs) < 2 or len(ys) < 2:
         a.fix([mx, my], f"{describe(node)} with 1-d operands")

@@ -256,11 +256,12 @@ def scale_buffer(name: str) -> str:
 
 
 def add_scale_nodes(gm: torch.fx.GraphModule, alive: torch.Tensor, scales) -> Dict[str, str]:
-    """Insert ``x * buffer`` before consumers whose gate values could not be folded into a weight.
+    """Insert ``x * buffer`` before consumers whose gate values could not be folded into a weight
+    (``x + buffer`` with the gates' logs at a softmax's ``"logit"`` site).
 
     ``scales`` holds ``(name, gate site, per-position scale or None)``; ``None`` creates the buffer
-    with ones, to be filled by ``load_state_dict`` (the safe loading path).  Returns the inserted
-    nodes' names, each mapped to the node it scales.
+    with ones (zeros at a logit site), to be filled by ``load_state_dict`` (the safe loading
+    path).  Returns the inserted nodes' names, each mapped to the node it scales.
     """
     inserted: Dict[str, str] = {}
     if not scales:
@@ -271,9 +272,11 @@ def add_scale_nodes(gm: torch.fx.GraphModule, alive: torch.Tensor, scales) -> Di
     for name, site, scale in scales:
         keep = alive[site.ids]
         values = torch.ones(int(keep.sum())) if scale is None else scale[keep]
+        logit = site.kind == "logit"
         x = input_of(nodes[site.node], site.arg)
         scaled = scale_input(gm, nodes[site.node], site.arg, site.axis,
-                             values.to(device=device, dtype=dtype).clone(), scale_buffer(name))
+                             (values.log() if logit else values).to(device=device, dtype=dtype).clone(),
+                             scale_buffer(name), op=torch.add if logit else torch.mul)
         scaled.meta = dict(x.meta)  # the same (dense) layout as its input
         inserted[scaled.name] = inserted.get(x.name, x.name)
     gm.graph.lint()

@@ -19,17 +19,20 @@ F = load_script(Path(__file__).resolve().parent.parent / "benchmarks" / "hf_fami
 #: dense decoders that go back to their class; LayerNorm ones keep the stream whole (and the
 #: heads, where the config derives the head dim from the hidden size)
 ROUND_TRIP = ["llama", "mistral", "qwen2", "qwen3", "granite", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "phi",
-              "stablelm", "gpt_neox", "gpt2", "opt", "mixtral", "qwen2_moe", "qwen3_moe"]
-MOE = {"mixtral": {"stream", "heads", "experts"}, "qwen2_moe": {"stream", "heads", "experts", "mlp"},
-       "qwen3_moe": {"stream", "heads", "experts"}}  # Qwen2-MoE's shared expert is a plain MLP
-LAYER_NORM = {"phi": False, "stablelm": True, "gpt_neox": True, "gpt2": True, "opt": True}  # heads whole?
+              "stablelm", "gpt_neox", "gpt2", "opt", "falcon", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE = {"mixtral": {"stream", "heads", "experts", "expert_mlp"},
+       "qwen2_moe": {"stream", "heads", "experts", "expert_mlp", "mlp"},  # its shared expert is a plain MLP
+       "qwen3_moe": {"stream", "heads", "experts", "expert_mlp"}}
+LAYER_NORM = {"phi": False, "stablelm": True, "gpt_neox": True, "gpt2": True, "opt": True, "falcon": True}  # heads whole?
+#: Falcon's multi-query attention has one key/value head, and query heads within a group go whole
+KINDS = {**MOE, "falcon": {"stream", "mlp"}}
 
 
 def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("family", ROUND_TRIP + ["falcon"])
+@pytest.mark.parametrize("family", ROUND_TRIP)
 def test_shrink_equals_mask_on_a_random_half_of_every_group(family):
     model, x = F.build(family), F.example()
     dg = hfp_fx.dependency_graph(model, x)  # the default capture handles Hugging Face models
@@ -40,13 +43,13 @@ def test_shrink_equals_mask_on_a_random_half_of_every_group(family):
     with torch.no_grad():
         assert rel_err(hfp_fx.shrink(dg, keep=keep)(*x.values()), hfp_fx.mask(dg, keep=keep)(*x.values())) < 1e-5
     if family in ROUND_TRIP:  # the residual stream, heads and MLPs (the experts' widths) are all prunable
-        assert {F.kind_of(g) for g in dg.prunable_groups} == MOE.get(family, {"stream", "heads", "mlp"})
+        assert {F.kind_of(g) for g in dg.prunable_groups} == KINDS.get(family, {"stream", "heads", "mlp"})
 
 
 @pytest.mark.parametrize("family", ROUND_TRIP)
 def test_uniform_blocks_prune_goes_back_to_its_class_with_the_same_logits(family, tmp_path):
     model, x = F.build(family), F.example()
-    target = 0.7 if family in LAYER_NORM and family != "phi" else 0.5
+    target = 0.7 if family in LAYER_NORM and family not in ("phi", "falcon") else 0.5
     small = hfp_fx.prune(model, x, {"params": target}, uniform_blocks=True)
     report = small.meta["hfp"]
     # the experts' widths and the stream go in multiples of 8 (torch._grouped_mm): coarser on a tiny model
@@ -115,30 +118,50 @@ def test_layer_norm_uniform_blocks_says_what_it_keeps_whole():
         hfp_fx.prune(model, x, {"params": 0.7}, uniform_blocks=True)
 
 
-def test_mixture_of_experts_prunes_the_experts_widths_and_the_stream(tmp_path):
+def test_mixture_of_experts_prunes_whole_experts_their_width_and_the_stream():
     model, x = F.build("mixtral"), F.example()
     small = hfp_fx.prune(model, x, {"params": 0.5}, uniform_blocks=True)
-    hf = hfp_fx.to_pretrained(small, like=model)
+    hf = hfp_fx.to_pretrained(small, like=model)  # checked against the pruned graph
     cfg, dense = hf.config, model.config
     assert cfg.intermediate_size < dense.intermediate_size and cfg.hidden_size < dense.hidden_size
     assert cfg.intermediate_size % 8 == 0 and cfg.hidden_size % 8 == 0  # what torch._grouped_mm runs
-    assert cfg.num_local_experts == dense.num_local_experts  # whole experts are not pruned (yet)
+    assert cfg.num_experts_per_tok <= cfg.num_local_experts < dense.num_local_experts  # top-k unchanged
     experts = hf.model.layers[0].mlp.experts
-    assert experts.gate_up_proj.shape == (4, 2 * cfg.intermediate_size, cfg.hidden_size)
+    assert experts.gate_up_proj.shape == (cfg.num_local_experts, 2 * cfg.intermediate_size, cfg.hidden_size)
+    assert hf.model.layers[0].mlp.gate.weight.shape == (cfg.num_local_experts, cfg.hidden_size)
+
+
+def test_removed_experts_are_never_routed_to_in_the_reference():
+    """The reference removes an expert by a -inf router logit (a softmax "logit" gate site): the
+    pruned model, whose router has no row for it, is exact; fewer experts than top-k are refused."""
+    model, x = F.build("mixtral"), F.example()
+    dg = hfp_fx.dependency_graph(model, x)
+    experts = [g for g in dg.prunable_groups if F.kind_of(g) == "experts"]
+    assert [g.floor for g in experts] == [2, 2]  # num_experts_per_tok
+    assert any(site.kind == "logit" for site in dg.facts.gates)
+    for kept in ([0, 3], [1, 2, 3]):
+        keep = {g.id: kept for g in experts}
+        with torch.no_grad():
+            assert rel_err(hfp_fx.shrink(dg, keep=keep)(*x.values()), hfp_fx.mask(dg, keep=keep)(*x.values())) < 1e-5
+    with pytest.raises(ValueError, match="keep at least 2"):
+        hfp_fx.shrink(dg, keep={experts[0].id: [1]})
 
 
 def test_to_pretrained_refuses_unaligned_expert_widths():
     """Odd expert widths are exact as a graph, but torch._grouped_mm refuses them: a clear error."""
     model, x = F.build("mixtral"), F.example()
     dg = hfp_fx.dependency_graph(model, x)
-    keep = {g.id: range(g.channels - 1) if F.kind_of(g) == "experts" else range(g.channels) for g in dg.prunable_groups}
+    keep = {g.id: range(g.channels - 1) if F.kind_of(g) == "expert_mlp" else range(g.channels)
+            for g in dg.prunable_groups}
     with pytest.raises(ValueError, match="uniform_blocks=True"):
         hfp_fx.to_pretrained(hfp_fx.shrink(dg, keep=keep), like=model)
 
 
-@pytest.mark.parametrize("family", ["falcon"])
-def test_families_without_a_layout_are_refused_by_name(family):
-    model, x = F.build(family), F.example()
+def test_models_without_a_layout_are_refused_by_name():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)
+    model, x = transformers.BertForSequenceClassification(cfg).eval(), F.example()
     dg = hfp_fx.dependency_graph(model, x)
     small = hfp_fx.shrink(dg, keep={g.id: range(max(1, g.channels // 2)) for g in dg.prunable_groups})
     with pytest.raises(ValueError, match="not a decoder family to_pretrained knows"):

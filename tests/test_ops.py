@@ -695,3 +695,52 @@ def test_linear_with_a_computed_bias_keeps_its_outputs_and_prunes_its_inputs():
     assert by["inp"].prunable
     outputs = [g for g in dg.groups if any(m.target == "weight" and m.dim == 0 for m in g.members)][0]
     assert not outputs.prunable and "computed bias" in outputs.reason
+
+
+class ChannelRouter(nn.Module):
+    """A softmax over the channels (a router's scores) read by a linear layer, and a top-k over
+    them whose indices count per channel: what a mixture-of-experts router computes."""
+
+    def __init__(self, running_sum=False):
+        super().__init__()
+        self.score, self.mix, self.per_count = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+        self.running_sum = running_sum
+
+    def forward(self, x):
+        p = torch.softmax(self.score(x), -1)
+        idx = torch.topk(p, 2, -1).indices
+        counts = torch.histc(idx.reshape(-1).float(), bins=5, min=0, max=4)
+        out = self.mix(p) + self.per_count(counts)
+        if self.running_sum:  # a removed channel's running sum is not 0: only offsets may read it
+            out = out + torch.cumsum(counts, 0)[-2]
+        return out
+
+
+def test_softmax_over_channels_prunes_with_a_logit_gate():
+    x = torch.randn(4, 6)
+    dg, small = check_model(ChannelRouter().eval(), x, capture="fx")
+    (scores,) = [g for g in dg.prunable_groups if g.channels == 5]
+    assert scores.floor == 2  # the top-k picks 2 of them
+    assert any(site.kind == "logit" for site in dg.facts.gates)
+    for keep in ([0, 3], [1, 2, 4]):
+        with torch.no_grad():
+            assert_close(hfp_fx.shrink(dg, keep={scores.id: keep})(x), hfp_fx.mask(dg, keep={scores.id: keep})(x))
+    with pytest.raises(ValueError, match="keep at least 2"):
+        hfp_fx.shrink(dg, keep={scores.id: [4]})
+    fixed = hfp_fx.dependency_graph(ChannelRouter(running_sum=True).eval(), x, capture="fx")
+    assert not [g for g in fixed.prunable_groups if g.channels == 5]
+
+
+def test_channel_indices_read_as_values_fix_the_channels():
+    class OneHot(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.score = nn.Linear(6, 5)
+
+        def forward(self, x):
+            idx = torch.topk(self.score(x), 2, -1).indices
+            return F.one_hot(idx, 5).float().sum(1)  # positions 0..4 used as values: not prunable
+
+    dg = hfp_fx.dependency_graph(OneHot(), torch.randn(4, 6), capture="fx")
+    (scores,) = [g for g in dg.groups if g.channels == 5 and any(m.target == "score.weight" for m in g.members)]
+    assert not scores.prunable and "reads channel indices" in scores.reason

@@ -663,3 +663,38 @@ PROPERTIES = {
     "prune_meets_target": (check_prune_target, PRUNE_TARGET),
     "residual_chain_grouping": (check_chain_grouping, CHAIN),
 }
+
+
+class Router(nn.Module):
+    """A mixture-of-experts router in plain torch: scores, a softmax over the experts, top-k,
+    per-expert counts, and an output that mixes the kept experts' probabilities."""
+
+    def __init__(self, experts: int, k: int):
+        super().__init__()
+        self.k, self.experts = k, experts
+        self.score, self.mix, self.per_count = nn.Linear(6, experts), nn.Linear(experts, 3), nn.Linear(experts, 3)
+
+    def forward(self, x):
+        p = torch.softmax(self.score(x), -1)
+        top = torch.topk(p, self.k, -1)
+        counts = torch.histc(top.indices.reshape(-1).float(), bins=self.experts, min=0, max=self.experts - 1)
+        return self.mix(p) + self.per_count(counts) + top.values.sum(-1, keepdim=True)
+
+
+@settings(deadline=None)
+@given(experts=st.integers(2, 8), k=st.integers(1, 3), data=st.data())
+def test_removed_experts_shrink_equals_mask(experts, k, data):
+    """Any keep of at least top-k experts: the pruned router equals the reference with the removed
+    experts' logits at -inf; fewer than top-k are refused."""
+    k = min(k, experts)
+    torch.manual_seed(data.draw(st.integers(0, 1000)))
+    model, x = Router(experts, k).eval(), torch.randn(5, 6)
+    dg = hfp_fx.dependency_graph(model, x, capture="fx")
+    (group,) = [g for g in dg.prunable_groups if any(m.target == "score.weight" and m.dim == 0 for m in g.members)]
+    assert group.floor == k
+    keep = sorted(data.draw(st.sets(st.integers(0, experts - 1), min_size=k, max_size=experts)))
+    with torch.no_grad():
+        assert_close(hfp_fx.shrink(dg, keep={group.id: keep})(x), hfp_fx.mask(dg, keep={group.id: keep})(x))
+    if k > 1:
+        with pytest.raises(ValueError, match=f"keep at least {k}"):
+            hfp_fx.shrink(dg, keep={group.id: keep[: k - 1]})
