@@ -494,7 +494,10 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     const = (scale * sum(f[0] for f in fits.values()) + offset) * 1e3
     errors = [abs((scale * p + offset) / w - 1) for p, w in zip(predicted, whole)]
     fit = {"scale": scale, "offset_ms": offset * 1e3, "nodes": len(axes), "models": len(keeps),
-           "timings": measured, "max_fit_error": max(errors), "median_fit_error": statistics.median(errors)}
+           "timings": measured, "max_fit_error": max(errors), "median_fit_error": statistics.median(errors),
+           # what the fit predicts for each timed model (the dense one first): the emitted terms
+           # must give the same for the same keeps
+           "predicted_ms": [(scale * p + offset) * 1e3 for p in predicted]}
     return LatencyTerms(terms, const, whole[0] * 1e3, fit, time.perf_counter() - started)
 
 

@@ -168,7 +168,8 @@ def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_
             raise InfeasibleTargetError(
                 f"target {name}={t:,} is not reachable: with every prunable group at its minimum "
                 f"(min_channels={min_channels}, round_to={round_to}"
-                f"{', max_prune' if min_kept else ''}) the model still has {shown} "
+                f"{', and per-group floors: max_prune, a top-k, or what uniform_blocks keeps whole for the config' if min_kept else ''}"
+                f") the model still has {shown} "
                 f"({100 * value / max(dense[name], 1e-12):.1f}% of dense); fixed groups "
                 "and excluded modules set that floor")
     return Counts(int(round(floor["params"])), int(round(floor["macs"])))

@@ -127,7 +127,9 @@ def test_add_back_checks_the_exact_cost_of_a_quadratic_group(metric, n):
 def test_round_to_keeps_multiples():
     model, x = MODELS["resnet18"]().eval(), torch.randn(1, 3, 64, 64)
     small = hfp_fx.prune(model, x, "50%", round_to=8)
-    for gid, g in small.meta["hfp"].groups.items():
+    groups = small.meta["hfp"].groups
+    assert sum(g.kept < g.dense for g in groups.values()) >= len(groups) // 2  # most groups were cut
+    for gid, g in groups.items():
         assert g.kept == g.dense or g.kept % 8 == 0, (gid, g)
     for m in small.modules():
         if isinstance(m, nn.Conv2d) and m.out_channels not in (1000,):
@@ -307,6 +309,19 @@ def test_infeasible_target_states_floor():
     for bad in (0, -3, 1.5, "abc", "0%", {"flops": 0.5}):
         with pytest.raises(ValueError):
             hfp_fx.prune(model, x, bad)
+
+
+def test_a_target_exactly_at_the_floor_is_reachable():
+    """The floor (every prunable group at min_channels) is itself a reachable target, one count
+    below it is not: the feasibility check compares with ``>``, not ``>=``."""
+    model, x = TinyNet(), torch.randn(1, 3, 8, 8)
+    dg = hfp_fx.dependency_graph(model, x)
+    cm = hfp_fx.CostModel(dg)
+    floor = cm.counts(dg.alive({g.id: [0] for g in dg.prunable_groups})[cm.unit_ids])
+    small = hfp_fx.prune(model, x, {"params": floor.params})
+    assert small.meta["hfp"].achieved.params == floor.params == hfp_fx.count(small, x).params
+    with pytest.raises(hfp_fx.InfeasibleTargetError, match="not reachable"):
+        hfp_fx.prune(model, x, {"params": floor.params - 1})
 
 
 def test_finalize_needs_prepared_model():

@@ -1,4 +1,6 @@
 """Finalized models work with the rest of the PyTorch toolchain."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -98,9 +100,21 @@ def test_onnx_runtime_matches_torch(small, onnx_file):
 
 
 def test_prepared_model_compiles_for_training():
-    model = Net()
-    prepared = hfp_fx.prepare(model, torch.randn(1, 3, 8, 8), "50%")
-    compiled = torch.compile(prepared, backend="aot_eager")
-    loss = compiled(X).sum() + hfp_fx.complexity_loss(prepared)
-    loss.backward()
-    assert hfp_fx.gate_parameters(prepared)[0].grad is not None
+    """The compiled training step computes the eager loss and the eager gradients of every
+    parameter, the gates included (on two copies: a training forward updates the loss's state)."""
+    prepared = hfp_fx.prepare(Net(), torch.randn(1, 3, 8, 8), "50%").train()
+    twin = copy.deepcopy(prepared)
+
+    def step(model, forward):
+        loss = forward(X).sum() + hfp_fx.complexity_loss(model)
+        loss.backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        gate = hfp_fx.gate_parameters(model)[0]
+        return loss.detach(), [p.grad for p in params], next(i for i, p in enumerate(params) if p is gate)
+
+    eager_loss, eager_grads, gate = step(prepared, prepared)
+    compiled_loss, compiled_grads, _ = step(twin, torch.compile(twin, backend="aot_eager"))
+    assert torch.allclose(compiled_loss, eager_loss, rtol=1e-5)
+    assert float(eager_grads[gate].abs().sum()) > 0  # the gates learn
+    for a, b in zip(compiled_grads, eager_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

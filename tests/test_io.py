@@ -152,3 +152,18 @@ def test_a_model_spec_makes_the_file_self_contained(tmp_path, monkeypatch):
     assert json.loads(torch.load(tmp_path / "again.pt", weights_only=True)["plan"])["model_spec"] == "nets:build"
     with pytest.raises(ValueError, match="different prune groups.*records input shapes"):
         hfp_fx.load(tmp_path / "spec.pt", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1)))
+
+
+def test_a_tampered_count_of_a_group_that_was_not_pruned_is_caught(tmp_path):
+    """A group left whole has no keep list: its recorded count is checked against its dense size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 4, 4)
+    small = hfp_fx.prune(model, x, {"macs": 0.7}, max_prune={"g1": 0.0})
+    groups = small.meta["hfp"].groups
+    assert groups["g1"].kept == groups["g1"].dense == 8 and groups["g0"].kept < 8
+    path = tmp_path / "m.pt"
+    hfp_fx.save(small, path)
+    rewrite(path, change_plan=lambda p: p["groups"].__setitem__("g1", [8, 7]))
+    with pytest.raises(ValueError, match="group g1 keeps 7 channels by its count and 8 by its keep list"):
+        hfp_fx.load(path, lambda: model, x)

@@ -115,7 +115,7 @@ class UserNet(nn.Module):
         return self.conv2(scaled_tanh(self.scale(self.conv1(x))))
 
 
-def test_per_call_rules_teach_an_op_with_every_handler_field():
+def test_per_call_rules_teach_an_op_its_coupling_and_resize():
     torch.manual_seed(0)
     model, x = UserNet().eval(), torch.randn(2, 3, 8, 8)
     # symbolic tracing keeps the unknown function and module opaque (the default "auto" would
