@@ -665,7 +665,8 @@ def _broadcast_buffers(ddp: torch.nn.parallel.DistributedDataParallel) -> None:
 
 
 def _readers(gm: torch.fx.GraphModule) -> Dict[int, int]:
-    """How many graph nodes read each parameter (by tensor identity, so tied aliases count together).
+    """How many graph nodes read each parameter (by tensor identity, so tied aliases count together;
+    a ``get_attr`` counts each of its users).
 
     A gate may be folded into a weight only if the site's consumer is the weight's one reader: an
     embedding tied to the LM head would otherwise scale its own output with the head's gate.
@@ -673,14 +674,14 @@ def _readers(gm: torch.fx.GraphModule) -> Dict[int, int]:
     readers: Dict[int, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            tensors = {id(t) for t in gm.get_submodule(node.target).parameters()}
-        elif node.op == "get_attr":
+            tensors, count = {id(t) for t in gm.get_submodule(node.target).parameters()}, 1
+        elif node.op == "get_attr":  # one get_attr node may feed several ops (an exported tied weight)
             owner, _, attr = node.target.rpartition(".")
-            tensors = {id(getattr(gm.get_submodule(owner) if owner else gm, attr))}
+            tensors, count = {id(getattr(gm.get_submodule(owner) if owner else gm, attr))}, max(1, len(node.users))
         else:
             continue
         for t in tensors:
-            readers[t] = readers.get(t, 0) + 1
+            readers[t] = readers.get(t, 0) + count
     return readers
 
 

@@ -1,16 +1,50 @@
 """Small graph-editing helpers shared by the passes."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+import operator
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch.fx.node import Node
 
-__all__ = ["input_of", "pick_input", "replace_input", "scale_input"]
+__all__ = ["input_of", "pick_input", "replace_input", "scale_input", "is_aten", "emit"]
+
+_aten = torch.ops.aten
+#: the ATen overload a rewrite emits for a torch-level op in a graph of ATen ops (torch.export):
+#: a shrunk exported graph stays in its own dialect
+_ATEN_OF: Dict[Any, Any] = {
+    operator.mul: _aten.mul.Tensor, torch.mul: _aten.mul.Tensor, operator.add: _aten.add.Tensor,
+    torch.add: _aten.add.Tensor, operator.sub: _aten.sub.Tensor, torch.rsqrt: _aten.rsqrt.default,
+    torch.sum: _aten.sum.dim_IntList, F.rms_norm: _aten.rms_norm.default,
+    torch.split: _aten.split_with_sizes.default, "sum": _aten.sum.dim_IntList, "view": _aten.view.default,
+}
 
 
 ArgKey = Union[int, str, Tuple[int, int]]
+
+
+def is_aten(node: Node) -> bool:
+    """Whether ``node`` is an ATen op (a graph captured with ``torch.export``)."""
+    return isinstance(node.target, torch._ops.OpOverload)
+
+
+def emit(graph: torch.fx.Graph, fn: Union[Callable, str], args: tuple, kwargs: Optional[dict] = None,
+         aten: bool = False) -> Node:
+    """Insert ``fn(*args, **kwargs)`` (a function, or a ``Tensor`` method named by a string), as
+    its ATen overload when ``aten``: ``sum`` / ``view`` take their keyword ``keepdim`` and sizes
+    positionally there (``aten.sum.dim_IntList(x, dims, keepdim)``, ``aten.view(x, sizes)``)."""
+    kwargs = dict(kwargs or {})
+    if aten and fn in _ATEN_OF:
+        if fn in ("sum", torch.sum):
+            args = (args[0], list(args[1]), kwargs.pop("keepdim", False))
+        elif fn == "view":
+            args = (args[0], list(args[1:]))
+        return graph.call_function(_ATEN_OF[fn], tuple(args), kwargs)
+    if isinstance(fn, str):
+        return graph.call_method(fn, tuple(args), kwargs)
+    return graph.call_function(fn, tuple(args), kwargs)
 
 
 def input_of(node: Node, arg: ArgKey):
@@ -55,6 +89,6 @@ def scale_input(gm: torch.fx.GraphModule, node: Node, arg: ArgKey, axis: int, va
     shape[axis] = -1
     gm.register_buffer(buffer, values.reshape(shape))
     with gm.graph.inserting_before(node):
-        scaled = gm.graph.call_function(op, (x, gm.graph.get_attr(buffer)))
+        scaled = emit(gm.graph, op, (x, gm.graph.get_attr(buffer)), aten=is_aten(node))
     replace_input(node, arg, scaled)
     return scaled

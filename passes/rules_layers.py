@@ -18,6 +18,7 @@ from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
 from hfp_fx.meta_shortcuts import layer_shape, norm_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
+from hfp_fx.passes.edit import emit, is_aten
 
 A = ChannelAnalysis
 
@@ -352,26 +353,30 @@ def _emit_wide_layer_norm(edit, node: Node, x, weight, bias, eps: float, m, chan
     d, kept = m.size * spatial, edit.kept(m) * spatial
     graph = node.graph
 
+    aten = is_aten(node)
+
+    def op(fn, *args, **kwargs):
+        return emit(graph, fn, args, kwargs, aten=aten)
+
     def per_channel(param):
         param = _param_node(graph, param)
         if not channels_first:
             return param
-        return graph.call_method("view", (param, -1, *([1] * (len(shape) - 2))))
+        return op("view", param, -1, *([1] * (len(shape) - 2)))
 
     with graph.inserting_before(node):
-        total = graph.call_method("sum", (x, dims), {"keepdim": True})
-        mean = graph.call_function(operator.mul, (total, 1.0 / d))
-        centred = graph.call_function(operator.sub, (x, mean))
-        squares = graph.call_method("sum", (graph.call_function(operator.mul, (centred, centred)), dims),
-                                    {"keepdim": True})
-        removed = graph.call_function(operator.mul, (graph.call_function(operator.mul, (mean, mean)), float(d - kept)))
-        var = graph.call_function(operator.mul, (graph.call_function(operator.add, (squares, removed)), 1.0 / d))
-        rstd = graph.call_function(torch.rsqrt, (graph.call_function(operator.add, (var, float(eps))),))
-        y = graph.call_function(operator.mul, (centred, rstd))
+        total = op("sum", x, dims, keepdim=True)
+        mean = op(operator.mul, total, 1.0 / d)
+        centred = op(operator.sub, x, mean)
+        squares = op("sum", op(operator.mul, centred, centred), dims, keepdim=True)
+        removed = op(operator.mul, op(operator.mul, mean, mean), float(d - kept))
+        var = op(operator.mul, op(operator.add, squares, removed), 1.0 / d)
+        rstd = op(torch.rsqrt, op(operator.add, var, float(eps)))
+        y = op(operator.mul, centred, rstd)
         if weight is not None:
-            y = graph.call_function(operator.mul, (y, per_channel(weight)))
+            y = op(operator.mul, y, per_channel(weight))
         if bias is not None:
-            y = graph.call_function(operator.add, (y, per_channel(bias)))
+            y = op(operator.add, y, per_channel(bias))
     _replace(edit, node, y)
 
 
@@ -380,15 +385,15 @@ def _emit_rms_norm(edit, node: Node, x, weight, eps: Optional[float], m) -> None
     d, kept = m.size, edit.kept(m)
     if eps is None:  # torch's default: the machine epsilon of the input's dtype
         eps = torch.finfo(node.meta["tensor_meta"].dtype).eps
-    graph = node.graph
+    graph, aten = node.graph, is_aten(node)
     factor = math.sqrt(d / kept)
     with graph.inserting_before(node):
         w = None
         if weight is not None:
-            w = graph.call_function(operator.mul, (_param_node(graph, weight), factor))
-        y = graph.call_function(F.rms_norm, (x, (kept,), w, float(eps) * d / kept))
+            w = emit(graph, operator.mul, (_param_node(graph, weight), factor), aten=aten)
+        y = emit(graph, F.rms_norm, (x, (kept,), w, float(eps) * d / kept), aten=aten)
         if weight is None:
-            y = graph.call_function(operator.mul, (y, factor))
+            y = emit(graph, operator.mul, (y, factor), aten=aten)
     _replace(edit, node, y)
 
 

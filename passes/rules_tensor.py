@@ -19,6 +19,7 @@ from hfp_fx.spaces import ChannelMap, IndexValues
 from hfp_fx.passes.channel_analysis import INDEX_PRESERVING, ChannelAnalysis, describe, op_name
 from hfp_fx.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, cat_shape, pointwise_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
+from hfp_fx.passes.edit import emit, is_aten
 
 if TYPE_CHECKING:  # rewrites receive the shrink pass's edit context
     from hfp_fx.passes.shrink import ShrinkEdit
@@ -370,10 +371,11 @@ def rewrite_mean(node: Node, edit: "ShrinkEdit") -> None:
     if dims is None or src.axis not in dims:
         return
     count = math.prod(shape[d] for d in dims)
-    node.target = "sum" if node.op == "call_method" else torch.sum
+    aten = is_aten(node)  # aten.mean.dim and aten.sum.dim_IntList take the same arguments
+    node.target = "sum" if node.op == "call_method" else torch.ops.aten.sum.dim_IntList if aten else torch.sum
     graph = node.graph
     with graph.inserting_after(node):
-        scaled = graph.call_function(operator.mul, (node, 1.0 / count))
+        scaled = emit(graph, operator.mul, (node, 1.0 / count), aten=aten)
     scaled.meta = dict(node.meta)
     edit.replaced(node, scaled)
     node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
@@ -668,7 +670,8 @@ def rewrite_split(node: Node, edit: "ShrinkEdit") -> None:
     if all(p.size == src.size for p in pieces):
         return
     sizes = [edit.kept(p) for p in pieces]
-    node.target = "split" if node.op == "call_method" else torch.split
+    node.target = ("split" if node.op == "call_method" else
+                   torch.ops.aten.split_with_sizes.default if is_aten(node) else torch.split)
     node.args = (node.args[0], sizes, src.axis)
     node.kwargs = {}
 

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import hfp_fx  # noqa: E402
-from helpers import load_script  # noqa: E402
+from helpers import apply_plan, load_script  # noqa: E402
 
 F = load_script(Path(__file__).resolve().parent.parent / "benchmarks" / "hf_families.py", "hf_families")
 
@@ -166,3 +166,26 @@ def test_models_without_a_layout_are_refused_by_name():
     small = hfp_fx.shrink(dg, keep={g.id: range(max(1, g.channels // 2)) for g in dg.prunable_groups})
     with pytest.raises(ValueError, match="not a decoder family to_pretrained knows"):
         hfp_fx.to_pretrained(small, like=model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "gemma2"])
+def test_a_shrunk_exported_model_stays_in_aten(family):
+    """Rewrites emit ops of the graph's own dialect: norms over the pruned stream (RMSNorm's mean,
+    GPT-2's LayerNorm written out), split sizes and finalize's scale nodes are ATen ops too; and
+    finalize is exact (GPT-2: a gate is never folded into the LM head tied to the embedding)."""
+    import operator
+
+    model, x = F.build(family), F.example()
+    prepared = hfp_fx.prepare(model, x, {"params": 0.5}, gates="channel")
+    with torch.no_grad():
+        hfp_fx.gate_parameters(prepared)[0].uniform_(0.5, 1.5)  # scale nodes where gates cannot fold
+    finalized = hfp_fx.finalize(prepared).eval()
+    apply_plan(prepared, finalized.meta["hfp"].keep)  # finalize's reference: removed gates at 0
+    expected = prepared.eval()(*x.values())
+    for small in (hfp_fx.prune(model, x, {"params": 0.5}), finalized):
+        others = [n.format_node() for n in small.graph.nodes if n.op in ("call_method", "call_module") or
+                  n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload)
+                  and n.target is not operator.getitem]
+        assert not others, others[:3]
+    with torch.no_grad():
+        assert rel_err(finalized(*x.values()), expected) < 1e-4
