@@ -65,6 +65,23 @@ def _weight_gated_call(gm: torch.fx.GraphModule, facts: ChannelFacts, node: torc
     return (*call, dim)
 
 
+def _weight_argument(gm: torch.fx.GraphModule, node: torch.fx.Node, site, size: int):
+    """``(argument position, parameter name, weight dim, weight rank)`` when a functional consumer
+    (an exported graph's ``aten.linear``, ``aten.conv2d``, ``aten.addmm``) reads the site's weight
+    as a ``get_attr`` argument: its gate can scale that weight instead of the activation."""
+    if node.op != "call_function" or site.weight is None or site.kind != "scale":
+        return None
+    name, dim = site.weight
+    for pos, arg in enumerate(node.args):
+        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+            owner, _, attr = str(arg.target).rpartition(".")
+            tensor = getattr(gm.get_submodule(owner) if owner else gm, attr)
+            param = dict(gm.named_parameters(remove_duplicate=False)).get(name)
+            if param is not None and tensor is param and tensor.dim() > dim and tensor.shape[dim] == size:
+                return pos, str(arg.target), dim, tensor.dim()
+    return None
+
+
 def _gate_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, site_module: str, vector: torch.fx.Node,
                  fn, extra) -> None:
     """Replace ``module(x)`` by ``fn(x, gated weight, bias, *extra)``."""
@@ -104,6 +121,14 @@ def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphMod
             weight = gm.get_submodule(node.target).weight
             hfp.sites.add_module(name, SiteGate(index, dim, weight.dim()))
             _gate_weight(gm, node, f"hfp.sites.{name}", vector, fn, extra)
+            continue
+        found = _weight_argument(gm, node, site, index.numel()) if sites_of[site.node] == 1 else None
+        if found is not None:  # a functional layer: gate its weight argument (its own get_attr)
+            pos, target, dim, rank = found
+            hfp.sites.add_module(name, SiteGate(index, dim, rank))
+            with graph.inserting_before(node):
+                weight = graph.call_module(f"hfp.sites.{name}", (graph.get_attr(target), vector))
+            replace_input(node, pos, weight)
             continue
         arg = input_of(node, site.arg)
         rank = len(arg.meta["tensor_meta"].shape)

@@ -189,3 +189,22 @@ def test_a_shrunk_exported_model_stays_in_aten(family):
         assert not others, others[:3]
     with torch.no_grad():
         assert rel_err(finalized(*x.values()), expected) < 1e-4
+
+
+def test_gates_scale_the_weights_of_exported_linear_layers():
+    """In an exported graph a gate at an ``aten.linear`` / ``addmm`` input scales the layer's weight
+    (one pass over a weight, not over every token's activations), as for an ``nn.Linear``; the
+    prepared model still computes the dense model at gates 1, and finalize stays exact."""
+    for family in ("llama", "gpt2"):
+        model, x = F.build(family), F.example()
+        prepared = hfp_fx.prepare(model, x, {"params": 0.5}, gates="channel")
+        sites = [n for n in prepared.graph.nodes if n.op == "call_module" and str(n.target).startswith("hfp.sites.")]
+        on_weights = [n for n in sites if n.args[0].op == "get_attr"]
+        assert len(on_weights) >= len(sites) // 2, family
+        with torch.no_grad():
+            assert rel_err(prepared.eval()(*x.values()), model(**x, use_cache=False).logits) < 1e-6
+            hfp_fx.gate_parameters(prepared)[0].uniform_(0.5, 1.5)
+        small = hfp_fx.finalize(prepared).eval()
+        apply_plan(prepared, small.meta["hfp"].keep)
+        with torch.no_grad():
+            assert rel_err(small(*x.values()), prepared.eval()(*x.values())) < 1e-5
