@@ -19,6 +19,9 @@ An :class:`OpHandler` holds, for the ops it is registered for:
   (``nn.MultiheadAttention`` ties its input, inner and output widths): write the call out as
   plain ops reading the module's parameters, before the analysis, so that the other handlers
   prune it; ``False`` leaves the call as it is (then ``analyze`` applies);
+* ``view_step`` -- for view-like ops (casts, reshapes, permutes, ``expand``, basic indexing):
+  which input dim an output dim comes from, so that a parameter seen through the op (a class
+  token ``expand``-ed, a layer scale ``view``-ed) is sliced with the channels it meets;
 * ``reads_indices`` -- the rule understands inputs whose values are channel positions
   (:class:`~hfp_fx.spaces.IndexValues`, a router's top-k experts: ``sort``, ``histc``); for
   other ops the analysis fixes those channels, except for views and casts, which pass them on.
@@ -73,6 +76,9 @@ class OpHandler:
     #: the rule understands inputs whose values are channel indices (``IndexValues``); for any
     #: other rule the analysis fixes those channels first
     reads_indices: bool = False
+    #: for view-like ops: ``step(analysis, node, out dim, in shape, out shape) -> in dim`` (``None``:
+    #: that dim is not one input dim kept whole), so a parameter seen through the op is bound
+    view_step: Optional[Callable[..., Optional[int]]] = None
 
     @property
     def name(self) -> str:
@@ -191,7 +197,7 @@ def default_rules() -> OpRegistry:
 
 def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
                op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None,
-               decompose=None, reads_indices: bool = False,
+               decompose=None, reads_indices: bool = False, view_step=None,
                registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: make the decorated rule a handler's ``analyze`` and register it.
 
@@ -200,7 +206,7 @@ def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = 
 
     def deco(rule: Rule) -> Rule:
         handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call,
-                            decompose=decompose, reads_indices=reads_indices)
+                            decompose=decompose, reads_indices=reads_indices, view_step=view_step)
         (registry if registry is not None else DEFAULT_RULES).register(
             handler, modules=modules, functions=functions, methods=methods, op_names=op_names, replace=replace)
         return rule

@@ -53,7 +53,7 @@ def _register(handler: OpHandler, *names: str) -> None:
 
 
 # per-position ops: the output carries the first argument's channels
-_register(OpHandler(T.passthrough, macs=False),
+_register(OpHandler(T.passthrough, macs=False, view_step=T._same_dim_step),
           "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "erf",
           "log", "sin", "cos", "reciprocal", "sigmoid_", "tanh_", "hardtanh_", "clamp_", "hardswish_", "gelu_",
           "leaky_relu_", "elu_", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu",
@@ -65,7 +65,7 @@ _register(OpHandler(T.passthrough, macs=False),
           # bounds given as tensors (``torch.clamp(x, self.lo, self.hi)``): they broadcast like operands
           "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clamp_.Tensor")
 # broadcasting element-wise ops
-_register(OpHandler(T.elementwise, macs=False),
+_register(OpHandler(T.elementwise, macs=False, view_step=T._scalar_operand_step),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
           "mul.Scalar", "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Tensor", "maximum", "minimum",
           "where.self", "masked_fill.Scalar", "masked_fill.Tensor", "addcmul", "addcdiv", "lerp.Scalar",
@@ -82,22 +82,23 @@ _register(OpHandler(T.histc, macs=False, rewrite=T.rewrite_histc, reads_indices=
 _register(OpHandler(T.along_dim, macs=False), "softmax.int", "_softmax", "log_softmax.int", "_log_softmax",
           "cumsum")
 # reshapes, permutations, broadcasting: literal sizes at args[1] are rewritten
-_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_sizes), "view", "_unsafe_view", "reshape")
-_register(OpHandler(T.reshape, macs=False), "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze",
+_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_sizes, view_step=T._reshape_step), "view", "_unsafe_view",
+          "reshape")
+_register(OpHandler(T.reshape, macs=False, view_step=T._reshape_step), "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze",
           "flatten.using_ints")
 # ``aten.unflatten(x, dim, sizes)`` (``nn.MultiheadAttention``'s packed q/k/v): sizes at args[2]
-_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_unflatten), "unflatten.int")
-_register(OpHandler(T.expand, macs=False, rewrite=T.rewrite_sizes), "expand")
+_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_unflatten, view_step=T._reshape_step), "unflatten.int")
+_register(OpHandler(T.expand, macs=False, rewrite=T.rewrite_sizes, view_step=T._expand_step), "expand")
 _register(OpHandler(T.expand_as, macs=False), "expand_as")
-_register(OpHandler(T.permute, macs=False), "permute")
+_register(OpHandler(T.permute, macs=False, view_step=T._permute_step), "permute")
 _register(OpHandler(T.roll, macs=False), "roll")
 # fresh tensors: ``new_zeros(x, sizes)`` reads only x's dtype and device, ``zeros_like(x)`` its shape too
 _register(OpHandler(T.new_filled, macs=False), "new_zeros", "new_ones", "new_empty", "new_full")
-_register(OpHandler(T.passthrough, macs=False), "zeros_like", "ones_like", "empty_like", "full_like")
+_register(OpHandler(T.passthrough, macs=False, view_step=T._same_dim_step), "zeros_like", "ones_like", "empty_like", "full_like")
 # ``aten.pad(x, pad, mode, value)`` / ``constant_pad_nd(x, pad, value)``: pads listed from the last dim
 _register(OpHandler(T.pad, macs=False), "pad", "constant_pad_nd")
-_register(OpHandler(T.transpose, macs=False), "transpose.int", "swapaxes", "swapdims", "movedim.int")
-_register(OpHandler(T.t, macs=False), "t", "numpy_T")
+_register(OpHandler(T.transpose, macs=False, view_step=T._transpose_step), "transpose.int", "swapaxes", "swapdims", "movedim.int")
+_register(OpHandler(T.t, macs=False, view_step=T._transpose_step), "t", "numpy_T")
 _register(OpHandler(T.cat, macs=False), "cat")
 _register(OpHandler(T.stack, macs=False), "stack")
 _register(OpHandler(T.split, macs=False, rewrite=T.rewrite_split), "split.Tensor", "split_with_sizes", "chunk",
@@ -226,7 +227,7 @@ def _index_step(a: A, node: Node, d: int, in_shape, out_shape):
     return next((e for e in range(layout[0]) if e not in layout[1] and _index_out_dim(layout, e) == d), None)
 
 
-@op_handler(functions=_ops("index.Tensor"), macs=False)
+@op_handler(functions=_ops("index.Tensor"), macs=False, view_step=_index_step)
 def index_tensor(a: A, node: Node):
     """``x[i, j]`` with index tensors (``aten.index.Tensor``): gathering along other dims keeps the
     channels; gathering along the channel dim picks individual channels."""
@@ -243,8 +244,6 @@ def index_tensor(a: A, node: Node):
         return None
     return ChannelMap(_index_out_dim(layout, m.axis), m.ids)
 
-
-T._VIEW_STEPS[index_tensor] = _index_step
 
 
 @op_handler(functions=_ops("addmm"))

@@ -64,136 +64,10 @@ _UNARY_MODULES = [
 ]
 
 
-@op_handler(modules=_UNARY_MODULES, functions=_UNARY_FUNCTIONS, methods=_UNARY_METHODS, macs=False)
-def passthrough(a: A, node: Node):
-    """Per-position ops: the output carries the first tensor argument's channels."""
-    out = a.map(node.args[0]) if node.args else None
-    if out is not None and isinstance(a.shape(node), torch.Size):
-        in_shape, out_shape = a.shape(node.args[0]), a.shape(node)
-        if in_shape is not None and len(in_shape) != len(out_shape):
-            a.fix(out, f"{describe(node)} changed the rank")
-            return None
-    # tensor-valued extra arguments (clamp(min=tensor), type_as(other)) broadcast like operands
-    others = [x for x in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(x, Node) and a.shape(x) is not None]
-    if others and node.target not in ("type_as", "to"):
-        return broadcast_couple(a, node, [node.args[0]] + others)
-    return out
-
-
-DEFAULT_RULES.register(OpHandler(passthrough, macs=False, shape=pointwise_shape),
-                       modules=_ACTIVATION_MODULES, functions=_ACTIVATION_FUNCTIONS)
-
-try:  # torchvision's stochastic depth scales whole samples: per position
-    from torchvision.ops import stochastic_depth as _sd
-    from torchvision.ops import StochasticDepth as _SD
-
-    DEFAULT_RULES.register(OpHandler(passthrough, macs=False), modules=[_SD], functions=[_sd])
-except ImportError:  # pragma: no cover - torchvision is a dependency
-    pass
-
-
-def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optional[torch.Size] = None):
-    """Broadcasting n-ary op: operands that are full-size along the channel axis must agree."""
-    out_shape = a.shape(node) if out_shape is None else out_shape
-    if not isinstance(out_shape, torch.Size):
-        a.fix([a.map(x) for x in operands], f"{describe(node)} has a non-tensor result")
-        return None
-    rank = len(out_shape)
-    tracked, untracked = [], []
-    for x in operands:
-        shape = a.shape(x)
-        if not isinstance(shape, torch.Size):
-            continue
-        m = a.map(x)
-        if isinstance(m, ChannelMap):
-            tracked.append((x, m, m.axis + rank - len(shape), shape[m.axis]))
-        elif m is not None:
-            a.fix(m, f"{describe(node)} received a tuple")
-        elif not any(x is y for y, _ in untracked):  # ``where(c, g, g)``: one operand, bound once
-            untracked.append((x, shape))
-    if not tracked:
-        return None
-    axes = {t[2] for t in tracked}
-    if len(axes) > 1:
-        a.fix([t[1] for t in tracked], f"{describe(node)} combines tensors whose channels lie on different axes")
-        return None
-    axis = axes.pop()
-    size = out_shape[axis]
-    full = [m for _, m, _, s in tracked if s == size]
-    for _, m, _, s in tracked:
-        if s != size:
-            a.fix(m, f"{describe(node)} broadcasts a {s}-channel tensor over {size} channels")
-    if not full:
-        return None
-    base = full[0].ids
-    for m in full[1:]:
-        a.union(base, m.ids)
-    for x, shape in untracked:
-        d = axis - (rank - len(shape))
-        if d >= 0 and shape[d] == size and size > 1:
-            # a parameter combined per channel (``x + pos_embedding``, ``x * gamma.view(1, -1, 1, 1)``,
-            # ``cat([cls_token.expand(n, -1, -1), x], 1)``): slice it with the channels
-            if not bind_param_view(a, x, d, base):
-                a.fix(base, f"{describe(node)} combines the channels with the untracked tensor `{x.name}`")
-    return ChannelMap(axis, base)
-
-
-def bind_param_view(a: A, x: Node, dim: int, ids: torch.Tensor) -> bool:
-    """Bind the parameter that untracked operand ``x`` views to channels ``ids`` along its ``dim``.
-
-    A parameter rarely meets the channels directly: a class token is ``expand``-ed to the batch,
-    a layer-scale ``gamma`` is ``view``-ed to ``(1, C, 1, 1)``, a position embedding is sliced to
-    the number of tokens or cast with ``.to(x.dtype)``.  The chain from the ``get_attr`` to ``x``
-    is followed back through such view-like single-input ops (:func:`param_view_chain`); when
-    ``dim`` of ``x`` is one dim of the parameter, that dim is bound to ``ids`` and every node on
-    the chain gets the channel map it would have had if the parameter were tracked, so the
-    shrink pass rewrites their literal sizes (``expand(b, 1, 768)``) and its shape check
-    predicts them.  Returns ``False`` (nothing recorded) when the chain cannot be followed.
-    """
-    found = param_view_chain(a, x, dim)
-    if found is None:
-        return False
-    target, param_dim, chain = found
-    a.bind_param(target, param_dim, ids)
-    for n, d in chain:
-        a.maps[n.name] = ChannelMap(d, ids)
-    return True
-
-
-def param_view_chain(a: A, x: Node, dim: int) -> Optional[Tuple[str, int, List[Tuple[Node, int]]]]:
-    """``(parameter name, its dim, [(chain node, dim), ...])`` behind ``x``'s ``dim``, or ``None``.
-
-    Each step maps one output dim of a view-like op to one input dim of the same size:
-    :data:`_VIEW_STEPS` lists the rules whose ops qualify.  Giving a chain node a channel map
-    after it was analysed is sound only if no node analysed already read it as untracked, so
-    a chain node used by any analysed node other than its successor on the chain stops the walk
-    (later users see the map like any tracked input).
-    """
-    chain: List[Tuple[Node, int]] = []
-    consumer, node, d = a.node, x, dim
-    while True:
-        if node.op == "get_attr":
-            return str(node.target), d, chain
-        if a.map(node) is not None or node.op not in ("call_method", "call_function"):
-            return None
-        if any(u is not consumer and u.name in a.maps for u in node.users):
-            return None
-        handler = a.rules.lookup(node)
-        step = _VIEW_STEPS.get(handler.analyze) if handler is not None else None
-        # the input the chain goes on through: ``1.0 + w`` has its tensor second
-        src = next((v for v in node.args if isinstance(v, Node)), None)
-        if step is None or not isinstance(src, Node):
-            return None
-        in_shape, out_shape = a.shape(src), a.shape(node)
-        if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
-            return None
-        prev = step(a, node, d, in_shape, out_shape)
-        if prev is None or not 0 <= prev < len(in_shape) or in_shape[prev] != out_shape[d]:
-            return None
-        chain.append((node, d))
-        consumer, node, d = node, src, prev
-
-
+# -------------------------------------------------------------------------------------------
+# view steps (``OpHandler.view_step``): how an op maps one output dim back to one input dim of the
+# same size, so that a parameter seen through it can be bound (``param_view_chain``)
+# -------------------------------------------------------------------------------------------
 def _same_dim_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int]:
     """Per-position unary ops, casts and copies: the same dim, if nothing else is combined."""
     if len(in_shape) != len(out_shape):
@@ -277,6 +151,138 @@ def _getitem_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int
     return None
 
 
+
+@op_handler(modules=_UNARY_MODULES, functions=_UNARY_FUNCTIONS, methods=_UNARY_METHODS, macs=False,
+            view_step=_same_dim_step)
+def passthrough(a: A, node: Node):
+    """Per-position ops: the output carries the first tensor argument's channels."""
+    out = a.map(node.args[0]) if node.args else None
+    if out is not None and isinstance(a.shape(node), torch.Size):
+        in_shape, out_shape = a.shape(node.args[0]), a.shape(node)
+        if in_shape is not None and len(in_shape) != len(out_shape):
+            a.fix(out, f"{describe(node)} changed the rank")
+            return None
+    # tensor-valued extra arguments (clamp(min=tensor), type_as(other)) broadcast like operands
+    others = [x for x in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(x, Node) and a.shape(x) is not None]
+    if others and node.target not in ("type_as", "to"):
+        return broadcast_couple(a, node, [node.args[0]] + others)
+    return out
+
+
+DEFAULT_RULES.register(OpHandler(passthrough, macs=False, shape=pointwise_shape, view_step=_same_dim_step),
+                       modules=_ACTIVATION_MODULES, functions=_ACTIVATION_FUNCTIONS)
+
+try:  # torchvision's stochastic depth scales whole samples: per position
+    from torchvision.ops import stochastic_depth as _sd
+    from torchvision.ops import StochasticDepth as _SD
+
+    DEFAULT_RULES.register(OpHandler(passthrough, macs=False, view_step=_same_dim_step), modules=[_SD], functions=[_sd])
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
+
+
+def broadcast_couple(a: A, node: Node, operands: Sequence[Any], out_shape: Optional[torch.Size] = None):
+    """Broadcasting n-ary op: operands that are full-size along the channel axis must agree."""
+    out_shape = a.shape(node) if out_shape is None else out_shape
+    if not isinstance(out_shape, torch.Size):
+        a.fix([a.map(x) for x in operands], f"{describe(node)} has a non-tensor result")
+        return None
+    rank = len(out_shape)
+    tracked, untracked = [], []
+    for x in operands:
+        shape = a.shape(x)
+        if not isinstance(shape, torch.Size):
+            continue
+        m = a.map(x)
+        if isinstance(m, ChannelMap):
+            tracked.append((x, m, m.axis + rank - len(shape), shape[m.axis]))
+        elif m is not None:
+            a.fix(m, f"{describe(node)} received a tuple")
+        elif not any(x is y for y, _ in untracked):  # ``where(c, g, g)``: one operand, bound once
+            untracked.append((x, shape))
+    if not tracked:
+        return None
+    axes = {t[2] for t in tracked}
+    if len(axes) > 1:
+        a.fix([t[1] for t in tracked], f"{describe(node)} combines tensors whose channels lie on different axes")
+        return None
+    axis = axes.pop()
+    size = out_shape[axis]
+    full = [m for _, m, _, s in tracked if s == size]
+    for _, m, _, s in tracked:
+        if s != size:
+            a.fix(m, f"{describe(node)} broadcasts a {s}-channel tensor over {size} channels")
+    if not full:
+        return None
+    base = full[0].ids
+    for m in full[1:]:
+        a.union(base, m.ids)
+    for x, shape in untracked:
+        d = axis - (rank - len(shape))
+        if d >= 0 and shape[d] == size and size > 1:
+            # a parameter combined per channel (``x + pos_embedding``, ``x * gamma.view(1, -1, 1, 1)``,
+            # ``cat([cls_token.expand(n, -1, -1), x], 1)``): slice it with the channels
+            if not bind_param_view(a, x, d, base):
+                a.fix(base, f"{describe(node)} combines the channels with the untracked tensor `{x.name}`")
+    return ChannelMap(axis, base)
+
+
+def bind_param_view(a: A, x: Node, dim: int, ids: torch.Tensor) -> bool:
+    """Bind the parameter that untracked operand ``x`` views to channels ``ids`` along its ``dim``.
+
+    A parameter rarely meets the channels directly: a class token is ``expand``-ed to the batch,
+    a layer-scale ``gamma`` is ``view``-ed to ``(1, C, 1, 1)``, a position embedding is sliced to
+    the number of tokens or cast with ``.to(x.dtype)``.  The chain from the ``get_attr`` to ``x``
+    is followed back through such view-like single-input ops (:func:`param_view_chain`); when
+    ``dim`` of ``x`` is one dim of the parameter, that dim is bound to ``ids`` and every node on
+    the chain gets the channel map it would have had if the parameter were tracked, so the
+    shrink pass rewrites their literal sizes (``expand(b, 1, 768)``) and its shape check
+    predicts them.  Returns ``False`` (nothing recorded) when the chain cannot be followed.
+    """
+    found = param_view_chain(a, x, dim)
+    if found is None:
+        return False
+    target, param_dim, chain = found
+    a.bind_param(target, param_dim, ids)
+    for n, d in chain:
+        a.maps[n.name] = ChannelMap(d, ids)
+    return True
+
+
+def param_view_chain(a: A, x: Node, dim: int) -> Optional[Tuple[str, int, List[Tuple[Node, int]]]]:
+    """``(parameter name, its dim, [(chain node, dim), ...])`` behind ``x``'s ``dim``, or ``None``.
+
+    Each step maps one output dim of a view-like op to one input dim of the same size:
+    A handler's ``view_step`` says whether and how its op qualifies.  Giving a chain node a channel map
+    after it was analysed is sound only if no node analysed already read it as untracked, so
+    a chain node used by any analysed node other than its successor on the chain stops the walk
+    (later users see the map like any tracked input).
+    """
+    chain: List[Tuple[Node, int]] = []
+    consumer, node, d = a.node, x, dim
+    while True:
+        if node.op == "get_attr":
+            return str(node.target), d, chain
+        if a.map(node) is not None or node.op not in ("call_method", "call_function"):
+            return None
+        if any(u is not consumer and u.name in a.maps for u in node.users):
+            return None
+        handler = a.rules.lookup(node)
+        step = handler.view_step if handler is not None else None
+        # the input the chain goes on through: ``1.0 + w`` has its tensor second
+        src = next((v for v in node.args if isinstance(v, Node)), None)
+        if step is None or not isinstance(src, Node):
+            return None
+        in_shape, out_shape = a.shape(src), a.shape(node)
+        if not isinstance(in_shape, torch.Size) or not isinstance(out_shape, torch.Size):
+            return None
+        prev = step(a, node, d, in_shape, out_shape)
+        if prev is None or not 0 <= prev < len(in_shape) or in_shape[prev] != out_shape[d]:
+            return None
+        chain.append((node, d))
+        consumer, node, d = node, src, prev
+
+
 #: ``+ - * /`` whose output layout the shape pass builds without running them (``arithmetic_shape``)
 _ARITHMETIC_FUNCTIONS = [operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
                          torch.div]
@@ -295,12 +301,12 @@ _BINARY_METHODS = [
 ]
 
 
-@op_handler(functions=_BINARY_FUNCTIONS, methods=_BINARY_METHODS, macs=False)
+@op_handler(functions=_BINARY_FUNCTIONS, methods=_BINARY_METHODS, macs=False, view_step=_scalar_operand_step)
 def elementwise(a: A, node: Node):
     return broadcast_couple(a, node, list(node.args) + list(node.kwargs.values()))
 
 
-DEFAULT_RULES.register(OpHandler(elementwise, macs=False, shape=arithmetic_shape),
+DEFAULT_RULES.register(OpHandler(elementwise, macs=False, shape=arithmetic_shape, view_step=_scalar_operand_step),
                        functions=_ARITHMETIC_FUNCTIONS, methods=_ARITHMETIC_METHODS)
 
 
@@ -600,7 +606,7 @@ def new_filled(a: A, node: Node):
     return None
 
 
-DEFAULT_RULES.register(OpHandler(passthrough, macs=False),
+DEFAULT_RULES.register(OpHandler(passthrough, macs=False, view_step=_same_dim_step),
                        functions=[torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like])
 
 
@@ -747,7 +753,7 @@ def rewrite_getitem(node: Node, edit: "ShrinkEdit") -> None:
     node.args = (obj, tuple(items) if isinstance(idx, tuple) or len(items) > 1 else items[0])
 
 
-@op_handler(functions=[operator.getitem], macs=False, rewrite=rewrite_getitem)
+@op_handler(functions=[operator.getitem], macs=False, rewrite=rewrite_getitem, view_step=_getitem_step)
 def getitem(a: A, node: Node):
     obj, idx = node.args[0], node.args[1]
     obj_shape = a.shape(obj)
@@ -840,7 +846,7 @@ def select_like(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 @op_handler(modules=[torch.nn.Flatten], functions=[torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel],
             methods=["flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "squeeze_", "unsqueeze_", "ravel"],
-            macs=False)
+            macs=False, view_step=_reshape_step)
 def reshape(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1042,13 +1048,13 @@ def rewrite_unflatten(node: Node, edit: "ShrinkEdit") -> None:
         node.kwargs = {}
 
 
-DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_sizes),
+DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_sizes, view_step=_reshape_step),
                        functions=[torch.reshape], methods=["view", "reshape"])
-DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_unflatten),
+DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_unflatten, view_step=_reshape_step),
                        modules=[torch.nn.Unflatten], functions=[torch.unflatten], methods=["unflatten"])
 
 
-@op_handler(functions=[torch.permute], methods=["permute"], macs=False)
+@op_handler(functions=[torch.permute], methods=["permute"], macs=False, view_step=_permute_step)
 def permute(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1064,7 +1070,9 @@ def permute(a: A, node: Node):
     return ChannelMap(dims.index(m.axis), m.ids)
 
 
-@op_handler(functions=[torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis], methods=["transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_"], macs=False)
+@op_handler(functions=[torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis],
+            methods=["transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_"], macs=False,
+            view_step=_transpose_step)
 def transpose(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1085,7 +1093,7 @@ def transpose(a: A, node: Node):
     return ChannelMap(order.index(m.axis), m.ids)
 
 
-@op_handler(functions=[torch.t], methods=["t"], macs=False)
+@op_handler(functions=[torch.t], methods=["t"], macs=False, view_step=_transpose_step)
 def t(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1094,7 +1102,8 @@ def t(a: A, node: Node):
     return ChannelMap(m.axis if rank < 2 else 1 - m.axis, m.ids)
 
 
-@op_handler(functions=[torch.broadcast_to], methods=["expand", "broadcast_to"], macs=False, rewrite=rewrite_sizes)
+@op_handler(functions=[torch.broadcast_to], methods=["expand", "broadcast_to"], macs=False, rewrite=rewrite_sizes,
+            view_step=_expand_step)
 def expand(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1444,8 +1453,3 @@ def _bind_attn_mask(a: A, node: Node, heads: ChannelMap, rank: int) -> None:
 def _is_tuple_shape(s) -> bool:
     return isinstance(s, tuple) and not isinstance(s, torch.Size)
 
-
-#: view-like rules :func:`param_view_chain` walks back through: ``step(a, node, out dim, in
-#: shape, out shape) -> in dim`` (``None``: the dim is not one input dim kept whole)
-_VIEW_STEPS = {passthrough: _same_dim_step, elementwise: _scalar_operand_step, expand: _expand_step, reshape: _reshape_step,
-               permute: _permute_step, transpose: _transpose_step, t: _transpose_step, getitem: _getitem_step}

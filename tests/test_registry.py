@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hfp_fx
-from hfp_fx.passes.registry import DEFAULT_RULES, HandlerConflict, OpHandler, default_rules
+from hfp_fx.passes.registry import DEFAULT_RULES, HandlerConflict, OpHandler, OpRegistry, default_rules
 from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.passes.rules_tensor import passthrough
 from tests.helpers import check_model
@@ -187,3 +187,14 @@ class Net(torch.nn.Module):
     with torch.no_grad():
         reference = hfp_fx.mask(model, x, small.meta["hfp"].keep, rules=rules)(x)
         assert torch.allclose(small(x), reference, atol=1e-5)
+
+
+def test_an_empty_registry_knows_no_op():
+    """All op knowledge is in the handlers: with none, nothing is prunable (no table outside the
+    registry makes an op pass channels on), for symbolic tracing and for torch.export."""
+    model, x = UserNet().eval(), torch.randn(2, 3, 8, 8)
+    assert hfp_fx.dependency_graph(model, x, capture="fx").prunable_groups == []  # (unknown ops: fixed)
+    assert hfp_fx.dependency_graph(model, x, capture="export").prunable_groups  # the defaults know these
+    for capture in ("fx", "export"):
+        dg = hfp_fx.dependency_graph(model, x, rules=OpRegistry(), capture=capture)
+        assert dg.prunable_groups == [] and all(g.reason for g in dg.groups), capture
