@@ -146,10 +146,6 @@ def describe(node: Node, module: Optional[torch.nn.Module] = None) -> str:
     return f"{node.op} `{node.target}`"
 
 
-_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device", "is_contiguous",
-                     "is_floating_point", "stride"}
-
-
 class ChannelAnalysis:
     """Run every node's coupling rule over a GraphModule annotated by ``propagate_shapes``."""
 
@@ -303,8 +299,6 @@ class ChannelAnalysis:
                     return indices[0]  # a view or cast of the indices: still the same positions
                 self.fix(indices, f"{describe(node, module)} reads channel indices (a top-k's) as values")
             if handler is None:
-                if node.op == "call_method" and node.target in _METADATA_METHODS:
-                    return None
                 if node.op == "call_function" and getattr(node.target, "__name__", "") == "getattr":
                     return self._named_field(node)
                 out = self._unknown(node, module, f"unsupported {describe(node, module)}")

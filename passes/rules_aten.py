@@ -4,7 +4,7 @@
 Where an overload takes its arguments the way the ``torch`` function does, it is registered
 with the existing rule (``passthrough``, ``elementwise``, ``reduction``, ``reshape`` with
 ``rewrite_sizes``, ``permute``, ``transpose``, ``cat``, ``split``, ``matmul``, ``sdpa``,
-``linear_fn``, ``layer_norm_fn``); the few that differ get a small adapter here:
+``linear_fn``, ``layer_norm_fn``, ``rms_norm_fn``); the few that differ get a small adapter here:
 
 * ``aten.embedding(weight, indices)`` (the weight first; ``F.embedding`` is ``(indices, weight)``);
 * ``aten.slice.Tensor(x, dim, start, end, step)``, whose bounds the shrink pass rewrites to
@@ -109,8 +109,8 @@ _register(OpHandler(T.matmul), "matmul", "bmm", "mm")
 _register(OpHandler(T.sdpa), "scaled_dot_product_attention")
 _register(OpHandler(T.einsum), "einsum")  # operands packed in a list: einsum(equation, [x, y])
 _register(OpHandler(L.linear_fn), "linear")
-_register(OpHandler(L.layer_norm_fn, macs=False, rewrite=L._rewrite_norm_fn), "layer_norm", "rms_norm")
-L.LAYER_NORM_FUNCTIONS.update(_ops("layer_norm"))
+_register(OpHandler(L.layer_norm_fn, macs=False, rewrite=L.rewrite_layer_norm_fn), "layer_norm")
+_register(OpHandler(L.rms_norm_fn, macs=False, rewrite=L.rewrite_rms_norm_fn), "rms_norm")
 
 
 @op_handler(functions=_ops("embedding"), macs=False)

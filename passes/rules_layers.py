@@ -286,34 +286,29 @@ if hasattr(torch.nn, "RMSNorm"):  # (torch >= 2.4)
     DEFAULT_RULES.register(OpHandler(layer_norm, macs=False, rewrite=_rewrite_norm_module), modules=[torch.nn.RMSNorm])
 
 
-#: functional forms that take ``(x, normalized_shape, weight, bias, eps)``; the others registered
-#: for :func:`layer_norm_fn` take ``(x, normalized_shape, weight, eps)`` (``F.rms_norm``)
-LAYER_NORM_FUNCTIONS = {F.layer_norm}
-
-
 def _norm_fn_args(node: Node, rms: bool):
-    """``(x, normalized_shape, weight, bias, eps)`` of ``F.layer_norm`` / ``F.rms_norm``."""
+    """``(x, normalized_shape, weight, bias, eps)`` of ``F.layer_norm`` / ``F.rms_norm`` (no bias)."""
     get = lambda i, name, default=None: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
     if rms:
         return get(0, "input"), get(1, "normalized_shape"), get(2, "weight"), None, get(3, "eps")
     return get(0, "input"), get(1, "normalized_shape"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
 
 
-def _rewrite_norm_fn(node: Node, edit) -> None:
-    m = edit.map_of(node)
-    rms = node.target not in LAYER_NORM_FUNCTIONS
-    x, shape, weight, bias, eps = _norm_fn_args(node, rms)
-    if not _normalises_channels(node, edit, m, len(shape) if isinstance(shape, (list, tuple)) else 1):
-        return
-    if rms:
-        _emit_rms_norm(edit, node, x, weight, eps, m)
-    else:
-        _emit_wide_layer_norm(edit, node, x, weight, bias, eps, m)
+def _rewrite_norm_fn(rms: bool):
+    def rewrite(node: Node, edit) -> None:
+        m = edit.map_of(node)
+        x, shape, weight, bias, eps = _norm_fn_args(node, rms)
+        if not _normalises_channels(node, edit, m, len(shape) if isinstance(shape, (list, tuple)) else 1):
+            return
+        if rms:
+            _emit_rms_norm(edit, node, x, weight, eps, m)
+        else:
+            _emit_wide_layer_norm(edit, node, x, weight, bias, eps, m)
+
+    return rewrite
 
 
-@op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape, rewrite=_rewrite_norm_fn)
-def layer_norm_fn(a: A, node: Node):
-    rms = node.target not in LAYER_NORM_FUNCTIONS
+def _norm_fn(a: A, node: Node, rms: bool):
     x, shape, weight, bias, eps = _norm_fn_args(node, rms)
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
     names = []
@@ -326,8 +321,19 @@ def layer_norm_fn(a: A, node: Node):
     return _norm_over_channels(a, node, k, *names)
 
 
-if hasattr(F, "rms_norm"):
-    DEFAULT_RULES.register(OpHandler(layer_norm_fn, macs=False, rewrite=_rewrite_norm_fn), functions=[F.rms_norm])
+rewrite_layer_norm_fn, rewrite_rms_norm_fn = _rewrite_norm_fn(False), _rewrite_norm_fn(True)
+
+
+@op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape, rewrite=rewrite_layer_norm_fn)
+def layer_norm_fn(a: A, node: Node):
+    """``F.layer_norm(x, normalized_shape, weight, bias, eps)``."""
+    return _norm_fn(a, node, rms=False)
+
+
+@op_handler(functions=[F.rms_norm] if hasattr(F, "rms_norm") else [], macs=False, rewrite=rewrite_rms_norm_fn)
+def rms_norm_fn(a: A, node: Node):
+    """``F.rms_norm(x, normalized_shape, weight, eps)``."""
+    return _norm_fn(a, node, rms=True)
 
 
 def _param_node(graph, name):

@@ -64,6 +64,14 @@ _UNARY_MODULES = [
 ]
 
 
+@op_handler(methods=["size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device", "is_contiguous",
+                     "is_floating_point", "stride"], macs=False)
+def metadata(a: A, node: Node):
+    """``x.size()``, ``x.dim()``, ...: numbers about a tensor, no channels (the shrink pass finds
+    reads of a pruned channel dim's size by itself)."""
+    return None
+
+
 # -------------------------------------------------------------------------------------------
 # view steps (``OpHandler.view_step``): how an op maps one output dim back to one input dim of the
 # same size, so that a parameter seen through it can be bound (``param_view_chain``)
