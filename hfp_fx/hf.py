@@ -108,7 +108,8 @@ LAYOUTS: Dict[str, DecoderLayout] = {
         qk_norms=tuple((norm, proj, True) for norm, proj, _ in _PER_HEAD_QK)),
     "phi3": DecoderLayout("rms", "model.norm.weight", attention=("self_attn.qkv_proj.weight", 0), kv=None,
                           fused_qkv=True, mlps=(("mlp.gate_up_proj.weight", 0, 2, "intermediate_size"),)),
-    "phi": DecoderLayout("layer", "model.final_layernorm.weight", mlps=(("mlp.fc1.weight", 0, 1, "intermediate_size"),)),
+    "phi": DecoderLayout("layer", "model.final_layernorm.weight",
+                         mlps=(("mlp.fc1.weight", 0, 1, "intermediate_size"),)),
     "stablelm": DecoderLayout("layer", "model.norm.weight", head_dim_in_config=False),
     "gpt_neox": DecoderLayout("layer", "gpt_neox.final_layer_norm.weight", layer="gpt_neox.layers.{}.",
                               attention=("attention.query_key_value.weight", 0), kv=None,
@@ -122,8 +123,8 @@ LAYOUTS: Dict[str, DecoderLayout] = {
     "falcon": DecoderLayout("layer", "transformer.ln_f.weight", layer="transformer.h.{}.",
                             attention=("self_attention.query_key_value.weight", 0), kv=None,
                             mlps=(("mlp.dense_h_to_4h.weight", 0, 1, "ffn_hidden_size"),), head_dim_in_config=False),
-    "mixtral": DecoderLayout("rms", "model.norm.weight", mlps=(("mlp.experts.gate_up_proj", 1, 2, "intermediate_size"),),
-                             align=8, router=("mlp.gate.weight", "num_local_experts")),
+    "mixtral": DecoderLayout("rms", "model.norm.weight", align=8, router=("mlp.gate.weight", "num_local_experts"),
+                             mlps=(("mlp.experts.gate_up_proj", 1, 2, "intermediate_size"),)),
     "qwen2_moe": DecoderLayout("rms", "model.norm.weight", align=8, router=("mlp.gate.weight", "num_experts"), mlps=(
         ("mlp.experts.gate_up_proj", 1, 2, "moe_intermediate_size"),
         ("mlp.shared_expert.gate_proj.weight", 0, 1, "shared_expert_intermediate_size"))),
@@ -473,9 +474,10 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inpu
             validate()
         model = type(like)(new_config)
     except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
-        raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths (hidden_size "
-                         f"{getattr(new_config, 'hidden_size', None)}, {getattr(new_config, 'num_attention_heads', None)}"
-                         f" heads): {exc}. Prune with uniform_blocks=True (prune, or prepare -> finalize), which "
+        widths = (f"hidden_size {getattr(new_config, 'hidden_size', None)}, "
+                  f"{getattr(new_config, 'num_attention_heads', None)} heads")
+        raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths ({widths}): {exc}. Prune with "
+                         "uniform_blocks=True (prune, or prepare -> finalize), which "
                          "keeps hidden_size a multiple of the kept heads (hfp_fx.hf.config_fit), or shrink with a "
                          "keep that does") from exc
     model.load_state_dict(_weights(model, layout, state, dense_state, stream_factor, head_share), strict=True)

@@ -148,6 +148,10 @@ def metrics_of(cm: CostModel, keep: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {"params": params, "macs": macs, "latency": cm.latency(keep)}
 
 
+#: what raises a group's floor besides min_channels / round_to, for InfeasibleTargetError
+_FLOORS = ", and per-group floors: max_prune, a top-k, or what uniform_blocks keeps whole for the config"
+
+
 def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_channels: int = 1,
                    round_to: int = 1, min_kept: Optional[Mapping[str, int]] = None) -> Counts:
     """Raise :class:`InfeasibleTargetError` unless the target is reachable; return the smallest counts.
@@ -167,9 +171,8 @@ def check_feasible(cm: CostModel, groups: Sequence, target: ResolvedTarget, min_
             shown = f"{value:.3f} ms" if name == "latency" else f"{round(value):,} {name}"
             raise InfeasibleTargetError(
                 f"target {name}={t:,} is not reachable: with every prunable group at its minimum "
-                f"(min_channels={min_channels}, round_to={round_to}"
-                f"{', and per-group floors: max_prune, a top-k, or what uniform_blocks keeps whole for the config' if min_kept else ''}"
-                f") the model still has {shown} "
+                f"(min_channels={min_channels}, round_to={round_to}{_FLOORS if min_kept else ''}) "
+                f"the model still has {shown} "
                 f"({100 * value / max(dense[name], 1e-12):.1f}% of dense); fixed groups "
                 "and excluded modules set that floor")
     return Counts(int(round(floor["params"])), int(round(floor["macs"])))

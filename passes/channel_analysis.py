@@ -295,7 +295,7 @@ class ChannelAnalysis:
             indices = [v for v in (self.map(x) for x in _flatten_args((node.args, node.kwargs)))
                        if isinstance(v, IndexValues)]
             if indices and not (handler is not None and handler.reads_indices):
-                if op_name(node) in INDEX_PRESERVING and len(indices) == 1:
+                if handler is not None and handler.keeps_values and len(indices) == 1:
                     return indices[0]  # a view or cast of the indices: still the same positions
                 self.fix(indices, f"{describe(node, module)} reads channel indices (a top-k's) as values")
             if handler is None:
@@ -368,12 +368,6 @@ def _shape_of(tm):
     if isinstance(tm, dict):
         return {k: _shape_of(v) for k, v in tm.items()}
     return None
-
-
-#: ops whose output holds the same values as their input (views, casts, copies): a top-k's
-#: channel indices pass through them unchanged
-INDEX_PRESERVING = {"view", "_unsafe_view", "reshape", "flatten", "to", "_to_copy", "type", "long", "int", "float",
-                    "double", "half", "bfloat16", "clone", "contiguous", "unsqueeze", "squeeze", "alias", "detach"}
 
 
 def op_name(node: Node) -> str:

@@ -24,11 +24,12 @@ An :class:`OpHandler` holds, for the ops it is registered for:
   token ``expand``-ed, a layer scale ``view``-ed) is sliced with the channels it meets;
 * ``reads_indices`` -- the rule understands inputs whose values are channel positions
   (:class:`~hfp_fx.spaces.IndexValues`, a router's top-k experts: ``sort``, ``histc``); for
-  other ops the analysis fixes those channels, except for views and casts, which pass them on.
+  other ops the analysis fixes those channels, except for ``keeps_values`` ops (views, casts,
+  copies), which pass them on.
 
 Handlers are kept in an :class:`OpRegistry`, keyed by module class, function object,
-``Tensor`` method name or operator name (``"namespace::op"``).  **Lookup rule for modules**: the exact class first, then the nearest
-base class in the MRO that has a handler, provided the module still uses that base's
+``Tensor`` method name or operator name (``"namespace::op"``).  **Lookup rule for modules**: the
+exact class first, then the nearest base class in the MRO that has a handler, provided the module still uses that base's
 ``forward`` (a subclass that overrides ``forward`` may compute something else, so it is traced
 through instead).  Attribute resizing alone also applies to such subclasses, since it only
 describes the tensors the module holds.  Modules with a handler are traced as single nodes.
@@ -79,6 +80,8 @@ class OpHandler:
     #: for view-like ops: ``step(analysis, node, out dim, in shape, out shape) -> in dim`` (``None``:
     #: that dim is not one input dim kept whole), so a parameter seen through the op is bound
     view_step: Optional[Callable[..., Optional[int]]] = None
+    #: the output holds the input's values (views, casts, copies): channel indices pass through
+    keeps_values: bool = False
 
     @property
     def name(self) -> str:
@@ -197,7 +200,7 @@ def default_rules() -> OpRegistry:
 
 def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
                op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None,
-               decompose=None, reads_indices: bool = False, view_step=None,
+               decompose=None, reads_indices: bool = False, view_step=None, keeps_values: bool = False,
                registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: make the decorated rule a handler's ``analyze`` and register it.
 
@@ -206,7 +209,8 @@ def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = 
 
     def deco(rule: Rule) -> Rule:
         handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call,
-                            decompose=decompose, reads_indices=reads_indices, view_step=view_step)
+                            decompose=decompose, reads_indices=reads_indices, view_step=view_step,
+                            keeps_values=keeps_values)
         (registry if registry is not None else DEFAULT_RULES).register(
             handler, modules=modules, functions=functions, methods=methods, op_names=op_names, replace=replace)
         return rule

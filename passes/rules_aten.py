@@ -58,12 +58,15 @@ _register(OpHandler(T.passthrough, macs=False, view_step=T._same_dim_step),
           "log", "sin", "cos", "reciprocal", "sigmoid_", "tanh_", "hardtanh_", "clamp_", "hardswish_", "gelu_",
           "leaky_relu_", "elu_", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu",
           "softplus", "mish", "clamp", "clamp_min", "clamp_max", "pow.Tensor_Scalar", "dropout", "native_dropout",
-          "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "lift_fresh_copy",
-          "to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "relu6", "nan_to_num",
+          "feature_dropout", "alpha_dropout", "relu6", "nan_to_num",
           # in-place forms export keeps from the module code (``nn.Dropout(inplace=True)``)
           "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_",
           # bounds given as tensors (``torch.clamp(x, self.lo, self.hi)``): they broadcast like operands
           "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clamp_.Tensor")
+# casts and copies: the same values, so top-k channel indices pass through them (keeps_values)
+_register(OpHandler(T.passthrough, macs=False, view_step=T._same_dim_step, keeps_values=True),
+          "clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to.dtype", "to.dtype_layout", "to.device",
+          "to.other", "_to_copy", "type_as")
 # broadcasting element-wise ops
 _register(OpHandler(T.elementwise, macs=False, view_step=T._scalar_operand_step),
           "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor",
@@ -82,22 +85,25 @@ _register(OpHandler(T.histc, macs=False, rewrite=T.rewrite_histc, reads_indices=
 _register(OpHandler(T.along_dim, macs=False), "softmax.int", "_softmax", "log_softmax.int", "_log_softmax",
           "cumsum")
 # reshapes, permutations, broadcasting: literal sizes at args[1] are rewritten
-_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_sizes, view_step=T._reshape_step), "view", "_unsafe_view",
-          "reshape")
-_register(OpHandler(T.reshape, macs=False, view_step=T._reshape_step), "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze",
-          "flatten.using_ints")
+_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_sizes, view_step=T._reshape_step, keeps_values=True),
+          "view", "_unsafe_view", "reshape")
+_register(OpHandler(T.reshape, macs=False, view_step=T._reshape_step, keeps_values=True),
+          "unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze", "flatten.using_ints")
 # ``aten.unflatten(x, dim, sizes)`` (``nn.MultiheadAttention``'s packed q/k/v): sizes at args[2]
-_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_unflatten, view_step=T._reshape_step), "unflatten.int")
+_register(OpHandler(T.reshape, macs=False, rewrite=T.rewrite_unflatten, view_step=T._reshape_step, keeps_values=True),
+          "unflatten.int")
 _register(OpHandler(T.expand, macs=False, rewrite=T.rewrite_sizes, view_step=T._expand_step), "expand")
 _register(OpHandler(T.expand_as, macs=False), "expand_as")
 _register(OpHandler(T.permute, macs=False, view_step=T._permute_step), "permute")
 _register(OpHandler(T.roll, macs=False), "roll")
 # fresh tensors: ``new_zeros(x, sizes)`` reads only x's dtype and device, ``zeros_like(x)`` its shape too
 _register(OpHandler(T.new_filled, macs=False), "new_zeros", "new_ones", "new_empty", "new_full")
-_register(OpHandler(T.passthrough, macs=False, view_step=T._same_dim_step), "zeros_like", "ones_like", "empty_like", "full_like")
+_register(OpHandler(T.passthrough, macs=False, view_step=T._same_dim_step),
+          "zeros_like", "ones_like", "empty_like", "full_like")
 # ``aten.pad(x, pad, mode, value)`` / ``constant_pad_nd(x, pad, value)``: pads listed from the last dim
 _register(OpHandler(T.pad, macs=False), "pad", "constant_pad_nd")
-_register(OpHandler(T.transpose, macs=False, view_step=T._transpose_step), "transpose.int", "swapaxes", "swapdims", "movedim.int")
+_register(OpHandler(T.transpose, macs=False, view_step=T._transpose_step),
+          "transpose.int", "swapaxes", "swapdims", "movedim.int")
 _register(OpHandler(T.t, macs=False, view_step=T._transpose_step), "t", "numpy_T")
 _register(OpHandler(T.cat, macs=False), "cat")
 _register(OpHandler(T.stack, macs=False), "stack")

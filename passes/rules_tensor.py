@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap, IndexValues
-from hfp_fx.passes.channel_analysis import INDEX_PRESERVING, ChannelAnalysis, describe, op_name
+from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe, op_name
 from hfp_fx.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, cat_shape, pointwise_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 from hfp_fx.passes.edit import emit, is_aten
@@ -47,16 +47,19 @@ _UNARY_FUNCTIONS = [
     F.tanhshrink, F.logsigmoid, F.sigmoid, F.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
     torch.square, torch.clamp, torch.clip, torch.erf, torch.log, torch.sin, torch.cos, torch.reciprocal,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.nn.functional.threshold, operator.neg, operator.pos, torch.Tensor.contiguous,
+    torch.nn.functional.threshold, operator.neg, operator.pos,
     torch.nan_to_num, torch.sign, torch.floor, torch.round, torch.trunc, torch.frac,
 ]
 _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "abs", "abs_", "neg", "neg_",
     "sqrt", "rsqrt", "square", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "clamp_min_",
-    "erf", "log", "reciprocal", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
-    "to", "type", "type_as", "cpu", "cuda", "requires_grad_", "nan_to_num", "sign", "floor", "round",
+    "erf", "log", "reciprocal", "requires_grad_", "nan_to_num", "sign", "floor", "round",
     "trunc", "frac", "sin", "cos", "fill_", "zero_", "__neg__",
 ]
+#: casts and copies: the same values (``keeps_values``), so top-k indices pass through them too
+_VALUE_FUNCTIONS = [torch.Tensor.contiguous]
+_VALUE_METHODS = ["contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "long", "int", "to", "type",
+                  "type_as", "cpu", "cuda"]
 _UNARY_MODULES = [
     torch.nn.CELU, torch.nn.SELU, torch.nn.Hardtanh, torch.nn.Softplus, torch.nn.Softsign, torch.nn.Tanhshrink,
     torch.nn.LogSigmoid, torch.nn.Threshold, torch.nn.Dropout1d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
@@ -175,6 +178,10 @@ def passthrough(a: A, node: Node):
     if others and node.target not in ("type_as", "to"):
         return broadcast_couple(a, node, [node.args[0]] + others)
     return out
+
+
+DEFAULT_RULES.register(OpHandler(passthrough, macs=False, view_step=_same_dim_step, keeps_values=True),
+                       functions=_VALUE_FUNCTIONS, methods=_VALUE_METHODS)
 
 
 DEFAULT_RULES.register(OpHandler(passthrough, macs=False, shape=pointwise_shape, view_step=_same_dim_step),
@@ -458,17 +465,22 @@ def along_dim(a: A, node: Node):
         if isinstance(dim, int) and name in ("softmax", "_softmax"):
             a.gate(0, m, kind="logit")
             return m
-        if isinstance(dim, int) and name == "cumsum" and _counts_of_indices(node.args[0]) and _only_offsets(a, node):
+        if isinstance(dim, int) and name == "cumsum" and _counts_of_indices(a, node.args[0]) and _only_offsets(a, node):
             return m
         a.fix(m, f"{describe(node, module)} mixes values across channels")
     return m
+
+
+def _keeps_values(a: A, node: Node) -> bool:
+    handler = a.rules.lookup(node, a.module(node))
+    return handler is not None and handler.keeps_values
 
 
 def _only_offsets(a: A, node: Node) -> bool:
     """Whether every reader of ``node`` (through casts) is a grouped matmul's offsets: a removed
     channel's running sum repeats the previous one, which only an empty group of rows ignores."""
     for user in node.users:
-        if op_name(user) in INDEX_PRESERVING:
+        if _keeps_values(a, user):
             if not _only_offsets(a, user):
                 return False
         elif not (op_name(user) in ("grouped_mm_fallback", "_grouped_mm") and len(user.args) > 2
@@ -477,9 +489,9 @@ def _only_offsets(a: A, node: Node) -> bool:
     return True
 
 
-def _counts_of_indices(x: Node) -> bool:
+def _counts_of_indices(a: A, x: Node) -> bool:
     """Whether ``x`` is (a cast of) a ``histc`` node: per-channel counts of top-k indices."""
-    while isinstance(x, Node) and op_name(x) in INDEX_PRESERVING and x.args:
+    while isinstance(x, Node) and x.op != "placeholder" and _keeps_values(a, x) and x.args:
         x = x.args[0]
     return isinstance(x, Node) and op_name(x) == "histc"
 
@@ -854,7 +866,7 @@ def select_like(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 @op_handler(modules=[torch.nn.Flatten], functions=[torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel],
             methods=["flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "squeeze_", "unsqueeze_", "ravel"],
-            macs=False, view_step=_reshape_step)
+            macs=False, view_step=_reshape_step, keeps_values=True)
 def reshape(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1056,9 +1068,11 @@ def rewrite_unflatten(node: Node, edit: "ShrinkEdit") -> None:
         node.kwargs = {}
 
 
-DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_sizes, view_step=_reshape_step),
+DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_sizes, view_step=_reshape_step,
+                                 keeps_values=True),
                        functions=[torch.reshape], methods=["view", "reshape"])
-DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_unflatten, view_step=_reshape_step),
+DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_unflatten, view_step=_reshape_step,
+                                 keeps_values=True),
                        modules=[torch.nn.Unflatten], functions=[torch.unflatten], methods=["unflatten"])
 
 

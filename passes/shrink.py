@@ -228,7 +228,8 @@ def _verify_shapes(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.T
             expected[node.name] = tuple(shape)
         elif (node.op == "get_attr" or node.name in facts.param_views) and tm is not None and hasattr(tm, "shape"):
             shape = list(tm.shape)
-            dims = facts.param_views.get(node.name) or facts.params.get(facts.canonical.get(node.target, node.target), {})
+            dims = (facts.param_views.get(node.name)
+                    or facts.params.get(facts.canonical.get(node.target, node.target), {}))
             for dim, ids in dims.items():
                 shape[dim] = int(alive[ids].sum())
             expected[node.name] = tuple(shape)
