@@ -208,3 +208,26 @@ def test_gates_scale_the_weights_of_exported_linear_layers():
         apply_plan(prepared, small.meta["hfp"].keep)
         with torch.no_grad():
             assert rel_err(small(*x.values()), prepared.eval()(*x.values())) < 1e-5
+
+
+def test_hfp_training_on_a_mixture_of_experts_model():
+    """prepare -> train (the experts' logit gates keep finite gradients) -> finalize (exact against
+    the prepared model with the removed channels off) -> to_pretrained."""
+    model, x = F.build("mixtral"), F.example()
+    ids = x["input_ids"]
+    prepared = hfp_fx.prepare(model, x, {"params": 0.5}, uniform_blocks=True, lambda_init=0.05).train()
+    opt = torch.optim.Adam(prepared.parameters(), 1e-3)
+    for _ in range(5):
+        logits = prepared(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        (loss + hfp_fx.complexity_loss(prepared)).backward()
+        assert all(torch.isfinite(p.grad).all() for p in prepared.parameters() if p.grad is not None)
+        opt.step()
+    small = hfp_fx.finalize(prepared).eval()
+    report = small.meta["hfp"]
+    assert report.achieved.params <= report.target.params
+    apply_plan(prepared, report.keep)
+    with torch.no_grad():
+        assert rel_err(small(ids), prepared.eval()(ids)) < 1e-5
+    assert hfp_fx.to_pretrained(small, like=model).config.num_local_experts >= model.config.num_experts_per_tok
