@@ -92,6 +92,8 @@ class GateKind(torch.nn.Module):
     kind: ClassVar[str]
     #: what the refusal message says about options this kind does not take
     refusal_hint: ClassVar[str] = ""
+    #: re-rank the channels every this many training steps (0: never; widths only)
+    rerank_every: int = 0
 
     def __init__(self, index: PrunableIndex, refused: Mapping[str, Any]):
         super().__init__()
@@ -130,6 +132,12 @@ class GateKind(torch.nn.Module):
     def soft_keep(self) -> torch.Tensor:
         """Per prunable channel, a smooth keep value for reporting (``complexity``'s ``*_soft``)."""
         raise NotImplementedError
+
+    def record_taylor(self, grad: torch.Tensor) -> None:
+        """Accumulate the task loss's gradient at the gates, for :meth:`rerank` (kinds that re-rank)."""
+
+    def rerank(self) -> None:
+        """Re-rank each group's channels (kinds with a ranking); the others have nothing to do."""
 
 
 class WidthGates(GateKind):

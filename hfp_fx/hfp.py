@@ -152,7 +152,7 @@ class HFPState(torch.nn.Module):
         if self.budget == "project" and self.training and torch.is_grad_enabled():
             self.project_widths()
         gates = self.gates.effective_gates()
-        if getattr(self.gates, "rerank_every", 0) and self.training and gates.requires_grad:
+        if self.gates.rerank_every and self.training and gates.requires_grad:
             gates.register_hook(self.gates.record_taylor)  # the task loss's gradient only
         return torch.cat([self.trainable.new_ones(1), gates])
 
@@ -260,7 +260,7 @@ class HFPState(torch.nn.Module):
                 moved = torch.where(over, self.lambdas * (1 + self.dual_rate),
                                     (self.lambdas * (1 - self.dual_rate)).clamp(min=self.lambda_init))
                 self.lambdas.copy_(torch.where(targeted, moved, self.lambdas))
-                every = getattr(self.gates, "rerank_every", 0)
+                every = self.gates.rerank_every
                 if every:  # counted on the host: no device sync between re-rankings
                     self._steps_since_rerank += 1
                     if self._steps_since_rerank >= every:

@@ -54,11 +54,6 @@ class TracedModel:
     capture: str = "fx"
 
 
-#: torch.nn modules that are compositions of other layers: traced through (torch.fx keeps every
-#: torch.nn module whole by default), so their layers are pruned like a hand-written block's
-_TRACED_TORCH_MODULES = (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
-                         torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
-
 
 class _RecordingTracer(torch.fx.Tracer):
     """A tracer that remembers which submodule was being traced when an error was raised."""
@@ -102,7 +97,7 @@ class _RecordingTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque_names or self.rules.is_leaf(m):
             return True
-        if isinstance(m, _TRACED_TORCH_MODULES):
+        if self.rules.traces_through(m):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -221,11 +216,11 @@ class _ShapeTracer(_RecordingTracer):
         return _UNKNOWN
 
 
-def _shape_checks_in(root: torch.nn.Module, failed: str) -> bool:
-    """Whether the submodule that failed is one of torch's transformer layers, whose fast-path
-    checks (``src.dim() == 3``, ``x.is_nested``) branch on properties the example knows."""
+def _shape_checks_in(root: torch.nn.Module, failed: str, rules) -> bool:
+    """Whether the submodule that failed is one traced through (torch's transformer layers), whose
+    fast-path checks (``src.dim() == 3``, ``x.is_nested``) branch on properties the example knows."""
     try:
-        return isinstance(root.get_submodule(failed), _TRACED_TORCH_MODULES)
+        return rules.traces_through(root.get_submodule(failed))
     except AttributeError:
         return False
 
@@ -318,7 +313,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
         except Exception as exc:  # noqa: BLE001 - any tracing failure is reported or retried
             failed = tracer.failed_in
             cause = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-            if (not failed or failed in opaque or _shape_checks_in(root, failed)) and example_inputs is not None \
+            if (not failed or failed in opaque or _shape_checks_in(root, failed, tracer.rules)) and example_inputs is not None \
                     and not with_shapes:
                 log.info("plain tracing of %s failed (%s); retrying with the example's shapes",
                          type(model).__name__, cause)

@@ -101,7 +101,17 @@ class OpRegistry:
         self._methods: Dict[str, OpHandler] = dict(base._methods) if base else {}
         #: operator names (``"namespace::op"``): ops a library registers only once it is imported
         self._op_names: Dict[str, OpHandler] = dict(base._op_names) if base else {}
+        #: module classes that symbolic tracing goes into although torch.fx would keep them whole
+        self._traced_through: Tuple[type, ...] = base._traced_through if base else ()
         self._module_cache: Dict[Tuple[type, bool], Optional[OpHandler]] = {}
+
+    def trace_through(self, *modules: type) -> None:
+        """Trace into these module classes (compositions of other layers, such as torch's
+        transformer layers) instead of keeping them whole as torch.fx does for ``torch.nn``."""
+        self._traced_through = tuple(dict.fromkeys(self._traced_through + tuple(modules)))
+
+    def traces_through(self, module: torch.nn.Module) -> bool:
+        return isinstance(module, self._traced_through)
 
     def copy(self) -> "OpRegistry":
         return OpRegistry(self)

@@ -204,3 +204,7 @@ def multihead_attention(a: A, node: Node):
 
 DEFAULT_RULES.register(OpHandler(multihead_attention, decompose=decompose_multihead_attention),
                        modules=[torch.nn.MultiheadAttention])
+# torch's transformer layers are compositions of the layers above: traced into (torch.fx keeps
+# every torch.nn module whole by default), so their heads and MLPs prune like a hand-written block's
+DEFAULT_RULES.trace_through(torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                            torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
