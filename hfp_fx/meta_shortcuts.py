@@ -31,6 +31,8 @@ Example::
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -144,8 +146,15 @@ def norm_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
     return _new(x.shape, x), 0
 
 
-#: where the ``inplace`` flag sits among the positional arguments of the functional forms
-_INPLACE_POSITION = {F.relu: 1, F.relu6: 1, F.silu: 1, F.hardswish: 1, F.hardsigmoid: 1, F.dropout: 3}
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target: Any) -> Optional[int]:
+    """Where a function takes its ``inplace`` flag among its positional parameters (from its
+    signature: ``F.relu(input, inplace)`` 1, ``F.dropout(input, p, training, inplace)`` 3)."""
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 def in_place(target: Any, args, kwargs) -> bool:
@@ -154,7 +163,10 @@ def in_place(target: Any, args, kwargs) -> bool:
     by position."""
     if isinstance(target, torch.nn.Module):
         return bool(getattr(target, "inplace", False))
-    position = _INPLACE_POSITION.get(target) if _hashable_in(target, _INPLACE_POSITION) else None
+    try:
+        position = _inplace_position(target)
+    except TypeError:  # an unhashable target
+        position = None
     return bool(kwargs.get("inplace", False) or (position is not None and len(args) > position and args[position]))
 
 
@@ -269,13 +281,6 @@ def layer_shape(n: torch.fx.Node, module, args, kwargs) -> Result:
     out_shape = [x.shape[0], module.out_channels, *spatial]
     macs = conv_flop_count(list(x.shape), list(weight.shape), out_shape) // 2
     return _new(out_shape, x), macs
-
-
-def _hashable_in(target, table) -> bool:
-    try:
-        return target in table
-    except TypeError:  # unhashable target
-        return False
 
 
 def meta_result(n: torch.fx.Node, module: Optional[torch.nn.Module], args: Tuple[Any, ...],

@@ -337,3 +337,16 @@ def test_defaults_bound_to_none_leave_later_traces_working():
     small = hfp_fx.prune(Optional(), X, "50%")
     assert "assert_is_none" not in small.code
     torch.fx.symbolic_trace(torchvision.models.resnet18())  # still traces
+
+
+def test_in_place_flags_are_read_from_the_signature():
+    """The shape pass knows a functional call writes into its input from the function's own
+    ``inplace`` parameter, positional or keyword (no table of functions)."""
+    import torch.nn.functional as F
+    from hfp_fx.meta_shortcuts import in_place
+
+    x = torch.zeros(1)
+    assert in_place(F.relu, (x, True), {}) and in_place(F.dropout, (x, 0.5, True, True), {})
+    assert in_place(F.leaky_relu, (x, 0.1, True), {}) and in_place(F.hardtanh, (x, -1.0, 1.0, True), {})
+    assert in_place(F.gelu, (x,), {"inplace": True})  # a keyword is taken at its word
+    assert not in_place(F.relu, (x,), {}) and not in_place(F.relu, (x, False), {})
