@@ -65,19 +65,20 @@ def _weight_gated_call(gm: torch.fx.GraphModule, facts: ChannelFacts, node: torc
     return (*call, dim)
 
 
-def _weight_argument(gm: torch.fx.GraphModule, node: torch.fx.Node, site, size: int):
+def _weight_argument(gm: torch.fx.GraphModule, params, node: torch.fx.Node, site, size: int):
     """``(argument position, parameter name, weight dim, weight rank)`` when a functional consumer
     (an exported graph's ``aten.linear``, ``aten.conv2d``, ``aten.addmm``) reads the site's weight
-    as a ``get_attr`` argument: its gate can scale that weight instead of the activation."""
+    as a ``get_attr`` argument: its gate can scale that weight instead of the activation.
+    ``params``: ``gm``'s parameters by every name (tied aliases included)."""
     if node.op != "call_function" or site.weight is None or site.kind != "scale":
         return None
     name, dim = site.weight
+    param = params.get(name)
     for pos, arg in enumerate(node.args):
-        if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        if param is not None and isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
             owner, _, attr = str(arg.target).rpartition(".")
             tensor = getattr(gm.get_submodule(owner) if owner else gm, attr)
-            param = dict(gm.named_parameters(remove_duplicate=False)).get(name)
-            if param is not None and tensor is param and tensor.dim() > dim and tensor.shape[dim] == size:
+            if tensor is param and tensor.dim() > dim and tensor.shape[dim] == size:
                 return pos, str(arg.target), dim, tensor.dim()
     return None
 
@@ -108,6 +109,7 @@ def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphMod
     with graph.inserting_after(anchor):
         vector = graph.call_module("hfp", ())
     sites_of = Counter(site.node for site in facts.gates)
+    params = dict(gm.named_parameters(remove_duplicate=False))  # once, not per site
     for site in facts.gates:
         index = hfp.vector_index(site.ids)
         if bool((index == 0).all()):
@@ -122,7 +124,7 @@ def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphMod
             hfp.sites.add_module(name, SiteGate(index, dim, weight.dim()))
             _gate_weight(gm, node, f"hfp.sites.{name}", vector, fn, extra)
             continue
-        found = _weight_argument(gm, node, site, index.numel()) if sites_of[site.node] == 1 else None
+        found = _weight_argument(gm, params, node, site, index.numel()) if sites_of[site.node] == 1 else None
         if found is not None:  # a functional layer: gate its weight argument (its own get_attr)
             pos, target, dim, rank = found
             hfp.sites.add_module(name, SiteGate(index, dim, rank))

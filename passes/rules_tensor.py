@@ -20,6 +20,7 @@ from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe, op_name
 from hfp_fx.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, cat_shape, pointwise_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 from hfp_fx.passes.edit import emit, is_aten
+from hfp_fx.passes.rules_layers import linear_core
 
 if TYPE_CHECKING:  # rewrites receive the shrink pass's edit context
     from hfp_fx.passes.shrink import ShrinkEdit
@@ -1242,25 +1243,18 @@ def _transposed_weight(a: A, y: Any) -> Optional[str]:
     return str(src.target) if swapped else None
 
 
-def _linear_through_transpose(a: A, node: Node, x: Node, y: Node, weight: str) -> ChannelMap:
-    """``x @ W.T``: ``W``'s rows are the output channels, its columns the input's."""
-    xs, out = a.shape(x), a.shape(node)
+def _linear_through_transpose(a: A, node: Node, x: Node, y: Node, weight: str) -> Optional[ChannelMap]:
+    """``x @ W.T``: a linear layer (:func:`~hfp_fx.passes.rules_layers.linear_core`); the view
+    ``W.T`` is shape-checked on both of its pruned dims."""
     mx = a.cmap(x)
-    out_ids = a.new(out[-1])
-    a.bind_param(weight, 0, out_ids, importance="out")
-    view = {1: out_ids}
-    tokens = math.prod(out[:-1])
-    if mx is not None and mx.axis == len(xs) - 1:
-        a.bind_param(weight, 1, mx.ids, importance="in")
-        a.gate(0, mx)
-        view[0] = mx.ids
-        a.add_macs(tokens, out_ids, mx.ids)
-    else:
-        if mx is not None:
-            a.fix(mx, f"{describe(node)} contracts over a dim that is not the channel dim")
-        a.add_macs(tokens * xs[-1], out_ids)
-    a.param_views[y.name] = view
-    return ChannelMap(len(out) - 1, out_ids)
+    if mx is not None and mx.axis != len(a.shape(x)) - 1:
+        a.fix(mx, f"{describe(node)} contracts over a dim that is not the channel dim")
+        x = None  # then read like an untracked input
+    fin, fout = a.shape(y)
+    out = linear_core(a, node, x, weight, None, fin, fout)
+    dims = a.params[a.canonical.get(weight, weight)]
+    a.param_views[y.name] = {1: dims[0], **({0: dims[1]} if 1 in dims else {})}
+    return out
 
 
 @op_handler(functions=[torch.matmul, operator.matmul, torch.bmm, torch.mm], methods=["matmul", "bmm", "mm", "__matmul__"])
