@@ -10,7 +10,6 @@ from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (register
 from hfp_fx.passes import rules_tensor as _rules_tensor  # noqa: F401
 from hfp_fx.passes import rules_attention as _rules_attention  # noqa: F401
 from hfp_fx.passes import rules_swin as _rules_swin  # noqa: F401
-from hfp_fx.passes import rules_aten as _rules_aten  # noqa: F401  (torch.export graphs)
 from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.cost import CostModel, Counts
 from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune, recalibrate_latency

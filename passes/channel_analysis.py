@@ -29,6 +29,9 @@ Example::
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -368,6 +371,37 @@ def _shape_of(tm):
     if isinstance(tm, dict):
         return {k: _shape_of(v) for k, v in tm.items()}
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(target: Any) -> Optional[Tuple[str, ...]]:
+    if isinstance(target, torch._ops.OpOverload):
+        return tuple(argument.name for argument in target._schema.arguments)
+    try:
+        return tuple(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+
+
+def arg(node: Node, name: str, default: Any = None, index: Optional[int] = None) -> Any:
+    """Argument ``name`` of a call, found by the name the target's signature (a Python function)
+    or schema (an ATen overload) gives it, so that one rule reads both dialects:
+    ``arg(node, "weight")`` is ``args[3]`` of ``F.batch_norm`` and ``args[1]`` of
+    ``aten.batch_norm``.  ``index`` is the position to fall back on when the target has no
+    signature (``Tensor`` methods, C builtins)."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    try:
+        names = _parameter_names(node.target) if not isinstance(node.target, str) else None
+    except TypeError:  # unhashable target
+        names = None
+    if names is not None and name in names:
+        index = names.index(name)
+    elif names is not None:
+        return default
+    if index is not None and len(node.args) > index:
+        return node.args[index]
+    return default
 
 
 def op_name(node: Node) -> str:

@@ -22,13 +22,24 @@ An :class:`OpHandler` holds, for the ops it is registered for:
 * ``view_step`` -- for view-like ops (casts, reshapes, permutes, ``expand``, basic indexing):
   which input dim an output dim comes from, so that a parameter seen through the op (a class
   token ``expand``-ed, a layer scale ``view``-ed) is sliced with the channels it meets;
+* ``size_arithmetic`` -- scalar functions (``operator.floordiv``, ``math.ceil``, ``int``) that
+  carry a size read at run time (``x.shape[1]``) into a derived size, which the shrink pass
+  follows (volo's ``C // num_heads``);
 * ``reads_indices`` -- the rule understands inputs whose values are channel positions
   (:class:`~hfp_fx.spaces.IndexValues`, a router's top-k experts: ``sort``, ``histc``); for
   other ops the analysis fixes those channels, except for ``keeps_values`` ops (views, casts,
   copies), which pass them on.
 
 Handlers are kept in an :class:`OpRegistry`, keyed by module class, function object,
-``Tensor`` method name or operator name (``"namespace::op"``).  **Lookup rule for modules**: the
+``Tensor`` method name or operator name (``"namespace::op"``).  **One handler serves both graph
+dialects**: a registration names the ``torch`` functions / methods of symbolically traced graphs
+and, with ``aten=``, the ``torch.ops.aten`` overloads ``torch.export`` records for the same op
+(``aten=("add.Tensor", "add_.Tensor")``); rules read arguments through
+:func:`~hfp_fx.passes.channel_analysis.arg`, which names them from the target's signature or
+schema, so one body reads ``F.batch_norm(x, running_mean, ...)`` and
+``aten.batch_norm(x, weight, ...)`` alike.  The registry also holds the module attributes that
+name attention head counts and head widths (``head_count_attributes``,
+``head_dim_attributes``), which the reshape rule reads to find the heads dim.  **Lookup rule for modules**: the
 exact class first, then the nearest base class in the MRO that has a handler, provided the module still uses that base's
 ``forward`` (a subclass that overrides ``forward`` may compute something else, so it is traced
 through instead).  Attribute resizing alone also applies to such subclasses, since it only
@@ -58,7 +69,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 from torch.fx.node import Node
 
-__all__ = ["OpHandler", "OpRegistry", "DEFAULT_RULES", "default_rules", "op_handler", "HandlerConflict"]
+__all__ = ["OpHandler", "OpRegistry", "DEFAULT_RULES", "default_rules", "op_handler", "aten_ops", "HandlerConflict"]
 
 Rule = Callable[..., Any]
 
@@ -82,6 +93,8 @@ class OpHandler:
     view_step: Optional[Callable[..., Optional[int]]] = None
     #: the output holds the input's values (views, casts, copies): channel indices pass through
     keeps_values: bool = False
+    #: scalar arithmetic that carries a run-time size read into a derived size (shrink follows it)
+    size_arithmetic: bool = False
 
     @property
     def name(self) -> str:
@@ -104,6 +117,11 @@ class OpRegistry:
         #: module classes that symbolic tracing goes into although torch.fx would keep them whole
         self._traced_through: Tuple[type, ...] = base._traced_through if base else ()
         self._module_cache: Dict[Tuple[type, bool], Optional[OpHandler]] = {}
+        #: module attributes naming a head count / a head width (torch, timm, Hugging Face
+        #: attention modules): a reshape that splits channels into (heads, head_dim) keeps the
+        #: heads dim and unites the rest
+        self.head_count_attributes: Tuple[str, ...] = base.head_count_attributes if base else ()
+        self.head_dim_attributes: Tuple[str, ...] = base.head_dim_attributes if base else ()
 
     def trace_through(self, *modules: type) -> None:
         """Trace into these module classes (compositions of other layers, such as torch's
@@ -118,13 +136,16 @@ class OpRegistry:
 
     # -- registration ----------------------------------------------------------------------
     def register(self, handler: OpHandler, *, modules: Iterable[type] = (), functions: Iterable[Callable] = (),
-                 methods: Iterable[str] = (), op_names: Iterable[str] = (), replace: bool = False) -> None:
-        """Register ``handler`` for these module classes, functions, ``Tensor`` method names and
-        operator names (``"transformers::grouped_mm_fallback"``: every overload of a custom op
-        that may not exist yet, as its library registers it when imported)."""
+                 methods: Iterable[str] = (), aten: Iterable[str] = (), op_names: Iterable[str] = (),
+                 replace: bool = False) -> None:
+        """Register ``handler`` for these module classes, functions, ``Tensor`` method names,
+        ATen overloads (``"add.Tensor"``, ``"relu"`` for ``.default``; those this torch lacks are
+        skipped) and operator names (``"transformers::grouped_mm_fallback"``: every overload of a
+        custom op that may not exist yet, as its library registers it when imported)."""
         if not isinstance(handler, OpHandler):
             raise TypeError(f"register expects an OpHandler, got {type(handler).__name__}; "
                             "wrap a rule function as OpHandler(rule)")
+        functions = [*functions, *aten_ops(*aten)]
         for table, keys, kind in ((self._modules, modules, "module"), (self._functions, functions, "function"),
                                   (self._methods, methods, "method"), (self._op_names, op_names, "operator")):
             for key in keys:
@@ -193,6 +214,18 @@ class OpRegistry:
                 yield kind, key, handler
 
 
+def aten_ops(*names: str) -> list:
+    """The overloads ``torch.ops.aten.<name>`` this torch has (``"add.Tensor"``; a bare name is
+    the ``.default`` overload)."""
+    found = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload or "default", None)
+        if op is not None:
+            found.append(op)
+    return found
+
+
 def _key_name(key: Any) -> str:
     if isinstance(key, str):
         return f"`{key}`" if "::" in key else f"`Tensor.{key}`"
@@ -209,8 +242,9 @@ def default_rules() -> OpRegistry:
 
 
 def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = (), methods: Iterable[str] = (),
-               op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None, rewrite=None, gated_call=None,
-               decompose=None, reads_indices: bool = False, view_step=None, keeps_values: bool = False,
+               aten: Iterable[str] = (), op_names: Iterable[str] = (), macs: bool = True, shape=None, resize=None,
+               rewrite=None, gated_call=None, decompose=None, reads_indices: bool = False, view_step=None,
+               keeps_values: bool = False, size_arithmetic: bool = False,
                registry: Optional[OpRegistry] = None, replace: bool = False) -> Callable[[Rule], Rule]:
     """Decorator: make the decorated rule a handler's ``analyze`` and register it.
 
@@ -220,9 +254,10 @@ def op_handler(*, modules: Iterable[type] = (), functions: Iterable[Callable] = 
     def deco(rule: Rule) -> Rule:
         handler = OpHandler(rule, macs=macs, shape=shape, resize=resize, rewrite=rewrite, gated_call=gated_call,
                             decompose=decompose, reads_indices=reads_indices, view_step=view_step,
-                            keeps_values=keeps_values)
+                            keeps_values=keeps_values, size_arithmetic=size_arithmetic)
         (registry if registry is not None else DEFAULT_RULES).register(
-            handler, modules=modules, functions=functions, methods=methods, op_names=op_names, replace=replace)
+            handler, modules=modules, functions=functions, methods=methods, aten=aten, op_names=op_names,
+            replace=replace)
         return rule
 
     return deco

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
-from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe
+from hfp_fx.passes.channel_analysis import ChannelAnalysis, arg, describe
 from hfp_fx.meta_shortcuts import layer_shape, norm_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 from hfp_fx.passes.edit import emit, is_aten
@@ -24,6 +24,20 @@ A = ChannelAnalysis
 
 _CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _TRANSPOSED = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+@op_handler(aten=["addmm"])
+def addmm(a: A, node: Node):
+    """``addmm(bias, x, weight)`` with parameters ``bias`` (out,) and ``weight`` (in, out): a linear
+    layer with a transposed weight (Hugging Face ``Conv1D``, GPT-2)."""
+    bias, x, weight = node.args[:3]
+    ws, bs = a.shape(weight), a.shape(bias)
+    plain = arg(node, "beta", 1) == 1 and arg(node, "alpha", 1) == 1
+    if not (plain and isinstance(weight, Node) and weight.op == "get_attr" and isinstance(bias, Node)
+            and bias.op == "get_attr" and ws is not None and len(ws) == 2 and bs is not None and len(bs) == 1):
+        a.fix([a.map(t) for t in node.args if isinstance(t, Node)], f"{describe(node)} with computed operands")
+        return None
+    return linear_core(a, node, x, weight.target, bias.target, ws[0], ws[1], out_dim=1)
 
 
 def _pname(node: Node, attr: str) -> str:
@@ -119,7 +133,7 @@ def linear(a: A, node: Node):
     return linear_core(a, node, node.args[0], _pname(node, "weight"), b, mod.in_features, mod.out_features, mod)
 
 
-@op_handler(functions=[F.linear])
+@op_handler(functions=[F.linear], aten=["linear"])
 def linear_fn(a: A, node: Node):
     weight, bias = a.arg(node, 1, "weight"), a.arg(node, 2, "bias")
     ws = a.shape(weight)
@@ -139,16 +153,18 @@ def linear_fn(a: A, node: Node):
     return out
 
 
-def linear_core(a: A, node: Node, x, w: str, b: Optional[str], fin: int, fout: int, mod=None):
+def linear_core(a: A, node: Node, x, w: str, b: Optional[str], fin: int, fout: int, mod=None, out_dim: int = 0):
+    """A linear layer ``x @ W.T + b`` reading parameter ``w`` of shape ``(fout, fin)``, or
+    ``(fin, fout)`` with ``out_dim=1`` (``addmm``, ``x @ W``)."""
     m = a.cmap(x)
     in_shape, out_shape = a.shape(x), a.shape(node)
     out_ids = a.new(fout)
-    a.bind_param(w, 0, out_ids, importance="out")
+    a.bind_param(w, out_dim, out_ids, importance="out")
     a.bind_param(b, 0, out_ids)
     tokens = math.prod(out_shape) // fout
     if m is not None and m.axis == len(in_shape) - 1:
-        a.bind_param(w, 1, m.ids, importance="in")
-        a.gate(0, m, weight=(w, 1))
+        a.bind_param(w, 1 - out_dim, m.ids, importance="in")
+        a.gate(0, m, weight=(w, 1 - out_dim))
         a.add_macs(tokens, out_ids, m.ids)
         return ChannelMap(len(out_shape) - 1, out_ids)
     if m is not None:  # applied along a non-channel dim (token mixing): channels pass through
@@ -324,13 +340,14 @@ def _norm_fn(a: A, node: Node, rms: bool):
 rewrite_layer_norm_fn, rewrite_rms_norm_fn = _rewrite_norm_fn(False), _rewrite_norm_fn(True)
 
 
-@op_handler(functions=[F.layer_norm], macs=False, shape=norm_shape, rewrite=rewrite_layer_norm_fn)
+@op_handler(functions=[F.layer_norm], aten=["layer_norm"], macs=False, shape=norm_shape, rewrite=rewrite_layer_norm_fn)
 def layer_norm_fn(a: A, node: Node):
     """``F.layer_norm(x, normalized_shape, weight, bias, eps)``."""
     return _norm_fn(a, node, rms=False)
 
 
-@op_handler(functions=[F.rms_norm] if hasattr(F, "rms_norm") else [], macs=False, rewrite=rewrite_rms_norm_fn)
+@op_handler(functions=[F.rms_norm] if hasattr(F, "rms_norm") else [], aten=["rms_norm"], macs=False,
+            rewrite=rewrite_rms_norm_fn)
 def rms_norm_fn(a: A, node: Node):
     """``F.rms_norm(x, normalized_shape, weight, eps)``."""
     return _norm_fn(a, node, rms=True)
@@ -472,7 +489,7 @@ def rewrite_group_norm_fn(node: Node, edit) -> None:
     node.kwargs = {k: v for k, v in node.kwargs.items() if k != "num_groups"}
 
 
-@op_handler(functions=[F.group_norm], macs=False, rewrite=rewrite_group_norm_fn)
+@op_handler(functions=[F.group_norm], aten=["group_norm"], macs=False, rewrite=rewrite_group_norm_fn)
 def group_norm_fn(a: A, node: Node):
     """``F.group_norm(x, G, weight, bias, eps)`` with parameter (or no) affine tensors: the module's rule."""
     x, groups, weight, bias, _ = _group_norm_args(node)
@@ -532,24 +549,33 @@ def embedding(a: A, node: Node):
     return ChannelMap(len(a.shape(node)) - 1, out_ids)
 
 
-@op_handler(functions=[F.batch_norm], macs=False, shape=norm_shape)
+@op_handler(functions=[F.embedding], aten=["embedding"], macs=False)
+def embedding_fn(a: A, node: Node):
+    """``F.embedding(indices, weight)`` / ``aten.embedding(weight, indices)``: the output's last
+    dim is the weight's columns."""
+    weight = arg(node, "weight")
+    ws = a.shape(weight)
+    if not (isinstance(weight, Node) and weight.op == "get_attr") or ws is None or len(ws) != 2:
+        a.fix(a.map(weight), f"{describe(node)} with a computed weight")
+        return None
+    out_ids = a.new(ws[1])
+    a.bind_param(weight.target, 1, out_ids, importance="out")
+    return ChannelMap(len(a.shape(node)) - 1, out_ids)
+
+
+@op_handler(functions=[F.batch_norm], aten=["batch_norm"], macs=False, shape=norm_shape)
 def batch_norm_fn(a: A, node: Node):
-    """Functional per-channel norm (timm's BatchNormAct2d): parameters are get_attr nodes to slice."""
-    # same order for F.batch_norm and F.instance_norm
-    return per_channel_norm_args(a, node, ("running_mean", "running_var", "weight", "bias"))
-
-
-def per_channel_norm_args(a: A, node: Node, names) -> Optional[ChannelMap]:
-    """A per-channel norm whose tensors are arguments ``1..`` named ``names`` (the order differs
-    between ``F.batch_norm`` and ``aten.batch_norm``): each ``get_attr`` is bound to the channels."""
+    """Functional per-channel norm (timm's BatchNormAct2d, ``aten.batch_norm``): its tensors,
+    found by name (``F.batch_norm`` puts the running statistics first, ATen the affine
+    parameters), are ``get_attr`` nodes bound to the channels."""
     m = a.cmap(node.args[0])
     if m is None:
         return None
     if m.axis != 1:
         a.fix(m, f"{describe(node)} normalises a dim that is not the channel dim")
         return m
-    for i, key in enumerate(names, start=1):
-        t = a.arg(node, i, key)
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        t = arg(node, key)
         if isinstance(t, Node):
             if t.op != "get_attr":
                 a.fix(m, f"{describe(node)} with a computed `{key}`")
@@ -558,7 +584,7 @@ def per_channel_norm_args(a: A, node: Node, names) -> Optional[ChannelMap]:
     return m
 
 
-DEFAULT_RULES.register(OpHandler(batch_norm_fn, macs=False), functions=[F.instance_norm])
+DEFAULT_RULES.register(OpHandler(batch_norm_fn, macs=False), functions=[F.instance_norm], aten=["instance_norm"])
 
 
 def rewrite_conv_groups(node: Node, edit) -> None:
@@ -574,7 +600,8 @@ def rewrite_conv_groups(node: Node, edit) -> None:
         node.kwargs = {**node.kwargs, "groups": new}
 
 
-@op_handler(functions=[F.conv1d, F.conv2d, F.conv3d], rewrite=rewrite_conv_groups)
+@op_handler(functions=[F.conv1d, F.conv2d, F.conv3d], rewrite=rewrite_conv_groups,
+            aten=["conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding"])
 def conv_fn(a: A, node: Node):
     """Functional conv with a parameter weight (timm's same-padding convs)."""
     weight, bias = a.arg(node, 1, "weight"), a.arg(node, 2, "bias")
@@ -587,3 +614,52 @@ def conv_fn(a: A, node: Node):
     b = bias.target if isinstance(bias, Node) else None
     return conv_core(a, node, node.args[0], weight.target, b, ws[1] * groups, ws[0], groups,
                      math.prod(ws[2:]), transposed=False)
+
+
+# mixture-of-experts: ``grouped_mm(x, w, offs)``, ``x`` (tokens sorted by expert, K) times the
+# expert's ``w[e]`` (K, N) for the rows ``offs`` gives it; transformers' experts hold ``w`` as a
+# 3-d parameter (experts, N, K) seen through ``transpose(-2, -1)``
+def _expert_weight(a: A, w: Node):
+    """``(parameter name, {dim of w: dim of the parameter})`` behind a grouped-mm weight operand:
+    the parameter itself or its transpose of the last two dims, read by this node alone."""
+    if w.op == "get_attr":
+        return str(w.target), {0: 0, 1: 1, 2: 2}
+    src = w.args[0] if w.op == "call_function" and w.args else None
+    if (w.target is torch.ops.aten.transpose.int and isinstance(src, Node) and src.op == "get_attr"
+            and len(w.users) == 1 and {d % 3 for d in w.args[1:3]} == {1, 2}):
+        return str(src.target), {0: 0, 1: 2, 2: 1}
+    return None, None
+
+
+@op_handler(op_names=["transformers::grouped_mm_fallback"], aten=["_grouped_mm"])
+def grouped_mm(a: A, node: Node):
+    """The experts' matmul: the tokens' channels ``K`` are contracted with dim 1 of ``w``, the
+    output's channels are dim 2 of ``w``, one width for every expert (one 3-d parameter).  When
+    the offsets carry the experts (``cumsum(histc(top-k indices))``), whole experts go with
+    dim 0 of ``w``: a removed expert gets no tokens."""
+    x, w = node.args[0], node.args[1]
+    xs, ws = a.shape(x), a.shape(w)
+    mx = a.cmap(x)
+    param, dims = _expert_weight(a, w) if isinstance(w, Node) else (None, None)
+    if param is None or xs is None or ws is None or len(xs) != 2 or len(ws) != 3:
+        a.fix([a.map(t) for t in node.args if isinstance(t, Node)], f"{describe(node)} with computed operands")
+        return None
+    out_ids = a.new(ws[2])
+    a.bind_param(param, dims[2], out_ids, importance="out")
+    view = {2: out_ids}
+    offsets = a.cmap(node.args[2]) if len(node.args) > 2 else None
+    if offsets is not None and offsets.axis == 0 and offsets.size == ws[0]:  # per-expert row ends
+        a.bind_param(param, dims[0], offsets.ids)
+        view[0] = offsets.ids
+    if mx is not None and mx.axis == 1:
+        a.bind_param(param, dims[1], mx.ids, importance="in")
+        a.gate(0, mx)
+        view[1] = mx.ids
+        a.add_macs(xs[0], out_ids, mx.ids)
+    else:
+        if mx is not None:
+            a.fix(mx, f"{describe(node)} contracts over a dim that is not the channel dim")
+        a.add_macs(xs[0] * xs[1], out_ids)
+    if w.op != "get_attr":
+        a.param_views[w.name] = view
+    return ChannelMap(1, out_ids)

@@ -48,7 +48,7 @@ _UNARY_FUNCTIONS = [
     F.tanhshrink, F.logsigmoid, F.sigmoid, F.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt,
     torch.square, torch.clamp, torch.clip, torch.erf, torch.log, torch.sin, torch.cos, torch.reciprocal,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.nn.functional.threshold, operator.neg, operator.pos,
+    torch.nn.functional.threshold, operator.pos,
     torch.nan_to_num, torch.sign, torch.floor, torch.round, torch.trunc, torch.frac,
 ]
 _UNARY_METHODS = [
@@ -61,6 +61,22 @@ _UNARY_METHODS = [
 _VALUE_FUNCTIONS = [torch.Tensor.contiguous]
 _VALUE_METHODS = ["contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "long", "int", "to", "type",
                   "type_as", "cpu", "cuda"]
+#: the same ops as ``torch.export`` records them (ATen overloads)
+_UNARY_ATEN = [
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "erf", "log",
+    "sin", "cos", "reciprocal", "sigmoid_", "tanh_", "hardtanh_", "clamp_", "hardswish_", "gelu_", "leaky_relu_",
+    "elu_", "square", "hardswish", "hardsigmoid", "hardtanh", "elu", "leaky_relu", "softplus", "mish", "clamp",
+    "clamp_min", "clamp_max", "pow.Tensor_Scalar", "dropout", "native_dropout", "feature_dropout",
+    "alpha_dropout", "relu6", "nan_to_num",
+    # in-place forms export keeps from the module code (``nn.Dropout(inplace=True)``)
+    "dropout_", "feature_dropout_", "alpha_dropout_", "hardsigmoid_", "mish_", "relu6_",
+    # bounds given as tensors (``torch.clamp(x, self.lo, self.hi)``): they broadcast like operands
+    "clamp.Tensor", "clamp_min.Tensor", "clamp_max.Tensor", "clamp_.Tensor",
+    # fresh tensors of ``x``'s shape keep its channels (``new_zeros`` does not: ``new_filled``)
+    "zeros_like", "ones_like", "empty_like", "full_like",
+]
+_VALUE_ATEN = ["clone", "contiguous", "alias", "detach", "lift_fresh_copy", "to.dtype", "to.dtype_layout",
+               "to.device", "to.other", "_to_copy", "type_as"]
 _UNARY_MODULES = [
     torch.nn.CELU, torch.nn.SELU, torch.nn.Hardtanh, torch.nn.Softplus, torch.nn.Softsign, torch.nn.Tanhshrink,
     torch.nn.LogSigmoid, torch.nn.Threshold, torch.nn.Dropout1d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
@@ -164,8 +180,8 @@ def _getitem_step(a: A, node: Node, d: int, in_shape, out_shape) -> Optional[int
 
 
 
-@op_handler(modules=_UNARY_MODULES, functions=_UNARY_FUNCTIONS, methods=_UNARY_METHODS, macs=False,
-            view_step=_same_dim_step)
+@op_handler(modules=_UNARY_MODULES, functions=_UNARY_FUNCTIONS, methods=_UNARY_METHODS, aten=_UNARY_ATEN,
+            macs=False, view_step=_same_dim_step)
 def passthrough(a: A, node: Node):
     """Per-position ops: the output carries the first tensor argument's channels."""
     out = a.map(node.args[0]) if node.args else None
@@ -176,13 +192,13 @@ def passthrough(a: A, node: Node):
             return None
     # tensor-valued extra arguments (clamp(min=tensor), type_as(other)) broadcast like operands
     others = [x for x in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(x, Node) and a.shape(x) is not None]
-    if others and node.target not in ("type_as", "to"):
+    if others and op_name(node) not in ("type_as", "to", "_to_copy"):
         return broadcast_couple(a, node, [node.args[0]] + others)
     return out
 
 
 DEFAULT_RULES.register(OpHandler(passthrough, macs=False, view_step=_same_dim_step, keeps_values=True),
-                       functions=_VALUE_FUNCTIONS, methods=_VALUE_METHODS)
+                       functions=_VALUE_FUNCTIONS, methods=_VALUE_METHODS, aten=_VALUE_ATEN)
 
 
 DEFAULT_RULES.register(OpHandler(passthrough, macs=False, shape=pointwise_shape, view_step=_same_dim_step),
@@ -307,7 +323,7 @@ _ARITHMETIC_METHODS = ["add", "sub", "mul", "div", "__add__", "__sub__", "__mul_
 _BINARY_FUNCTIONS = [
     operator.iadd, operator.isub, operator.imul, operator.itruediv, torch.subtract, torch.multiply, torch.divide,
     torch.true_divide, torch.maximum, torch.minimum, torch.fmax, torch.fmin, torch.where, torch.lerp,
-    torch.addcmul, torch.addcdiv, torch.pow, operator.pow, torch.masked_fill, torch.eq, torch.ne, torch.lt,
+    torch.addcmul, torch.addcdiv, torch.pow, torch.masked_fill, torch.eq, torch.ne, torch.lt,
     torch.le, torch.gt, torch.ge, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
 ]
 _BINARY_METHODS = [
@@ -315,15 +331,39 @@ _BINARY_METHODS = [
     "addcmul_", "addcdiv", "pow", "pow_", "masked_fill", "masked_fill_", "__rsub__", "eq", "ne", "lt", "le",
     "gt", "ge",
 ]
+_BINARY_ATEN = [
+    "add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor", "mul.Tensor", "mul.Scalar",
+    "div.Tensor", "div.Scalar", "div.Tensor_mode", "pow.Tensor_Tensor", "maximum", "minimum", "where.self",
+    "masked_fill.Scalar", "masked_fill.Tensor", "addcmul", "addcdiv", "lerp.Scalar", "lerp.Tensor",
+    # in-place forms (``out += identity``), as the ``Tensor.add_`` methods are
+    "add_.Tensor", "add_.Scalar", "sub_.Tensor", "mul_.Tensor", "mul_.Scalar", "div_.Tensor", "masked_fill_.Scalar",
+]
 
 
-@op_handler(functions=_BINARY_FUNCTIONS, methods=_BINARY_METHODS, macs=False, view_step=_scalar_operand_step)
+@op_handler(functions=_BINARY_FUNCTIONS, methods=_BINARY_METHODS, aten=_BINARY_ATEN, macs=False,
+            view_step=_scalar_operand_step)
 def elementwise(a: A, node: Node):
     return broadcast_couple(a, node, list(node.args) + list(node.kwargs.values()))
 
 
-DEFAULT_RULES.register(OpHandler(elementwise, macs=False, shape=arithmetic_shape, view_step=_scalar_operand_step),
+DEFAULT_RULES.register(OpHandler(elementwise, macs=False, shape=arithmetic_shape, view_step=_scalar_operand_step,
+                                 size_arithmetic=True),
                        functions=_ARITHMETIC_FUNCTIONS, methods=_ARITHMETIC_METHODS)
+# Python operators that also derive sizes from sizes read at run time (``C // heads``)
+DEFAULT_RULES.register(OpHandler(elementwise, macs=False, view_step=_scalar_operand_step, size_arithmetic=True),
+                       functions=[operator.pow, operator.floordiv, operator.mod])
+DEFAULT_RULES.register(OpHandler(passthrough, macs=False, view_step=_same_dim_step, size_arithmetic=True),
+                       functions=[operator.neg])
+
+
+@op_handler(functions=[math.ceil, math.floor, int], macs=False, size_arithmetic=True)
+def scalar(a: A, node: Node):
+    """Python scalar functions of sizes (``math.ceil(H / p)``): no channels; one that reads a
+    tensor with channels takes a single value of it."""
+    tracked = [a.map(x) for x in node.args if isinstance(x, Node)]
+    if any(t is not None for t in tracked):
+        a.fix(tracked, f"{describe(node)} reads a tensor as one Python number")
+    return None
 
 
 @op_handler(functions=[torch.max, torch.min], methods=["max", "min"], macs=False)
@@ -351,7 +391,7 @@ _REDUCTION_ARGS = {"norm": (2, 3), "std": (1, 3), "var": (1, 3), "linalg_vector_
 def _reduced_dims(node: Node, rank: int) -> Optional[List[int]]:
     """The (non-negative) dims a reduction node reduces; every dim for ``dim=None``; ``None`` when
     they are computed at run time."""
-    dim_pos, _ = _REDUCTION_ARGS.get(_reduction_name(node), (1, 2))
+    dim_pos, _ = _REDUCTION_ARGS.get(op_name(node), (1, 2))
     dims = node.args[dim_pos] if len(node.args) > dim_pos else node.kwargs.get("dim", None)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         return list(range(rank))
@@ -361,11 +401,6 @@ def _reduced_dims(node: Node, rank: int) -> Optional[List[int]]:
     return sorted({d % rank for d in dims})
 
 
-def _reduction_name(node: Node) -> str:
-    """``mean`` for ``Tensor.mean``, ``torch.mean`` and the ATen overload ``aten.mean.dim``."""
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "").split(".")[0]
-
-
 def _zero_blind(node: Node) -> bool:
     """Whether the reduction's value is unchanged by extra zero entries: sums, and p-norms with p > 0.
 
@@ -373,7 +408,7 @@ def _zero_blind(node: Node) -> bool:
     zero (its input is a gate site); a mean is ``sum / d`` with the original count ``d``, which
     the shrink pass writes (:func:`rewrite_mean`).  Max/min, variance, products are not.
     """
-    name = _reduction_name(node)
+    name = op_name(node)
     if name in ("sum", "mean"):
         return True
     if name in ("norm", "linalg_vector_norm"):
@@ -386,7 +421,7 @@ def _zero_blind(node: Node) -> bool:
 def rewrite_mean(node: Node, edit: "ShrinkEdit") -> None:
     """A mean over pruned channels: ``sum(x) * (1 / original count)``, the masked model's value."""
     src = edit.map_of(node.args[0])
-    if _reduction_name(node) != "mean" or not edit.changed(src):
+    if op_name(node) != "mean" or not edit.changed(src):
         return
     shape = edit.dense_shape(node.args[0])
     dims = _reduced_dims(node, len(shape))
@@ -403,13 +438,15 @@ def rewrite_mean(node: Node, edit: "ShrinkEdit") -> None:
     node.replace_all_uses_with(scaled, delete_user_cb=lambda user: user is not scaled)
 
 
-@op_handler(functions=[*_REDUCTIONS_F], methods=[*_REDUCTIONS_M], macs=False, rewrite=rewrite_mean)
+@op_handler(functions=[*_REDUCTIONS_F], methods=[*_REDUCTIONS_M], macs=False, rewrite=rewrite_mean,
+            aten=["mean.dim", "sum.dim_IntList", "amax", "amin", "linalg_vector_norm", "norm.ScalarOpt_dim",
+                  "var.correction", "std.correction", "var.dim", "std.dim"])
 def reduction(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
         return tuple(None for _ in a.shape(node)) if _is_tuple_shape(a.shape(node)) else None
     in_shape = a.shape(node.args[0])
-    _, keep_pos = _REDUCTION_ARGS.get(_reduction_name(node), (1, 2))
+    _, keep_pos = _REDUCTION_ARGS.get(op_name(node), (1, 2))
     keepdim = bool(a.arg(node, keep_pos, "keepdim", False))
     dims = _reduced_dims(node, len(in_shape))
     if dims is None:
@@ -445,7 +482,10 @@ def normalize(a: A, node: Node):
     return m
 
 
-@op_handler(modules=[torch.nn.Softmax, torch.nn.LogSoftmax], functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod], methods=["softmax", "log_softmax", "cumsum", "cumprod"], macs=False)
+@op_handler(modules=[torch.nn.Softmax, torch.nn.LogSoftmax],
+            functions=[F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod],
+            methods=["softmax", "log_softmax", "cumsum", "cumprod"],
+            aten=["softmax.int", "_softmax", "log_softmax.int", "_log_softmax", "cumsum"], macs=False)
 def along_dim(a: A, node: Node):
     """Ops that mix values along one ``dim``: fine unless that dim carries channels.
 
@@ -497,7 +537,7 @@ def _counts_of_indices(a: A, x: Node) -> bool:
     return isinstance(x, Node) and op_name(x) == "histc"
 
 
-@op_handler(functions=[torch.topk], methods=["topk"], macs=False)
+@op_handler(functions=[torch.topk], methods=["topk"], aten=["topk"], macs=False)
 def topk(a: A, node: Node):
     """``topk(x, k, dim)``: over the channels, the indices become :class:`IndexValues` (which
     channels were picked) and at least ``k`` channels must stay; over another dim, both outputs
@@ -516,7 +556,7 @@ def topk(a: A, node: Node):
     return (None, IndexValues(m.ids))
 
 
-@op_handler(functions=[torch.sort], methods=["sort"], macs=False, reads_indices=True)
+@op_handler(functions=[torch.sort], methods=["sort"], aten=["sort", "sort.stable"], macs=False, reads_indices=True)
 def sort(a: A, node: Node):
     """Sorted top-k indices are still indices (the permutation is not); sorting along another
     dim than the channels keeps them."""
@@ -549,7 +589,8 @@ def rewrite_histc(node: Node, edit) -> None:
     node.kwargs = {}
 
 
-@op_handler(functions=[torch.histc], methods=["histc"], macs=False, rewrite=rewrite_histc, reads_indices=True)
+@op_handler(functions=[torch.histc], methods=["histc"], aten=["histc"], macs=False, rewrite=rewrite_histc,
+            reads_indices=True)
 def histc(a: A, node: Node):
     """``histc(indices, bins=n, min=0, max=n - 1)`` of top-k channel indices: one count per
     channel (how many tokens each expert gets)."""
@@ -584,25 +625,29 @@ def _spatial(k: Optional[int]):
     return rule
 
 
-for _k, _mods, _fns in [
+for _k, _mods, _fns, _aten in [
     (1, [torch.nn.MaxPool1d, torch.nn.AvgPool1d, torch.nn.AdaptiveAvgPool1d, torch.nn.AdaptiveMaxPool1d,
          torch.nn.LPPool1d],
-     [F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d]),
+     [F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, F.lp_pool1d],
+     ["max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d"]),
     (2, [torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.LPPool2d, torch.nn.ZeroPad2d,
          torch.nn.ReflectionPad2d, torch.nn.ReplicationPad2d],
-     [F.max_pool2d, F.avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d]),
+     [F.max_pool2d, F.avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d],
+     ["max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_max_pool2d"]),
     (3, [torch.nn.MaxPool3d, torch.nn.AvgPool3d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool3d],
-     [F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d]),
+     [F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d],
+     ["max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d"]),
 ]:
-    DEFAULT_RULES.register(OpHandler(_spatial(_k), macs=False), modules=_mods, functions=_fns)
+    DEFAULT_RULES.register(OpHandler(_spatial(_k), macs=False), modules=_mods, functions=_fns, aten=_aten)
 DEFAULT_RULES.register(OpHandler(_spatial(2), macs=False, shape=adaptive_avg_pool2d_shape),
-                       modules=[torch.nn.AdaptiveAvgPool2d], functions=[F.adaptive_avg_pool2d])
+                       modules=[torch.nn.AdaptiveAvgPool2d], functions=[F.adaptive_avg_pool2d],
+                       aten=["adaptive_avg_pool2d"])
 DEFAULT_RULES.register(OpHandler(_spatial(None), macs=False),
                        modules=[torch.nn.Upsample, torch.nn.UpsamplingNearest2d, torch.nn.UpsamplingBilinear2d],
-                       functions=[F.interpolate, F.upsample])
+                       functions=[F.interpolate, F.upsample], aten=["upsample_nearest2d.vec", "upsample_bilinear2d.vec"])
 
 
-@op_handler(functions=[F.pad], macs=False)
+@op_handler(functions=[F.pad], aten=["pad", "constant_pad_nd"], macs=False)
 def pad(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -620,7 +665,8 @@ def pad(a: A, node: Node):
     return m
 
 
-@op_handler(methods=["new_zeros", "new_ones", "new_empty", "new_full"], macs=False)
+@op_handler(methods=["new_zeros", "new_ones", "new_empty", "new_full"],
+            aten=["new_zeros", "new_ones", "new_empty", "new_full"], macs=False)
 def new_filled(a: A, node: Node):
     """``x.new_zeros(sizes)`` and kin: a fresh tensor of literal sizes; ``x`` gives only its dtype and device.
     (``torch.zeros_like(x)`` takes ``x``'s shape, so it keeps ``x``'s channels: ``passthrough``.)"""
@@ -631,7 +677,7 @@ DEFAULT_RULES.register(OpHandler(passthrough, macs=False, view_step=_same_dim_st
                        functions=[torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like])
 
 
-@op_handler(functions=[torch.roll], methods=["roll"], macs=False)
+@op_handler(functions=[torch.roll], methods=["roll"], aten=["roll"], macs=False)
 def roll(a: A, node: Node):
     """``roll(x, shifts, dims)`` (Swin's shifted windows): per channel unless it rolls the channel dim."""
     m = a.cmap(node.args[0])
@@ -650,7 +696,7 @@ def roll(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 # concatenation, splitting, indexing
 # -------------------------------------------------------------------------------------------
-@op_handler(functions=[torch.cat, torch.concat, torch.concatenate], macs=False, shape=cat_shape)
+@op_handler(functions=[torch.cat, torch.concat, torch.concatenate], aten=["cat"], macs=False, shape=cat_shape)
 def cat(a: A, node: Node):
     tensors = list(a.arg(node, 0, "tensors"))
     dim = a.arg(node, 1, "dim", 0)
@@ -674,7 +720,7 @@ def cat(a: A, node: Node):
     return ChannelMap(dim, torch.cat(pieces))
 
 
-@op_handler(functions=[torch.stack], macs=False)
+@op_handler(functions=[torch.stack], aten=["stack"], macs=False)
 def stack(a: A, node: Node):
     tensors = list(a.arg(node, 0, "tensors"))
     dim = a.arg(node, 1, "dim", 0) % len(a.shape(node))
@@ -704,7 +750,8 @@ def rewrite_split(node: Node, edit: "ShrinkEdit") -> None:
 
 
 @op_handler(functions=[torch.split, torch.chunk, torch.tensor_split, torch.unbind],
-            methods=["split", "chunk", "tensor_split", "unbind", "split_with_sizes"], macs=False, rewrite=rewrite_split)
+            methods=["split", "chunk", "tensor_split", "unbind", "split_with_sizes"],
+            aten=["split.Tensor", "split_with_sizes", "chunk", "unbind.int"], macs=False, rewrite=rewrite_split)
 def split(a: A, node: Node):
     x = node.args[0]
     shapes = a.shape(node)
@@ -715,7 +762,7 @@ def split(a: A, node: Node):
     if m is None:
         return tuple(None for _ in shapes)
     in_shape = a.shape(x)
-    name = node.target if isinstance(node.target, str) else node.target.__name__.partition(".")[0]  # aten overloads
+    name = op_name(node)
     dim = a.arg(node, 1 if name == "unbind" else 2, "dim", 0)
     if not isinstance(dim, int):
         a.fix(m, f"{describe(node)} splits along a dim computed at run time")
@@ -847,7 +894,44 @@ def narrow(a: A, node: Node):
     return ChannelMap(m.axis, m.ids[start:start + length])
 
 
-@op_handler(functions=[torch.select, torch.index_select], methods=["select", "index_select"], macs=False)
+def _slice_args(node: Node):
+    get = lambda i, name, default: node.args[i] if len(node.args) > i else node.kwargs.get(name, default)  # noqa: E731
+    return get(1, "dim", 0), get(2, "start", None), get(3, "end", None), get(4, "step", 1)
+
+
+def rewrite_slice(node: Node, edit: "ShrinkEdit") -> None:
+    """``aten.slice(x, dim, start, end)`` on a pruned channel dim: the bounds count kept channels."""
+    src = edit.map_of(node.args[0])
+    if src is None or not edit.changed(src):
+        return
+    dim, start, end, step = _slice_args(node)
+    if dim % len(edit.dense_shape(node.args[0])) != src.axis:
+        return
+    lo, hi, _ = slice(start, end).indices(edit.dense_shape(node.args[0])[src.axis])
+    node.args = (node.args[0], dim, edit.kept_before(src, lo), edit.kept_before(src, max(lo, hi)), step)
+    node.kwargs = {}
+
+
+@op_handler(aten=["slice.Tensor"], macs=False, rewrite=rewrite_slice)
+def slice_tensor(a: A, node: Node):
+    m = a.cmap(node.args[0])
+    if m is None:
+        return None
+    dim, start, end, step = _slice_args(node)
+    rank = len(a.shape(node.args[0]))
+    if not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+        a.fix(m, f"{describe(node)} uses run-time arguments")
+        return None
+    if dim % rank != m.axis:
+        return m
+    if step not in (None, 1):
+        a.fix(m, f"{describe(node)} slices the channel dim with a step")
+        return None
+    return ChannelMap(m.axis, m.ids[slice(start, end)])
+
+
+@op_handler(functions=[torch.select, torch.index_select], methods=["select", "index_select"],
+            aten=["select.int", "index_select"], macs=False)
 def select_like(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -857,9 +941,59 @@ def select_like(a: A, node: Node):
     if not isinstance(dim, int) or dim % rank == m.axis:
         a.fix(m, f"{describe(node)} picks individual channels")
         return None
-    if node.target in ("select", torch.select):
+    if op_name(node) == "select":
         return ChannelMap(m.axis - (1 if m.axis > dim % rank else 0), m.ids)
     return m
+
+
+def _index_layout(a: A, node: Node):
+    """``aten.index.Tensor(x, [i0, None, i2, ...])``: (rank of ``x``, indexed dims, the index tensors'
+    broadcast rank, whether the indexed dims are adjacent), or ``None`` when an index is not a tensor."""
+    x, indices = node.args[0], node.args[1]
+    shape = a.shape(x)
+    if not isinstance(shape, torch.Size) or not isinstance(indices, (list, tuple)):
+        return None
+    dims = [d for d, i in enumerate(indices) if i is not None]
+    shapes = [a.shape(indices[d]) for d in dims]
+    if not dims or not all(isinstance(s, torch.Size) for s in shapes):
+        return None
+    return len(shape), dims, len(torch.broadcast_shapes(*shapes)), dims == list(range(dims[0], dims[-1] + 1))
+
+
+def _index_out_dim(layout, d: int):
+    """Where input dim ``d`` (not indexed) lands in the output of ``aten.index.Tensor``."""
+    rank, dims, k, adjacent = layout
+    if adjacent:
+        return d if d < dims[0] else d - len(dims) + k
+    return k + sum(1 for e in range(d) if e not in dims)  # separated indices: their dims go first
+
+
+def _index_step(a: A, node: Node, d: int, in_shape, out_shape):
+    """Chain step (:func:`param_view_chain`): the input dim behind
+    output dim ``d``, when it is not one the index tensors produce (a relative-position table
+    ``table[index]``: its heads dim comes through whole)."""
+    layout = _index_layout(a, node)
+    if layout is None:
+        return None
+    return next((e for e in range(layout[0]) if e not in layout[1] and _index_out_dim(layout, e) == d), None)
+
+
+@op_handler(aten=["index.Tensor"], macs=False, view_step=_index_step)
+def index_tensor(a: A, node: Node):
+    """``x[i, j]`` with index tensors (``aten.index.Tensor``): gathering along other dims keeps the
+    channels; gathering along the channel dim picks individual channels."""
+    x, indices = node.args[0], node.args[1]
+    m = a.cmap(x)
+    tracked = [a.map(i) for i in (indices if isinstance(indices, (list, tuple)) else ()) if isinstance(i, Node)]
+    if any(t is not None for t in tracked):
+        a.fix(tracked, f"{describe(node)} uses channels as indices")
+    if m is None:
+        return None
+    layout = _index_layout(a, node)
+    if layout is None or m.axis in layout[1]:
+        a.fix(m, f"{describe(node)} picks individual channels")
+        return None
+    return ChannelMap(_index_out_dim(layout, m.axis), m.ids)
 
 
 # -------------------------------------------------------------------------------------------
@@ -867,12 +1001,29 @@ def select_like(a: A, node: Node):
 # -------------------------------------------------------------------------------------------
 @op_handler(modules=[torch.nn.Flatten], functions=[torch.flatten, torch.squeeze, torch.unsqueeze, torch.ravel],
             methods=["flatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "squeeze_", "unsqueeze_", "ravel"],
+            aten=["unsqueeze", "squeeze.dim", "squeeze.dims", "squeeze", "flatten.using_ints"],
             macs=False, view_step=_reshape_step, keeps_values=True)
 def reshape(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
         return None
     return reshape_map(a, node, m, a.shape(node.args[0]), a.shape(node))
+
+
+@op_handler(aten=["reshape_as", "view_as"], macs=False)
+def reshape_as(a: A, node: Node):
+    """``aten.reshape_as(x, other)``: a reshape to the shape the shrunk model reads from ``other``
+    (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``), so the result's channels are ``other``'s."""
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    out, theirs = reshape(a, node), a.map(other)
+    if out is None and theirs is None:
+        return None
+    if isinstance(out, ChannelMap) and isinstance(theirs, ChannelMap) and out.axis == theirs.axis \
+            and out.size == theirs.size:
+        a.union(out.ids, theirs.ids)
+        return out
+    a.fix([a.map(node.args[0]), out, theirs], f"{describe(node)} takes its shape from a tensor with other channels")
+    return None
 
 
 def _blocks(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[Tuple[List[int], List[int]]]:
@@ -902,10 +1053,10 @@ def _blocks(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[Tuple[Lis
     return blocks
 
 
-#: attributes that name a head count or a head width on attention modules (torch, timm, Hugging Face)
-_HEAD_COUNTS = ("num_heads", "heads", "n_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
-                "n_kv_heads", "n_head")
-_HEAD_DIMS = ("head_dim", "head_size", "attention_head_size", "dim_head")
+# attributes that name a head count or a head width on attention modules (torch, timm, Hugging Face)
+DEFAULT_RULES.head_count_attributes = ("num_heads", "heads", "n_heads", "num_attention_heads",
+                                       "num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_head")
+DEFAULT_RULES.head_dim_attributes = ("head_dim", "head_size", "attention_head_size", "dim_head")
 
 
 def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape: torch.Size):
@@ -942,8 +1093,8 @@ def reshape_map(a: A, node: Node, m: ChannelMap, in_shape: torch.Size, out_shape
     if len(varying) == 1:
         keep = varying[0]
     else:
-        heads = a.hints(node, _HEAD_COUNTS)
-        head_dims = a.hints(node, _HEAD_DIMS)
+        heads = a.hints(node, a.rules.head_count_attributes)
+        head_dims = a.hints(node, a.rules.head_dim_attributes)
         sizes = [table.shape[k] for k in varying]
         candidates = [k for k, n in zip(varying, sizes) if n in heads and k != table.dim() - 1]
         if not candidates and len(varying) == 2 and sizes[1] in head_dims:
@@ -965,7 +1116,7 @@ def _literal_sizes(node: Node) -> bool:
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = sizes[0]
     elif node.op == "call_function":
-        name = getattr(node.target, "__name__", "").partition(".")[0]
+        name = op_name(node)
         sizes = node.args[2] if name == "unflatten" and len(node.args) > 2 else node.args[1] if len(node.args) > 1 \
             and name in ("view", "reshape", "_unsafe_view") else None
     else:
@@ -1071,13 +1222,14 @@ def rewrite_unflatten(node: Node, edit: "ShrinkEdit") -> None:
 
 DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_sizes, view_step=_reshape_step,
                                  keeps_values=True),
-                       functions=[torch.reshape], methods=["view", "reshape"])
+                       functions=[torch.reshape], methods=["view", "reshape"], aten=["view", "_unsafe_view", "reshape"])
 DEFAULT_RULES.register(OpHandler(reshape, macs=False, rewrite=rewrite_unflatten, view_step=_reshape_step,
                                  keeps_values=True),
-                       modules=[torch.nn.Unflatten], functions=[torch.unflatten], methods=["unflatten"])
+                       modules=[torch.nn.Unflatten], functions=[torch.unflatten], methods=["unflatten"],
+                       aten=["unflatten.int"])
 
 
-@op_handler(functions=[torch.permute], methods=["permute"], macs=False, view_step=_permute_step)
+@op_handler(functions=[torch.permute], methods=["permute"], aten=["permute"], macs=False, view_step=_permute_step)
 def permute(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1094,8 +1246,8 @@ def permute(a: A, node: Node):
 
 
 @op_handler(functions=[torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis],
-            methods=["transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_"], macs=False,
-            view_step=_transpose_step)
+            methods=["transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "transpose_"],
+            aten=["transpose.int", "swapaxes", "swapdims", "movedim.int"], macs=False, view_step=_transpose_step)
 def transpose(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1105,7 +1257,7 @@ def transpose(a: A, node: Node):
     if not (isinstance(d0, int) and isinstance(d1, int)):
         a.fix(m, f"{describe(node)} uses run-time dims")
         return None
-    name = node.target if isinstance(node.target, str) else node.target.__name__.partition(".")[0]  # aten overloads
+    name = op_name(node)
     order = list(range(rank))
     d0, d1 = d0 % rank, d1 % rank
     if name in ("movedim", "moveaxis"):
@@ -1116,7 +1268,7 @@ def transpose(a: A, node: Node):
     return ChannelMap(order.index(m.axis), m.ids)
 
 
-@op_handler(functions=[torch.t], methods=["t"], macs=False, view_step=_transpose_step)
+@op_handler(functions=[torch.t], methods=["t"], aten=["t", "numpy_T"], macs=False, view_step=_transpose_step)
 def t(a: A, node: Node):
     m = a.cmap(node.args[0])
     if m is None:
@@ -1125,7 +1277,8 @@ def t(a: A, node: Node):
     return ChannelMap(m.axis if rank < 2 else 1 - m.axis, m.ids)
 
 
-@op_handler(functions=[torch.broadcast_to], methods=["expand", "broadcast_to"], macs=False, rewrite=rewrite_sizes,
+@op_handler(functions=[torch.broadcast_to], methods=["expand", "broadcast_to"], aten=["expand"], macs=False,
+            rewrite=rewrite_sizes,
             view_step=_expand_step)
 def expand(a: A, node: Node):
     m = a.cmap(node.args[0])
@@ -1139,7 +1292,7 @@ def expand(a: A, node: Node):
     return ChannelMap(axis, m.ids)
 
 
-@op_handler(methods=["expand_as"], macs=False)
+@op_handler(methods=["expand_as"], aten=["expand_as"], macs=False)
 def expand_as(a: A, node: Node):
     """``x.expand_as(other)`` has ``other``'s shape: it broadcasts like ``x + other`` (a per-row norm
     expanded over the channels of ``other`` follows their pruning)."""
@@ -1157,7 +1310,8 @@ def repeat(a: A, node: Node):  # (repeat counts are per dim: nothing to rewrite)
     return ChannelMap(axis, m.ids.repeat(reps))
 
 
-@op_handler(functions=[torch.repeat_interleave], methods=["repeat_interleave"], macs=False)
+@op_handler(functions=[torch.repeat_interleave], methods=["repeat_interleave"], aten=["repeat_interleave.self_int"],
+            macs=False)
 def repeat_interleave(a: A, node: Node):
     """``x.repeat_interleave(r, dim)``: each channel repeated ``r`` times in place (grouped-query
     attention repeating key/value heads); the repeat count does not change with pruning."""
@@ -1257,7 +1411,8 @@ def _linear_through_transpose(a: A, node: Node, x: Node, y: Node, weight: str) -
     return out
 
 
-@op_handler(functions=[torch.matmul, operator.matmul, torch.bmm, torch.mm], methods=["matmul", "bmm", "mm", "__matmul__"])
+@op_handler(functions=[torch.matmul, operator.matmul, torch.bmm, torch.mm], methods=["matmul", "bmm", "mm", "__matmul__"],
+            aten=["matmul", "bmm", "mm"])
 def matmul(a: A, node: Node):
     x, y = node.args[0], node.args[1]
     xs, ys, out = a.shape(x), a.shape(y), a.shape(node)
@@ -1339,7 +1494,7 @@ def _einsum_parts(node: Node):
     return inputs, out, operands
 
 
-@op_handler(functions=[torch.einsum])
+@op_handler(functions=[torch.einsum], aten=["einsum"])  # ATen packs the operands in a list
 def einsum(a: A, node: Node):
     """Two-operand ``einsum`` (attention written as ``'bhid,bhjd->bhij'``): matmul's rule by letters.
 
@@ -1397,7 +1552,7 @@ def einsum(a: A, node: Node):
     return out_map
 
 
-@op_handler(functions=[F.scaled_dot_product_attention])
+@op_handler(functions=[F.scaled_dot_product_attention], aten=["scaled_dot_product_attention"])
 def sdpa(a: A, node: Node):
     q, k, v = (a.arg(node, i, n) for i, n in ((0, "query"), (1, "key"), (2, "value")))
     qs, ks, vs = a.shape(q), a.shape(k), a.shape(v)

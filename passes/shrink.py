@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
@@ -178,11 +177,6 @@ def _resize_modules(gm: torch.fx.GraphModule, facts: ChannelFacts, before: Dict[
         handler.resize(module, own)
 
 
-#: scalar functions that carry a size read into a derived size
-_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
-                    operator.neg, operator.pow, math.ceil, math.floor, int}
-
-
 def pruned_size_reads(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.Tensor) -> Set[str]:
     """Nodes that read the size of a pruned channel dim at run time: ``x.shape[d]``,
     ``x.size(d)`` or ``x.size()[d]`` where ``d`` is the channel axis of ``x`` and ``x`` loses
@@ -190,7 +184,8 @@ def pruned_size_reads(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torc
     follows ``x``'s pruning, which is right only where it sizes ``x``'s own channels."""
     found = set()
     for node in gm.graph.nodes:
-        if (node.op == "call_function" and node.target in _SIZE_ARITHMETIC
+        handler = facts.rules.lookup_function(node.target) if node.op == "call_function" else None
+        if (handler is not None and handler.size_arithmetic
                 and any(isinstance(a, Node) and a.name in found for a in node.args)):
             found.add(node.name)
             continue
