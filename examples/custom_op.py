@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import hfp_fx
 from hfp_fx.passes.registry import OpHandler, default_rules
-from hfp_fx.passes.rules_tensor import passthrough
+from hfp_fx.passes.rules_pointwise import passthrough
 
 log = logging.getLogger("custom_op")
 

@@ -7,7 +7,9 @@ Data flow: model -> :mod:`~hfp_fx.tracing` (on a :mod:`~hfp_fx.copies` copy) -> 
 -> mask / shrink passes (:mod:`hfp_fx.passes`) -> GraphModule.
 """
 from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (registers op rules)
-from hfp_fx.passes import rules_tensor as _rules_tensor  # noqa: F401
+from hfp_fx.passes import rules_pointwise as _rules_pointwise  # noqa: F401
+from hfp_fx.passes import rules_views as _rules_views  # noqa: F401
+from hfp_fx.passes import rules_matmul as _rules_matmul  # noqa: F401
 from hfp_fx.passes import rules_attention as _rules_attention  # noqa: F401
 from hfp_fx.passes import rules_swin as _rules_swin  # noqa: F401
 from hfp_fx.api import count, dependency_graph, mask, shrink

@@ -3,7 +3,7 @@
 ``torch.export.export(model, args, kwargs, strict=False)`` runs the model's Python with fake
 tensors, so data-dependent Python on shapes, ``**kwargs`` forwards, decorators and caches of
 Hugging Face models are no obstacle.  Its ``ep.module()`` is an ATen-level ``GraphModule`` whose
-parameters are ``get_attr`` nodes; the handlers in :mod:`hfp_fx.passes.rules_aten` analyse it.
+parameters are ``get_attr`` nodes; the same op handlers as traced graphs analyse it (their registrations name the ATen overloads too).
 
 The graph module hfp_fx keeps (:class:`~hfp_fx.tracing.TracedModel`) is a plain
 ``torch.fx.GraphModule`` that takes the example's tensors positionally (a dict of keyword

@@ -50,7 +50,7 @@ touching it, pass a registry of your own (``rules=``) to the public functions::
 
     >>> import torch, hfp_fx
     >>> from hfp_fx.passes.registry import OpHandler, default_rules
-    >>> from hfp_fx.passes.rules_tensor import passthrough
+    >>> from hfp_fx.passes.rules_pointwise import passthrough
     >>> def fancy_act(x):
     ...     return x.clamp(min=0) + torch.special.erf(x).clamp(max=0)
     >>> rules = default_rules()                  # a copy: DEFAULT_RULES is not changed
@@ -232,7 +232,7 @@ def _key_name(key: Any) -> str:
     return f"`{getattr(key, '__module__', None) or ''}.{getattr(key, '__name__', repr(key))}`"
 
 
-#: hfp_fx's own handlers (filled by ``rules_layers``, ``rules_tensor`` and ``rules_swin`` on import)
+#: hfp_fx's own handlers (filled by the ``rules_*`` modules on import)
 DEFAULT_RULES = OpRegistry()
 
 

@@ -1,7 +1,7 @@
 """Parameters that reach the channels through views: class tokens, position embeddings, GRN, layer scale.
 
 A parameter combined with channels through ``expand`` / ``view`` / ``unsqueeze`` / slicing /
-casts must be bound to those channels (``passes/rules_tensor.py`` ``param_view_chain``), so the
+casts must be bound to those channels (``passes/rules_pointwise.py`` ``param_view_chain``), so the
 channels stay prunable, the parameter is sliced with them and every literal size on the chain is
 rewritten.  Chains that cannot be followed keep fixing the channels with a reason.
 """

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import hfp_fx
 from hfp_fx.passes.registry import DEFAULT_RULES, HandlerConflict, OpHandler, OpRegistry, default_rules
 from hfp_fx.passes.shrink import ShrinkError
-from hfp_fx.passes.rules_tensor import passthrough
+from hfp_fx.passes.rules_pointwise import passthrough
 from tests.helpers import check_model
 
 
