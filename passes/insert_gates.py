@@ -90,7 +90,7 @@ def _gate_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, site_module: str
     graph = gm.graph
     with graph.inserting_before(node):
         weight = graph.call_module(site_module, (graph.get_attr(f"{node.target}.weight"), vector))
-        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        bias = graph.get_attr(f"{node.target}.bias") if getattr(module, "bias", None) is not None else None
         x = node.args[0] if node.args else node.kwargs["input"]
         call = graph.call_function(fn, (x, weight, bias, *extra))
     call.meta = dict(node.meta)

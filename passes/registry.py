@@ -13,8 +13,9 @@ An :class:`OpHandler` holds, for the ops it is registered for:
   that mirror their shapes (``Conv2d.in_channels``, ``groups``, ``BatchNorm2d.num_features``);
 * ``rewrite(node, edit)`` -- rewrite a node's literal arguments that spell out channel counts
   (``view`` sizes, ``split`` sizes, ``narrow`` bounds, a functional conv's ``groups``);
-* ``gated_call(module)`` -- for layers whose weight can carry a gate: the functional form
-  ``F(x, weight, *args)`` the gate pass calls with a gated weight;
+* ``gated_call(module)`` -- for layers whose weight can carry a gate: ``(F, args)``, the
+  functional form the gate pass calls as ``F(x, gated weight, bias, *args)`` (``bias`` the
+  module's, or ``None`` when it has none);
 * ``decompose(gm, node) -> bool`` -- for layers that cannot express pruned shapes
   (``nn.MultiheadAttention`` ties its input, inner and output widths): write the call out as
   plain ops reading the module's parameters, before the analysis, so that the other handlers
