@@ -117,7 +117,7 @@ def survey(family: str, seed: int = 0) -> dict:
     row = {"family": family}
     try:
         model, x = build(family, seed), example()
-        layout = hfp_fx.hf.layout_of(model)
+        layout = hfp_fx.plan.hf_layouts.layout_of(model)
         row.update({"class": type(model).__name__, "norm": layout.norm if layout else "?"})
         start = time.perf_counter()
         dg = hfp_fx.dependency_graph(model, x)

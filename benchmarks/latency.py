@@ -3,7 +3,7 @@
 For each model and target (``--kinds macs latency``: a MACs fraction, or a fraction of the dense
 model's measured latency, which ``hfp_fx`` meets with its measured latency model), prune
 one-shot (L1 saliency, exact global projection) and time
-dense and pruned models (fixed threads, warm-up; ``hfp_fx.latency.paired_times``) in ``--rounds``
+dense and pruned models (fixed threads, warm-up; ``hfp_fx.plan.latency.paired_times``) in ``--rounds``
 pairs of short alternating blocks, so that the machine's drift hits both alike: latency is the
 median (± IQR) over rounds, the speed-up the median of the per-round ratios.  Reports the MACs ratio, the
 measured speed-up and the *latency efficiency* = speed-up / (dense MACs / pruned MACs): 1.0
@@ -35,7 +35,7 @@ import torch
 import torchvision
 
 import hfp_fx
-from hfp_fx.latency import LatencyOptions, paired_times
+from hfp_fx.plan.latency import LatencyOptions, paired_times
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "convnext_tiny",
@@ -53,7 +53,7 @@ def progress(iterable, total, desc):
 
 def paired_measure(dense, dense_x, pruned, pruned_x, rounds: int, min_run_time: float) -> dict:
     """Dense and pruned timed in ``rounds`` pairs of short alternating blocks
-    (:func:`hfp_fx.latency.paired_times`): drift of the machine's speed hits both alike, and
+    (:func:`hfp_fx.plan.latency.paired_times`): drift of the machine's speed hits both alike, and
     the speed-up is the median of the per-round ratios."""
     dense_t, pruned_t = paired_times(dense, pruned, (dense_x,), (pruned_x,), rounds=rounds, block=min_run_time)
     out = {}

@@ -39,8 +39,8 @@ _HERE = Path(__file__).resolve().parent
 import torch  # noqa: E402
 
 import hfp_fx  # noqa: E402
-from hfp_fx.hf import config_fit  # noqa: E402
-from hfp_fx.saliency import magnitude_saliency  # noqa: E402
+from hfp_fx.plan.hf_layouts import config_fit  # noqa: E402
+from hfp_fx.plan.saliency import magnitude_saliency  # noqa: E402
 
 
 def load_lm_brown():
@@ -94,7 +94,7 @@ def constrained_magnitude(dense, dg, shape: Shape):
     """One-shot L1 magnitude at exactly ``shape``: per group its top channels, back to the HF class."""
     fit = config_fit(dense, dg)
     if fit is None:
-        raise SystemExit("the oracle needs a Llama-style model (hfp_fx.hf.config_fit)")
+        raise SystemExit("the oracle needs a Llama-style model (hfp_fx.plan.hf_layouts.config_fit)")
     hidden, kv, intermediate = shape
     saliency = magnitude_saliency(dg, "l1")
     counts = {fit.hidden: hidden, **{gid: kv for gid in fit.kv_groups}}

@@ -53,7 +53,7 @@ widths are projected onto the ramped budget at every step instead of pushed by t
 phase (from the end of the target ramp on), so its loss aims at the measured latency.
 
 ``--latency`` adds each final model's latency at batch 1 to its row, as a ratio to the dense model
-(``hfp_fx.latency.measure_latency``: ``--latency-rounds`` pairs of short alternating blocks, on
+(``hfp_fx.plan.latency.measure_latency``: ``--latency-rounds`` pairs of short alternating blocks, on
 ``--device`` with ``--threads`` threads); only measure on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -84,7 +84,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # its sibling modules, ho
 import fashion_mnist as fm  # noqa: E402
 
 import hfp_fx  # noqa: E402
-from hfp_fx.latency import LatencyOptions, measure_latency  # noqa: E402
+from hfp_fx.plan.latency import LatencyOptions, measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "uniform_ft",

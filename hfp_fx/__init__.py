@@ -1,9 +1,9 @@
 """hfp_fx: Holistic Filter Pruning as a torch.fx graph-rewriting compiler pass.
 
-Data flow: model -> :mod:`~hfp_fx.tracing` (on a :mod:`~hfp_fx.copies` copy) -> shapes
-(:mod:`~hfp_fx.shapes`) -> channel elements (:mod:`~hfp_fx.spaces`, op handlers in
-:mod:`hfp_fx.passes.registry`) -> prune groups (:mod:`~hfp_fx.graph`) -> cost model
-(:mod:`~hfp_fx.cost`) and gates (:mod:`~hfp_fx.gates`) -> plan (:mod:`~hfp_fx.projection`)
+Data flow: model -> :mod:`~hfp_fx.capture.tracing` (on a :mod:`~hfp_fx.capture.copies` copy) -> shapes
+(:mod:`~hfp_fx.capture.shapes`) -> channel elements (:mod:`~hfp_fx.spaces`, op handlers in
+:mod:`hfp_fx.passes.registry`) -> prune groups (:mod:`~hfp_fx.analysis.graph`) -> cost model
+(:mod:`~hfp_fx.plan.cost`) and gates (:mod:`~hfp_fx.train.gates`) -> plan (:mod:`~hfp_fx.plan.projection`)
 -> mask / shrink passes (:mod:`hfp_fx.passes`) -> GraphModule.
 """
 from hfp_fx.passes import rules_layers as _rules_layers  # noqa: F401  (registers op rules)
@@ -13,22 +13,23 @@ from hfp_fx.passes import rules_matmul as _rules_matmul  # noqa: F401
 from hfp_fx.passes import rules_attention as _rules_attention  # noqa: F401
 from hfp_fx.passes import rules_swin as _rules_swin  # noqa: F401
 from hfp_fx.api import count, dependency_graph, mask, shrink
-from hfp_fx.cost import CostModel, Counts
-from hfp_fx.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune, recalibrate_latency
-from hfp_fx.distill import distillation_loss
-from hfp_fx.projection import InfeasibleTargetError, Plan
-from hfp_fx.report import GroupReport, PruneReport
-from hfp_fx.io import load, save
-from hfp_fx.hf import to_pretrained
+from hfp_fx.plan.cost import CostModel, Counts
+from hfp_fx.train.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune, recalibrate_latency
+from hfp_fx.train.distill import distillation_loss
+from hfp_fx.plan.projection import InfeasibleTargetError, Plan
+from hfp_fx.plan.report import GroupReport, PruneReport
+from hfp_fx.interop.io import load, save
+from hfp_fx.interop.hf import to_pretrained
 from hfp_fx.passes.registry import OpHandler, OpRegistry, default_rules
 from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.progress import set_progress
-from hfp_fx.target import Target
-from hfp_fx.latency import LatencyOptions, LatencyReport
-from hfp_fx.viz import ComplexityLog, plot_widths, render_graph
-from hfp_fx.graph import DependencyGraph, Member, PruneGroup
-from hfp_fx.shapes import ShapePropagationError
-from hfp_fx.tracing import TraceError
+from hfp_fx.plan.target import Target
+from hfp_fx.plan.latency import LatencyOptions, LatencyReport
+from hfp_fx.analysis.viz import plot_widths, render_graph
+from hfp_fx.train.log import ComplexityLog
+from hfp_fx.analysis.graph import DependencyGraph, Member, PruneGroup
+from hfp_fx.capture.shapes import ShapePropagationError
+from hfp_fx.capture.tracing import TraceError
 
 __version__ = "0.1.0"
 

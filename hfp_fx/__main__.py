@@ -1,5 +1,5 @@
 import sys
 
-from hfp_fx.cli import main
+from hfp_fx.interop.cli import main
 
 sys.exit(main())

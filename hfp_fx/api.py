@@ -22,18 +22,18 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from hfp_fx.cost import Counts
-from hfp_fx.export_capture import CAPTURES, example_kwargs, is_hugging_face
-from hfp_fx.graph import DependencyGraph
+from hfp_fx.plan.cost import Counts
+from hfp_fx.capture.export_capture import CAPTURES, example_kwargs, is_hugging_face
+from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.decompose import decompose
 from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.copies import clone_copy, meta_copy, shape_only, without_grad
-from hfp_fx.shapes import FLOP_FORMULAS, propagate_shapes
-from hfp_fx.tracing import capture as capture_model, input_names, normalize_inputs
+from hfp_fx.capture.copies import clone_copy, meta_copy, shape_only, without_grad
+from hfp_fx.capture.shapes import FLOP_FORMULAS, propagate_shapes
+from hfp_fx.capture.tracing import capture as capture_model, input_names, normalize_inputs
 
 __all__ = ["dependency_graph", "count", "mask", "shrink"]
 
@@ -56,7 +56,7 @@ def dependency_graph(model: torch.nn.Module, example_inputs: Any, exclude: Seque
     ``capture``: ``"auto"`` (the default: ``torch.export`` for Hugging Face models, else symbolic
     tracing, with export as the fallback when tracing fails, so a traceable model's graph is the
     one ``"fx"`` gives), ``"fx"`` (symbolic tracing only) or ``"export"`` (``torch.export``, an
-    ATen graph); see :func:`hfp_fx.tracing.capture`.
+    ATen graph); see :func:`hfp_fx.capture.tracing.capture`.
     ``example_inputs``: a tensor, a tuple of tensors or a dict of keyword tensors
     (``{"input_ids": ids}``); the captured graph takes them positionally.
     """

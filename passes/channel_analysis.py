@@ -10,7 +10,7 @@ looked up in the analysis' rule set).  Rules see this object and record *facts*:
 * ``gates``: where a channel is *consumed* by a channel-mixing op (conv, linear, matmul).
   Zeroing a unit at all of its gate sites makes its contribution exactly zero, which is the
   reference semantics of :func:`hfp_fx.mask` and where :func:`hfp_fx.prepare` puts its gates;
-* ``importance``: which weight slices rank each channel by magnitude (:mod:`hfp_fx.saliency`).
+* ``importance``: which weight slices rank each channel by magnitude (:mod:`hfp_fx.plan.saliency`).
 
 Any op without a handler fixes the channels that flow into it, naming the op, so an unknown op can
 only make the result less pruned, never wrong.
@@ -18,8 +18,8 @@ only make the result less pruned, never wrong.
 Example::
 
     >>> import torch, torchvision
-    >>> from hfp_fx.tracing import trace
-    >>> from hfp_fx.shapes import propagate_shapes
+    >>> from hfp_fx.capture.tracing import trace
+    >>> from hfp_fx.capture.shapes import propagate_shapes
     >>> from hfp_fx.passes.channel_analysis import ChannelAnalysis
     >>> traced = trace(torchvision.models.resnet18())
     >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))

@@ -11,8 +11,8 @@ module attributes (``num_heads``) find them.  Shapes are propagated again afterw
 Example::
 
     >>> import torch, hfp_fx
-    >>> from hfp_fx.tracing import trace
-    >>> from hfp_fx.shapes import propagate_shapes
+    >>> from hfp_fx.capture.tracing import trace
+    >>> from hfp_fx.capture.shapes import propagate_shapes
     >>> class Block(torch.nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -35,6 +35,7 @@ import torch
 import torch.fx
 
 from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
+from hfp_fx.capture.shapes import propagate_shapes
 
 __all__ = ["decompose"]
 
@@ -42,7 +43,6 @@ __all__ = ["decompose"]
 def decompose(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...],
               rules: Optional[OpRegistry] = None) -> int:
     """Decompose every call whose handler asks for it; return how many were decomposed."""
-    from hfp_fx.shapes import propagate_shapes  # (shapes imports the registry of this package)
 
     rules = rules if rules is not None else DEFAULT_RULES
     done = 0

@@ -1,6 +1,6 @@
 """Transform: put trainable gates where channels are consumed.
 
-``insert_gates(facts, hfp)`` adds the ``hfp`` module (an :class:`hfp_fx.hfp.HFPState`) to a
+``insert_gates(facts, hfp)`` adds the ``hfp`` module (an :class:`hfp_fx.train.hfp.HFPState`) to a
 copy of the traced model, computes the effective gate vector once at the top of ``forward``,
 and applies the gate values of every channel-mixing input (the gate sites of the channel
 analysis).  Where the consumer is a layer whose handler has a ``gated_call`` (plain

@@ -8,7 +8,7 @@ An :class:`OpHandler` holds, for the ops it is registered for:
   to which channel (``bind_param``, ``saliency``), the op's MAC terms and its gate sites;
 * ``macs`` -- ``False`` for ops that do no multiply-accumulates (the shape pass skips counting);
 * ``shape`` -- a shape shortcut for the shape pass: ``(output, MACs)`` built from the op's shape
-  rule on ``meta`` tensors, or ``None`` to run the op (:mod:`hfp_fx.meta_shortcuts`);
+  rule on ``meta`` tensors, or ``None`` to run the op (:mod:`hfp_fx.capture.meta_shortcuts`);
 * ``resize(module)`` -- after the shrink pass sliced a module's tensors, update the attributes
   that mirror their shapes (``Conv2d.in_channels``, ``groups``, ``BatchNorm2d.num_features``);
 * ``rewrite(node, edit)`` -- rewrite a node's literal arguments that spell out channel counts

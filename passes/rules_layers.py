@@ -16,7 +16,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, arg, describe
-from hfp_fx.meta_shortcuts import layer_shape, norm_shape
+from hfp_fx.capture.meta_shortcuts import layer_shape, norm_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 from hfp_fx.passes.edit import emit, is_aten
 

@@ -19,7 +19,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap, IndexValues
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe, op_name
-from hfp_fx.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, pointwise_shape
+from hfp_fx.capture.meta_shortcuts import adaptive_avg_pool2d_shape, arithmetic_shape, pointwise_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 from hfp_fx.passes.edit import emit, is_aten
 

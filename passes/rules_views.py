@@ -18,7 +18,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelAnalysis, describe, op_name
-from hfp_fx.meta_shortcuts import cat_shape
+from hfp_fx.capture.meta_shortcuts import cat_shape
 from hfp_fx.passes.registry import DEFAULT_RULES, OpHandler, op_handler
 from hfp_fx.passes.edit import is_aten
 from hfp_fx.passes.rules_pointwise import _is_tuple_shape, bind_param_view, broadcast_couple

@@ -37,6 +37,7 @@ from torch.fx.node import Node
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelFacts
 from hfp_fx.passes.edit import input_of, scale_input
+from hfp_fx.capture.shapes import propagate_shapes
 
 __all__ = ["shrink_model", "add_scale_nodes", "scale_buffer", "ShrinkError", "ShrinkEdit"]
 
@@ -211,7 +212,6 @@ def pruned_size_reads(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torc
 # verification
 # -------------------------------------------------------------------------------------------
 def _verify_shapes(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.Tensor) -> None:
-    from hfp_fx.shapes import propagate_shapes  # (shapes imports the registry of this package)
 
     expected = {}
     for node in facts.gm.graph.nodes:

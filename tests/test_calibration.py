@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hfp_fx
-from hfp_fx.calibration import data_saliency
-from hfp_fx.projection import min_kept_of
+from hfp_fx.plan.calibration import data_saliency
+from hfp_fx.plan.projection import min_kept_of
 from helpers import assert_unchanged, outputs, state_snapshot
 from netgen import example_arg, make, net_specs
 

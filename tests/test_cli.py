@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 import hfp_fx
-from hfp_fx.cli import main
+from hfp_fx.interop.cli import main
 
 SMALL = ["--input-size", "1,3,64,64"]
 NET = ("import torch.nn as nn\n"

@@ -8,10 +8,11 @@ import pytest
 import hfp_fx
 import hfp_fx.passes
 
-MODULES = sorted({f"hfp_fx.{m.name}" for m in pkgutil.iter_modules(hfp_fx.__path__) if m.name not in ("__main__",)}
+MODULES = sorted({m.name for m in pkgutil.walk_packages(hfp_fx.__path__, "hfp_fx.") if m.name != "hfp_fx.__main__"}
                  | {f"hfp_fx.passes.{m.name}" for m in pkgutil.iter_modules(hfp_fx.passes.__path__)})
 #: modules whose docstrings show the public API at work: each must keep runnable examples
-DOCUMENTED = {"hfp_fx.api", "hfp_fx.cost", "hfp_fx.io", "hfp_fx.progress", "hfp_fx.target", "hfp_fx.viz"}
+DOCUMENTED = {"hfp_fx.api", "hfp_fx.plan.cost", "hfp_fx.interop.io", "hfp_fx.progress", "hfp_fx.plan.target", "hfp_fx.analysis.viz",
+              "hfp_fx.train.log"}
 
 
 def examples_in(module) -> int:

@@ -99,7 +99,7 @@ def test_exported_cnn_prunes_like_the_traced_one():
 
 
 def test_exported_resnet_groups_and_counts_match_the_traced_ones(capsys):
-    from hfp_fx.cli import main
+    from hfp_fx.interop.cli import main
 
     torchvision = pytest.importorskip("torchvision")
     model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
@@ -286,12 +286,12 @@ def test_a_real_run_after_a_meta_failure_in_a_no_grad_block_keeps_grad_mode_and_
     """An op without a meta kernel inside the exported ``with torch.no_grad():`` block: torch's
     ``wrap_with_set_grad_enabled`` does not restore grad mode when its body raises, and the real
     run that follows dispatches SDPA to the CPU kernel ``FlopCounterMode`` has no formula for."""
-    import hfp_fx.shapes
+    import hfp_fx.capture.shapes
 
     def no_meta_kernel(self, n):
         raise NotImplementedError("no meta kernel")
 
-    monkeypatch.setattr(hfp_fx.shapes._MetaGraph, "run_node", no_meta_kernel)
+    monkeypatch.setattr(hfp_fx.capture.shapes._MetaGraph, "run_node", no_meta_kernel)
     check_model(QKNormAttention(), torch.randn(2, 5, 12), capture="export")  # MACs as the cost model's
     assert torch.is_grad_enabled()
 

@@ -4,9 +4,9 @@ import torch
 import torch.nn as nn
 
 import hfp_fx
-import hfp_fx.hfp
-from hfp_fx.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
-from hfp_fx.hfp import HFPState
+import hfp_fx.train.hfp
+from hfp_fx.train.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
+from hfp_fx.train.hfp import HFPState
 
 from test_hfp import TinyNet
 
@@ -90,13 +90,13 @@ def test_prunable_index_is_the_one_conversion():
 
 def test_prepare_builds_the_cost_model_once(monkeypatch):
     built = []
-    real = hfp_fx.hfp.CostModel
+    real = hfp_fx.train.hfp.CostModel
 
     def counting(dg, **kw):
         built.append(dg)
         return real(dg, **kw)
 
-    monkeypatch.setattr(hfp_fx.hfp, "CostModel", counting)
+    monkeypatch.setattr(hfp_fx.train.hfp, "CostModel", counting)
     hfp_fx.prepare(TinyNet(), X, "50%")
     assert len(built) == 1
 

@@ -92,16 +92,16 @@ def test_to_pretrained_refuses_a_model_it_would_get_wrong():
     model, x = F.build("llama"), F.example()
     dg = hfp_fx.dependency_graph(model, x)
     small = hfp_fx.shrink(dg, keep={g.id: range(max(1, g.channels // 2)) for g in dg.prunable_groups})
-    layout = hfp_fx.hf.LAYOUTS["llama"]
+    layout = hfp_fx.plan.hf_layouts.LAYOUTS["llama"]
     try:
-        hfp_fx.hf.LAYOUTS["llama"] = hfp_fx.hf.DecoderLayout(layout.norm, layout.final_norm, stream_norms=())
+        hfp_fx.plan.hf_layouts.LAYOUTS["llama"] = hfp_fx.plan.hf_layouts.DecoderLayout(layout.norm, layout.final_norm, stream_norms=())
         with pytest.raises(ValueError, match="differ from the pruned graph"):
             hfp_fx.to_pretrained(small, like=model)
         unchecked = hfp_fx.to_pretrained(small, like=model, check=False)
         with torch.no_grad():
             assert rel_err(unchecked(**x).logits, small(*x.values())) > 1e-3
     finally:
-        hfp_fx.hf.LAYOUTS["llama"] = layout
+        hfp_fx.plan.hf_layouts.LAYOUTS["llama"] = layout
 
 
 def test_layer_norm_decoders_without_uniform_blocks_are_refused_by_name():

@@ -139,8 +139,8 @@ def test_round_to_keeps_multiples():
 def test_projection_fit_only_lowers_counts_and_the_others_refill():
     """A fit (here: the first group a multiple of 4, 10 -> 8) lowers the counts it names; the groups it does
     not name take the freed budget back; a fit that raises a count is refused."""
-    from hfp_fx.projection import project
-    from hfp_fx.saliency import magnitude_saliency
+    from hfp_fx.plan.projection import project
+    from hfp_fx.plan.saliency import magnitude_saliency
 
     torch.manual_seed(0)
     model, x = TinyNet().eval(), torch.randn(1, 3, 8, 8)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import hfp_fx
-from hfp_fx.report import GroupReport, PruneReport
+from hfp_fx.plan.report import GroupReport, PruneReport
 
 X = torch.randn(2, 5, 8)
 
@@ -78,7 +78,7 @@ def test_files_of_the_previous_format_load(tmp_path):
         assert torch.equal(again(X), small(X))
     assert again.meta["hfp"].scale_sites == ["matmul_0"]
     hfp_fx.save(again, tmp_path / "new.pt")  # saved again in the current format
-    assert json.loads(torch.load(tmp_path / "new.pt", weights_only=True)["plan"])["format"] == hfp_fx.io.FORMAT
+    assert json.loads(torch.load(tmp_path / "new.pt", weights_only=True)["plan"])["format"] == hfp_fx.interop.io.FORMAT
     with torch.no_grad():
         assert torch.equal(hfp_fx.load(tmp_path / "new.pt", Bilinear).eval()(X), small(X))
     with pytest.raises(ValueError, match="records no example input shapes"):

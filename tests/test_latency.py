@@ -8,11 +8,11 @@ import torch
 import torchvision
 
 import hfp_fx
-from hfp_fx import latency as latency_mod
-from hfp_fx.cost import CostModel, Counts
-from hfp_fx.latency import LatencyOptions, build_latency_model
-from hfp_fx.projection import Plan
-from hfp_fx.target import ResolvedTarget, Target
+from hfp_fx.plan import latency as latency_mod
+from hfp_fx.plan.cost import CostModel, Counts
+from hfp_fx.plan.latency import LatencyOptions, build_latency_model
+from hfp_fx.plan.projection import Plan
+from hfp_fx.plan.target import ResolvedTarget, Target
 
 from helpers import apply_plan, assert_close
 
@@ -75,7 +75,7 @@ def test_latency_model_is_monotone_and_differentiable(tmp_path):
 def test_latency_terms_reproduce_the_fit_on_every_timed_model(tmp_path):
     """The cost model's latency, built from the emitted terms, is the fit's prediction for each
     model that was timed (an off-by-one between coefficients and factors would break it)."""
-    from hfp_fx.latency import _variant_keeps
+    from hfp_fx.plan.latency import _variant_keeps
 
     model, x = small_cnn(), torch.randn(1, 3, 16, 16)
     dg = hfp_fx.dependency_graph(model, x)
@@ -145,7 +145,7 @@ def test_measured_latency_corrections_move_the_plan_into_the_window(monkeypatch,
     """A clock ``factor`` times the prediction: a model slower than predicted is tightened, a faster
     one loosened, until the measured ratio is in ``[goal * (1 - slack), goal]``."""
     goal, dense_ms = 0.5, 10.0
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency",
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency",
                         lambda dense, small, *a: (dense_ms, dense_ms * factor * small.predicted, factor * small.predicted))
 
     def plan_for(budget):
@@ -160,7 +160,7 @@ def test_measured_latency_corrections_move_the_plan_into_the_window(monkeypatch,
     resolved = ResolvedTarget(None, None, goal * dense_ms)
     first = plan_for(resolved)
     options = LatencyOptions(corrections=8, slack=0.03)
-    small, plan, report, _ = hfp_fx.hfp._meet_latency(torch.nn.Identity(), build(first)[0], first, resolved, dense_ms,
+    small, plan, report, _ = hfp_fx.train.hfp._meet_latency(torch.nn.Identity(), build(first)[0], first, resolved, dense_ms,
                                                       plan_for, build, (), options)
     assert goal * (1 - options.slack) <= report.measured_ratio <= goal
     assert small.predicted == pytest.approx(plan.latency_ms / dense_ms)
@@ -168,10 +168,10 @@ def test_measured_latency_corrections_move_the_plan_into_the_window(monkeypatch,
 
 
 def test_measured_latency_misses_are_reported_with_a_warning(monkeypatch):
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, 0.9, 0.9))
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency", lambda dense, small, *a: (1.0, 0.9, 0.9))
     plan = Plan({}, Counts(1, 1), Counts(1, 1), ResolvedTarget(None, None, 0.5), {}, 0.5)
     with pytest.warns(UserWarning, match="misses the target"):
-        _, _, report, _ = hfp_fx.hfp._meet_latency(torch.nn.Identity(), _Planned(0.5), plan, plan.target, 1.0,
+        _, _, report, _ = hfp_fx.train.hfp._meet_latency(torch.nn.Identity(), _Planned(0.5), plan, plan.target, 1.0,
                                                    lambda b: plan, lambda p: (_Planned(0.5), None), (),
                                                    LatencyOptions(corrections=2))
     assert report.measured_ratio == 0.9 and report.corrections == 2
@@ -286,22 +286,22 @@ def test_recalibrate_latency_scales_the_loss_and_the_finalize_plan(tmp_path, mon
     with torch.no_grad():
         prepared.hfp.gates.width.fill_(0.7)
     predicted = hfp_fx.complexity(prepared)["latency"] / hfp_fx.complexity(prepared)["dense_latency"]
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, 1.2 * predicted, 1.2 * predicted))
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency", lambda dense, small, *a: (1.0, 1.2 * predicted, 1.2 * predicted))
     info = hfp_fx.recalibrate_latency(prepared)
     assert info["scale"] == pytest.approx(1.2) and info["predicted_ratio"] == pytest.approx(predicted)
     assert float(prepared.hfp.latency_scale) == pytest.approx(1.2)
     after = hfp_fx.complexity(prepared)
     assert after["latency"] / after["dense_latency"] == pytest.approx(1.2 * predicted)
     # a target the scale puts below the model's floor is still finalized (planned unscaled)
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
     with torch.no_grad():
         prepared.hfp.latency_scale.fill_(100.0)
     assert hfp_fx.finalize(prepared).meta["hfp"].latency.predicted_ms <= goal + 1e-9
     # a machine faster than the model (scale 0.8): finalize plans for the looser goal / 0.8
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency",
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency",
                         lambda dense, small, *a: (1.0, 0.8 * predicted, 0.8 * predicted))
     assert hfp_fx.recalibrate_latency(prepared)["scale"] == pytest.approx(0.8)
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency", lambda dense, small, *a: (1.0, goal, goal))
     report = hfp_fx.finalize(prepared).meta["hfp"].latency
     assert goal < report.predicted_ms / report.dense_ms <= min(1.0, goal / 0.8) + 1e-9
     with pytest.raises(ValueError, match="needs a latency model"):
@@ -312,7 +312,7 @@ def test_finalize_refuses_a_correction_that_cuts_into_the_trained_widths(monkeyp
     """Trained widths keep 100 channels; the clock says the model is 1.5x over the goal, and the
     corrected plan would keep 70: with ``max_correction_cut=0.1`` that correction is refused."""
     goal, dense_ms = 0.5, 10.0
-    monkeypatch.setattr(hfp_fx.hfp, "measure_latency",
+    monkeypatch.setattr(hfp_fx.train.hfp, "measure_latency",
                         lambda dense, small, *a: (dense_ms, dense_ms * 1.5 * small.predicted, 1.5 * small.predicted))
 
     def plan_for(budget):
@@ -327,7 +327,7 @@ def test_finalize_refuses_a_correction_that_cuts_into_the_trained_widths(monkeyp
     first = plan_for(resolved)
     for cut, refused in ((0.1, True), (0.5, False)):
         options = LatencyOptions(corrections=3, max_correction_cut=cut)
-        call = lambda: hfp_fx.hfp._meet_latency(torch.nn.Identity(), build(first)[0], first, resolved,  # noqa: E731
+        call = lambda: hfp_fx.train.hfp._meet_latency(torch.nn.Identity(), build(first)[0], first, resolved,  # noqa: E731
                                                 dense_ms, plan_for, build, (), options, trained={"g0": 100})
         if refused:
             with pytest.warns(UserWarning, match="kept the trained widths"):

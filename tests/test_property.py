@@ -433,8 +433,8 @@ def test_layer_shortcut_equals_running_the_layer():
 
 
 def _check_layer_shortcut(case) -> str:
-    from hfp_fx.meta_shortcuts import meta_result
-    from hfp_fx.copies import meta_copy
+    from hfp_fx.capture.meta_shortcuts import meta_result
+    from hfp_fx.capture.copies import meta_copy
 
     layer, shape = case
     twin = meta_copy(layer)
@@ -532,7 +532,7 @@ def test_meta_shortcuts_equal_running_the_op():
 
 
 def _check_meta_shortcut(case) -> str:
-    from hfp_fx.meta_shortcuts import meta_result
+    from hfp_fx.capture.meta_shortcuts import meta_result
 
     op_kind, target, args, kwargs = case
     graph, root, env = torch.fx.Graph(), nn.Module(), {}
@@ -639,7 +639,7 @@ def test_meta_memo_reuses_only_equal_calls():
 
 
 def _check_memo(first, second) -> str:
-    from hfp_fx.meta_memo import MetaMemo, call_key
+    from hfp_fx.capture.meta_memo import MetaMemo, call_key
 
     key_first = call_key(first[0], first[1], first[2], first[3])
     key_second = call_key(second[0], second[1], second[2], second[3])

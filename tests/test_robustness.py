@@ -343,7 +343,7 @@ def test_in_place_flags_are_read_from_the_signature():
     """The shape pass knows a functional call writes into its input from the function's own
     ``inplace`` parameter, positional or keyword (no table of functions)."""
     import torch.nn.functional as F
-    from hfp_fx.meta_shortcuts import in_place
+    from hfp_fx.capture.meta_shortcuts import in_place
 
     x = torch.zeros(1)
     assert in_place(F.relu, (x, True), {}) and in_place(F.dropout, (x, 0.5, True, True), {})

@@ -51,12 +51,12 @@ def test_shape_pass_stays_on_meta_tensors(name, caplog):
     """Standard models never need the real-run fallback of the shape pass (it costs compute and a copy
     of the weights); a shortcut producing a tensor the next op rejects would send them there."""
     import hfp_fx
-    from hfp_fx.shapes import propagate_shapes
-    from hfp_fx.tracing import trace
+    from hfp_fx.capture.shapes import propagate_shapes
+    from hfp_fx.capture.tracing import trace
 
     x = torch.randn(1, 3, 32, 32) if name.startswith("tiny") else torch.randn(1, 3, 64, 64)
     traced = trace(SMALL_ZOO[name]().eval(), (x,))
-    with caplog.at_level("DEBUG", logger="hfp_fx.shapes"):
+    with caplog.at_level("DEBUG", logger="hfp_fx.capture.shapes"):
         propagate_shapes(traced.graph_module, (x,))
     assert not [r for r in caplog.records if "real forward pass" in r.getMessage()]
     assert hfp_fx.count(traced.graph_module, x).macs == sum(n.meta["macs"] for n in traced.graph_module.graph.nodes)
@@ -75,9 +75,9 @@ def _layout(tensor_meta):
 def test_shape_pass_memo_changes_nothing(name):
     """Repeated transformer blocks are run once on meta tensors; every node still gets the shapes,
     strides and MACs that running it gives."""
-    from hfp_fx.copies import graph_twin
-    from hfp_fx.shapes import _ShapeAndFlopProp
-    from hfp_fx.tracing import trace
+    from hfp_fx.capture.copies import graph_twin
+    from hfp_fx.capture.shapes import _ShapeAndFlopProp
+    from hfp_fx.capture.tracing import trace
 
     model = {"vit": lambda: VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
                                               hidden_dim=32, mlp_dim=64, num_classes=10),

@@ -148,7 +148,7 @@ def test_levit_cache_survives_repeated_calls():
 def test_zoo_models_keep_no_proxy(name):
     if name.startswith("timm:"):
         pytest.importorskip("timm")
-    from hfp_fx.specs import load_spec
+    from hfp_fx.interop.specs import load_spec
 
     model = load_spec(name)[0].eval()
     size = 224 if name.startswith("timm") else 64

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 
 from hfp_fx.passes.channel_analysis import ChannelFacts
+from hfp_fx.analysis.viz import summary_table, to_dot, to_networkx
 
 __all__ = ["Member", "PruneGroup", "DependencyGraph"]
 
@@ -234,23 +235,17 @@ class DependencyGraph:
             alive[g.units[idx]] = True
         return alive[self.roots]
 
-    # -- presentation (hfp_fx/viz.py) ---------------------------------------------------------
+    # -- presentation (hfp_fx/analysis/viz.py) ---------------------------------------------------------
     def summary(self, max_members: int = 3, only_prunable: bool = False) -> str:
         """A table of groups: id, channels, member modules, prunable or why not."""
-        from hfp_fx.viz import summary_table
-
         return summary_table(self, max_members, only_prunable)
 
     def to_networkx(self):
         """A DiGraph of FX nodes (data flow) and group nodes linked to the modules they touch."""
-        from hfp_fx.viz import to_networkx
-
         return to_networkx(self)
 
     def to_dot(self) -> str:
         """Graphviz DOT text: ops as boxes, prunable groups in colour, fixed groups grey."""
-        from hfp_fx.viz import to_dot
-
         return to_dot(self)
 
     def groups_of(self, ids: torch.Tensor) -> List[str]:

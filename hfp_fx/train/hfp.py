@@ -15,11 +15,11 @@ The method (our specification, consistent with the HFP paper's abstract; see doc
   gradient that of ``g / mean(g of kept channels in the group)`` on kept channels.  When batch
   norm follows the consumer a group's common gate scale is free for the task loss, so the
   cost push sinks a group's gates together (docs/benchmarks.md, Fashion-MNIST);
-* the cost model (:mod:`hfp_fx.cost`) turns keep values into params and MACs;
+* the cost model (:mod:`hfp_fx.plan.cost`) turns keep values into params and MACs;
   ``complexity_loss = sum_X lambda_X * max(0, log(X / X_target)) * U`` over the targeted X,
   with ``U`` the number of prunable channels so that ``lambda`` is the mean push per gate.
   Its gradient moves each gate by its channel's marginal global cost: the holistic allocation;
-* ``finalize`` projects onto the budget exactly (:mod:`hfp_fx.projection`), folds the kept gate
+* ``finalize`` projects onto the budget exactly (:mod:`hfp_fx.plan.projection`), folds the kept gate
   values into the consuming weights and shrinks the model.
 """
 from __future__ import annotations
@@ -32,21 +32,21 @@ import torch
 import torch.fx
 
 from hfp_fx.api import dependency_graph
-from hfp_fx.cost import CostModel
-from hfp_fx.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
-from hfp_fx.graph import DependencyGraph
-from hfp_fx.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
-from hfp_fx.hf import config_fit
+from hfp_fx.plan.cost import CostModel
+from hfp_fx.train.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
+from hfp_fx.analysis.graph import DependencyGraph
+from hfp_fx.plan.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
+from hfp_fx.plan.hf_layouts import config_fit
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
-from hfp_fx.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data_saliency
-from hfp_fx.projection import (InfeasibleTargetError, MaxPrune, Plan, check_feasible, min_kept_of, project,
+from hfp_fx.plan.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data_saliency
+from hfp_fx.plan.projection import (InfeasibleTargetError, MaxPrune, Plan, check_feasible, min_kept_of, project,
                                uniform_block_classes)
-from hfp_fx.report import PruneReport
-from hfp_fx.saliency import IMPORTANCE_KINDS, magnitude_saliency
-from hfp_fx.target import ResolvedTarget, Target
+from hfp_fx.plan.report import PruneReport
+from hfp_fx.plan.saliency import IMPORTANCE_KINDS, magnitude_saliency
+from hfp_fx.plan.target import ResolvedTarget, Target
 
 __all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
            "recalibrate_latency"]
@@ -57,7 +57,7 @@ BUDGET_MODES = ("penalty", "project")
 
 class HFPState(torch.nn.Module):
     """What both gate kinds share in a prepared model (``prepared.hfp``): the gates (a
-    :class:`~hfp_fx.gates.GateKind`, ``hfp.gates``), the prunable index, the cost model, the
+    :class:`~hfp_fx.train.gates.GateKind`, ``hfp.gates``), the prunable index, the cost model, the
     target, the loss and its schedule (adaptive weights, warm-up, target ramp)."""
 
     def __init__(self, cost: CostModel, index: PrunableIndex, gates: GateKind, target: ResolvedTarget, *,
@@ -272,8 +272,8 @@ class HFPState(torch.nn.Module):
 def saliency_of(dg: DependencyGraph, importance: str, calibration: Optional[Iterable[Any]] = None,
                 calibration_loss: Optional[CalibrationLoss] = None) -> Dict[str, torch.Tensor]:
     """Per prunable group id, its channels' scores (mean 1 per group) by ``importance``: weight
-    magnitude (:mod:`hfp_fx.saliency`: ``"l1"``, ``"l2"``, ``"uniform"``) or measured on the
-    ``calibration`` batches (:mod:`hfp_fx.calibration`: ``"activation"``, ``"taylor"``)."""
+    magnitude (:mod:`hfp_fx.plan.saliency`: ``"l1"``, ``"l2"``, ``"uniform"``) or measured on the
+    ``calibration`` batches (:mod:`hfp_fx.plan.calibration`: ``"activation"``, ``"taylor"``)."""
     if importance in DATA_IMPORTANCE_KINDS:
         return data_saliency(dg, calibration, importance, calibration_loss)
     if importance not in IMPORTANCE_KINDS:
@@ -328,19 +328,19 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     shape per-channel gates: with ``gates="width"`` a value other than the default is refused.
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
     :func:`hfp_fx.dependency_graph`).  ``uniform_blocks=True``: :func:`finalize` keeps the same
-    widths in every repeated block (:func:`hfp_fx.projection.uniform_block_classes`); the gates
+    widths in every repeated block (:func:`hfp_fx.plan.projection.uniform_block_classes`); the gates
     still train one width per group, the projection makes them equal.  For a Llama-style Hugging
     Face model it also keeps the hidden size a multiple of the kept attention heads, as the
-    model's config requires (:func:`hfp_fx.hf.config_fit`; see :func:`hfp_fx.to_pretrained`).
-    A ``latency`` target measures a latency model first (:mod:`hfp_fx.latency`, options in
+    model's config requires (:func:`hfp_fx.plan.hf_layouts.config_fit`; see :func:`hfp_fx.to_pretrained`).
+    A ``latency`` target measures a latency model first (:mod:`hfp_fx.plan.latency`, options in
     ``latency_options``); the loss then pushes the predicted latency like params and MACs.
     ``rerank_every=N`` (widths only): every ``N`` training steps, re-rank each group's channels
-    by their Taylor importance measured during training (:class:`hfp_fx.gates.WidthGates`),
+    by their Taylor importance measured during training (:class:`hfp_fx.train.gates.WidthGates`),
     so the widths cut the channels the loss needs least, not the smallest filters of ``model``.
     ``importance`` (widths only): the ranking the widths cut along, as :func:`prune` takes it
     (``"l1"`` filter magnitude; ``"activation"`` or ``"taylor"`` measured on ``calibration``).
     ``max_prune``: the largest fraction of a group that may be removed, for every group or per
-    pattern (:func:`hfp_fx.projection.min_kept_of`); the widths never go below it and
+    pattern (:func:`hfp_fx.plan.projection.min_kept_of`); the widths never go below it and
     :func:`finalize` keeps it.  ``budget``: how training meets the target; ``"penalty"`` (default)
     is ``complexity_loss`` with its adaptive weight (dual ascent); ``"project"`` (widths only)
     also moves the widths onto the (ramped) budget at the start of every training forward pass
@@ -449,7 +449,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     """Exact budget projection + gate folding + shrink (see module doc).
 
     ``target`` overrides the prepared target.  The result's ``meta["hfp"]`` holds the report
-    (a :class:`~hfp_fx.report.PruneReport`).  Channels left over the budget after the gate
+    (a :class:`~hfp_fx.plan.report.PruneReport`).  Channels left over the budget after the gate
     threshold are removed by saliency (``cost_power=0``); ``cost_power=1`` ranks them by
     saliency per unit of marginal cost, which strips expensive groups first when the gates carry
     little information yet.  With a latency target the pruned model is then measured against the
@@ -581,7 +581,7 @@ def _meet_latency(dense: torch.nn.Module, small: torch.nn.Module, plan: Plan, re
     elif chosen[2].measured_ratio > limit:
         warnings.warn(f"measured latency {chosen[2].measured_ratio:.3f} of dense misses the target {goal:.3f} "
                       f"after {corrections} correction(s) (predicted {chosen[2].predicted_ms / chosen[2].dense_ms:.3f}); "
-                      "timings on a loaded machine vary (see hfp_fx.latency.LatencyOptions)", stacklevel=3)
+                      "timings on a loaded machine vary (see hfp_fx.plan.latency.LatencyOptions)", stacklevel=3)
     return chosen
 
 
@@ -599,7 +599,7 @@ def recalibrate_latency(prepared: torch.nn.Module) -> Dict[str, float]:
 
     The latency model predicts; the machine measures.  This shrinks a copy to the widths the
     gates keep now, times it against the dense model (paired rounds,
-    :func:`hfp_fx.latency.measure_latency`, with the prepared model's ``LatencyOptions``) and sets
+    :func:`hfp_fx.plan.latency.measure_latency`, with the prepared model's ``LatencyOptions``) and sets
     ``prepared.hfp.latency_scale = measured / predicted``: from then on ``complexity_loss`` and
     :func:`finalize`'s projection compare ``predicted * scale`` with the target, so training
     settles on widths that measure on target and ``finalize`` seldom has to correct (and cut
@@ -725,26 +725,26 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     whose members' names are equal up to the block index, e.g. ``layers.3.mlp``) keeps the same
     width, so the result fits one configuration of the architecture; for a Llama-style Hugging
     Face model the hidden size also stays a multiple of the kept attention heads, so that
-    :func:`hfp_fx.to_pretrained` gives a model its config accepts (:func:`hfp_fx.hf.config_fit`).
+    :func:`hfp_fx.to_pretrained` gives a model its config accepts (:func:`hfp_fx.plan.hf_layouts.config_fit`).
 
     Saliency (``"l1"``): for every weight slice that produces a channel (a conv's or linear
-    layer's output filters, as each op handler declares; see :mod:`hfp_fx.saliency`), the mean
+    layer's output filters, as each op handler declares; see :mod:`hfp_fx.plan.saliency`), the mean
     |w| of the slice, summed over those tensors (coupled layers, e.g. the convs feeding a
     residual sum, all count); for a group that no producer holds, the same over the input slices
     of the weights that consume it.  ``"l2"`` takes the RMS instead of the mean |w|,
     ``"uniform"`` gives every channel 1.  Data-aware kinds run the model on ``calibration`` (an
-    iterable of batches shaped like ``example_inputs``; :mod:`hfp_fx.calibration`):
+    iterable of batches shaped like ``example_inputs``; :mod:`hfp_fx.plan.calibration`):
     ``"activation"`` ranks a channel by its mean ``|x|`` where a layer reads it, ``"taylor"`` by
     ``|d loss / d gate|`` (``calibration_loss(output, inputs)``, by default next-token
     cross-entropy for a causal LM).  Each group's saliencies are divided by their mean, so
     channels are ranked globally.  ``max_prune`` caps the fraction removed from every group or
-    from the groups a pattern names (:func:`hfp_fx.projection.min_kept_of`), e.g.
+    from the groups a pattern names (:func:`hfp_fx.plan.projection.min_kept_of`), e.g.
     ``{"model.embed_tokens": 0.4}`` keeps 60% of a Llama's residual stream.  ``cost_power`` (default 0) ranks by saliency alone; 1 ranks
     by saliency per unit of marginal cost.
 
     A ``latency`` target (``{"latency": 0.5}``: half the dense model's measured latency, or
     ``"12ms"``) first measures a latency model of ``model`` on its device with the example
-    inputs' batch size (:mod:`hfp_fx.latency`; options, cache and timing budget in
+    inputs' batch size (:mod:`hfp_fx.plan.latency`; options, cache and timing budget in
     ``latency_options``), projects onto it, then measures the pruned model against the dense
     one and tightens the plan while it misses; ``report.latency`` has predicted and measured.
     """

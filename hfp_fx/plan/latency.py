@@ -29,7 +29,7 @@ the same model, or of a model with the same layers, times nothing again.
 
     >>> import torch, torchvision
     >>> import hfp_fx
-    >>> from hfp_fx.latency import LatencyOptions
+    >>> from hfp_fx.plan.latency import LatencyOptions
     >>> model, x = torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)
     >>> small = hfp_fx.prune(model, x, {"latency": 0.6}, latency_options=LatencyOptions(variants=3, corrections=0))
     >>> report = small.meta["hfp"].latency
@@ -56,6 +56,7 @@ import torch.fx
 import torch.utils.benchmark as benchmark
 
 from hfp_fx.passes.channel_analysis import iter_maps
+from hfp_fx.passes.shrink import shrink_model
 from hfp_fx.progress import stages
 
 __all__ = ["LatencyOptions", "LatencyTerms", "LatencyReport", "NodeTimer", "build_latency_model",
@@ -419,7 +420,6 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     ``shrink(alive)`` builds a pruned copy (default: :func:`hfp_fx.passes.shrink.shrink_model`).
     ``round_to``: the plans' width step; the variants are timed at such widths.
     """
-    from hfp_fx.passes.shrink import shrink_model
 
     options = options or LatencyOptions()
     started = time.perf_counter()

@@ -12,7 +12,7 @@ What is not memoised (``call_key`` returns ``None``): in-place ops, ``out=`` cal
 with an ``inplace`` flag set (by keyword or position), real (non-meta) tensors, tensor subclasses, modules defined outside
 ``torch.nn`` (their ``forward`` may read anything) and ``torch.nn`` modules with hooks or with
 attributes that are not plain constants.  Rebuilt tensors carry no autograd state, as the
-results of :mod:`hfp_fx.meta_shortcuts` do.
+results of :mod:`hfp_fx.capture.meta_shortcuts` do.
 
 Example::
 
@@ -31,7 +31,7 @@ from typing import Any, Dict, Hashable, Optional, Tuple
 
 import torch
 
-from hfp_fx.meta_shortcuts import in_place
+from hfp_fx.capture.meta_shortcuts import in_place
 
 __all__ = ["MetaMemo", "call_key"]
 

@@ -5,7 +5,7 @@ tensors, so data-dependent Python on shapes, ``**kwargs`` forwards, decorators a
 Hugging Face models are no obstacle.  Its ``ep.module()`` is an ATen-level ``GraphModule`` whose
 parameters are ``get_attr`` nodes; the same op handlers as traced graphs analyse it (their registrations name the ATen overloads too).
 
-The graph module hfp_fx keeps (:class:`~hfp_fx.tracing.TracedModel`) is a plain
+The graph module hfp_fx keeps (:class:`~hfp_fx.capture.tracing.TracedModel`) is a plain
 ``torch.fx.GraphModule`` that takes the example's tensors positionally (a dict of keyword
 tensors in its order) and returns the output's tensors: the single tensor when the model
 returns one (``logits`` of a Hugging Face model called with ``use_cache=False``), else a tuple
@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.fx
 
-from hfp_fx.copies import state_copy
+from hfp_fx.capture.copies import state_copy
 
 __all__ = ["CAPTURES", "export_capture", "is_hugging_face", "example_kwargs"]
 
@@ -59,7 +59,7 @@ def example_kwargs(model: torch.nn.Module) -> Dict[str, Any]:
 
 def export_capture(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
                    names: Optional[Tuple[str, ...]] = None) -> torch.fx.GraphModule:
-    """``torch.export.export`` a :func:`~hfp_fx.copies.state_copy` of ``model`` (non-strict) and
+    """``torch.export.export`` a :func:`~hfp_fx.capture.copies.state_copy` of ``model`` (non-strict) and
     return the unlifted graph as a plain ``GraphModule`` taking ``inputs`` positionally.
 
     ``names``: keyword names of ``inputs`` (the example was a dict), else they are positional.

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hfp_fx.cost import Counts
-from hfp_fx.latency import LatencyReport
-from hfp_fx.target import ResolvedTarget
+from hfp_fx.plan.cost import Counts
+from hfp_fx.plan.latency import LatencyReport
+from hfp_fx.plan.target import ResolvedTarget
 
 __all__ = ["PruneReport", "GroupReport"]
 

@@ -1,16 +1,16 @@
 """Shapes and MACs of every node: ``node.meta["tensor_meta"]`` and ``node.meta["macs"]``.
 
 ``propagate_shapes`` interprets a GraphModule's graph over a ``meta`` twin of its modules
-(:func:`hfp_fx.copies.graph_twin`), so it costs no FLOPs and never touches the user's weights,
+(:func:`hfp_fx.capture.copies.graph_twin`), so it costs no FLOPs and never touches the user's weights,
 batch-norm statistics or Python state.  Each call node's MACs are those of
 ``torch.utils.flop_counter`` (FLOPs / 2), except for ops whose handler says they do no MACs.
-Common ops are answered by their handler's shape shortcut (:mod:`hfp_fx.meta_shortcuts`)
-and repeated calls by :mod:`hfp_fx.meta_memo` instead of running PyTorch's meta kernels.
+Common ops are answered by their handler's shape shortcut (:mod:`hfp_fx.capture.meta_shortcuts`)
+and repeated calls by :mod:`hfp_fx.capture.meta_memo` instead of running PyTorch's meta kernels.
 
 Example::
 
     >>> import torch, torchvision
-    >>> from hfp_fx.tracing import trace
+    >>> from hfp_fx.capture.tracing import trace
     >>> traced = trace(torchvision.models.resnet18())
     >>> propagate_shapes(traced.graph_module, (torch.randn(1, 3, 64, 64),))
     >>> [n.meta["tensor_meta"].shape for n in traced.graph_module.graph.nodes if n.name == "fc"]
@@ -26,9 +26,9 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from hfp_fx.copies import graph_twin, without_grad
-from hfp_fx.meta_memo import MetaMemo, call_key
-from hfp_fx.meta_shortcuts import meta_result, tensor_metadata
+from hfp_fx.capture.copies import graph_twin, without_grad
+from hfp_fx.capture.meta_memo import MetaMemo, call_key
+from hfp_fx.capture.meta_shortcuts import meta_result, tensor_metadata
 from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
 
 log = logging.getLogger(__name__)

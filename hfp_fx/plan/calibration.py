@@ -1,6 +1,6 @@
 """Data-aware saliency: rank each prune group's channels by what they do on calibration batches.
 
-Magnitude saliency (:mod:`hfp_fx.saliency`) sees only weights.  The two kinds here run the
+Magnitude saliency (:mod:`hfp_fx.plan.saliency`) sees only weights.  The two kinds here run the
 traced model (a copy, in eval mode) on a few batches of the user's data:
 
 * ``"activation"`` (Minitron's width importance): a channel's mean ``|x|`` where it is consumed,
@@ -39,11 +39,11 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from hfp_fx.gates import PrunableIndex
+from hfp_fx.analysis.index import PrunableIndex
 from hfp_fx.passes.edit import pick_input
 from hfp_fx.passes.insert_gates import insert_gates
-from hfp_fx.saliency import mean_one, per_group_scores
-from hfp_fx.tracing import normalize_inputs
+from hfp_fx.plan.saliency import mean_one, per_group_scores
+from hfp_fx.capture.tracing import normalize_inputs
 
 __all__ = ["data_saliency", "DATA_IMPORTANCE_KINDS", "CalibrationLoss"]
 

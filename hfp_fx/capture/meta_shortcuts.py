@@ -1,6 +1,6 @@
 """Shape shortcuts: results of common ops on ``meta`` tensors, made without running the op.
 
-The shape pass (:func:`hfp_fx.shapes.propagate_shapes`) runs every node on meta tensors.  For
+The shape pass (:func:`hfp_fx.capture.shapes.propagate_shapes`) runs every node on meta tensors.  For
 most ops PyTorch's meta kernels are Python code (reference decompositions, stride and type
 promotion logic) that costs 0.1-1 ms a call, far more than the answer is worth: on deep CNNs
 it was most of the graph-build time.  For the few ops that make up almost every vision model,
@@ -40,6 +40,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.utils.flop_counter import conv_flop_count
+
+from hfp_fx.passes.registry import DEFAULT_RULES
 
 __all__ = ["meta_result", "tensor_metadata", "in_place", "pointwise_shape", "norm_shape", "arithmetic_shape",
            "cat_shape", "adaptive_avg_pool2d_shape", "layer_shape"]
@@ -295,9 +297,7 @@ def meta_result(n: torch.fx.Node, module: Optional[torch.nn.Module], args: Tuple
         return None
     if module is not None and (module._forward_hooks or module._forward_pre_hooks):
         return None  # a hook may change the output or count MACs of its own: run the module
-    if rules is None:
-        from hfp_fx.passes.registry import DEFAULT_RULES as rules
-    handler = rules.lookup(n, module)
+    handler = (rules if rules is not None else DEFAULT_RULES).lookup(n, module)
     if handler is None or handler.shape is None:
         return None
     return handler.shape(n, module, args, kwargs)

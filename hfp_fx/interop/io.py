@@ -29,13 +29,13 @@ import torch
 import torch.fx
 
 from hfp_fx.api import dependency_graph
-from hfp_fx.cost import Counts
+from hfp_fx.plan.cost import Counts
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import scale_buffer, shrink_model
-from hfp_fx.projection import Plan
-from hfp_fx.report import PruneReport
-from hfp_fx.specs import load_spec
-from hfp_fx.target import ResolvedTarget
+from hfp_fx.plan.projection import Plan
+from hfp_fx.plan.report import PruneReport
+from hfp_fx.interop.specs import load_spec
+from hfp_fx.plan.target import ResolvedTarget
 
 __all__ = ["save", "load", "FORMAT"]
 
@@ -51,7 +51,7 @@ PathLike = Union[str, os.PathLike]
 def save(model: torch.fx.GraphModule, path: PathLike, *, model_spec: Optional[str] = None) -> None:
     """Write the plan and weights of a model returned by ``finalize``, ``prune`` or ``load``.
 
-    ``model_spec`` (e.g. ``"torchvision:resnet18"``, see :mod:`hfp_fx.specs`) records how to
+    ``model_spec`` (e.g. ``"torchvision:resnet18"``, see :mod:`hfp_fx.interop.specs`) records how to
     build the dense model, so that ``load(path)`` needs nothing else; by default the report's
     own (set when the model was loaded from such a file).
     """

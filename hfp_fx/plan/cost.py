@@ -41,7 +41,7 @@ def _sum_of_products(coeff: torch.Tensor, rows: torch.Tensor, lengths: torch.Ten
 
 
 class CostModel(torch.nn.Module):
-    """Params and MACs (and, given a measured :class:`~hfp_fx.latency.LatencyTerms`, latency in
+    """Params and MACs (and, given a measured :class:`~hfp_fx.plan.latency.LatencyTerms`, latency in
     milliseconds) as functions of a keep value per unit (``dg.groups[i].units``)."""
 
     def __init__(self, dg, latency=None):

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 import hfp_fx
-from hfp_fx.specs import SpecError, load_spec, portable_spec
+from hfp_fx.interop.specs import SpecError, load_spec, portable_spec
 
 log = logging.getLogger("hfp_fx")
 

@@ -2,7 +2,7 @@
 
 Each budget is a fraction of the dense value (``0.4``), a percentage string (``"40%"``) or an
 absolute count (``2_000_000``); a latency budget is a fraction, a percentage or milliseconds
-(``"12ms"``) of the dense model's measured latency (:mod:`hfp_fx.latency`).
+(``"12ms"``) of the dense model's measured latency (:mod:`hfp_fx.plan.latency`).
 ``Target.resolve`` turns them into absolute values (integers; milliseconds for latency).
 
     >>> Target.parse("40%").resolve(Counts(100, 1000))
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from hfp_fx.cost import Counts
+from hfp_fx.plan.cost import Counts
 
 __all__ = ["Target", "ResolvedTarget"]
 

@@ -17,7 +17,7 @@ together: one step removes or adds a block in every member, at the sum of their 
 and the mean of their saliencies, so every member keeps the same count.
 
 A ``fit`` (a callable, passed per call) may then lower some counts further, for a consumer of
-the plan that accepts only some widths (:class:`hfp_fx.hf.ConfigFit`: a Hugging Face config
+the plan that accepts only some widths (:class:`hfp_fx.plan.hf_layouts.ConfigFit`: a Hugging Face config
 wants ``hidden_size`` to be a multiple of the kept attention heads).  It only removes channels,
 the least salient of their groups, so the targets stay met; the groups it names are then
 final, and step 3 runs again for the others to use the freed budget.
@@ -33,8 +33,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from hfp_fx.cost import CostModel, Counts
-from hfp_fx.target import ResolvedTarget
+from hfp_fx.plan.cost import CostModel, Counts
+from hfp_fx.plan.target import ResolvedTarget
 
 __all__ = ["Plan", "project", "check_feasible", "metrics_of", "InfeasibleTargetError", "uniform_block_classes", "Fit",
            "min_kept_of", "MaxPrune"]

@@ -1,12 +1,12 @@
 """Step 1 of the flow: turn a user model into a shape-annotated ``torch.fx.GraphModule``.
 
-``trace`` runs ``torch.fx`` symbolic tracing on a :func:`~hfp_fx.copies.state_copy` of the
+``trace`` runs ``torch.fx`` symbolic tracing on a :func:`~hfp_fx.capture.copies.state_copy` of the
 model (its own Python state, the same tensors), so whatever ``forward`` writes to ``self``
 while tracing -- ``Proxy`` objects in caches -- never reaches the user's model.  Submodules
 whose ``forward`` cannot be traced (Python control flow on tensor values, unsupported
 builtins, ...) are retried as *opaque* leaves: the call stays one ``call_module`` node, and the
 channel analysis later treats its inputs and outputs as fixed.  Shapes are added by
-:func:`hfp_fx.shapes.propagate_shapes`.
+:func:`hfp_fx.capture.shapes.propagate_shapes`.
 
 Example::
 
@@ -28,7 +28,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from hfp_fx.copies import meta_copy, shape_only, state_copy
+from hfp_fx.capture.copies import meta_copy, shape_only, state_copy
+from hfp_fx.capture.export_capture import CAPTURES, export_capture, is_hugging_face
 from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
 
     Modules with an op handler in ``rules`` (default: hfp_fx's own) are kept as single nodes.
 
-    The model is traced as a :func:`~hfp_fx.copies.state_copy`: the returned GraphModule shares
+    The model is traced as a :func:`~hfp_fx.capture.copies.state_copy`: the returned GraphModule shares
     parameter and buffer tensors with ``model`` (callers that modify weights must copy it first;
     every public entry point does) but no module object or Python container.
     """
@@ -364,13 +365,11 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
     """The one place that decides how a model is captured (the ``capture=`` keyword).
 
     ``"fx"``: :func:`trace` (symbolic tracing); ``"export"``: ``torch.export``
-    (:func:`hfp_fx.export_capture.export_capture`, an ATen graph); ``"auto"``: ``torch.export``
+    (:func:`hfp_fx.capture.export_capture.export_capture`, an ATen graph); ``"auto"``: ``torch.export``
     for Hugging Face models, else symbolic tracing, then ``torch.export`` when tracing raises or
     leaves submodules opaque (the traced graph is kept if the export fails too).
     ``names``: the keyword names of a dict of example tensors.
     """
-    from hfp_fx.export_capture import CAPTURES, export_capture, is_hugging_face
-
     if how not in CAPTURES:
         raise ValueError(f"capture must be one of {CAPTURES}, got {how!r}")
     if isinstance(model, torch.fx.GraphModule) or how == "fx":
