@@ -46,6 +46,7 @@ def decompose(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]
 
     rules = rules if rules is not None else DEFAULT_RULES
     done = 0
+    before = {n.name for n in gm.graph.nodes}
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -55,5 +56,6 @@ def decompose(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...]
     if done:
         gm.graph.lint()
         gm.recompile()
-        propagate_shapes(gm, example_inputs, rules)
+        # the nodes the handlers wrote; the rest keep their shapes (one meta run, no other op run)
+        propagate_shapes(gm, example_inputs, rules, only={n.name for n in gm.graph.nodes} - before)
     return done

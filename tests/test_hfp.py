@@ -534,3 +534,11 @@ def test_rerank_records_the_task_gradient_only_and_breaks_ties_by_the_old_rank()
     assert gates.rank.tolist() == expected
     with pytest.raises(ValueError, match="gates='width'"):
         hfp_fx.prepare(model, x[:1], {"params": 0.5}, gates="channel", rerank_every=5)
+
+
+def test_finalize_names_prepare_for_a_model_it_did_not_prepare():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with pytest.raises(TypeError, match="hfp_fx.prepare"):
+        hfp_fx.finalize(torch.fx.symbolic_trace(model))
+    with pytest.raises(TypeError, match="hfp_fx.prepare"):
+        hfp_fx.recalibrate_latency(model)

@@ -219,7 +219,7 @@ def test_prepare_train_finalize_on_a_transformer_block_is_exact():
     report = small.meta["hfp"]
     assert report.achieved.macs <= report.target.macs
     kept = {gid: len(v) for gid, v in report.keep.items()}
-    assert kept[groups_with(prepared._hfp_graph, "stem.weight", 0)[0].id] <= 16
+    assert kept[groups_with(prepared.hfp_config.graph, "stem.weight", 0)[0].id] <= 16
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -344,7 +344,7 @@ def test_prepare_finalize_on_torchvision_vit_prunes_heads_and_the_stream():
     small = train_then_finalize(prepared, x, lambda out: F.cross_entropy(out, y), 20, lr=0.01)
     report = small.meta["hfp"]
     assert report.achieved.macs <= report.target.macs
-    dg = prepared._hfp_graph
+    dg = prepared.hfp_config.graph
     stream = groups_with(dg, "class_token")[0]
     heads = groups_with(dg, "encoder.layers.encoder_layer_0.self_attention.out_proj.weight", 1)[0]
     assert stream.prunable and heads.prunable

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from hfp_fx.passes.channel_analysis import ChannelFacts
+from hfp_fx.passes.channel_analysis import ChannelFacts, GateSite, MacTerm, MagnitudeSlice
 from hfp_fx.analysis.viz import summary_table, to_dot, to_networkx
 
 __all__ = ["Member", "PruneGroup", "DependencyGraph"]
@@ -234,6 +234,45 @@ class DependencyGraph:
             alive[g.units] = False
             alive[g.units[idx]] = True
         return alive[self.roots]
+
+    # -- queries: what the cost model, gates, saliency and io read ------------------------------
+    # Facts are labelled by channel *element* ids; ``units_of`` turns them into the unit ids
+    # that groups (``PruneGroup.units``), ``alive`` and the cost model index.
+    @property
+    def num_elements(self) -> int:
+        return int(self.roots.numel())
+
+    def units_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The unit of each element id (elements united by the analysis share one)."""
+        return self.roots[ids]
+
+    @property
+    def unit_ids(self) -> torch.Tensor:
+        """Every unit, sorted (a unit's id is one of its element ids)."""
+        return torch.unique(self.roots)
+
+    def param_dims(self, name: str) -> Dict[int, torch.Tensor]:
+        """The element ids bound to each dim of parameter or buffer ``name`` ({} when it has none)."""
+        return self.facts.params.get(name, {})
+
+    @property
+    def mac_terms(self) -> Tuple[MacTerm, ...]:
+        """MAC terms: ``coeff * prod(kept channels of each row)``."""
+        return tuple(self.facts.macs)
+
+    @property
+    def gate_sites(self) -> Tuple[GateSite, ...]:
+        """Where channels are consumed (what ``prepare`` gates and ``calibration`` records)."""
+        return tuple(self.facts.gates)
+
+    @property
+    def magnitude_slices(self) -> Tuple[MagnitudeSlice, ...]:
+        """The weight slices that rank each channel by magnitude."""
+        return tuple(self.facts.importance)
+
+    def channel_map(self, node: str):
+        """The channels node ``node``'s output carries (a ``ChannelMap``, a tuple of them, or None)."""
+        return self.facts.maps.get(node)
 
     # -- presentation (hfp_fx/analysis/viz.py) ---------------------------------------------------------
     def summary(self, max_members: int = 3, only_prunable: bool = False) -> str:

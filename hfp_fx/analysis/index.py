@@ -26,9 +26,9 @@ class PrunableIndex:
         sizes = [g.channels for g in groups]
         offsets = [0] + torch.tensor(sizes, dtype=torch.long).cumsum(0).tolist() if sizes else [0]
         units = torch.cat([g.units for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
-        entry_of_unit = torch.zeros(dg.roots.numel(), dtype=torch.long)
+        entry_of_unit = torch.zeros(dg.num_elements, dtype=torch.long)
         entry_of_unit[units] = torch.arange(1, units.numel() + 1)
-        return cls(tuple(g.id for g in groups), tuple(int(o) for o in offsets), units, entry_of_unit[dg.roots])
+        return cls(tuple(g.id for g in groups), tuple(int(o) for o in offsets), units, entry_of_unit[dg.units_of(torch.arange(dg.num_elements))])
 
     @property
     def num_groups(self) -> int:

@@ -51,7 +51,7 @@ def to_networkx(dg):
     g = nx.DiGraph()
     for node in dg.gm.graph.nodes:
         gids = set()
-        for m in iter_maps(dg.facts.maps.get(node.name)):
+        for m in iter_maps(dg.channel_map(node.name)):
             gids.update(dg.groups_of(m.ids))
         g.add_node(node.name, kind="op", op=node.op, target=str(node.target), groups=sorted(gids))
         for inp in node.all_input_nodes:

@@ -24,6 +24,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 import torch.fx
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode
 
 from hfp_fx.capture.copies import graph_twin, without_grad
@@ -66,7 +67,7 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
     """
 
     def __init__(self, *args, memoize: bool = True, rules: Optional[OpRegistry] = None, on_meta: bool = False,
-                 **kwargs):
+                 only: Optional[set] = None, **kwargs):
         super().__init__(*args, **kwargs)
         # torch.export graphs spell out the capture's device (``arange(..., device=cpu)``,
         # ``x.to(cpu)``): on the meta twin such literals name the meta device
@@ -75,8 +76,14 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         self.extra_traceback = False  # our message already names the node; FX would append the graph
         self.memo = MetaMemo()
         self.memoize = memoize
+        #: names of the nodes to run; any other call node with a recorded ``tensor_meta`` gives
+        #: a meta tensor of that layout without running (the nodes a graph edit left as they were)
+        self.only = only
 
     def run_node(self, n):
+        if (self.only is not None and n.name not in self.only and n.op in ("call_module", "call_function", "call_method")
+                and "tensor_meta" in n.meta):
+            return _meta_like(n.meta["tensor_meta"])
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
         try:
             if n.op in ("call_module", "call_function", "call_method"):
@@ -126,6 +133,17 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         return result, macs
 
 
+def _meta_like(value: Any) -> Any:
+    """A meta tensor of each recorded layout (``TensorMetadata`` is a named tuple: not recursed into)."""
+    if isinstance(value, TensorMetadata):
+        return torch.empty_strided(value.shape, value.stride, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_meta_like(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _meta_like(v) for k, v in value.items()}
+    return value
+
+
 def _to_meta_device(value: Any) -> Any:
     return torch.device("meta") if isinstance(value, torch.device) else value
 
@@ -149,10 +167,12 @@ def _op_name(n: torch.fx.Node) -> str:
 
 
 def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tensor, ...],
-                     rules: Optional[OpRegistry] = None) -> None:
+                     rules: Optional[OpRegistry] = None, only: Optional[set] = None) -> None:
     """Fill ``node.meta['tensor_meta']`` (and ``node.meta['macs']``) for every node.
 
     ``rules`` (default: hfp_fx's own) says which ops do no MACs and gives the shape shortcuts.
+    ``only``: the names of the nodes to run after a graph edit (the others keep their recorded
+    shapes and MACs, and stand in for their outputs on the meta run).
 
     Runs the graph on a meta twin of ``gm``'s modules first (no compute, no state change); ops
     without meta kernels fall back to a real run on a full copy.  ``gm``'s own modules are never
@@ -166,7 +186,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tenso
         # torch.no_grad():`` block of the model) leaves grad mode as the block set it: restore it
         with torch.set_grad_enabled(torch.is_grad_enabled()):
             _ShapeAndFlopProp(without_grad(graph_twin(gm, "meta")), graph=gm.graph, rules=rules,
-                              on_meta=True).run(*meta_inputs)
+                              on_meta=True, only=only).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
         try:

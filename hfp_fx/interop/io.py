@@ -41,7 +41,7 @@ __all__ = ["save", "load", "FORMAT"]
 
 FORMAT = "hfp_fx.pruned/2"
 #: files of format 1 name their scale sites ``site{k}``, ``k`` an index into the channel
-#: analysis' gate sites (``dg.facts.gates``), and record no input shapes and no model spec
+#: analysis' gate sites (``dg.gate_sites``), and record no input shapes and no model spec
 _FORMAT_1 = "hfp_fx.pruned/1"
 _PLAN_KEYS = ("keep", "exclude", "scale_sites", "groups", "achieved", "dense", "target")
 
@@ -110,7 +110,7 @@ def load(path: PathLike, model_factory: Optional[Callable[[], torch.nn.Module]] 
                          + (f" (the file records input shapes {shapes})" if shapes else ""))
     alive = dg.alive(saved.keep)
     scale_sites = _scale_site_names(plan, dg, state, path)
-    sites = {s.name: s for s in dg.facts.gates}
+    sites = {s.name: s for s in dg.gate_sites}
     small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites])
     _check_weights(small, state, path)
     small.load_state_dict(state, strict=True)
@@ -194,12 +194,12 @@ def _scale_site_names(plan: Dict[str, Any], dg, state: Dict[str, torch.Tensor], 
     their buffers in ``state`` renamed to match."""
     names = [str(n) for n in plan["scale_sites"]]
     if plan["format"] == _FORMAT_1:
-        by_old = {f"site{k}": site.name for k, site in enumerate(dg.facts.gates)}
+        by_old = {f"site{k}": site.name for k, site in enumerate(dg.gate_sites)}
         for old in names:
             if old in by_old and scale_buffer(old) in state:
                 state[scale_buffer(by_old[old])] = state.pop(scale_buffer(old))
         names = [by_old.get(n, n) for n in names]  # an unknown old name is refused below
-    known = {site.name for site in dg.facts.gates}
+    known = {site.name for site in dg.gate_sites}
     if any(n not in known for n in names):
         raise _damaged(path, f"scale sites {[n for n in names if n not in known]} do not exist in this model")
     return names

@@ -68,9 +68,9 @@ def _device_of(gm: torch.nn.Module) -> Optional[torch.device]:
 class _ActivationRecorder(torch.fx.Interpreter):
     """Runs the traced graph and adds each gate site's per-channel mean ``|x|`` into ``scores``."""
 
-    def __init__(self, gm: torch.fx.GraphModule, sites: List, roots: torch.Tensor, scores: Dict[bool, torch.Tensor]):
+    def __init__(self, gm: torch.fx.GraphModule, sites: List, units_of, scores: Dict[bool, torch.Tensor]):
         super().__init__(gm)
-        self.roots, self.scores = roots, scores
+        self.units_of, self.scores = units_of, scores
         self.sites_of: Dict[str, List] = {}
         for site in sites:
             self.sites_of.setdefault(site.node, []).append(site)
@@ -87,7 +87,7 @@ class _ActivationRecorder(torch.fx.Interpreter):
                 continue  # a size the analysis did not see (cannot happen on the example's shapes)
             dims = [d for d in range(x.dim()) if d != axis]
             per_channel = x.detach().abs().double().mean(dims) if dims else x.detach().abs().double()
-            self.scores[site.weight is not None].index_add_(0, self.roots[site.ids], per_channel.cpu())
+            self.scores[site.weight is not None].index_add_(0, self.units_of(site.ids), per_channel.cpu())
         return super().run_node(n)
 
 
@@ -126,9 +126,9 @@ def default_loss(output: Any, inputs: tuple) -> torch.Tensor:
 
 def _activation(dg, calibration: Iterable[Any]) -> Dict[str, torch.Tensor]:
     gm = copy.deepcopy(dg.gm).eval()
-    # indexed by unit (``dg.roots`` maps element ids to units); True: sites with a weight
-    scores = {weighted: torch.zeros(dg.roots.numel(), dtype=torch.float64) for weighted in (True, False)}
-    recorder = _ActivationRecorder(gm, dg.facts.gates, dg.roots, scores)
+    # indexed by unit (``dg.units_of`` maps element ids to units); True: sites with a weight
+    scores = {weighted: torch.zeros(dg.num_elements, dtype=torch.float64) for weighted in (True, False)}
+    recorder = _ActivationRecorder(gm, dg.gate_sites, dg.units_of, scores)
     seen = 0
     with torch.no_grad():
         for inputs in _batches(calibration, _device_of(gm)):

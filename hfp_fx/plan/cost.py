@@ -46,10 +46,9 @@ class CostModel(torch.nn.Module):
 
     def __init__(self, dg, latency=None):
         super().__init__()
-        roots = dg.roots
-        unit_ids = torch.unique(roots)
+        unit_ids = dg.unit_ids
         self.num_units = unit_ids.numel()
-        col_of = torch.full((roots.numel(),), -1, dtype=torch.long)
+        col_of = torch.full((dg.num_elements,), -1, dtype=torch.long)
         col_of[unit_ids] = torch.arange(self.num_units)
         self.register_buffer("unit_ids", unit_ids, persistent=False)
         rows: List[torch.Tensor] = []
@@ -83,7 +82,7 @@ class CostModel(torch.nn.Module):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            dims = dg.facts.params.get(name, {})
+            dims = dg.param_dims(name)
             coeff = float(p.numel())
             for d in dims:
                 coeff /= p.shape[d]
@@ -92,7 +91,7 @@ class CostModel(torch.nn.Module):
             else:
                 const_params += coeff
         mac_items, const_macs = [], 0.0
-        for t in dg.facts.macs:
+        for t in dg.mac_terms:
             if t.rows:
                 mac_items.append((t.coeff, list(t.rows)))
             else:
@@ -114,7 +113,7 @@ class CostModel(torch.nn.Module):
         # triplets in plain dense buffers (DDP broadcasts buffers and cannot send sparse tensors)
         if rows:
             r_idx = torch.cat([torch.full((ids.numel(),), r, dtype=torch.long) for r, ids in enumerate(rows)])
-            u_idx = torch.cat([col_of[roots[ids]] for ids in rows])
+            u_idx = torch.cat([col_of[dg.units_of(ids)] for ids in rows])
             pair = r_idx * self.num_units + u_idx
             uniq, counts = torch.unique(pair, return_counts=True)
         else:

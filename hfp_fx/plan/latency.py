@@ -318,20 +318,18 @@ class _NodeAxes:
 
 def _timed_nodes(dg, prunable: torch.Tensor) -> List[_NodeAxes]:
     """Op nodes that read or write prunable channels, with their channel axes."""
-    maps = dg.facts.maps
-    roots = dg.roots
     out: List[_NodeAxes] = []
     for node in dg.gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        out_ids = next((m.ids for m in iter_maps(maps.get(node.name))), None)
+        out_ids = next((m.ids for m in iter_maps(dg.channel_map(node.name))), None)
         in_ids = None
         for a in node.all_input_nodes:
-            in_ids = next((m.ids for m in iter_maps(maps.get(a.name))), None)
+            in_ids = next((m.ids for m in iter_maps(dg.channel_map(a.name))), None)
             if in_ids is not None:
                 break
         rows = [r for r in (in_ids, out_ids) if r is not None and bool(prunable[r].any())]
-        if len(rows) == 2 and torch.equal(torch.unique(roots[rows[0]]), torch.unique(roots[rows[1]])):
+        if len(rows) == 2 and torch.equal(torch.unique(dg.units_of(rows[0])), torch.unique(dg.units_of(rows[1]))):
             rows = rows[1:]  # elementwise: one axis
         if rows:
             out.append(_NodeAxes(node.name, tuple(rows)))
@@ -426,10 +424,10 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     shrink = shrink or (lambda alive: shrink_model(dg.facts, alive, verify=False))
     inputs = tuple(dg.example_inputs)
     device = next((t.device for t in dg.gm.parameters()), inputs[0].device if inputs else torch.device("cpu"))
-    prunable = torch.zeros(dg.roots.numel(), dtype=torch.bool)
+    prunable = torch.zeros(dg.num_elements, dtype=torch.bool)
     for g in dg.prunable_groups:
         prunable[g.units] = True
-    prunable = prunable[dg.roots]
+    prunable = prunable[dg.units_of(torch.arange(dg.num_elements))]  # per element
     axes = _timed_nodes(dg, prunable)
     path = _cache_path(options, device)
     cache = _load_cache(path)

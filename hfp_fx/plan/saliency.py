@@ -31,16 +31,15 @@ def magnitude_saliency(dg, importance: str = "l1") -> Dict[str, torch.Tensor]:
     """Per prunable group id, one score per channel (mean 1 within the group)."""
     if importance not in IMPORTANCE_KINDS:
         raise ValueError(f"importance must be one of {IMPORTANCE_KINDS}, got {importance!r}")
-    roots = dg.roots
     tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
-    scores = {role: torch.zeros(roots.numel(), dtype=torch.float64) for role in ("out", "in")}
-    for s in dg.facts.importance:
+    scores = {role: torch.zeros(dg.num_elements, dtype=torch.float64) for role in ("out", "in")}
+    for s in dg.magnitude_slices:
         w = tensors.get(s.param)
         if w is None:
             continue
         flat = w.detach().double().cpu().transpose(0, s.dim).reshape(w.shape[s.dim], -1)
         per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
-        scores[s.role].index_add_(0, roots[s.ids], per)
+        scores[s.role].index_add_(0, dg.units_of(s.ids), per)
     return per_group_scores(dg, scores["out"], scores["in"], uniform=importance == "uniform")
 
 

@@ -2,7 +2,7 @@
 
 :class:`~hfp_fx.analysis.index.PrunableIndex` is the one place that converts between the index spaces HFP uses:
 
-* **element ids** (``dg.roots`` is indexed by them; gate sites label their positions with them);
+* **element ids** (``dg.units_of`` maps them to units; gate sites label their positions with them);
 * **prunable positions**: every channel of every prunable group, concatenated in group order
   (``dg.prunable_groups``); every per-channel HFP vector (gates, ranks, saliency) is indexed by
   them, and group ``i`` holds positions ``offsets[i]:offsets[i + 1]``;

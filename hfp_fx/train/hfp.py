@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,10 +34,11 @@ import torch.fx
 
 from hfp_fx.api import dependency_graph
 from hfp_fx.plan.cost import CostModel
-from hfp_fx.train.gates import ChannelGates, GateKind, PrunableIndex, WidthGates
+from hfp_fx.analysis.index import PrunableIndex
+from hfp_fx.train.gates import ChannelGates, GateKind, WidthGates
 from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.plan.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
-from hfp_fx.plan.hf_layouts import config_fit
+from hfp_fx.plan.hf_layouts import ConfigFit, config_fit
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -310,6 +312,31 @@ def _unwrap(model: torch.nn.Module) -> torch.fx.GraphModule:
     return model
 
 
+
+@dataclass
+class PreparedConfig:
+    """How :func:`prepare` set a model up, kept on it as ``prepared.hfp_config`` for
+    :func:`finalize` and :func:`recalibrate_latency`: the dependency graph the gates were
+    inserted from and the options the plan must honour again at the cut."""
+
+    graph: DependencyGraph
+    exclude: List[str]
+    uniform_blocks: bool
+    latency_options: LatencyOptions
+    #: widths a Hugging Face config accepts (:func:`~hfp_fx.plan.hf_layouts.config_fit`), or None
+    fit: Optional[ConfigFit]
+    #: per-group floors from ``max_prune`` (:func:`~hfp_fx.plan.projection.min_kept_of`), or None
+    min_kept: Optional[Dict[str, int]]
+
+    @staticmethod
+    def of(prepared: torch.nn.Module) -> "PreparedConfig":
+        config = getattr(prepared, "hfp_config", None)
+        if not isinstance(config, PreparedConfig):
+            raise TypeError(f"{type(prepared).__name__} was not returned by hfp_fx.prepare (no hfp_config); "
+                            "prepare the model first: prepared = hfp_fx.prepare(model, x, target)")
+        return config
+
+
 def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude: Sequence[str] = (),
             min_channels: int = 1, round_to: int = 1, threshold: float = 0.05, count: str = "ste",
             temperature: float = 0.02, lambda_init: float = 1e-3, dual_rate: float = 0.02,
@@ -389,12 +416,8 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
         state.to(device)
     prepared = insert_gates(dg.facts, state)
     prepared.train(model.training)  # the gates' schedule follows the model's mode
-    prepared._hfp_graph = dg
-    prepared.meta["hfp_exclude"] = list(exclude)
-    prepared.meta["hfp_uniform_blocks"] = bool(uniform_blocks)
-    prepared.meta["hfp_latency_options"] = latency_options or LatencyOptions()
-    prepared.meta["hfp_fit"] = fit  # plain data
-    prepared.meta["hfp_min_kept"] = min_kept
+    prepared.hfp_config = PreparedConfig(dg, list(exclude), bool(uniform_blocks),
+                                         latency_options or LatencyOptions(), fit, min_kept)
     return prepared
 
 
@@ -463,8 +486,9 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
         _broadcast_buffers(prepared)
     prepared = _unwrap(prepared)
+    config = PreparedConfig.of(prepared)
     hfp: HFPState = prepared.hfp
-    dg: DependencyGraph = prepared._hfp_graph
+    dg = config.graph
     if target is None:
         resolved = hfp.target
     else:
@@ -475,7 +499,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
         resolved = budget.resolve(hfp.dense, hfp.dense_latency_ms if hfp.cost.has_latency else None)
     saliency = hfp.index.split_per_group(hfp.gates.saliency().cpu())
     initial = hfp.kept_per_group()
-    tied = uniform_block_classes(dg.prunable_groups) if prepared.meta.get("hfp_uniform_blocks") else ()
+    tied = uniform_block_classes(dg.prunable_groups) if config.uniform_blocks else ()
 
     scale = float(hfp.latency_scale)
     if resolved.latency is not None and scale != 1.0:  # plan in the latency model's units
@@ -486,7 +510,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     def plan_for(budget: ResolvedTarget) -> Plan:
         return project(hfp.cost, dg.prunable_groups, saliency, budget, initial=initial,
                        min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied,
-                       fit=prepared.meta.get("hfp_fit"), min_kept=prepared.meta.get("hfp_min_kept"))
+                       fit=config.fit, min_kept=config.min_kept)
 
     def build(plan: Plan) -> Tuple[torch.fx.GraphModule, list]:
         base = _trained_copy(prepared, dg)
@@ -511,11 +535,11 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
             with stage("measure latency"):
                 small, plan, latency, scales = _meet_latency(
                     _trained_copy(prepared, dg), small, plan, resolved, _dense_ms(hfp.cost), plan_for, build, dg.example_inputs,
-                    prepared.meta.get("hfp_latency_options") or LatencyOptions(), scales,
+                    config.latency_options, scales,
                     planned=resolved_plan.latency, trained=initial)
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
-                                       exclude=prepared.meta.get("hfp_exclude", []), latency=latency)
+                                       exclude=config.exclude, latency=latency)
     return small
 
 
@@ -608,18 +632,19 @@ def recalibrate_latency(prepared: torch.nn.Module) -> Dict[str, float]:
     broadcasts the scale.  Returns ``{"predicted_ratio", "measured_ratio", "scale"}``.
     """
     prepared = _unwrap(prepared)
+    config = PreparedConfig.of(prepared)
     hfp: HFPState = prepared.hfp
     if not hfp.cost.has_latency:
         raise ValueError("recalibrate_latency needs a latency model: prepare the model with a latency target "
                          "(hfp_fx.prepare(model, x, {'latency': 0.5}))")
-    dg: DependencyGraph = prepared._hfp_graph
+    dg = config.graph
     with torch.no_grad():
         kept = hfp.kept_channels().cpu()
         keep = {gid: torch.nonzero(k).flatten().tolist() for gid, k in hfp.index.split_per_group(kept).items()}
         keep = {gid: idx for gid, idx in keep.items() if len(idx) < hfp.index.group_slice(gid).stop
                 - hfp.index.group_slice(gid).start}
         predicted = float(hfp.cost.latency(hfp.keep_values(soft=False).cpu())) / hfp.dense_latency_ms
-    options = prepared.meta.get("hfp_latency_options") or LatencyOptions()
+    options = config.latency_options
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     measured = torch.zeros((), dtype=torch.float64)
     if not distributed or torch.distributed.get_rank() == 0:
@@ -689,13 +714,13 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
     """Multiply kept gate values into consuming weights; return ``(name, site, scale)`` of the
     sites that need a scale node, named after the site (``GateSite.name``)."""
     uses: Dict[Tuple[str, int], int] = {}
-    for site in dg.facts.gates:
+    for site in dg.gate_sites:
         if site.weight is not None and site.kind == "scale":
             uses[site.weight] = uses.get(site.weight, 0) + 1
     state = dict(gm.named_parameters(remove_duplicate=False))
     readers = _readers(gm)
     pending = []
-    for site in dg.facts.gates:
+    for site in dg.gate_sites:
         scale = vector[index.position_of_elements(site.ids)]
         if bool((scale == 1).all()):
             continue
