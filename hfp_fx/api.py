@@ -15,6 +15,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -27,6 +28,7 @@ from hfp_fx.capture.export_capture import CAPTURES, example_kwargs, is_hugging_f
 from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.decompose import decompose
+from hfp_fx.passes.depth import drop_unused_state, mask_units, remove_units
 from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -141,16 +143,25 @@ def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = N
     """Same shapes as ``model``; the channels not in ``keep`` contribute exactly zero.
 
     ``keep`` maps a prune group id to the sorted channel indices to keep; groups not named are
-    kept whole.  This is the reference ``shrink`` must equal.
+    kept whole.  A depth unit's id (``dg.depth_units``) maps to ``False`` to remove its residual
+    branch: its output is multiplied by 0.  This is the reference ``shrink`` must equal.
     """
     dg = model if isinstance(model, DependencyGraph) else dependency_graph(
         model, example_inputs, rules=rules, capture=capture)
-    return apply_masks(dg.facts, dg.alive(keep)).train(dg.gm.training)
+    widths, removed = dg.split_keep(keep)
+    masked = apply_masks(dg.facts, dg.alive(widths))
+    return mask_units(masked, removed).train(dg.gm.training) if removed else masked.train(dg.gm.training)
 
 
 def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
            rules: Optional[OpRegistry] = None, capture: str = "auto") -> torch.fx.GraphModule:
-    """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes."""
+    """A physically smaller GraphModule computing what ``mask(model, example_inputs, keep)`` computes
+    (removed depth units' branches deleted)."""
     dg = model if isinstance(model, DependencyGraph) else dependency_graph(
         model, example_inputs, rules=rules, capture=capture)
-    return shrink_model(dg.facts, dg.alive(keep)).train(dg.gm.training)
+    widths, removed = dg.split_keep(keep)
+    if not removed:
+        return shrink_model(dg.facts, dg.alive(widths)).train(dg.gm.training)
+    small = shrink_model(dg.facts, dg.alive(widths), gm=remove_units(copy.deepcopy(dg.gm), removed, drop_state=False))
+    drop_unused_state(small)
+    return small.train(dg.gm.training)

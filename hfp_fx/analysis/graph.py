@@ -9,12 +9,13 @@ is its output channels plus everything coupled to them).  ``keep`` dictionaries 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 
 from hfp_fx.passes.channel_analysis import ChannelFacts, GateSite, MacTerm, MagnitudeSlice
+from hfp_fx.analysis.depth import DepthUnit, find_depth_units
 from hfp_fx.analysis.viz import summary_table, to_dot, to_networkx
 
 __all__ = ["Member", "PruneGroup", "DependencyGraph"]
@@ -115,6 +116,7 @@ class DependencyGraph:
         self.groups: List[PruneGroup] = []
         self._build_groups()
         self._by_id = {g.id: g for g in self.groups}
+        self._depth_units: Optional[List[DepthUnit]] = None
 
     # -- construction ---------------------------------------------------------------------
     def rows(self) -> List[torch.Tensor]:
@@ -286,6 +288,33 @@ class DependencyGraph:
     def to_dot(self) -> str:
         """Graphviz DOT text: ops as boxes, prunable groups in colour, fixed groups grey."""
         return to_dot(self)
+
+    # -- depth ----------------------------------------------------------------------------------
+    @property
+    def depth_units(self) -> List[DepthUnit]:
+        """Residual branches, removable whole (:mod:`hfp_fx.analysis.depth`); found on first use."""
+        if self._depth_units is None:
+            self._depth_units = find_depth_units(self.gm)
+        return self._depth_units
+
+    def split_keep(self, keep: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Iterable[int]], List[DepthUnit]]:
+        """``keep`` as (channels to keep per group id, depth units to remove): a depth unit's id
+        maps to ``False`` (remove) or ``True`` (keep)."""
+        widths, removed = {}, []
+        units = {u.id: u for u in self.depth_units} if any(k not in self._by_id for k in keep or {}) else {}
+        for key, value in (keep or {}).items():
+            if key in self._by_id or key not in units:
+                widths[key] = value
+                continue
+            unit = units[key]
+            if not isinstance(value, bool):
+                raise ValueError(f"keep[{key!r}] (depth unit {unit.name}) must be True (keep) or False (remove), "
+                                 f"got {value!r}")
+            if not value:
+                if not unit.removable:
+                    raise ValueError(f"depth unit {key} ({unit.name}) cannot be removed: {unit.reason}")
+                removed.append(unit)
+        return widths, removed
 
     def groups_of(self, ids: torch.Tensor) -> List[str]:
         """Ids of the groups that own some of these elements (sorted by group index)."""

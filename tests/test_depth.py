@@ -1,0 +1,101 @@
+"""Depth units: residual branches found on every model family, removed exactly (shrink == mask)
+together with random widths, and the branches that cannot be removed named with the reason."""
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import hfp_fx
+from tests.helpers import assert_close, randomize_zero_weights, random_keep
+
+
+def depth_and_width_keep(dg, seed, ratio=0.5, drop=0.5):
+    """Random widths for every group and a random ``drop`` share of the removable units removed."""
+    keep = random_keep(dg, seed, ratio)
+    units = [u for u in dg.depth_units if u.removable]
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(units), generator=gen)[: max(1, int(len(units) * drop))].tolist()
+    keep.update({units[i].id: False for i in chosen})
+    return keep, [units[i] for i in chosen]
+
+
+def check_depth(model, x, seed=0, capture="auto"):
+    model = randomize_zero_weights(model.eval())
+    inputs = x if isinstance(x, tuple) else (x,)
+    dg = hfp_fx.dependency_graph(model, x, capture=capture)
+    assert any(u.removable for u in dg.depth_units)
+    keep, removed = depth_and_width_keep(dg, seed)
+    small = hfp_fx.shrink(dg, keep=keep).eval()
+    masked = hfp_fx.mask(dg, keep=keep).eval()
+    with torch.no_grad():
+        assert_close(masked(*inputs), small(*inputs))
+    # the removed branches' parameters are gone: fewer than the same widths alone
+    widths_only = hfp_fx.shrink(dg, keep={k: v for k, v in keep.items() if not k.startswith("d")})
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) < count(widths_only)
+    assert not any(n.name == u.add for u in removed for n in small.graph.nodes)
+    return dg, small
+
+
+@pytest.mark.parametrize("name,size", [("resnet50", 64), ("mobilenet_v2", 64), ("convnext_tiny", 64),
+                                       ("vit_b_16", 224), ("swin_t", 96)])
+def test_torchvision_shrink_equals_mask_with_depth_and_width(name, size):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    dg, _ = check_depth(model, torch.randn(2, 3, size, size))
+    units = dg.depth_units
+    expected = {"resnet50": (16, 12), "mobilenet_v2": (10, 10), "convnext_tiny": (18, 18), "vit_b_16": (24, 24),
+                "swin_t": (24, 24)}[name]
+    assert (len(units), sum(u.removable for u in units)) == expected
+
+
+def test_llama_layers_are_two_units_each_and_remove_exactly():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    dg, small = check_depth(model, torch.randint(0, 64, (1, 8)))
+    names = [u.name for u in dg.depth_units]
+    assert names == [f"model.layers.{i}.{part}" for i in range(4) for part in ("self_attn", "mlp")]
+
+
+def test_the_summary_lists_depth_units():
+    dg = hfp_fx.dependency_graph(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32))
+    text = dg.summary()
+    assert "depth unit" in text and "layer1.0" in text and "8 depth units (residual branches), 5 removable" in text
+
+
+class Tapped(nn.Module):
+    """A residual block whose inner activation is also an output: the branch cannot go."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+            nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = torch.relu(self.a(x))
+        return x + self.b(h), h.mean()
+
+
+def test_a_branch_read_elsewhere_is_named_not_removable():
+    dg = hfp_fx.dependency_graph(Tapped(), torch.randn(1, 3, 8, 8))
+    (unit,) = dg.depth_units
+    assert not unit.removable and "read outside" in unit.reason
+    with pytest.raises(ValueError, match="cannot be removed: .*read outside"):
+        hfp_fx.shrink(dg, keep={unit.id: False})
+
+
+def test_a_projection_shortcut_is_named_and_a_bad_value_refused():
+    dg = hfp_fx.dependency_graph(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32))
+    projection = next(u for u in dg.depth_units if not u.removable)
+    assert projection.name == "layer2.0" and "projection shortcut" in projection.reason
+    removable = next(u for u in dg.depth_units if u.removable)
+    with pytest.raises(ValueError, match="True .keep. or False .remove."):
+        hfp_fx.mask(dg, keep={removable.id: [0, 1]})
+    # True keeps the branch: the same model as no entry
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(hfp_fx.shrink(dg, keep={removable.id: True})(x), hfp_fx.shrink(dg, keep={})(x))
