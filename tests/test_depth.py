@@ -99,3 +99,43 @@ def test_a_projection_shortcut_is_named_and_a_bad_value_refused():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(hfp_fx.shrink(dg, keep={removable.id: True})(x), hfp_fx.shrink(dg, keep={})(x))
+
+
+def check_depth_prune(model, x, target):
+    small = hfp_fx.prune(model, x, target, depth=True)
+    report = small.meta["hfp"]
+    metric = next(iter(target))
+    assert getattr(report.achieved, metric) <= getattr(report.target, metric)
+    counted = hfp_fx.count(small, x)
+    assert (counted.params, counted.macs) == (report.achieved.params, report.achieved.macs)
+    assert report.dense == hfp_fx.count(model, x)
+    assert all(report.keep[uid] is False for uid in report.removed_units)
+    with torch.no_grad():  # the plan, depth units included, is the masked reference's
+        assert_close(hfp_fx.mask(model, x, keep=report.keep)(x), small(x))
+    return small, report
+
+
+def test_prune_with_depth_removes_bottlenecks_exactly_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, x = randomize_zero_weights(torchvision.models.resnet50().eval()), torch.randn(2, 3, 64, 64)
+    small, report = check_depth_prune(model, x, {"macs": 0.5})
+    assert report.removed_units and all(name.startswith("layer") for name in report.removed_units.values())
+    removed = tuple(f"{name}." for name in report.removed_units.values())  # their parameters are gone
+    assert not any(name.startswith(removed) for name, _ in small.named_parameters())
+    hfp_fx.save(small, tmp_path / "small.pt")
+    loaded = hfp_fx.load(tmp_path / "small.pt", lambda: torchvision.models.resnet50().eval())
+    assert loaded.meta["hfp"].removed_units == report.removed_units
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
+
+
+@pytest.mark.slow
+def test_prune_with_depth_on_vit_is_exact():
+    torch.manual_seed(0)
+    model = randomize_zero_weights(torchvision.models.vit_b_16().eval())
+    check_depth_prune(model, torch.randn(1, 3, 224, 224), {"params": 0.5})
+
+
+def test_prune_with_depth_refuses_a_latency_target():
+    with pytest.raises(NotImplementedError, match="depth=False"):
+        hfp_fx.prune(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32), {"latency": 0.5}, depth=True)

@@ -53,6 +53,7 @@ class DepthUnit:
     macs: int  #: multiply-accumulates of the branch's nodes
     removable: bool = True
     reason: Optional[str] = None  #: why not, for a unit that is not removable
+    param_names: Tuple[str, ...] = ()  #: the parameters read by the branch alone (every alias)
 
 
 def _is_add(node: Node) -> bool:
@@ -156,6 +157,7 @@ def find_depth_units(gm: torch.fx.GraphModule) -> List[DepthUnit]:
     nodes = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     parameters = _parameters_read(gm)
+    named = list(gm.named_parameters(remove_duplicate=False))
     units: List[DepthUnit] = []
     branches: Dict[str, List[Node]] = {}
     for add in nodes:
@@ -188,14 +190,16 @@ def find_depth_units(gm: torch.fx.GraphModule) -> List[DepthUnit]:
                 reason = f"`{outside.name}` inside the branch is read outside it"
             elif len(output.users) != 1:
                 reason = f"the branch's output `{output.name}` is read outside the add"
-        params = sum(size for size, readers in parameters.values() if readers and readers <= inside)
+        own = {key for key, (size, readers) in parameters.items() if readers and readers <= inside}
+        params = sum(parameters[key][0] for key in own)
+        own_names = tuple(name for name, p in named if id(p) in own)
         macs = int(sum(n.meta.get("macs", 0) or 0 for n in branch))
         if reason is None and params == 0 and macs == 0:
             continue  # ``x + x * 0.5``: nothing to remove
         name = _common_module(branch) if branch else _module_path(add)
         units.append(DepthUnit(f"d{len(units)}", name, add.name,
                                skip.name if skip is not None else "", output.name, tuple(n.name for n in branch),
-                               int(params), macs, reason is None, reason))
+                               int(params), macs, reason is None, reason, own_names))
         branches[units[-1].id] = branch
     names = [u.name for u in units]
     return [dataclasses.replace(u, name=_child_name(branches[u.id])) if names.count(u.name) > 1 else u

@@ -21,6 +21,8 @@ inputs default to zeros of the recorded shapes and dtypes.
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -31,6 +33,7 @@ import torch.fx
 from hfp_fx.api import dependency_graph
 from hfp_fx.plan.cost import Counts
 from hfp_fx.passes.registry import OpRegistry
+from hfp_fx.passes.depth import drop_unused_state, remove_units
 from hfp_fx.passes.shrink import scale_buffer, shrink_model
 from hfp_fx.plan.projection import Plan
 from hfp_fx.plan.report import PruneReport
@@ -62,7 +65,9 @@ def save(model: torch.fx.GraphModule, path: PathLike, *, model_spec: Optional[st
     spec = report.model_spec if model_spec is None else model_spec
     if spec is not None and not isinstance(spec, str):
         raise TypeError(f"model_spec must be a string like 'torchvision:resnet18', got {type(spec).__name__}")
-    plan = {"format": FORMAT, "keep": report.keep, "exclude": report.exclude, "scale_sites": report.scale_sites,
+    widths = {k: v for k, v in report.keep.items() if k not in report.removed_units}
+    plan = {"format": FORMAT, "keep": widths, "removed_units": report.removed_units,
+            "exclude": report.exclude, "scale_sites": report.scale_sites,
             "groups": {gid: [g.dense, g.kept] for gid, g in report.groups.items()},
             "achieved": _counts(report.achieved), "dense": _counts(report.dense), "target": {**_counts(report.target), "latency_ms": report.target.latency},
             "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in report.inputs],
@@ -111,11 +116,32 @@ def load(path: PathLike, model_factory: Optional[Callable[[], torch.nn.Module]] 
     alive = dg.alive(saved.keep)
     scale_sites = _scale_site_names(plan, dg, state, path)
     sites = {s.name: s for s in dg.gate_sites}
-    small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites])
+    removed = _removed_units(plan, dg, path)
+    gm = remove_units(copy.deepcopy(dg.gm), removed, drop_state=False) if removed else None
+    small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites], gm=gm)
+    if removed:
+        drop_unused_state(small)
     _check_weights(small, state, path)
     small.load_state_dict(state, strict=True)
-    small.meta["hfp"] = PruneReport.of(dg, saved, scale_sites=scale_sites, exclude=plan["exclude"], model_spec=spec)
+    small.meta["hfp"] = PruneReport.of(dg, saved, scale_sites=scale_sites, exclude=plan["exclude"], model_spec=spec,
+                                       removed_units={u.id: u.name for u in removed})
     return small
+
+
+def _removed_units(plan: Dict[str, Any], dg, path: PathLike) -> List:
+    """The depth units the saved model removed, as this dense model's units (same ids and names)."""
+    saved = plan.get("removed_units") or {}
+    if not isinstance(saved, dict):
+        raise _damaged(path, "its removed_units is not a mapping")
+    units = {u.id: u for u in dg.depth_units} if saved else {}
+    removed = []
+    for uid, name in saved.items():
+        unit = units.get(uid)
+        if unit is None or unit.name != name or not unit.removable:
+            raise ValueError(f"the saved model removed depth unit {uid} ({name}), which the dense model does not have "
+                             "as a removable branch; pass the same architecture that was pruned")
+        removed.append(unit)
+    return removed
 
 
 def _counts(c) -> Dict[str, Optional[int]]:

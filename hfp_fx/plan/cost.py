@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -44,8 +44,12 @@ class CostModel(torch.nn.Module):
     """Params and MACs (and, given a measured :class:`~hfp_fx.plan.latency.LatencyTerms`, latency in
     milliseconds) as functions of a keep value per unit (``dg.groups[i].units``)."""
 
-    def __init__(self, dg, latency=None):
+    def __init__(self, dg, latency=None, removed: Sequence = ()):
+        """``removed``: depth units (``dg.depth_units``) whose branches are gone: their nodes'
+        MACs and their own parameters are not counted."""
         super().__init__()
+        gone_nodes = {n for u in removed for n in u.nodes}
+        gone_params = {n for u in removed for n in u.param_names}
         unit_ids = dg.unit_ids
         self.num_units = unit_ids.numel()
         col_of = torch.full((dg.num_elements,), -1, dtype=torch.long)
@@ -79,7 +83,7 @@ class CostModel(torch.nn.Module):
         param_items, const_params = [], 0.0
         seen = set()
         for name, p in dg.gm.named_parameters():
-            if id(p) in seen:
+            if id(p) in seen or name in gone_params:
                 continue
             seen.add(id(p))
             dims = dg.param_dims(name)
@@ -92,6 +96,8 @@ class CostModel(torch.nn.Module):
                 const_params += coeff
         mac_items, const_macs = [], 0.0
         for t in dg.mac_terms:
+            if t.node in gone_nodes:
+                continue
             if t.rows:
                 mac_items.append((t.coeff, list(t.rows)))
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hfp_fx.plan.cost import Counts
+from hfp_fx.plan.cost import CostModel, Counts
 from hfp_fx.plan.latency import LatencyReport
 from hfp_fx.plan.target import ResolvedTarget
 
@@ -44,16 +44,24 @@ class PruneReport:
     capture: str = "fx"  #: how the dense model was captured (``"fx"`` or ``"export"``)
     input_names: Optional[List[str]] = None  #: keyword names of the example tensors, if given as a dict
     latency: Optional[LatencyReport] = None  #: predicted and measured latency, for a latency target
+    #: depth units removed (``prune(..., depth=True)``): id -> the branch's module path; ``keep``
+    #: maps their ids to ``False``
+    removed_units: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
-           model_spec: Optional[str] = None, latency: Optional[LatencyReport] = None) -> "PruneReport":
+           model_spec: Optional[str] = None, latency: Optional[LatencyReport] = None,
+           removed_units: Optional[Dict[str, str]] = None) -> "PruneReport":
         """The report of ``plan`` (a :class:`hfp_fx.Plan`) applied to the analysed model ``dg``."""
         groups = {}
         for g in dg.prunable_groups:
             dense, kept = plan.kept_per_group[g.id]
             groups[g.id] = GroupReport(g.name, int(dense), int(kept))
         inputs = [(tuple(x.shape), str(x.dtype).replace("torch.", "")) for x in dg.example_inputs]
-        return cls(plan.dense, plan.counts, plan.target, groups, {k: list(v) for k, v in plan.keep.items()},
+        keep = {k: list(v) for k, v in plan.keep.items()}
+        keep.update({uid: False for uid in removed_units or {}})
+        dense = CostModel(dg).counts() if removed_units else plan.dense
+        return cls(dense, plan.counts, plan.target, groups, keep,
                    list(scale_sites), list(exclude), inputs, model_spec, getattr(dg, "capture", "fx"),
-                   None if getattr(dg, "input_names", None) is None else list(dg.input_names), latency)
+                   None if getattr(dg, "input_names", None) is None else list(dg.input_names), latency,
+                   dict(removed_units or {}))

@@ -42,6 +42,8 @@ from hfp_fx.plan.hf_layouts import ConfigFit, config_fit
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
+from hfp_fx.passes.depth import drop_unused_state, remove_units
+from hfp_fx.plan.depth import plan_width_and_depth
 from hfp_fx.progress import stages
 from hfp_fx.plan.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data_saliency
 from hfp_fx.plan.projection import (InfeasibleTargetError, MaxPrune, Plan, check_feasible, min_kept_of, project,
@@ -742,7 +744,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
           cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "auto",
           uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
           calibration: Optional[Iterable[Any]] = None, calibration_loss: Optional[CalibrationLoss] = None,
-          max_prune: MaxPrune = None) -> torch.fx.GraphModule:
+          max_prune: MaxPrune = None, depth: bool = False) -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
@@ -772,6 +774,12 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     inputs' batch size (:mod:`hfp_fx.plan.latency`; options, cache and timing budget in
     ``latency_options``), projects onto it, then measures the pruned model against the dense
     one and tightens the plan while it misses; ``report.latency`` has predicted and measured.
+
+    ``depth=True`` may also remove whole residual branches (``dg.depth_units``: transformer
+    attention/MLP sub-blocks, ResNet bottlenecks, inverted residuals), chosen with the widths
+    under the same exact params/MACs budget (:mod:`hfp_fx.plan.depth`: candidates removing the
+    least influential branches, each completed by the width projection, compared by their
+    output on ``calibration``, or on the example inputs); ``report.removed_units`` names them.
     """
     budget = Target.parse(target)
     stage_names = ["dependency graph", "latency model", "budget projection", "shrink", "measure latency"]
@@ -797,9 +805,25 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                 return project(cm, dg.prunable_groups, saliency, b, min_channels=min_channels, round_to=round_to,
                                cost_power=cost_power, tied=tied, fit=fit, min_kept=min_kept)
 
-            plan = plan_for(resolved)
+            if depth:
+                if budget.latency is not None:
+                    raise NotImplementedError("prune(depth=True) takes a params or MACs target; a latency target "
+                                              "with depth units is not supported yet (prune with depth=False)")
+                choice = plan_width_and_depth(
+                    dg, resolved, lambda cost: project(cost, dg.prunable_groups, saliency, resolved,
+                                                       min_channels=min_channels, round_to=round_to,
+                                                       cost_power=cost_power, tied=tied, fit=fit,
+                                                       min_kept=min_kept),
+                    calibration if calibration is not None else [dg.example_inputs])
+                plan = choice.plan
+                removed = {u.id: u.name for u in choice.removed}
+            else:
+                plan, removed = plan_for(resolved), {}
         with stage("shrink"):
-            small = shrink_model(dg.facts, dg.alive(plan.keep))
+            if removed:
+                small = _shrink_with_depth(dg, plan.keep, choice.removed)
+            else:
+                small = shrink_model(dg.facts, dg.alive(plan.keep))
         report = None
         if latency is not None:
             with stage("measure latency"):
@@ -809,5 +833,13 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                     latency_options or LatencyOptions())
                 report.model_seconds = latency.seconds
     small.train(model.training)
-    small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report)
+    small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report, removed_units=removed)
+    return small
+
+
+def _shrink_with_depth(dg: DependencyGraph, keep, removed) -> torch.fx.GraphModule:
+    """The widths of ``keep`` and the depth units ``removed`` (their branches deleted)."""
+    gm = remove_units(copy.deepcopy(dg.gm), removed, drop_state=False)
+    small = shrink_model(dg.facts, dg.alive(keep), gm=gm)
+    drop_unused_state(small)
     return small

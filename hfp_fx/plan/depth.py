@@ -1,0 +1,136 @@
+"""Width and depth under one budget: which residual branches to remove, and how wide the rest.
+
+:func:`depth_saliency` scores each removable depth unit (``dg.depth_units``) by how much its
+branch changes the residual stream, ``||f(x)|| / ||x||`` at its add, averaged over batches (the
+"block influence" of ShortGPT, per branch).  :func:`plan_width_and_depth` then tries removing
+the ``k`` least salient units per unit of cost, for every ``k`` that leaves the widths something
+to cut, projects the widths of what remains onto the same exact budget (the cost model without
+those branches), and keeps the candidate whose masked output differs least from the dense
+model's on the batches: the budget is exact for every candidate, and the split between width and
+depth is measured, not assumed (``k = 0`` is the width-only plan).
+
+    >>> import torch, torchvision, hfp_fx
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> small = hfp_fx.prune(torchvision.models.resnet18().eval(), x, {"macs": 0.5}, depth=True)
+    >>> report = small.meta["hfp"]
+    >>> report.achieved.macs <= report.target.macs, isinstance(report.removed_units, dict)
+    (True, True)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+from hfp_fx.analysis.depth import DepthUnit
+from hfp_fx.capture.tracing import normalize_inputs
+from hfp_fx.passes.depth import mask_units
+from hfp_fx.passes.mask import apply_masks
+from hfp_fx.plan.cost import CostModel
+from hfp_fx.plan.projection import Plan
+from hfp_fx.plan.target import ResolvedTarget
+
+__all__ = ["depth_saliency", "plan_width_and_depth", "DepthChoice"]
+
+
+class _BranchNorms(torch.fx.Interpreter):
+    """Runs the graph and records ``||output|| / ||skip||`` at every unit's add."""
+
+    def __init__(self, gm: torch.fx.GraphModule, units: Sequence[DepthUnit]):
+        super().__init__(gm)
+        self.watch = {u.add: u for u in units}
+        self.ratios: Dict[str, List[float]] = {u.id: [] for u in units}
+
+    def run_node(self, n):
+        unit = self.watch.get(n.name)
+        if unit is not None:
+            skip, out = self.env[self._node(unit.skip)], self.env[self._node(unit.output)]
+            ratio = float(out.detach().float().norm()) / max(float(skip.detach().float().norm()), 1e-12)
+            self.ratios[unit.id].append(ratio)
+        return super().run_node(n)
+
+    def _node(self, name: str):
+        return self._by_name[name]
+
+    def run(self, *args, **kwargs):
+        self._by_name = {n.name: n for n in self.graph.nodes}
+        return super().run(*args, **kwargs)
+
+
+def _batches(batches: Iterable[Any]) -> List[tuple]:
+    return [normalize_inputs(b) for b in batches]
+
+
+def depth_saliency(dg, units: Sequence[DepthUnit], batches: Iterable[Any]) -> Dict[str, float]:
+    """Per unit id: the mean over ``batches`` of ``||f(x)|| / ||x||`` at the unit's add."""
+    recorder = _BranchNorms(copy.deepcopy(dg.gm).eval(), units)
+    with torch.no_grad():
+        for inputs in _batches(batches):
+            recorder.run(*inputs)
+    return {uid: sum(r) / max(len(r), 1) for uid, r in recorder.ratios.items()}
+
+
+def _outputs(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    return []
+
+
+def _distortion(model: torch.nn.Module, dense: List[List[torch.Tensor]], batches: List[tuple]) -> float:
+    """``sum ||y - y_dense||^2 / sum ||y_dense||^2`` over every output of every batch."""
+    num = den = 0.0
+    with torch.no_grad():
+        for inputs, ref in zip(batches, dense):
+            for y, r in zip(_outputs(model(*inputs)), ref):
+                if y.is_floating_point():
+                    num += float((y.double() - r.double()).pow(2).sum())
+                    den += float(r.double().pow(2).sum())
+    return num / max(den, 1e-300)
+
+
+class DepthChoice:
+    """The candidate kept: the units removed, the width plan of the rest, its cost model, and
+    every candidate's distortion (``tried``: ``(removed unit ids, distortion)``)."""
+
+    def __init__(self, removed: List[DepthUnit], plan: Plan, cost: CostModel, tried: List[Tuple[List[str], float]]):
+        self.removed, self.plan, self.cost, self.tried = removed, plan, cost, tried
+
+
+def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[CostModel], Plan],
+                         batches: Iterable[Any], max_units: Optional[int] = None) -> DepthChoice:
+    """Try ``k = 0, 1, ...`` removed units (least salient per unit of cost first) with widths
+    projected onto ``target`` by ``project_widths(cost_model_without_them)``; keep the one whose
+    masked model is closest to the dense one on ``batches``."""
+    batches = _batches(batches)
+    units = [u for u in dg.depth_units if u.removable]
+    metric = "macs" if target.macs is not None else "params"
+    saliency = depth_saliency(dg, units, batches)
+    order = sorted(units, key=lambda u: saliency[u.id] / max(getattr(u, metric), 1))
+    if max_units is not None:
+        order = order[:max_units]
+    dense_model = copy.deepcopy(dg.gm).eval()
+    with torch.no_grad():
+        dense = [[t.detach() for t in _outputs(dense_model(*inputs))] for inputs in batches]
+    best, tried = None, []
+    for k in range(len(order) + 1):
+        removed = order[:k]
+        cost = CostModel(dg, removed=removed)
+        left = getattr(cost.counts(), metric)
+        if k and left <= getattr(target, metric):
+            break  # depth alone meets the budget: no width left to make it exact
+        plan = project_widths(cost)
+        masked = apply_masks(dg.facts, dg.alive(plan.keep))
+        if removed:
+            mask_units(masked, removed)
+        error = _distortion(masked.eval(), dense, batches)
+        tried.append(([u.id for u in removed], error))
+        if best is None or error < best[0]:
+            best = (error, removed, plan, cost)
+    _, removed, plan, cost = best
+    return DepthChoice(list(removed), plan, cost, tried)
