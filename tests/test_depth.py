@@ -139,3 +139,24 @@ def test_prune_with_depth_on_vit_is_exact():
 def test_prune_with_depth_refuses_a_latency_target():
     with pytest.raises(NotImplementedError, match="depth=False"):
         hfp_fx.prune(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32), {"latency": 0.5}, depth=True)
+
+
+def test_llama_with_two_of_four_layers_removed_round_trips_through_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (1, 8))
+    dg = hfp_fx.dependency_graph(model, ids)
+    keep = {u.id: False for u in dg.depth_units if u.name.startswith(("model.layers.1.", "model.layers.3."))}
+    keep.update({g.id: list(range(g.channels // 2)) for g in dg.prunable_groups})  # and half of every width
+    small = hfp_fx.shrink(dg, keep=keep)
+    hf = hfp_fx.to_pretrained(small, like=model)  # checks itself against `small`
+    assert hf.config.num_hidden_layers == 2 and len(hf.model.layers) == 2
+    hf.save_pretrained(tmp_path)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, small(ids), rtol=1e-4, atol=1e-5)
+    one_branch = hfp_fx.shrink(dg, keep={dg.depth_units[2].id: False})
+    with pytest.raises(ValueError, match="lost its attention branch only.*stays a GraphModule"):
+        hfp_fx.to_pretrained(one_branch, like=model)

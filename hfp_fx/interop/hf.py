@@ -151,6 +151,49 @@ def _weights(model, layout: DecoderLayout, state, dense_state, stream_factor: fl
     return out
 
 
+def _without_removed_layers(config, layout: DecoderLayout, state, dense_state):
+    """Decoder layers removed whole (both residual branches, ``prune(..., depth=True)``): the
+    config with fewer layers (and its per-layer lists cut to the kept ones) and both state dicts
+    with the kept layers renumbered.  A layer that lost one branch only has no configuration."""
+    field = "num_hidden_layers" if hasattr(config, "num_hidden_layers") else "n_layer"
+    layers = getattr(config, field)
+    attention, mlp = layout.attention[0], layout.mlps[0][0]
+    kept = []
+    for i in range(layers):
+        has = [layout.layer.format(i) + part in state for part in (attention, mlp)]
+        if has == [True, True]:
+            kept.append(i)
+        elif any(has):
+            gone = "attention" if not has[0] else "MLP"
+            raise ValueError(f"decoder layer {i} lost its {gone} branch only: a {type(config).__name__} has no "
+                             "layer without it, so the pruned model stays a GraphModule (exact; hfp_fx.save "
+                             "keeps it); remove whole layers (both branches) to get a smaller config")
+    if len(kept) == layers:
+        return config, state, dense_state
+    if not kept:
+        raise ValueError("the pruned model removed every decoder layer")
+    prefixes = [layout.layer.format(i) for i in range(layers)]
+
+    def renumbered(sd):
+        out = {}
+        for key, value in sd.items():
+            i = next((j for j, p in enumerate(prefixes) if key.startswith(p)), None)
+            if i is None:
+                out[key] = value
+            elif i in kept:
+                out[prefixes[kept.index(i)] + key[len(prefixes[i]):]] = value
+        return out
+
+    new = copy.deepcopy(config)
+    setattr(new, field, len(kept))
+    for name in ("layer_types",):  # per-layer attention kinds (sliding / full)
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == layers:
+            setattr(new, name, [values[i] for i in kept])
+    dense_kept = {k: v for k, v in renumbered(dense_state).items()}
+    return new, renumbered(state), dense_kept
+
+
 def _example_for(small: torch.fx.GraphModule, vocab_size: int, seed: int = 0):
     """Random inputs of the shapes the (shape-specialised) pruned graph was captured with."""
     gen = torch.Generator().manual_seed(seed)
@@ -228,6 +271,7 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inpu
                          "is exact and can be saved with hfp_fx.save, or add a DecoderLayout to hfp_fx.plan.hf_layouts.LAYOUTS")
     state = small.state_dict()
     dense_state = like.state_dict()
+    config, state, dense_state = _without_removed_layers(config, layout, state, dense_state)
     missing = [k for k in (layout.final_norm, layout.layer.format(0) + layout.mlps[0][0]) if k not in state]
     if missing:
         raise ValueError(f"the pruned model has no {missing[0]}: pass the GraphModule that hfp_fx pruned from `like`")
