@@ -100,14 +100,14 @@ def matched_row(model, macs_row: dict, x, round_to: int, args) -> dict:
     return row
 
 
-def prune_for(model, kind: str, target: float, round_to: int, x, args):
+def prune_for(model, kind: str, target: float, round_to: int, x, args, depth: bool = False):
     """``(pruned, report, seconds)``, or ``(None, reason, 0)`` when the target is infeasible."""
     options = LatencyOptions(variants=args.latency_variants, rounds=args.rounds, min_run_time=args.min_run_time)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
         try:
-            small = hfp_fx.prune(model, x, {kind: target}, round_to=round_to, latency_options=options)
+            small = hfp_fx.prune(model, x, {kind: target}, round_to=round_to, latency_options=options, depth=depth)
         except hfp_fx.InfeasibleTargetError as exc:  # e.g. ViT below its fixed-channel floor
             return None, str(exc), 0.0
     return small, small.meta["hfp"], time.perf_counter() - t0
@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                     help="dtype of the timed models (pruned in float32 first)")
+    ap.add_argument("--depth", nargs="*", choices=["off", "on"], default=["off"],
+                    help="on: prune(..., depth=True), which may also remove residual branches (MACs targets)")
     ap.add_argument("--quick", action="store_true", help="resnet18 + mobilenet_v2, batch 1, 50%% only")
     ap.add_argument("--out", default=str(RESULTS / "latency.json"))
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure the rest")
@@ -155,9 +157,9 @@ def main(argv=None) -> int:
     rows = []
     if args.resume and Path(args.out).exists():
         rows = json.loads(Path(args.out).read_text())["rows"]
-    done = {(r["model"], r.get("kind", "macs"), r["target"], r["round_to"]) for r in rows}
-    jobs = [(m, k, t, r) for m in args.models for k in args.kinds for t in args.targets for r in args.round_to
-            if (m, k, t, r) not in done]
+    done = {(r["model"], r.get("kind", "macs"), r["target"], r["round_to"], r.get("depth", False)) for r in rows}
+    jobs = [(m, k, t, r, d == "on") for m in args.models for k in args.kinds for t in args.targets
+            for r in args.round_to for d in args.depth if (m, k, t, r, d == "on") not in done]
     meta = {"torch": torch.__version__, "device": args.device, "threads": args.threads,
             "channels_last": args.channels_last, "compile": args.compile, "dtype": args.dtype, "rounds": args.rounds,
             "min_run_time": args.min_run_time,
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
     def write() -> None:
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    for name, kind, target, round_to in progress(jobs, len(jobs), "latency"):
+    for name, kind, target, round_to, depth in progress(jobs, len(jobs), "latency"):
         model = torchvision.models.get_model(name, weights=None).eval().to(args.device)
         size = 224
         small = None
@@ -175,16 +177,18 @@ def main(argv=None) -> int:
             x = torch.randn(batch, 3, size, size, device=args.device)
             # a MACs plan does not depend on the batch; a latency plan is measured at its batch
             if small is None or kind == "latency":
-                small, report, prune_s = prune_for(model, kind, target, round_to, x[:1] if kind == "macs" else x, args)
+                small, report, prune_s = prune_for(model, kind, target, round_to, x[:1] if kind == "macs" else x, args,
+                                                   depth)
                 if small is None:
                     rows.append({"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch,
                                  "infeasible": report})
                     print(f"{name} {kind}={target:.0%} round_to={round_to}: infeasible ({report})", file=sys.stderr)
                     break
             row = measured_row(model, small, report, x, prune_s, args,
-                               {"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch})
+                               {"model": name, "kind": kind, "target": target, "round_to": round_to, "batch": batch,
+                                "depth": depth, "removed_units": list(report.removed_units.values())})
             rows.append(row)
-            print(f"{name} {kind}={target:.0%} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "
+            print(f"{name} {kind}={target:.0%} depth={depth} round_to={round_to} batch={batch}: {row['dense_ms']:.1f} -> "
                   f"{row['pruned_ms']:.1f} ms (ratio {row['latency_ratio']:.3f}), MACs {row['macs_ratio']:.3f}, "
                   f"efficiency {row['efficiency']:.2f}", file=sys.stderr, flush=True)
             if kind == "macs" and args.matched:
@@ -207,7 +211,9 @@ def write_markdown(rows, meta, path: Path) -> str:
     def predicted(r):
         return f"{r['predicted_ratio']:.3f}" if "predicted_ratio" in r else ""
 
-    table = [[r["model"], r.get("kind", "macs"), f"{r['target']:.0%}", r["round_to"], r["batch"],
+    table = [[r["model"], r.get("kind", "macs") + (f" +depth ({len(r.get('removed_units', []))} units)"
+                                                   if r.get("depth") else ""),
+              f"{r['target']:.0%}", r["round_to"], r["batch"],
               f"{r['macs_ratio']:.3f}", f"{r['dense_ms']:.1f} ± {r['dense_iqr_ms']:.1f}",
               f"{r['pruned_ms']:.1f} ± {r['pruned_iqr_ms']:.1f}", f"{1 / r['speedup']:.3f}", predicted(r),
               f"{r['speedup']:.2f}x", f"{r['efficiency']:.2f}"] for r in rows]

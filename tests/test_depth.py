@@ -160,3 +160,21 @@ def test_llama_with_two_of_four_layers_removed_round_trips_through_from_pretrain
     one_branch = hfp_fx.shrink(dg, keep={dg.depth_units[2].id: False})
     with pytest.raises(ValueError, match="lost its attention branch only.*stays a GraphModule"):
         hfp_fx.to_pretrained(one_branch, like=model)
+
+
+@pytest.mark.parametrize("depth", [True, "only"])
+def test_prune_with_depth_and_uniform_blocks_removes_whole_decoder_layers(depth):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (2, 8))
+    small = hfp_fx.prune(model, {"input_ids": ids}, {"params": 0.6}, depth=depth, uniform_blocks=True)
+    report = small.meta["hfp"]
+    layers = {name.rsplit(".", 1)[0] for name in report.removed_units.values()}
+    assert layers and len(report.removed_units) == 2 * len(layers)  # attention and MLP together
+    assert report.achieved.params <= report.target.params
+    if depth == "only":
+        assert all(g.kept == g.dense for g in report.groups.values())
+    hf = hfp_fx.to_pretrained(small, like=model)  # checks itself against `small`
+    assert hf.config.num_hidden_layers == 4 - len(layers)

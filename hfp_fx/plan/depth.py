@@ -102,24 +102,53 @@ class DepthChoice:
         self.removed, self.plan, self.cost, self.tried = removed, plan, cost, tried
 
 
+def _whole(cost: CostModel, dg, target: ResolvedTarget) -> Plan:
+    """The plan that prunes no channel (depth only)."""
+    counts = cost.counts()
+    return Plan({}, counts, counts, target, {g.id: (g.channels, g.channels) for g in dg.prunable_groups})
+
+
 def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[CostModel], Plan],
-                         batches: Iterable[Any], max_units: Optional[int] = None) -> DepthChoice:
+                         batches: Iterable[Any], max_units: Optional[int] = None,
+                         blocks: Optional[Callable[[DepthUnit], str]] = None, widths: bool = True) -> DepthChoice:
     """Try ``k = 0, 1, ...`` removed units (least salient per unit of cost first) with widths
     projected onto ``target`` by ``project_widths(cost_model_without_them)``; keep the one whose
-    masked model is closest to the dense one on ``batches``."""
+    masked model is closest to the dense one on ``batches``.
+
+    ``blocks(unit)``: units with the same key go together (a decoder layer's attention and MLP,
+    so that a Hugging Face config can hold the result).  ``widths=False`` (depth only): the
+    fewest units that meet the budget, no channel pruned (the budget is met, not hit exactly).
+    """
     batches = _batches(batches)
     units = [u for u in dg.depth_units if u.removable]
     metric = "macs" if target.macs is not None else "params"
     saliency = depth_saliency(dg, units, batches)
-    order = sorted(units, key=lambda u: saliency[u.id] / max(getattr(u, metric), 1))
+    together: Dict[str, List[DepthUnit]] = {}
+    for u in units:
+        together.setdefault(blocks(u) if blocks is not None else u.id, []).append(u)
+    if blocks is not None:  # a block goes only whole: every one of its units removable
+        together = {k: v for k, v in together.items() if len(v) == sum(blocks(u) == k for u in dg.depth_units)}
+    score = {k: sum(saliency[u.id] for u in v) / max(sum(getattr(u, metric) for u in v), 1)
+             for k, v in together.items()}
+    order_blocks = sorted(together, key=score.__getitem__)
     if max_units is not None:
-        order = order[:max_units]
+        order_blocks = order_blocks[:max_units]
+    if not widths:
+        removed: List[DepthUnit] = []
+        for key in order_blocks:
+            removed += together[key]
+            cost = CostModel(dg, removed=removed)
+            if getattr(cost.counts(), metric) <= getattr(target, metric):
+                return DepthChoice(removed, _whole(cost, dg, target), cost, [([u.id for u in removed], float("nan"))])
+        raise ValueError(f"removing every removable depth unit does not meet the {metric} target; "
+                         "prune widths too (depth=True)")
+    order = [together[key] for key in order_blocks]
     dense_model = copy.deepcopy(dg.gm).eval()
     with torch.no_grad():
         dense = [[t.detach() for t in _outputs(dense_model(*inputs))] for inputs in batches]
     best, tried = None, []
     for k in range(len(order) + 1):
-        removed = order[:k]
+        removed = [u for block in order[:k] for u in block]
         cost = CostModel(dg, removed=removed)
         left = getattr(cost.counts(), metric)
         if k and left <= getattr(target, metric):

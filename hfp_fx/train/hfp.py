@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -38,7 +38,7 @@ from hfp_fx.analysis.index import PrunableIndex
 from hfp_fx.train.gates import ChannelGates, GateKind, WidthGates
 from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.plan.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
-from hfp_fx.plan.hf_layouts import ConfigFit, config_fit
+from hfp_fx.plan.hf_layouts import ConfigFit, config_fit, layout_of
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -744,7 +744,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
           cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "auto",
           uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
           calibration: Optional[Iterable[Any]] = None, calibration_loss: Optional[CalibrationLoss] = None,
-          max_prune: MaxPrune = None, depth: bool = False) -> torch.fx.GraphModule:
+          max_prune: MaxPrune = None, depth: Union[bool, str] = False) -> torch.fx.GraphModule:
     """One-shot pruning without training: magnitude saliency + the same exact global projection.
 
     ``rules``, ``capture``: the op handlers to use and how the model is captured (see
@@ -780,7 +780,12 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     under the same exact params/MACs budget (:mod:`hfp_fx.plan.depth`: candidates removing the
     least influential branches, each completed by the width projection, compared by their
     output on ``calibration``, or on the example inputs); ``report.removed_units`` names them.
+    With ``uniform_blocks=True`` a Hugging Face decoder loses whole layers (both branches), which
+    :func:`hfp_fx.to_pretrained` writes as a config with fewer layers.  ``depth="only"`` removes
+    the least influential branches until the budget is met and prunes no channel.
     """
+    if depth not in (False, True, "only"):
+        raise ValueError(f"depth must be False, True or 'only', got {depth!r}")
     budget = Target.parse(target)
     stage_names = ["dependency graph", "latency model", "budget projection", "shrink", "measure latency"]
     with stages("prune", stage_names if budget.latency is not None else stage_names[:1] + stage_names[2:4]) as stage:
@@ -809,12 +814,14 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                 if budget.latency is not None:
                     raise NotImplementedError("prune(depth=True) takes a params or MACs target; a latency target "
                                               "with depth units is not supported yet (prune with depth=False)")
+                layout = layout_of(model) if uniform_blocks else None
                 choice = plan_width_and_depth(
                     dg, resolved, lambda cost: project(cost, dg.prunable_groups, saliency, resolved,
                                                        min_channels=min_channels, round_to=round_to,
                                                        cost_power=cost_power, tied=tied, fit=fit,
                                                        min_kept=min_kept),
-                    calibration if calibration is not None else [dg.example_inputs])
+                    calibration if calibration is not None else [dg.example_inputs],
+                    blocks=_decoder_layer_of(layout) if layout is not None else None, widths=depth is True)
                 plan = choice.plan
                 removed = {u.id: u.name for u in choice.removed}
             else:
@@ -835,6 +842,18 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     small.train(model.training)
     small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report, removed_units=removed)
     return small
+
+
+def _decoder_layer_of(layout):
+    """A depth unit's decoder layer (``model.layers.3.``), the block Hugging Face removes whole."""
+    prefix, _, _ = layout.layer.partition("{}")
+
+    def block(unit) -> str:
+        rest = unit.name[len(prefix):] if unit.name.startswith(prefix) else ""
+        index = rest.split(".")[0]
+        return prefix + index if index.isdigit() else unit.id
+
+    return block
 
 
 def _shrink_with_depth(dg: DependencyGraph, keep, removed) -> torch.fx.GraphModule:
