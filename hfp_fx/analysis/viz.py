@@ -40,14 +40,15 @@ def summary_table(dg, max_members: int = 3, only_prunable: bool = False) -> str:
     table = tabulate(rows, headers=["group", "channels", "members", "prunable"], tablefmt="github")
     total = sum(g.channels for g in dg.groups)
     pr = sum(g.channels for g in dg.prunable_groups)
-    text = (f"{table}\n\n{len(dg.groups)} groups, {len(dg.prunable_groups)} prunable; "
-            f"{pr}/{total} channels prunable ({100 * pr / max(total, 1):.1f}%)")
     units = dg.depth_units
+    depth = ""
     if units:
         rows = [[u.id, u.name, u.params, u.macs, "yes" if u.removable else f"no: {_short(u.reason)}"] for u in units]
-        text += ("\n\n" + tabulate(rows, headers=["depth unit", "branch", "params", "MACs", "removable"],
+        table += "\n\n" + tabulate(rows, headers=["depth unit", "branch", "params", "MACs", "removable"],
                                     tablefmt="github")
-                 + f"\n\n{len(units)} depth units (residual branches), {sum(u.removable for u in units)} removable")
+        depth = f"; {len(units)} depth units, {sum(u.removable for u in units)} removable"
+    text = (f"{table}\n\n{len(dg.groups)} groups, {len(dg.prunable_groups)} prunable; "
+            f"{pr}/{total} channels prunable ({100 * pr / max(total, 1):.1f}%){depth}")
     return text
 
 
