@@ -23,7 +23,7 @@ import torch.fx
 
 from hfp_fx.passes.edit import emit, is_aten
 
-__all__ = ["mask_units", "remove_units", "drop_unused_state"]
+__all__ = ["mask_units", "remove_units", "drop_unused_state", "gate_units", "scale_units"]
 
 
 def mask_units(gm: torch.fx.GraphModule, units: Iterable) -> torch.fx.GraphModule:
@@ -84,3 +84,71 @@ def drop_unused_state(gm: torch.fx.GraphModule) -> None:
         owner = gm.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else gm
         if hasattr(owner, parts[-1]):
             delattr(owner, parts[-1])
+
+
+def gate_units(gm: torch.fx.GraphModule, units: Iterable, vector: torch.fx.Node, positions: Iterable[int]) -> None:
+    """In place: each unit's branch output enters its add multiplied by entry ``positions[i]``
+    of the gate vector ``vector`` (HFP's depth gates)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for unit, pos in zip(units, positions):
+        add, output = nodes[unit.add], nodes[unit.output]
+        with gm.graph.inserting_before(add):
+            gate = gm.graph.call_function(operator.getitem, (vector, pos))
+            scaled = emit(gm.graph, operator.mul, (output, gate), aten=is_aten(add))
+        scaled.meta = dict(output.meta)
+        add.replace_input_with(output, scaled)
+    gm.graph.lint()
+    gm.recompile()
+
+
+_LINEAR_FUNCTIONS = {torch.nn.functional.linear, torch.ops.aten.linear.default}
+_FOLDABLE_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _fold(gm: torch.fx.GraphModule, node: torch.fx.Node, factor: float) -> bool:
+    """Multiply the weight and bias of the layer ``node`` (a linear or conv read by ``node``
+    alone) by ``factor``: its output scales by it.  ``False`` when ``node`` is no such layer."""
+    if len(node.users) != 1:
+        return False
+    tensors = []
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, _FOLDABLE_MODULES) or \
+                sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) != 1:
+            return False
+        tensors = [t for t in (module.weight, module.bias) if t is not None]
+    elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+        for arg in node.args[1:3]:
+            if arg is None:
+                continue
+            if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and len(arg.users) == 1):
+                return False
+            owner, _, attr = str(arg.target).rpartition(".")
+            tensors.append(getattr(gm.get_submodule(owner) if owner else gm, attr))
+    else:
+        return False
+    with torch.no_grad():
+        for t in tensors:
+            t.mul_(factor)
+    return True
+
+
+def scale_units(gm: torch.fx.GraphModule, scales: Iterable) -> None:
+    """In place: ``(unit, factor)``: the unit's branch enters its add times the constant ``factor``
+    (a trained depth gate kept by ``finalize``), folded into the branch's last layer where it is
+    a linear or conv layer of its own (so a Hugging Face decoder keeps its config), else a
+    multiplication by the constant."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for unit, factor in scales:
+        add = nodes[unit.add]
+        branch = next((a for a in add.args[:2] if isinstance(a, torch.fx.Node) and a.name == unit.output), None)
+        if branch is None:  # the shrink pass rewrote the branch's last node: the input that is not the skip
+            branch = next(a for a in add.args[:2] if isinstance(a, torch.fx.Node) and a.name != unit.skip)
+        if _fold(gm, branch, factor):
+            continue
+        with gm.graph.inserting_before(add):
+            scaled = emit(gm.graph, operator.mul, (branch, float(factor)), aten=is_aten(add))
+        scaled.meta = dict(branch.meta)
+        add.replace_input_with(branch, scaled)
+    gm.graph.lint()
+    gm.recompile()

@@ -174,9 +174,73 @@ def test_prune_with_depth_and_uniform_blocks_removes_whole_decoder_layers(depth)
     small = hfp_fx.prune(model, {"input_ids": ids}, {"params": 0.6}, depth=depth, uniform_blocks=True)
     report = small.meta["hfp"]
     layers = {name.rsplit(".", 1)[0] for name in report.removed_units.values()}
-    assert layers and len(report.removed_units) == 2 * len(layers)  # attention and MLP together
+    assert len(report.removed_units) == 2 * len(layers)  # attention and MLP together, if any
+    assert layers or depth is True  # (the joint plan may find widths better: next-token loss decides)
     assert report.achieved.params <= report.target.params
     if depth == "only":
         assert all(g.kept == g.dense for g in report.groups.values())
     hf = hfp_fx.to_pretrained(small, like=model)  # checks itself against `small`
     assert hf.config.num_hidden_layers == 4 - len(layers)
+
+
+def test_hfp_depth_gates_start_exact_and_finalize_removes_and_scales_branches():
+    """prepare(depth=True): one gate per removable branch, from 1 (the prepared model is the
+    model); finalize removes the branches below 0.5 and scales the kept ones by their gate, and
+    equals the prepared model with the removed channels' and branches' gates at zero."""
+    from tests.helpers import apply_plan
+
+    torch.manual_seed(0)
+    model, x = randomize_zero_weights(torchvision.models.resnet18().eval()), torch.randn(2, 3, 32, 32)
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.6}, depth=True).eval()
+    hfp = prepared.hfp
+    assert len(hfp.depth_units) == 5 and any(p is hfp.depth_gates for p in hfp_fx.gate_parameters(prepared))
+    with torch.no_grad():
+        assert_close(prepared(x), model(x))
+    loss = hfp_fx.complexity_loss(prepared)
+    loss.backward()
+    assert float(hfp.depth_gates.grad.abs().sum()) > 0  # the budget pushes the branches down
+    with torch.no_grad():
+        hfp.depth_gates[0] = 0.2  # removed
+        hfp.depth_gates[3] = 0.7  # kept, scaled
+    small = hfp_fx.finalize(prepared)
+    report = small.meta["hfp"]
+    assert list(report.removed_units) == [hfp.depth_units[0].id]
+    assert report.achieved.macs <= report.target.macs
+    assert hfp_fx.count(small, x).macs == report.achieved.macs
+    apply_plan(prepared, report.keep)
+    with torch.no_grad():
+        hfp.depth_gates[0] = 0.0
+        assert_close(prepared(x), small(x))
+
+
+def test_hfp_depth_gates_train_a_branch_away():
+    torch.manual_seed(0)
+    model, x = randomize_zero_weights(torchvision.models.resnet18().eval()), torch.randn(2, 3, 32, 32)
+    prepared = hfp_fx.prepare(model, x, {"macs": 0.4}, depth=True)
+    opt = torch.optim.SGD(hfp_fx.gate_parameters(prepared), lr=0.2)
+    for _ in range(30):
+        opt.zero_grad()
+        hfp_fx.complexity_loss(prepared).backward()
+        opt.step()
+    values = prepared.hfp.depth_values().detach()
+    assert float(values.min()) < 0.5  # the cheapest way under the budget includes whole branches
+    small = hfp_fx.finalize(prepared)
+    assert small.meta["hfp"].removed_units and small.meta["hfp"].achieved.macs <= small.meta["hfp"].target.macs
+
+
+def test_hfp_depth_gates_remove_whole_decoder_layers_under_uniform_blocks():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(tiny_llama_config(transformers)).eval(), torch.randint(0, 64, (2, 8))
+    prepared = hfp_fx.prepare(model, {"input_ids": ids}, {"params": 0.8}, depth=True, uniform_blocks=True)
+    hfp = prepared.hfp
+    names = [u.name for u in hfp.depth_units]
+    with torch.no_grad():  # layer 1: mean 0.3 (goes whole); layer 2: mean 0.6 (stays, both scaled)
+        hfp.depth_gates[names.index("model.layers.1.self_attn")] = 0.2
+        hfp.depth_gates[names.index("model.layers.1.mlp")] = 0.4
+        hfp.depth_gates[names.index("model.layers.2.self_attn")] = 0.3
+        hfp.depth_gates[names.index("model.layers.2.mlp")] = 0.9
+    small = hfp_fx.finalize(prepared)
+    assert sorted(small.meta["hfp"].removed_units.values()) == ["model.layers.1.mlp", "model.layers.1.self_attn"]
+    hf = hfp_fx.to_pretrained(small, like=model)  # the kept gates are folded into o_proj / down_proj
+    assert hf.config.num_hidden_layers == 3

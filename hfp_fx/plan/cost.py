@@ -35,21 +35,28 @@ class Counts:
         return f"params={self.params:,} MACs={self.macs:,}"
 
 
-def _sum_of_products(coeff: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``sum_t coeff[t] * prod_j lengths[rows[t, j]]`` (row -1: the trailing factor 1)."""
-    return (coeff.to(lengths.dtype) * lengths[rows].prod(dim=1)).sum()
+def _sum_of_products(coeff: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
+                     factors: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_t coeff[t] * prod_j lengths[rows[t, j]]`` (row -1: the trailing factor 1), each term
+    times ``factors[t]`` if given."""
+    terms = coeff.to(lengths.dtype) * lengths[rows].prod(dim=1)
+    return (terms * factors).sum() if factors is not None else terms.sum()
 
 
 class CostModel(torch.nn.Module):
     """Params and MACs (and, given a measured :class:`~hfp_fx.plan.latency.LatencyTerms`, latency in
     milliseconds) as functions of a keep value per unit (``dg.groups[i].units``)."""
 
-    def __init__(self, dg, latency=None, removed: Sequence = ()):
+    def __init__(self, dg, latency=None, removed: Sequence = (), gated: Sequence = ()):
         """``removed``: depth units (``dg.depth_units``) whose branches are gone: their nodes'
-        MACs and their own parameters are not counted."""
+        MACs and their own parameters are not counted.  ``gated``: depth units whose terms are
+        multiplied by a keep value of their own (``evaluate(keep, depth)``, HFP's depth gates)."""
         super().__init__()
         gone_nodes = {n for u in removed for n in u.nodes}
         gone_params = {n for u in removed for n in u.param_names}
+        self.num_depth = len(gated)
+        depth_of_node = {n: i for i, u in enumerate(gated) for n in u.nodes}
+        depth_of_param = {n: i for i, u in enumerate(gated) for n in u.param_names}
         unit_ids = dg.unit_ids
         self.num_units = unit_ids.numel()
         col_of = torch.full((dg.num_elements,), -1, dtype=torch.long)
@@ -80,7 +87,7 @@ class CostModel(torch.nn.Module):
 
         # parameters the traced graph never uses (e.g. aux heads in eval mode) are not in the
         # pruned model either, so they are not counted; see DependencyGraph.unused_params
-        param_items, const_params = [], 0.0
+        param_items, const_params, param_depth = [], 0.0, []
         seen = set()
         for name, p in dg.gm.named_parameters():
             if id(p) in seen or name in gone_params:
@@ -90,16 +97,18 @@ class CostModel(torch.nn.Module):
             coeff = float(p.numel())
             for d in dims:
                 coeff /= p.shape[d]
-            if dims:
+            if dims or name in depth_of_param:  # (a gated branch's constant term is a term too)
                 param_items.append((coeff, [dims[d] for d in sorted(dims)]))
+                param_depth.append(depth_of_param.get(name, -1))
             else:
                 const_params += coeff
-        mac_items, const_macs = [], 0.0
+        mac_items, const_macs, mac_depth = [], 0.0, []
         for t in dg.mac_terms:
             if t.node in gone_nodes:
                 continue
-            if t.rows:
+            if t.rows or t.node in depth_of_node:
                 mac_items.append((t.coeff, list(t.rows)))
+                mac_depth.append(depth_of_node.get(t.node, -1))
             else:
                 const_macs += t.coeff
         pc, pi = terms(param_items)
@@ -114,6 +123,9 @@ class CostModel(torch.nn.Module):
         self.register_buffer("param_rows", pi, persistent=False)
         self.register_buffer("mac_coeff", mc, persistent=False)
         self.register_buffer("mac_rows", mi, persistent=False)
+        # the depth gate of each term (-1: none), when units are gated
+        self.register_buffer("param_depth", torch.tensor(param_depth, dtype=torch.long), persistent=False)
+        self.register_buffer("mac_depth", torch.tensor(mac_depth, dtype=torch.long), persistent=False)
         self.const_params, self.const_macs = const_params, const_macs
         # incidence A[r, u] = how many positions of row r belong to unit u, as coalesced COO
         # triplets in plain dense buffers (DDP broadcasts buffers and cannot send sparse tensors)
@@ -140,11 +152,16 @@ class CostModel(torch.nn.Module):
         L = keep.new_zeros(self.num_rows).index_add(0, self.inc_rows, contrib)
         return torch.cat([L, L.new_ones(1)])  # index -1 -> factor 1
 
-    def evaluate(self, keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(params, macs)`` for a keep value per unit column (1 = kept)."""
+    def evaluate(self, keep: torch.Tensor, depth: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(params, macs)`` for a keep value per unit column (1 = kept) and, for the gated
+        depth units, a keep value per unit (1 = kept, 0 = its branch removed)."""
         L = self.row_lengths(keep)
-        params = _sum_of_products(self.param_coeff, self.param_rows, L) + self.const_params
-        macs = _sum_of_products(self.mac_coeff, self.mac_rows, L) + self.const_macs
+        pf = mf = None
+        if depth is not None and self.num_depth:
+            d = torch.cat([depth.to(L.dtype), L.new_ones(1)])  # index -1 -> factor 1
+            pf, mf = d[self.param_depth], d[self.mac_depth]
+        params = _sum_of_products(self.param_coeff, self.param_rows, L, pf) + self.const_params
+        macs = _sum_of_products(self.mac_coeff, self.mac_rows, L, mf) + self.const_macs
         return params, macs
 
     def latency(self, keep: torch.Tensor) -> torch.Tensor:

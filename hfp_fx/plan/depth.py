@@ -5,9 +5,10 @@ branch changes the residual stream, ``||f(x)|| / ||x||`` at its add, averaged ov
 "block influence" of ShortGPT, per branch).  :func:`plan_width_and_depth` then tries removing
 the ``k`` least salient units per unit of cost, for every ``k`` that leaves the widths something
 to cut, projects the widths of what remains onto the same exact budget (the cost model without
-those branches), and keeps the candidate whose masked output differs least from the dense
-model's on the batches: the budget is exact for every candidate, and the split between width and
-depth is measured, not assumed (``k = 0`` is the width-only plan).
+those branches), and keeps the candidate whose masked model does best on the batches: the
+lowest next-token loss for a causal LM (or a given loss), else the output closest to the dense
+model's.  The budget is exact for every candidate, and the split between width and depth is
+measured, not assumed (``k = 0`` is the width-only plan).
 
     >>> import torch, torchvision, hfp_fx
     >>> x = torch.randn(2, 3, 64, 64)
@@ -28,6 +29,7 @@ from hfp_fx.analysis.depth import DepthUnit
 from hfp_fx.capture.tracing import normalize_inputs
 from hfp_fx.passes.depth import mask_units
 from hfp_fx.passes.mask import apply_masks
+from hfp_fx.plan.calibration import default_loss
 from hfp_fx.plan.cost import CostModel
 from hfp_fx.plan.projection import Plan
 from hfp_fx.plan.target import ResolvedTarget
@@ -108,12 +110,31 @@ def _whole(cost: CostModel, dg, target: ResolvedTarget) -> Plan:
     return Plan({}, counts, counts, target, {g.id: (g.channels, g.channels) for g in dg.prunable_groups})
 
 
+def _causal_lm_loss(dense_outputs: List[List[torch.Tensor]], batches: List[tuple]) -> Optional[Callable]:
+    """The next-token cross-entropy when the model is a causal LM (integer ids in, (B, T, V)
+    logits out), which ranks candidates by what the model is for; else ``None``."""
+    if not dense_outputs or not dense_outputs[0] or not batches[0]:
+        return None
+    logits, ids = dense_outputs[0][0], batches[0][0]
+    if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and ids.dim() == 2 and logits.dim() == 3 \
+            and logits.shape[:2] == ids.shape:
+        return default_loss
+    return None
+
+
+def _loss(model: torch.nn.Module, loss: Callable, batches: List[tuple]) -> float:
+    with torch.no_grad():
+        return sum(float(loss(model(*inputs), inputs)) for inputs in batches) / max(len(batches), 1)
+
+
 def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[CostModel], Plan],
                          batches: Iterable[Any], max_units: Optional[int] = None,
-                         blocks: Optional[Callable[[DepthUnit], str]] = None, widths: bool = True) -> DepthChoice:
+                         blocks: Optional[Callable[[DepthUnit], str]] = None, widths: bool = True,
+                         loss: Optional[Callable] = None) -> DepthChoice:
     """Try ``k = 0, 1, ...`` removed units (least salient per unit of cost first) with widths
     projected onto ``target`` by ``project_widths(cost_model_without_them)``; keep the one whose
-    masked model is closest to the dense one on ``batches``.
+    masked model does best on ``batches``: the lowest ``loss(output, inputs)`` (default for a
+    causal LM: next-token cross-entropy), else the output closest to the dense model's.
 
     ``blocks(unit)``: units with the same key go together (a decoder layer's attention and MLP,
     so that a Hugging Face config can hold the result).  ``widths=False`` (depth only): the
@@ -148,6 +169,7 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
     dense_model = copy.deepcopy(dg.gm).eval()
     with torch.no_grad():
         dense = [[t.detach() for t in _outputs(dense_model(*inputs))] for inputs in batches]
+    loss = loss if loss is not None else _causal_lm_loss(dense, batches)
     best, tried = None, []
     for k in range(len(order) + 1):
         removed = [u for block in order[:k] for u in block]
@@ -159,7 +181,7 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
         masked = apply_masks(dg.facts, dg.alive(plan.keep))
         if removed:
             mask_units(masked, removed)
-        error = _distortion(masked.eval(), dense, batches)
+        error = _loss(masked.eval(), loss, batches) if loss is not None else _distortion(masked.eval(), dense, batches)
         tried.append(([u.id for u in removed], error))
         if best is None or error < best[0]:
             best = (error, removed, plan, cost)

@@ -38,11 +38,11 @@ from hfp_fx.analysis.index import PrunableIndex
 from hfp_fx.train.gates import ChannelGates, GateKind, WidthGates
 from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.plan.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
-from hfp_fx.plan.hf_layouts import ConfigFit, config_fit, layout_of
+from hfp_fx.plan.hf_layouts import ConfigFit, DecoderLayout, config_fit, layout_of
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
-from hfp_fx.passes.depth import drop_unused_state, remove_units
+from hfp_fx.passes.depth import drop_unused_state, gate_units, remove_units, scale_units
 from hfp_fx.plan.depth import plan_width_and_depth
 from hfp_fx.progress import stages
 from hfp_fx.plan.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data_saliency
@@ -59,6 +59,8 @@ GATE_KINDS = ("width", "channel")
 BUDGET_MODES = ("penalty", "project")
 
 
+
+
 class HFPState(torch.nn.Module):
     """What both gate kinds share in a prepared model (``prepared.hfp``): the gates (a
     :class:`~hfp_fx.train.gates.GateKind`, ``hfp.gates``), the prunable index, the cost model, the
@@ -66,8 +68,13 @@ class HFPState(torch.nn.Module):
 
     def __init__(self, cost: CostModel, index: PrunableIndex, gates: GateKind, target: ResolvedTarget, *,
                  min_channels: int = 1, round_to: int = 1, lambda_init: float = 1e-3, dual_rate: float = 0.02,
-                 warmup_steps: int = 0, ramp_steps: int = 0, budget: str = "penalty"):
+                 warmup_steps: int = 0, ramp_steps: int = 0, budget: str = "penalty", depth_units: Sequence = ()):
         super().__init__()
+        #: HFP over depth (``prepare(depth=True)``): one gate per removable residual branch, from 1;
+        #: the branch's output is scaled by it, and the cost model's terms of the branch too
+        self.depth_units = list(depth_units)
+        self.register_parameter("depth_gates", torch.nn.Parameter(torch.ones(len(self.depth_units)))
+                                if self.depth_units else None)
         if int(ramp_steps) < 0:
             raise ValueError(f"ramp_steps must be >= 0, got {ramp_steps}")
         if budget not in BUDGET_MODES:
@@ -152,13 +159,28 @@ class HFPState(torch.nn.Module):
         return dict(zip(self.group_ids, counts.tolist()))
 
     def forward(self) -> torch.Tensor:
-        """The gate vector the gated sites read: entry 0 is the constant 1 of fixed channels."""
+        """The gate vector the gated sites read: entry 0 is the constant 1 of fixed channels,
+        then one entry per prunable channel, then one per depth unit (``depth_position``)."""
         if self.budget == "project" and self.training and torch.is_grad_enabled():
             self.project_widths()
         gates = self.gates.effective_gates()
         if self.gates.rerank_every and self.training and gates.requires_grad:
             gates.register_hook(self.gates.record_taylor)  # the task loss's gradient only
-        return torch.cat([self.trainable.new_ones(1), gates])
+        parts = [self.trainable.new_ones(1), gates]
+        if self.depth_units:
+            parts.append(self.depth_values().to(gates.dtype))
+        return torch.cat(parts)
+
+    def depth_values(self) -> torch.Tensor:
+        """Per depth unit: the factor its branch's output is scaled by, the gate clipped to [0, 1]
+        with the gradient passed straight through (so a gate above 1 still feels both losses);
+        ``finalize`` removes the branches below 0.5."""
+        g = self.depth_gates
+        return g + (g.clamp(0, 1) - g).detach()
+
+    def depth_position(self, i: int) -> int:
+        """Entry of depth unit ``i`` in the gate vector."""
+        return 1 + self.num_channels + i
 
     @torch.no_grad()
     def project_widths(self) -> None:
@@ -222,7 +244,8 @@ class HFPState(torch.nn.Module):
     def counts_of(self, keep: torch.Tensor) -> torch.Tensor:
         """``[params, macs, latency in ns]`` of a keep vector; the latency is the model's prediction
         times ``latency_scale`` (0 without a latency model)."""
-        params, macs = self.cost.evaluate(keep)
+        depth = self.depth_values().double() if self.depth_units else None
+        params, macs = self.cost.evaluate(keep, depth)
         return torch.stack([params, macs, self.cost.latency(keep) * 1e6 * self.latency_scale])
 
     def counts(self, soft: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -329,6 +352,8 @@ class PreparedConfig:
     fit: Optional[ConfigFit]
     #: per-group floors from ``max_prune`` (:func:`~hfp_fx.plan.projection.min_kept_of`), or None
     min_kept: Optional[Dict[str, int]]
+    #: a Hugging Face decoder's layout (depth gates then remove whole layers), or None
+    layout: Optional[DecoderLayout] = None
 
     @staticmethod
     def of(prepared: torch.nn.Module) -> "PreparedConfig":
@@ -348,7 +373,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
             rerank_every: int = 0, importance: str = "l1", calibration: Optional[Iterable[Any]] = None,
             calibration_loss: Optional[CalibrationLoss] = None, max_prune: MaxPrune = None,
-            budget: str = "penalty") -> torch.fx.GraphModule:
+            budget: str = "penalty", depth: bool = False) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
 
     ``target``: ``hfp_fx.Target(params=..., macs=...)``, a dict, or a bare fraction/"40%"/int
@@ -386,8 +411,12 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
                                     cost_power=cost_power, relative_gates=relative_gates).items()
               if v != _PER_CHANNEL_DEFAULTS[k]}
     dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
+    if depth and wanted.latency is not None:
+        raise NotImplementedError("prepare(depth=True) takes a params or MACs target; a latency target with depth "
+                                  "gates is not supported yet (prepare with depth=False)")
+    units = [u for u in dg.depth_units if u.removable] if depth else []
     latency = build_latency_model(dg, latency_options, round_to=round_to) if wanted.latency is not None else None
-    cost = CostModel(dg, latency=latency)
+    cost = CostModel(dg, latency=latency, gated=units)
     index = PrunableIndex.of(dg)
     fit = config_fit(model, dg) if uniform_blocks else None
     min_kept = _floors(dg, max_prune, fit)
@@ -407,7 +436,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     state = HFPState(cost, index, kind, wanted.resolve(cost.counts(), _dense_ms(cost)), min_channels=min_channels,
                      round_to=round_to,
                      lambda_init=lambda_init, dual_rate=dual_rate, warmup_steps=warmup_steps, ramp_steps=ramp_steps,
-                     budget=budget)
+                     budget=budget, depth_units=units)
     if not dg.prunable_groups:
         raise ValueError(f"{type(model).__name__} has no prunable channel group; see "
                          "hfp_fx.dependency_graph(model, x).summary() for the reasons")
@@ -417,9 +446,13 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
     if device is not None and device.type != "meta":
         state.to(device)
     prepared = insert_gates(dg.facts, state)
+    if units:
+        vector = next(n for n in prepared.graph.nodes if n.op == "call_module" and n.target == "hfp")
+        gate_units(prepared, units, vector, [state.depth_position(i) for i in range(len(units))])
     prepared.train(model.training)  # the gates' schedule follows the model's mode
     prepared.hfp_config = PreparedConfig(dg, list(exclude), bool(uniform_blocks),
-                                         latency_options or LatencyOptions(), fit, min_kept)
+                                         latency_options or LatencyOptions(), fit, min_kept,
+                                         layout_of(model) if uniform_blocks else None)
     return prepared
 
 
@@ -434,8 +467,10 @@ _PER_CHANNEL_DEFAULTS = {k: prepare.__kwdefaults__[k]
 
 
 def gate_parameters(prepared: torch.nn.Module) -> List[torch.nn.Parameter]:
-    """The gate parameters (widths or per-channel gates), e.g. for their own optimizer parameter group."""
-    return [_unwrap(prepared).hfp.trainable]
+    """The gate parameters (widths or per-channel gates, and the depth gates of
+    ``prepare(depth=True)``), e.g. for their own optimizer parameter group."""
+    hfp = _unwrap(prepared).hfp
+    return [hfp.trainable] + ([hfp.depth_gates] if hfp.depth_units else [])
 
 
 def complexity_loss(prepared: torch.nn.Module) -> torch.Tensor:
@@ -502,6 +537,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     saliency = hfp.index.split_per_group(hfp.gates.saliency().cpu())
     initial = hfp.kept_per_group()
     tied = uniform_block_classes(dg.prunable_groups) if config.uniform_blocks else ()
+    removed, scaled = _depth_decision(prepared, hfp, config)
+    plan_cost = CostModel(dg, removed=removed) if hfp.depth_units else hfp.cost
 
     scale = float(hfp.latency_scale)
     if resolved.latency is not None and scale != 1.0:  # plan in the latency model's units
@@ -510,7 +547,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
         resolved_plan = resolved
 
     def plan_for(budget: ResolvedTarget) -> Plan:
-        return project(hfp.cost, dg.prunable_groups, saliency, budget, initial=initial,
+        return project(plan_cost, dg.prunable_groups, saliency, budget, initial=initial,
                        min_channels=hfp.min_channels, round_to=hfp.round_to, cost_power=cost_power, tied=tied,
                        fit=config.fit, min_kept=config.min_kept)
 
@@ -518,7 +555,15 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
         base = _trained_copy(prepared, dg)
         vector = torch.cat([torch.ones(1), hfp.gates.gate_values().detach().cpu().double().clamp(min=0)])
         scales = _fold_gates(base, dg, hfp.index, vector)  # docs/concepts.md, "Finalize"
-        return shrink_model(dg.facts, dg.alive(plan.keep), gm=base, scales=scales), scales
+        if not hfp.depth_units:
+            return shrink_model(dg.facts, dg.alive(plan.keep), gm=base, scales=scales), scales
+        gone = {n for u in removed for n in u.nodes}
+        scales = [s for s in scales if s[1].node not in gone]  # (sites inside removed branches go with them)
+        small = shrink_model(dg.facts, dg.alive(plan.keep), gm=remove_units(base, removed, drop_state=False),
+                             scales=scales)
+        drop_unused_state(small)
+        scale_units(small, scaled)
+        return small, scales
 
     names = ["budget projection", "fold gates and shrink"] + (["measure latency"] if resolved.latency else [])
     with stages("finalize", names) as stage:
@@ -541,8 +586,30 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
                     planned=resolved_plan.latency, trained=initial)
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
-                                       exclude=config.exclude, latency=latency)
+                                       exclude=config.exclude, latency=latency,
+                                       removed_units={u.id: u.name for u in removed})
     return small
+
+
+def _depth_decision(prepared, hfp: HFPState, config: PreparedConfig):
+    """``(removed units, [(kept unit, its gate) where the gate is not 1])`` from the depth gates:
+    a branch goes when its gate is below 0.5 (on a Hugging Face decoder with ``uniform_blocks``,
+    a layer goes whole when the mean of its two gates is)."""
+    if not hfp.depth_units:
+        return [], []
+    values = hfp.depth_values().detach().cpu().double().tolist()
+    layout = config.layout if config.uniform_blocks else None
+    key = _decoder_layer_of(layout) if layout is not None else (lambda u: u.id)
+    blocks: Dict[str, List[int]] = {}
+    for i, unit in enumerate(hfp.depth_units):
+        blocks.setdefault(key(unit), []).append(i)
+    gone = set()
+    for members in blocks.values():
+        if sum(values[i] for i in members) / len(members) < 0.5:
+            gone.update(members)
+    removed = [u for i, u in enumerate(hfp.depth_units) if i in gone]
+    scaled = [(u, values[i]) for i, u in enumerate(hfp.depth_units) if i not in gone and values[i] != 1.0]
+    return removed, scaled
 
 
 def _meet_latency(dense: torch.nn.Module, small: torch.nn.Module, plan: Plan, resolved: ResolvedTarget,
@@ -823,7 +890,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                                                        cost_power=cost_power, tied=tied, fit=fit,
                                                        min_kept=min_kept),
                     calibration if calibration is not None else [dg.example_inputs],
-                    blocks=_decoder_layer_of(layout) if layout is not None else None, widths=depth is True)
+                    blocks=_decoder_layer_of(layout) if layout is not None else None, widths=depth is True,
+                    loss=calibration_loss)
                 plan = choice.plan
                 removed = {u.id: u.name for u in choice.removed}
             else:
