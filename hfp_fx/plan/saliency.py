@@ -33,10 +33,14 @@ def magnitude_saliency(dg, importance: str = "l1") -> Dict[str, torch.Tensor]:
         raise ValueError(f"importance must be one of {IMPORTANCE_KINDS}, got {importance!r}")
     tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
     scores = {role: torch.zeros(dg.num_elements, dtype=torch.float64) for role in ("out", "in")}
-    for s in dg.magnitude_slices:
+    for s in dg.magnitude_slices if importance != "uniform" else ():  # (uniform reads no weight)
         w = tensors.get(s.param)
         if w is None:
             continue
+        if w.is_meta:
+            raise ValueError(f"importance={importance!r} ranks channels by their weights, and `{s.param}` is on "
+                             "the meta device (no values): load the weights, or plan without them with "
+                             "importance='uniform'")
         flat = w.detach().double().cpu().transpose(0, s.dim).reshape(w.shape[s.dim], -1)
         per = flat.abs().mean(1) if importance == "l1" else flat.pow(2).mean(1).sqrt()
         scores[s.role].index_add_(0, dg.units_of(s.ids), per)

@@ -302,6 +302,7 @@ def saliency_of(dg: DependencyGraph, importance: str, calibration: Optional[Iter
     magnitude (:mod:`hfp_fx.plan.saliency`: ``"l1"``, ``"l2"``, ``"uniform"``) or measured on the
     ``calibration`` batches (:mod:`hfp_fx.plan.calibration`: ``"activation"``, ``"taylor"``)."""
     if importance in DATA_IMPORTANCE_KINDS:
+        _refuse_meta(dg.gm, f"importance={importance!r} runs the model on calibration data")
         return data_saliency(dg, calibration, importance, calibration_loss)
     if importance not in IMPORTANCE_KINDS:
         raise ValueError(f"importance must be one of {IMPORTANCE_KINDS + DATA_IMPORTANCE_KINDS}, got {importance!r}")
@@ -309,6 +310,15 @@ def saliency_of(dg: DependencyGraph, importance: str, calibration: Optional[Iter
         raise ValueError(f"importance={importance!r} reads only the weights: calibration data is used by "
                          f"importance in {DATA_IMPORTANCE_KINDS}")
     return magnitude_saliency(dg, importance)
+
+
+def _refuse_meta(model: torch.nn.Module, what: str) -> None:
+    """A clear error where weights are needed and the model's are on the meta device."""
+    name = next((n for n, p in model.named_parameters() if p.is_meta), None)
+    if name is not None:
+        raise ValueError(f"{what}, which needs the weights, and `{name}` is on the meta device (no values): "
+                         "load the weights first; without them, dependency_graph, count and "
+                         "prune(..., importance='uniform') plan on the meta device")
 
 
 def _channel_ranks(dg: DependencyGraph, scores: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -411,6 +421,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
                                     cost_power=cost_power, relative_gates=relative_gates).items()
               if v != _PER_CHANNEL_DEFAULTS[k]}
     dg = dependency_graph(model, example_inputs, exclude=exclude, rules=rules, capture=capture)
+    _refuse_meta(model, "prepare makes a model to train")
     if depth and wanted.latency is not None:
         raise NotImplementedError("prepare(depth=True) takes a params or MACs target; a latency target with depth "
                                   "gates is not supported yet (prepare with depth=False)")
