@@ -140,9 +140,26 @@ def test_prune_with_depth_on_vit_is_exact():
     check_depth_prune(model, torch.randn(1, 3, 224, 224), {"params": 0.5})
 
 
-def test_prune_with_depth_refuses_a_latency_target():
-    with pytest.raises(NotImplementedError, match="depth=False"):
-        hfp_fx.prune(torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32), {"latency": 0.5}, depth=True)
+def test_prune_with_depth_meets_a_latency_target_with_the_latency_model_without_the_branches(tmp_path):
+    """A removed branch takes its timed nodes' terms and intercepts out of the latency model;
+    the plan is made and measured like a width-only one."""
+    from hfp_fx.plan.cost import CostModel
+    from hfp_fx.plan.latency import LatencyOptions, build_latency_model
+
+    torch.set_num_threads(1)
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 32, 32)
+    options = LatencyOptions(variants=3, node_time=2e-4, min_run_time=0.01, rounds=1, cache_dir=str(tmp_path))
+    dg = hfp_fx.dependency_graph(model, x)
+    latency = build_latency_model(dg, options)
+    unit = next(u for u in dg.depth_units if u.removable)
+    ones = torch.ones(CostModel(dg).num_units, dtype=torch.float64)
+    full, without = (float(CostModel(dg, latency=latency, removed=r).latency(ones)) for r in ((), [unit]))
+    assert without < full  # its nodes' share is gone
+    small = hfp_fx.prune(model, x, {"latency": 0.7}, depth=True, latency_options=options)
+    report = small.meta["hfp"]
+    assert report.latency is not None and report.latency.measured_ms is not None
+    with torch.no_grad():
+        assert_close(hfp_fx.mask(model, x, keep=report.keep)(x), small(x))
 
 
 def test_llama_with_two_of_four_layers_removed_round_trips_through_from_pretrained(tmp_path):

@@ -115,10 +115,14 @@ class CostModel(torch.nn.Module):
         mc, mi = terms(mac_items)
         #: the latency model's terms share the rows (channel axes) of params and MACs
         self.has_latency = latency is not None
-        lc, li = terms([(c, list(rs)) for c, rs in latency.terms] if latency is not None else [])
+        kept_terms = [(c, list(rs)) for k, (c, rs) in enumerate(latency.terms)
+                      if k >= len(latency.term_nodes) or latency.term_nodes[k] not in gone_nodes] \
+            if latency is not None else []
+        lc, li = terms(kept_terms)
         self.register_buffer("latency_coeff", lc, persistent=False)
         self.register_buffer("latency_rows", li, persistent=False)
-        self.const_latency = float(latency.const) if latency is not None else 0.0
+        self.const_latency = float(latency.const - sum(v for n, v in latency.node_const.items() if n in gone_nodes)) \
+            if latency is not None else 0.0
         self.register_buffer("param_coeff", pc, persistent=False)
         self.register_buffer("param_rows", pi, persistent=False)
         self.register_buffer("mac_coeff", mc, persistent=False)

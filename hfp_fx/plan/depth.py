@@ -130,11 +130,13 @@ def _loss(model: torch.nn.Module, loss: Callable, batches: List[tuple]) -> float
 def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[CostModel], Plan],
                          batches: Iterable[Any], max_units: Optional[int] = None,
                          blocks: Optional[Callable[[DepthUnit], str]] = None, widths: bool = True,
-                         loss: Optional[Callable] = None) -> DepthChoice:
+                         loss: Optional[Callable] = None, latency=None) -> DepthChoice:
     """Try ``k = 0, 1, ...`` removed units (least salient per unit of cost first) with widths
     projected onto ``target`` by ``project_widths(cost_model_without_them)``; keep the one whose
     masked model does best on ``batches``: the lowest ``loss(output, inputs)`` (default for a
     causal LM: next-token cross-entropy), else the output closest to the dense model's.
+    ``latency``: the measured latency model (:class:`~hfp_fx.plan.latency.LatencyTerms`) for a
+    latency target; a removed branch takes its timed nodes' terms with it.
 
     ``blocks(unit)``: units with the same key go together (a decoder layer's attention and MLP,
     so that a Hugging Face config can hold the result).  ``widths=False`` (depth only): the
@@ -142,14 +144,22 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
     """
     batches = _batches(batches)
     units = [u for u in dg.depth_units if u.removable]
-    metric = "macs" if target.macs is not None else "params"
+    metric = "latency" if target.latency is not None else "macs" if target.macs is not None else "params"
+
+    def size(u: DepthUnit) -> float:  # what removing the unit saves, in the target's quantity
+        return getattr(u, metric) if metric != "latency" else u.macs
+
+    def left(cost: CostModel) -> float:
+        if metric == "latency":
+            return float(cost.latency(torch.ones(cost.num_units, dtype=torch.float64)))
+        return getattr(cost.counts(), metric)
     saliency = depth_saliency(dg, units, batches)
     together: Dict[str, List[DepthUnit]] = {}
     for u in units:
         together.setdefault(blocks(u) if blocks is not None else u.id, []).append(u)
     if blocks is not None:  # a block goes only whole: every one of its units removable
         together = {k: v for k, v in together.items() if len(v) == sum(blocks(u) == k for u in dg.depth_units)}
-    score = {k: sum(saliency[u.id] for u in v) / max(sum(getattr(u, metric) for u in v), 1)
+    score = {k: sum(saliency[u.id] for u in v) / max(sum(size(u) for u in v), 1)
              for k, v in together.items()}
     order_blocks = sorted(together, key=score.__getitem__)
     if blocks is not None:
@@ -160,8 +170,8 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
         removed: List[DepthUnit] = []
         for key in order_blocks:
             removed += together[key]
-            cost = CostModel(dg, removed=removed)
-            if getattr(cost.counts(), metric) <= getattr(target, metric):
+            cost = CostModel(dg, latency=latency, removed=removed)
+            if left(cost) <= getattr(target, metric):
                 return DepthChoice(removed, _whole(cost, dg, target), cost, [([u.id for u in removed], float("nan"))])
         raise ValueError(f"removing every removable depth unit does not meet the {metric} target; "
                          "prune widths too (depth=True)")
@@ -173,9 +183,8 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
     best, tried = None, []
     for k in range(len(order) + 1):
         removed = [u for block in order[:k] for u in block]
-        cost = CostModel(dg, removed=removed)
-        left = getattr(cost.counts(), metric)
-        if k and left <= getattr(target, metric):
+        cost = CostModel(dg, latency=latency, removed=removed)
+        if k and left(cost) <= getattr(target, metric):
             break  # depth alone meets the budget: no width left to make it exact
         plan = project_widths(cost)
         masked = apply_masks(dg.facts, dg.alive(plan.keep))

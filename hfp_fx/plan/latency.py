@@ -107,6 +107,10 @@ class LatencyTerms:
     dense_ms: float  #: the dense model's measured latency
     fit: Dict[str, float] = field(default_factory=dict)  #: calibration and fit diagnostics
     seconds: float = 0.0  #: time spent building the model
+    #: the timed node each term comes from, and each timed node's share of ``const`` (ms): the
+    #: latency without a removed residual branch drops its nodes' terms and shares
+    term_nodes: List[str] = field(default_factory=list)
+    node_const: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -480,7 +484,7 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
     fits = {a.name: _fit_nonnegative(*zip(*samples[a.name])) if samples[a.name] else (0.0,) for a in axes}
     predicted = [sum(sum(c * x for c, x in zip(fits[n], feats)) for n, feats in xs.items()) for xs in fractions]
     scale, offset = _calibrate(predicted, whole)
-    terms = []
+    terms, term_nodes = [], []
     for a in axes:
         if len(a.rows) == 1:
             factors = [(a.rows[0],)]
@@ -489,6 +493,7 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
         for c, rows in zip(fits[a.name][1:], factors):
             if c > 0:  # f = kept / size, so the term is c / size * kept
                 terms.append((scale * c * 1e3 / math.prod(r.numel() for r in rows), rows))
+                term_nodes.append(a.name)
     const = (scale * sum(f[0] for f in fits.values()) + offset) * 1e3
     errors = [abs((scale * p + offset) / w - 1) for p, w in zip(predicted, whole)]
     fit = {"scale": scale, "offset_ms": offset * 1e3, "nodes": len(axes), "models": len(keeps),
@@ -496,7 +501,8 @@ def build_latency_model(dg, options: Optional[LatencyOptions] = None,
            # what the fit predicts for each timed model (the dense one first): the emitted terms
            # must give the same for the same keeps
            "predicted_ms": [(scale * p + offset) * 1e3 for p in predicted]}
-    return LatencyTerms(terms, const, whole[0] * 1e3, fit, time.perf_counter() - started)
+    return LatencyTerms(terms, const, whole[0] * 1e3, fit, time.perf_counter() - started, term_nodes,
+                        {name: scale * f[0] * 1e3 for name, f in fits.items()})
 
 
 def _calibrate(predicted: Sequence[float], measured: Sequence[float]) -> Tuple[float, float]:

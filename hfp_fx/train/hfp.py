@@ -886,14 +886,14 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
             fit = config_fit(model, dg) if uniform_blocks else None
             min_kept = _floors(dg, max_prune, fit)
 
-            def plan_for(b: ResolvedTarget) -> Plan:
-                return project(cm, dg.prunable_groups, saliency, b, min_channels=min_channels, round_to=round_to,
-                               cost_power=cost_power, tied=tied, fit=fit, min_kept=min_kept)
+            plan_cost = cm  # (without the removed branches, once depth chose them)
 
+            def plan_for(b: ResolvedTarget) -> Plan:
+                return project(plan_cost, dg.prunable_groups, saliency, b, min_channels=min_channels,
+                               round_to=round_to, cost_power=cost_power, tied=tied, fit=fit, min_kept=min_kept)
+
+            choice = None
             if depth:
-                if budget.latency is not None:
-                    raise NotImplementedError("prune(depth=True) takes a params or MACs target; a latency target "
-                                              "with depth units is not supported yet (prune with depth=False)")
                 layout = layout_of(model) if uniform_blocks else None
                 choice = plan_width_and_depth(
                     dg, resolved, lambda cost: project(cost, dg.prunable_groups, saliency, resolved,
@@ -902,22 +902,22 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                                                        min_kept=min_kept),
                     calibration if calibration is not None else [dg.example_inputs],
                     blocks=_decoder_layer_of(layout) if layout is not None else None, widths=depth is True,
-                    loss=calibration_loss)
-                plan = choice.plan
+                    loss=calibration_loss, latency=latency)
+                plan, plan_cost = choice.plan, choice.cost  # later latency corrections keep the branches gone
                 removed = {u.id: u.name for u in choice.removed}
             else:
                 plan, removed = plan_for(resolved), {}
+
+        def build(p: Plan) -> torch.fx.GraphModule:
+            return _shrink_with_depth(dg, p.keep, choice.removed) if removed else shrink_model(dg.facts, dg.alive(p.keep))
         with stage("shrink"):
-            if removed:
-                small = _shrink_with_depth(dg, plan.keep, choice.removed)
-            else:
-                small = shrink_model(dg.facts, dg.alive(plan.keep))
+            small = build(plan)
         report = None
         if latency is not None:
             with stage("measure latency"):
                 small, plan, report, _ = _meet_latency(
                     copy.deepcopy(dg.gm), small, plan, resolved, _dense_ms(cm), plan_for,
-                    lambda p: (shrink_model(dg.facts, dg.alive(p.keep)), None), dg.example_inputs,
+                    lambda p: (build(p), None), dg.example_inputs,
                     latency_options or LatencyOptions())
                 report.model_seconds = latency.seconds
     small.train(model.training)
