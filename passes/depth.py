@@ -133,22 +133,26 @@ def _fold(gm: torch.fx.GraphModule, node: torch.fx.Node, factor: float) -> bool:
     return True
 
 
-def scale_units(gm: torch.fx.GraphModule, scales: Iterable) -> None:
+def scale_units(gm: torch.fx.GraphModule, scales: Iterable, fold: bool = True) -> dict:
     """In place: ``(unit, factor)``: the unit's branch enters its add times the constant ``factor``
     (a trained depth gate kept by ``finalize``), folded into the branch's last layer where it is
     a linear or conv layer of its own (so a Hugging Face decoder keeps its config), else a
-    multiplication by the constant."""
+    multiplication by the constant.  Returns ``{unit id: factor}`` of the multiplications (what a
+    saved plan must record: the folded factors live in the weights)."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    inserted = {}
     for unit, factor in scales:
         add = nodes[unit.add]
         branch = next((a for a in add.args[:2] if isinstance(a, torch.fx.Node) and a.name == unit.output), None)
         if branch is None:  # the shrink pass rewrote the branch's last node: the input that is not the skip
             branch = next(a for a in add.args[:2] if isinstance(a, torch.fx.Node) and a.name != unit.skip)
-        if _fold(gm, branch, factor):
+        if fold and _fold(gm, branch, factor):
             continue
         with gm.graph.inserting_before(add):
             scaled = emit(gm.graph, operator.mul, (branch, float(factor)), aten=is_aten(add))
         scaled.meta = dict(branch.meta)
         add.replace_input_with(branch, scaled)
+        inserted[unit.id] = float(factor)
     gm.graph.lint()
     gm.recompile()
+    return inserted

@@ -200,7 +200,7 @@ def test_prune_with_depth_and_uniform_blocks_removes_whole_decoder_layers(depth)
     assert hf.config.num_hidden_layers == 4 - len(layers)
 
 
-def test_hfp_depth_gates_start_exact_and_finalize_removes_and_scales_branches():
+def test_hfp_depth_gates_start_exact_and_finalize_removes_and_scales_branches(tmp_path):
     """prepare(depth=True): one gate per removable branch, from 1 (the prepared model is the
     model); finalize removes the branches below 0.5 and scales the kept ones by their gate, and
     equals the prepared model with the removed channels' and branches' gates at zero."""
@@ -224,6 +224,11 @@ def test_hfp_depth_gates_start_exact_and_finalize_removes_and_scales_branches():
     assert list(report.removed_units) == [hfp.depth_units[0].id]
     assert report.achieved.macs <= report.target.macs
     assert hfp_fx.count(small, x).macs == report.achieved.macs
+    assert report.depth_scales == {hfp.depth_units[3].id: pytest.approx(0.7)}  # (a BatchNorm ends the branch)
+    hfp_fx.save(small, tmp_path / "small.pt")  # the scale is in the plan: load rebuilds it
+    loaded = hfp_fx.load(tmp_path / "small.pt", lambda: torchvision.models.resnet18().eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x))
     apply_plan(prepared, report.keep)
     with torch.no_grad():
         hfp.depth_gates[0] = 0.0

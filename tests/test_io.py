@@ -68,6 +68,7 @@ def test_files_of_the_previous_format_load(tmp_path):
     def old_plan(plan):
         plan.update(format="hfp_fx.pruned/1", scale_sites=[f"site{k}"])
         del plan["inputs"], plan["model_spec"], plan["capture"], plan["input_names"], plan["removed_units"]
+        del plan["depth_scales"]
 
     rewrite(path, old_plan, lambda state: state.__setitem__(f"_hfp_scale_site{k}", state.pop("_hfp_scale_matmul_0")))
     blob = torch.load(path, weights_only=True)

@@ -33,7 +33,7 @@ import torch.fx
 from hfp_fx.api import dependency_graph
 from hfp_fx.plan.cost import Counts
 from hfp_fx.passes.registry import OpRegistry
-from hfp_fx.passes.depth import drop_unused_state, remove_units
+from hfp_fx.passes.depth import drop_unused_state, remove_units, scale_units
 from hfp_fx.passes.shrink import scale_buffer, shrink_model
 from hfp_fx.plan.projection import Plan
 from hfp_fx.plan.report import PruneReport
@@ -67,6 +67,7 @@ def save(model: torch.fx.GraphModule, path: PathLike, *, model_spec: Optional[st
         raise TypeError(f"model_spec must be a string like 'torchvision:resnet18', got {type(spec).__name__}")
     widths = {k: v for k, v in report.keep.items() if k not in report.removed_units}
     plan = {"format": FORMAT, "keep": widths, "removed_units": report.removed_units,
+            "depth_scales": report.depth_scales,
             "exclude": report.exclude, "scale_sites": report.scale_sites,
             "groups": {gid: [g.dense, g.kept] for gid, g in report.groups.items()},
             "achieved": _counts(report.achieved), "dense": _counts(report.dense), "target": {**_counts(report.target), "latency_ms": report.target.latency},
@@ -121,10 +122,17 @@ def load(path: PathLike, model_factory: Optional[Callable[[], torch.nn.Module]] 
     small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites], gm=gm)
     if removed:
         drop_unused_state(small)
+    depth_scales = {str(k): float(v) for k, v in (plan.get("depth_scales") or {}).items()}
+    if depth_scales:
+        units = {u.id: u for u in dg.depth_units}
+        if any(uid not in units for uid in depth_scales):
+            raise _damaged(path, f"its depth_scales name units {sorted(set(depth_scales) - set(units))} "
+                                 "the model does not have")
+        scale_units(small, [(units[uid], f) for uid, f in depth_scales.items()], fold=False)
     _check_weights(small, state, path)
     small.load_state_dict(state, strict=True)
     small.meta["hfp"] = PruneReport.of(dg, saved, scale_sites=scale_sites, exclude=plan["exclude"], model_spec=spec,
-                                       removed_units={u.id: u.name for u in removed})
+                                       removed_units={u.id: u.name for u in removed}, depth_scales=depth_scales)
     return small
 
 

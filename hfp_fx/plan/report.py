@@ -47,11 +47,15 @@ class PruneReport:
     #: depth units removed (``prune(..., depth=True)``): id -> the branch's module path; ``keep``
     #: maps their ids to ``False``
     removed_units: Dict[str, str] = field(default_factory=dict)
+    #: kept depth units whose branch output is multiplied by a constant (HFP depth gates that
+    #: could not be folded into a layer): id -> factor
+    depth_scales: Dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
            model_spec: Optional[str] = None, latency: Optional[LatencyReport] = None,
-           removed_units: Optional[Dict[str, str]] = None) -> "PruneReport":
+           removed_units: Optional[Dict[str, str]] = None,
+           depth_scales: Optional[Dict[str, float]] = None) -> "PruneReport":
         """The report of ``plan`` (a :class:`hfp_fx.Plan`) applied to the analysed model ``dg``."""
         groups = {}
         for g in dg.prunable_groups:
@@ -64,4 +68,4 @@ class PruneReport:
         return cls(dense, plan.counts, plan.target, groups, keep,
                    list(scale_sites), list(exclude), inputs, model_spec, getattr(dg, "capture", "fx"),
                    None if getattr(dg, "input_names", None) is None else list(dg.input_names), latency,
-                   dict(removed_units or {}))
+                   dict(removed_units or {}), dict(depth_scales or {}))

@@ -550,6 +550,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     tied = uniform_block_classes(dg.prunable_groups) if config.uniform_blocks else ()
     removed, scaled = _depth_decision(prepared, hfp, config)
     plan_cost = CostModel(dg, removed=removed) if hfp.depth_units else hfp.cost
+    depth_scales: Dict[str, float] = {}  # kept branches scaled by a multiplication (not folded)
 
     scale = float(hfp.latency_scale)
     if resolved.latency is not None and scale != 1.0:  # plan in the latency model's units
@@ -573,7 +574,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
         small = shrink_model(dg.facts, dg.alive(plan.keep), gm=remove_units(base, removed, drop_state=False),
                              scales=scales)
         drop_unused_state(small)
-        scale_units(small, scaled)
+        depth_scales.clear()
+        depth_scales.update(scale_units(small, scaled))
         return small, scales
 
     names = ["budget projection", "fold gates and shrink"] + (["measure latency"] if resolved.latency else [])
@@ -598,7 +600,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
                                        exclude=config.exclude, latency=latency,
-                                       removed_units={u.id: u.name for u in removed})
+                                       removed_units={u.id: u.name for u in removed}, depth_scales=depth_scales)
     return small
 
 
