@@ -15,7 +15,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -28,7 +27,7 @@ from hfp_fx.capture.export_capture import CAPTURES, example_kwargs, is_hugging_f
 from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.passes.channel_analysis import ChannelAnalysis
 from hfp_fx.passes.decompose import decompose
-from hfp_fx.passes.depth import drop_unused_state, mask_units, remove_units
+from hfp_fx.passes.depth import mask_units
 from hfp_fx.passes.mask import apply_masks
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
@@ -150,7 +149,9 @@ def mask(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = N
         model, example_inputs, rules=rules, capture=capture)
     widths, removed = dg.split_keep(keep)
     masked = apply_masks(dg.facts, dg.alive(widths))
-    return mask_units(masked, removed).train(dg.gm.training) if removed else masked.train(dg.gm.training)
+    if removed:
+        mask_units(masked, removed)
+    return masked.train(dg.gm.training)
 
 
 def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any = None, keep: Optional[Keep] = None,
@@ -160,8 +161,4 @@ def shrink(model: Union[torch.nn.Module, DependencyGraph], example_inputs: Any =
     dg = model if isinstance(model, DependencyGraph) else dependency_graph(
         model, example_inputs, rules=rules, capture=capture)
     widths, removed = dg.split_keep(keep)
-    if not removed:
-        return shrink_model(dg.facts, dg.alive(widths)).train(dg.gm.training)
-    small = shrink_model(dg.facts, dg.alive(widths), gm=remove_units(copy.deepcopy(dg.gm), removed, drop_state=False))
-    drop_unused_state(small)
-    return small.train(dg.gm.training)
+    return shrink_model(dg.facts, dg.alive(widths), removed=removed).train(dg.gm.training)

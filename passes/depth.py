@@ -40,10 +40,10 @@ def mask_units(gm: torch.fx.GraphModule, units: Iterable) -> torch.fx.GraphModul
     return gm
 
 
-def remove_units(gm: torch.fx.GraphModule, units: Iterable, drop_state: bool = True) -> torch.fx.GraphModule:
-    """In place: the readers of each unit's add read its skip input; the branch is deleted, and
-    with ``drop_state`` the parameters and submodules nothing reads anymore (the shrink pass,
-    which slices by parameter name, drops them itself after slicing)."""
+def remove_units(gm: torch.fx.GraphModule, units: Iterable) -> torch.fx.GraphModule:
+    """In place: the readers of each unit's add read its skip input; the branch's nodes are
+    deleted (its parameters stay until :func:`drop_unused_state`: the shrink pass, which runs
+    this with ``shrink_model(removed=)``, slices tensors by name first)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     stands_for = {}  # a removed add is another unit's stream: it stands for its own skip then
 
@@ -66,8 +66,6 @@ def remove_units(gm: torch.fx.GraphModule, units: Iterable, drop_state: bool = T
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
     gm.graph.lint()
-    if drop_state:
-        drop_unused_state(gm)
     gm.recompile()
     return gm
 

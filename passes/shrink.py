@@ -36,6 +36,7 @@ from torch.fx.node import Node
 
 from hfp_fx.spaces import ChannelMap
 from hfp_fx.passes.channel_analysis import ChannelFacts
+from hfp_fx.passes.depth import drop_unused_state, remove_units
 from hfp_fx.passes.edit import input_of, scale_input
 from hfp_fx.capture.shapes import propagate_shapes
 
@@ -99,15 +100,17 @@ class ShrinkEdit:
 
 
 def shrink_model(facts: ChannelFacts, alive: torch.Tensor, verify: bool = True,
-                 gm: Optional[torch.fx.GraphModule] = None, scales=()) -> torch.fx.GraphModule:
+                 gm: Optional[torch.fx.GraphModule] = None, scales=(), removed=()) -> torch.fx.GraphModule:
     """Shrink the traced model of ``facts`` (or ``gm``, a copy of it with other weights) to the
-    ``alive`` elements.
+    ``alive`` elements, without the residual branches of the depth units ``removed``.
 
     ``scales`` (see :func:`add_scale_nodes`) are inserted before the handlers rewrite their
     nodes, since a rewrite may replace a gate site's node by several (a LayerNorm over pruned
     channels).
     """
     gm = copy.deepcopy(facts.gm) if gm is None else gm
+    # the branches go first, their parameters last: the slicing below finds tensors by name
+    remove_units(gm, removed)
     before = {name: tuple(t.shape) for name, t in
               list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
     _slice_state(gm, facts, alive)
@@ -122,6 +125,8 @@ def shrink_model(facts: ChannelFacts, alive: torch.Tensor, verify: bool = True,
         if handler is not None and handler.rewrite is not None:
             handler.rewrite(node, edit)
     gm.graph.lint()
+    if removed:
+        drop_unused_state(gm)
     gm.recompile()
     if verify:
         _verify_shapes(gm, facts, alive)

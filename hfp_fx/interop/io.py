@@ -21,8 +21,6 @@ inputs default to zeros of the recorded shapes and dtypes.
 """
 from __future__ import annotations
 
-import copy
-
 import json
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -33,7 +31,7 @@ import torch.fx
 from hfp_fx.api import dependency_graph
 from hfp_fx.plan.cost import Counts
 from hfp_fx.passes.registry import OpRegistry
-from hfp_fx.passes.depth import drop_unused_state, remove_units, scale_units
+from hfp_fx.passes.depth import scale_units
 from hfp_fx.passes.shrink import scale_buffer, shrink_model
 from hfp_fx.plan.projection import Plan
 from hfp_fx.plan.report import PruneReport
@@ -118,10 +116,7 @@ def load(path: PathLike, model_factory: Optional[Callable[[], torch.nn.Module]] 
     scale_sites = _scale_site_names(plan, dg, state, path)
     sites = {s.name: s for s in dg.gate_sites}
     removed = _removed_units(plan, dg, path)
-    gm = remove_units(copy.deepcopy(dg.gm), removed, drop_state=False) if removed else None
-    small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites], gm=gm)
-    if removed:
-        drop_unused_state(small)
+    small = shrink_model(dg.facts, alive, scales=[(name, sites[name], None) for name in scale_sites], removed=removed)
     depth_scales = {str(k): float(v) for k, v in (plan.get("depth_scales") or {}).items()}
     if depth_scales:
         units = {u.id: u for u in dg.depth_units}

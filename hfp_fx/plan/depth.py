@@ -26,10 +26,9 @@ import torch
 import torch.fx
 
 from hfp_fx.analysis.depth import DepthUnit
-from hfp_fx.capture.tracing import normalize_inputs
 from hfp_fx.passes.depth import mask_units
 from hfp_fx.passes.mask import apply_masks
-from hfp_fx.plan.calibration import default_loss
+from hfp_fx.plan.calibration import _batches, _device_of, default_loss
 from hfp_fx.plan.cost import CostModel
 from hfp_fx.plan.projection import Plan
 from hfp_fx.plan.target import ResolvedTarget
@@ -61,15 +60,11 @@ class _BranchNorms(torch.fx.Interpreter):
         return super().run(*args, **kwargs)
 
 
-def _batches(batches: Iterable[Any]) -> List[tuple]:
-    return [normalize_inputs(b) for b in batches]
-
-
 def depth_saliency(dg, units: Sequence[DepthUnit], batches: Iterable[Any]) -> Dict[str, float]:
     """Per unit id: the mean over ``batches`` of ``||f(x)|| / ||x||`` at the unit's add."""
     recorder = _BranchNorms(copy.deepcopy(dg.gm).eval(), units)
     with torch.no_grad():
-        for inputs in _batches(batches):
+        for inputs in _batches(batches, _device_of(dg.gm)):
             recorder.run(*inputs)
     return {uid: sum(r) / max(len(r), 1) for uid, r in recorder.ratios.items()}
 
@@ -142,7 +137,7 @@ def plan_width_and_depth(dg, target: ResolvedTarget, project_widths: Callable[[C
     so that a Hugging Face config can hold the result).  ``widths=False`` (depth only): the
     fewest units that meet the budget, no channel pruned (the budget is met, not hit exactly).
     """
-    batches = _batches(batches)
+    batches = list(_batches(batches, _device_of(dg.gm)))  # (run several times: once per candidate)
     units = [u for u in dg.depth_units if u.removable]
     metric = "latency" if target.latency is not None else "macs" if target.macs is not None else "params"
 

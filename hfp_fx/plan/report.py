@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hfp_fx.plan.cost import CostModel, Counts
+from hfp_fx.plan.cost import Counts
 from hfp_fx.plan.latency import LatencyReport
 from hfp_fx.plan.target import ResolvedTarget
 
@@ -55,8 +55,10 @@ class PruneReport:
     def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
            model_spec: Optional[str] = None, latency: Optional[LatencyReport] = None,
            removed_units: Optional[Dict[str, str]] = None,
-           depth_scales: Optional[Dict[str, float]] = None) -> "PruneReport":
-        """The report of ``plan`` (a :class:`hfp_fx.Plan`) applied to the analysed model ``dg``."""
+           depth_scales: Optional[Dict[str, float]] = None, dense_counts: Optional[Counts] = None) -> "PruneReport":
+        """The report of ``plan`` (a :class:`hfp_fx.Plan`) applied to the analysed model ``dg``.
+        ``dense_counts``: the dense model's counts where the plan's are not (a plan made with the cost
+        model without removed depth units counts the model without them as dense)."""
         groups = {}
         for g in dg.prunable_groups:
             dense, kept = plan.kept_per_group[g.id]
@@ -64,8 +66,7 @@ class PruneReport:
         inputs = [(tuple(x.shape), str(x.dtype).replace("torch.", "")) for x in dg.example_inputs]
         keep = {k: list(v) for k, v in plan.keep.items()}
         keep.update({uid: False for uid in removed_units or {}})
-        dense = CostModel(dg).counts() if removed_units else plan.dense
-        return cls(dense, plan.counts, plan.target, groups, keep,
+        return cls(dense_counts if dense_counts is not None else plan.dense, plan.counts, plan.target, groups, keep,
                    list(scale_sites), list(exclude), inputs, model_spec, getattr(dg, "capture", "fx"),
                    None if getattr(dg, "input_names", None) is None else list(dg.input_names), latency,
                    dict(removed_units or {}), dict(depth_scales or {}))

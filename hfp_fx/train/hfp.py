@@ -42,7 +42,7 @@ from hfp_fx.plan.hf_layouts import ConfigFit, DecoderLayout, config_fit, layout_
 from hfp_fx.passes.insert_gates import insert_gates
 from hfp_fx.passes.registry import OpRegistry
 from hfp_fx.passes.shrink import shrink_model
-from hfp_fx.passes.depth import drop_unused_state, gate_units, remove_units, scale_units
+from hfp_fx.passes.depth import gate_units, scale_units
 from hfp_fx.plan.depth import plan_width_and_depth
 from hfp_fx.progress import stages
 from hfp_fx.plan.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data_saliency
@@ -571,9 +571,7 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
             return shrink_model(dg.facts, dg.alive(plan.keep), gm=base, scales=scales), scales
         gone = {n for u in removed for n in u.nodes}
         scales = [s for s in scales if s[1].node not in gone]  # (sites inside removed branches go with them)
-        small = shrink_model(dg.facts, dg.alive(plan.keep), gm=remove_units(base, removed, drop_state=False),
-                             scales=scales)
-        drop_unused_state(small)
+        small = shrink_model(dg.facts, dg.alive(plan.keep), gm=base, scales=scales, removed=removed)
         depth_scales.clear()
         depth_scales.update(scale_units(small, scaled))
         return small, scales
@@ -600,7 +598,8 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
     small.train(prepared.training)  # the mode the prepared model is in now
     small.meta["hfp"] = PruneReport.of(dg, plan, scale_sites=[name for name, _, _ in scales],
                                        exclude=config.exclude, latency=latency,
-                                       removed_units={u.id: u.name for u in removed}, depth_scales=depth_scales)
+                                       removed_units={u.id: u.name for u in removed}, depth_scales=depth_scales,
+                                       dense_counts=hfp.dense)
     return small
 
 
@@ -911,7 +910,7 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                 plan, removed = plan_for(resolved), {}
 
         def build(p: Plan) -> torch.fx.GraphModule:
-            return _shrink_with_depth(dg, p.keep, choice.removed) if removed else shrink_model(dg.facts, dg.alive(p.keep))
+            return shrink_model(dg.facts, dg.alive(p.keep), removed=choice.removed if removed else ())
         with stage("shrink"):
             small = build(plan)
         report = None
@@ -923,7 +922,8 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
                     latency_options or LatencyOptions())
                 report.model_seconds = latency.seconds
     small.train(model.training)
-    small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report, removed_units=removed)
+    small.meta["hfp"] = PruneReport.of(dg, plan, exclude=exclude, latency=report, removed_units=removed,
+                                       dense_counts=cm.counts())
     return small
 
 
@@ -937,11 +937,3 @@ def _decoder_layer_of(layout):
         return prefix + index if index.isdigit() else unit.id
 
     return block
-
-
-def _shrink_with_depth(dg: DependencyGraph, keep, removed) -> torch.fx.GraphModule:
-    """The widths of ``keep`` and the depth units ``removed`` (their branches deleted)."""
-    gm = remove_units(copy.deepcopy(dg.gm), removed, drop_state=False)
-    small = shrink_model(dg.facts, dg.alive(keep), gm=gm)
-    drop_unused_state(small)
-    return small
