@@ -20,6 +20,7 @@ from hfp_fx.plan.projection import InfeasibleTargetError, Plan
 from hfp_fx.plan.report import GroupReport, PruneReport
 from hfp_fx.interop.io import load, save
 from hfp_fx.interop.hf import to_pretrained
+from hfp_fx.interop.checkpoint import prune_checkpoint
 from hfp_fx.passes.registry import OpHandler, OpRegistry, default_rules
 from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.progress import set_progress
@@ -37,7 +38,7 @@ __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters", "distillation_loss",
     "recalibrate_latency",
-    "save", "load", "to_pretrained", "set_progress", "Target", "LatencyOptions", "LatencyReport", "Plan",
+    "save", "load", "to_pretrained", "prune_checkpoint", "set_progress", "Target", "LatencyOptions", "LatencyReport", "Plan",
     "PruneReport", "GroupReport",
     "render_graph", "plot_widths", "ComplexityLog",
     "DependencyGraph", "PruneGroup", "Member", "Counts", "CostModel",

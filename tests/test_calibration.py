@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -247,3 +248,25 @@ def test_budget_project_keeps_the_trained_architecture_within_the_ramped_target(
         hfp_fx.prepare(model, x, "50%", budget="lagrange")
     with pytest.raises(ValueError, match="use it with gates='width'"):
         hfp_fx.prepare(model, x, "50%", budget="project", gates="channel")
+
+
+def test_an_importance_function_ranks_the_channels():
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+
+    def last_channels_first(dg):  # scores rising with the channel index: the last ones are kept
+        return {g.id: torch.arange(1, g.channels + 1, dtype=torch.float64) for g in dg.prunable_groups}
+
+    small = hfp_fx.prune(model, x, {"macs": 0.5}, importance=last_channels_first)
+    for gid, kept in small.meta["hfp"].keep.items():
+        dense = small.meta["hfp"].groups[gid].dense
+        assert list(kept) == list(range(dense - len(kept), dense))
+
+
+@pytest.mark.parametrize("scores, message", [(lambda g: torch.ones(g.channels + 1), "must be"),
+                                             (lambda g: -torch.ones(g.channels), "non-negative")])
+def test_an_importance_function_with_bad_scores_is_refused(scores, message):
+    model, x = torchvision.models.resnet18().eval(), torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match=message):
+        hfp_fx.prune(model, x, {"macs": 0.5}, importance=lambda dg: {g.id: scores(g) for g in dg.prunable_groups})
+    with pytest.raises(ValueError, match="not prunable groups"):
+        hfp_fx.prune(model, x, {"macs": 0.5}, importance=lambda dg: {"nope": torch.ones(3)})

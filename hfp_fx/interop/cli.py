@@ -33,6 +33,7 @@ EPILOG = """examples:
   hfp-fx prune torchvision:mobilenet_v2 --macs 50% --params 60% --round-to 8 --out mbv2.pt
   hfp-fx bench torchvision:resnet50 --macs 50%
   hfp-fx prune torchvision:mobilenet_v2 --latency 50% --out mbv2_fast.pt
+  hfp-fx prune hf:path/to/llama --params 50% --uniform-blocks --out llama_half
 """
 
 
@@ -96,10 +97,10 @@ def _target(args):
     return hfp_fx.Target.parse(target)
 
 
-def _allocation_table(small, limit: int) -> str:
+def _allocation_table(report, limit: int) -> str:
     from tabulate import tabulate
 
-    groups = small.meta["hfp"].groups
+    groups = report.groups
     rows = [[gid, g.name, g.dense, g.kept, f"{100 * g.kept / g.dense:.0f}%"] for gid, g in groups.items()]
     shown = rows if limit <= 0 else rows[:limit]
     text = tabulate(shown, headers=["group", "first module", "dense", "kept", "kept %"], tablefmt="github")
@@ -111,13 +112,15 @@ def _allocation_table(small, limit: int) -> str:
 def cmd_prune(args) -> int:
     if args.plot:
         _require("matplotlib", "--plot")
+    if args.spec.startswith("hf:"):
+        return _prune_checkpoint(args)
     model, x = _load(args)
     target = _target(args)
     small = hfp_fx.prune(model, x, target, importance=args.importance, round_to=args.round_to,
                          min_channels=args.min_channels, exclude=args.exclude or (), capture=args.capture,
                          uniform_blocks=args.uniform_blocks)
     report = small.meta["hfp"]
-    print(_allocation_table(small, args.show))
+    print(_allocation_table(report, args.show))
     got = hfp_fx.count(small, x)
     for name in ("params", "macs"):
         dense, now, t = getattr(report.dense, name), getattr(got, name), getattr(report.target, name)
@@ -132,6 +135,31 @@ def cmd_prune(args) -> int:
         print(f"saved {args.out} (load with hfp_fx.load({str(args.out)!r}))")
     if args.plot:
         print(f"wrote {hfp_fx.plot_widths(small, args.plot, title=args.spec)}")
+    return 0
+
+
+def _prune_checkpoint(args) -> int:
+    """``hf:DIR``: a Hugging Face safetensors checkpoint pruned on disk into ``--out`` (a directory)."""
+    _require("transformers", "hf:PATH")
+    if not args.out:
+        raise SpecError("hf:PATH writes a pruned checkpoint: give --out DIR")
+    if args.latency is not None or args.plot or args.capture == "fx":
+        given = "--latency" if args.latency is not None else "--plot" if args.plot else "--capture fx"
+        raise SpecError(f"{given} is not available for hf:PATH (planned on the meta device with torch.export, "
+                        "weights read tensor by tensor); load the model and use hfp_fx.prune for it")
+    if args.importance not in ("l1", "l2", "uniform"):
+        raise SpecError(f"--importance {args.importance} needs the model in memory; hf:PATH takes l1, l2 or uniform")
+    ids = None
+    if args.input_size:
+        ids = torch.zeros(_input_shape(args.input_size, None), dtype=torch.long)
+    report = hfp_fx.prune_checkpoint(args.spec[len("hf:"):], args.out, _target(args), importance=args.importance,
+                                     example_inputs=ids, round_to=args.round_to, min_channels=args.min_channels,
+                                     exclude=args.exclude or ())
+    print(_allocation_table(report, args.show))
+    for name in ("params", "macs"):
+        dense, now, t = getattr(report.dense, name), getattr(report.achieved, name), getattr(report.target, name)
+        print(f"{name:>6}: {dense:,} -> {now:,} ({100 * now / dense:.2f}% of dense" + (f"; target {t:,})" if t else ")"))
+    print(f"wrote {args.out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
     return 0
 
 
@@ -169,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name, fn, help_text):
         p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("spec", help="torchvision:NAME, timm:NAME, path/to/file.py:factory or package.module:factory")
+        p.add_argument("spec", help="torchvision:NAME, timm:NAME, path/to/file.py:factory or package.module:factory"
+                       + ("; or hf:DIR, a Hugging Face safetensors checkpoint pruned on disk, one tensor in memory "
+                          "at a time (with --out DIR; layers keep one width)" if name == "prune" else ""))
         p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224 (default: the model's)")
         p.add_argument("--capture", choices=["fx", "export", "auto"], default="auto",
                        help="how the model is captured: auto (default; torch.fx tracing, torch.export for "
@@ -198,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uniform-blocks", action="store_true",
                    help="one width per kind of layer across repeated blocks (prune(uniform_blocks=True))")
     p.add_argument("--exclude", nargs="*", help="module names never pruned")
-    p.add_argument("--out", help="write the pruned model here (hfp_fx.save format)")
+    p.add_argument("--out", help="write the pruned model here (hfp_fx.save format; for hf:DIR a checkpoint directory)")
     p.add_argument("--plot", help="write a per-group kept-width bar chart (PNG; needs matplotlib)")
     p.add_argument("--show", type=int, default=40, help="groups listed in the allocation table (0 = all)")
     p = add("bench", cmd_bench, "dense vs pruned latency")

@@ -7,7 +7,7 @@ RMSNorms over the kept hidden channels ``d'`` with the statistics of the origina
 (1 + w) * sqrt(d / d')``), so the pruned weights fit the model's own class with ``hidden_size =
 d'``, ``rms_norm_eps = eps'``, the kept ``intermediate_size``, ``num_attention_heads`` and
 ``num_key_value_heads``, and ``head_dim`` written out (it does not change).  Gemma, which scales
-its embeddings by ``sqrt(hidden_size)``, takes another exact route (see ``_weights``).  One configuration
+its embeddings by ``sqrt(hidden_size)``, takes another exact route (see ``_rescaler``).  One configuration
 needs one width per kind of layer: prune with ``uniform_blocks=True``.
 
 A LayerNorm over pruned channels keeps the original width's mean and variance, which no LayerNorm
@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Dict, Mapping
+from typing import Callable, Dict, Mapping
 
 import torch
 
@@ -102,8 +102,9 @@ def _pruned_config(config, layout: DecoderLayout, state, dense_state):
     return new, hidden_size / hidden, head_share
 
 
-def _weights(model, layout: DecoderLayout, state, dense_state, stream_factor: float, head_share: float):
-    """``model``'s state dict from the pruned graph's tensors, the norms rescaled.
+def _rescaler(layout: DecoderLayout, stream_factor: float, head_share: float) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The function ``(state-dict key, pruned tensor) -> tensor of the smaller config``: the norms
+    (and the projections some norms read) rescaled, every other tensor as it is.
 
     The pruned graph's RMSNorms over the stream compute ``x * rsqrt(sum(x^2) / d + eps) * w`` over
     ``d'`` channels.  Two exact ways to get that from a standard RMSNorm over ``d'``:
@@ -129,6 +130,22 @@ def _weights(model, layout: DecoderLayout, state, dense_state, stream_factor: fl
         factors[proj + ".weight"] = factors[proj + ".bias"] = math.sqrt(eps_factor / r)
     if layout.embed_scale:
         factors.update({f"{w}.{p}": 1 / c for w in layout.writers for p in ("weight", "bias")})
+
+    def rescale(key: str, value: torch.Tensor) -> torch.Tensor:
+        if layout.norm != "layer" and (key == layout.final_norm or key.endswith(layout.stream_norms)):
+            factor = c
+        else:
+            factor = next((f for suffix, f in factors.items() if key.endswith(suffix)), 1.0)
+        if factor == 1.0:
+            return value
+        if key.endswith("norm.weight") and layout.norm == "rms_1p":
+            return (1 + value) * factor - 1
+        return value * factor
+    return rescale
+
+
+def _weights(model, state, dense_state, rescale) -> Dict[str, torch.Tensor]:
+    """``model``'s state dict from the pruned graph's tensors, rescaled (:func:`_rescaler`)."""
     out: Dict[str, torch.Tensor] = {}
     for key in model.state_dict():
         value = state.get(key)
@@ -139,15 +156,7 @@ def _weights(model, layout: DecoderLayout, state, dense_state, stream_factor: fl
             if alias is None:
                 raise ValueError(f"the pruned model has no tensor for {key}")
             value = state[alias]
-        factor = 1.0
-        if layout.norm != "layer" and (key == layout.final_norm or key.endswith(layout.stream_norms)):
-            factor = c
-        else:
-            factor = next((f for suffix, f in factors.items() if key.endswith(suffix)), 1.0)
-        if factor != 1.0:
-            is_norm = key.endswith("norm.weight")
-            value = (1 + value) * factor - 1 if is_norm and layout.norm == "rms_1p" else value * factor
-        out[key] = value
+        out[key] = rescale(key, value)
     return out
 
 
@@ -244,6 +253,61 @@ def _check(hf, small, example_inputs, vocab_size: int) -> None:
                          "model. Please report it with the family and widths; the pruned GraphModule itself is exact")
 
 
+def _match_dtypes(model: torch.nn.Module, like: torch.nn.Module) -> None:
+    """Give every tensor of ``model`` the dtype of its namesake in ``like``: a bf16 model loaded
+    with ``from_pretrained`` keeps its rotary frequencies in float32, and so must its pruned twin
+    (casting the whole model would round them and change its outputs)."""
+    dtypes = {n: t.dtype for n, t in list(like.named_parameters()) + list(like.named_buffers())}
+    default = next(like.parameters()).dtype
+    done: Dict[int, torch.Tensor] = {}  # one conversion per tensor, so tied weights stay tied
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    want = dtypes.get(f"{prefix}.{name}" if prefix else name, default if t is not None
+                                      and t.is_floating_point() else None)
+                    if t is not None and want is not None and t.dtype != want:
+                        if id(t) not in done:
+                            done[id(t)] = (torch.nn.Parameter(t.to(want), requires_grad=t.requires_grad)
+                                           if isinstance(t, torch.nn.Parameter) else t.to(want))
+                        store[name] = done[id(t)]
+
+
+def check_layout(like: torch.nn.Module) -> DecoderLayout:
+    """``like``'s :class:`DecoderLayout`, or an error naming the families :func:`to_pretrained` knows."""
+    if not is_hugging_face(like):
+        raise TypeError(f"to_pretrained expects the dense transformers model as `like`, got {type(like).__name__}")
+    layout = layout_of(like)
+    if layout is None:
+        raise ValueError(f"{type(like).__name__} (model_type {getattr(like.config, 'model_type', None)!r}) is not a "
+                         f"decoder family to_pretrained knows ({', '.join(sorted(LAYOUTS))}); its pruned GraphModule "
+                         "is exact and can be saved with hfp_fx.save, or add a DecoderLayout to hfp_fx.plan.hf_layouts.LAYOUTS")
+    return layout
+
+
+def pretrained_config(like: torch.nn.Module, config, layout: DecoderLayout, state, dense_state):
+    """The smaller config of ``like``'s class that holds the pruned ``state`` (only shapes are read,
+    so meta tensors do), validated, and the :func:`_rescaler` of its tensors."""
+    missing = [k for k in (layout.final_norm, layout.layer.format(0) + layout.mlps[0][0]) if k not in state]
+    if missing:
+        raise ValueError(f"the pruned model has no {missing[0]}: pass the GraphModule that hfp_fx pruned from `like`")
+    new_config, stream_factor, head_share = _pruned_config(config, layout, state, dense_state)
+    try:  # transformers 5 validates a config when it is built or saved, not when a field is set
+        validate = getattr(new_config, "validate", None)
+        if callable(validate):
+            validate()
+        with torch.device("meta"):
+            type(like)(new_config)
+    except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
+        widths = (f"hidden_size {getattr(new_config, 'hidden_size', None)}, "
+                  f"{getattr(new_config, 'num_attention_heads', None)} heads")
+        raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths ({widths}): {exc}. Prune with "
+                         "uniform_blocks=True (prune, or prepare -> finalize), which "
+                         "keeps hidden_size a multiple of the kept heads (hfp_fx.plan.hf_layouts.config_fit), or shrink with a "
+                         "keep that does") from exc
+    return new_config, _rescaler(layout, stream_factor, head_share)
+
+
 def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inputs=None,
                   check: bool = True) -> torch.nn.Module:
     """A model of ``like``'s class and configuration, resized to ``small``'s widths, holding its weights.
@@ -259,37 +323,18 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inpu
     token ids of the shape ``small`` was captured with) and raise ``ValueError`` if their logits
     differ by more than 1e-4 of their scale (2e-2 in half precision): never a silently different
     model.  The per-head q/k norms of Qwen3 and Gemma3 and OLMo2's over all heads stay exact
-    under the one config ``rms_norm_eps`` by rescaling their projections (see ``_weights``).
+    under the one config ``rms_norm_eps`` by rescaling their projections (see ``_rescaler``).
     """
-    if not is_hugging_face(like):
-        raise TypeError(f"to_pretrained expects the dense transformers model as `like`, got {type(like).__name__}")
     config = like.config
-    layout = layout_of(like)
-    if layout is None:
-        raise ValueError(f"{type(like).__name__} (model_type {getattr(config, 'model_type', None)!r}) is not a "
-                         f"decoder family to_pretrained knows ({', '.join(sorted(LAYOUTS))}); its pruned GraphModule "
-                         "is exact and can be saved with hfp_fx.save, or add a DecoderLayout to hfp_fx.plan.hf_layouts.LAYOUTS")
+    layout = check_layout(like)
     state = small.state_dict()
     dense_state = like.state_dict()
     config, state, dense_state = _without_removed_layers(config, layout, state, dense_state)
-    missing = [k for k in (layout.final_norm, layout.layer.format(0) + layout.mlps[0][0]) if k not in state]
-    if missing:
-        raise ValueError(f"the pruned model has no {missing[0]}: pass the GraphModule that hfp_fx pruned from `like`")
-    new_config, stream_factor, head_share = _pruned_config(config, layout, state, dense_state)
-    try:  # transformers 5 validates a config when it is built or saved, not when a field is set
-        validate = getattr(new_config, "validate", None)
-        if callable(validate):
-            validate()
-        model = type(like)(new_config)
-    except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
-        widths = (f"hidden_size {getattr(new_config, 'hidden_size', None)}, "
-                  f"{getattr(new_config, 'num_attention_heads', None)} heads")
-        raise ValueError(f"{type(like).__name__}'s config refuses the pruned widths ({widths}): {exc}. Prune with "
-                         "uniform_blocks=True (prune, or prepare -> finalize), which "
-                         "keeps hidden_size a multiple of the kept heads (hfp_fx.plan.hf_layouts.config_fit), or shrink with a "
-                         "keep that does") from exc
-    model.load_state_dict(_weights(model, layout, state, dense_state, stream_factor, head_share), strict=True)
-    model = model.to(dtype=next(like.parameters()).dtype).train(small.training)
+    new_config, rescale = pretrained_config(like, config, layout, state, dense_state)
+    model = type(like)(new_config)
+    model.load_state_dict(_weights(model, state, dense_state, rescale), strict=True)
+    _match_dtypes(model, like)
+    model.train(small.training)
     if check:
         _check(model, small, example_inputs, config.vocab_size)
     return model

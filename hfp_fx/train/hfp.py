@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -49,7 +49,7 @@ from hfp_fx.plan.calibration import DATA_IMPORTANCE_KINDS, CalibrationLoss, data
 from hfp_fx.plan.projection import (InfeasibleTargetError, MaxPrune, Plan, check_feasible, min_kept_of, project,
                                uniform_block_classes)
 from hfp_fx.plan.report import PruneReport
-from hfp_fx.plan.saliency import IMPORTANCE_KINDS, magnitude_saliency
+from hfp_fx.plan.saliency import IMPORTANCE_KINDS, magnitude_saliency, mean_one
 from hfp_fx.plan.target import ResolvedTarget, Target
 
 __all__ = ["HFPState", "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters",
@@ -296,20 +296,46 @@ class HFPState(torch.nn.Module):
         return (total * max(self.num_channels, 1)).to(self.trainable.dtype)
 
 
-def saliency_of(dg: DependencyGraph, importance: str, calibration: Optional[Iterable[Any]] = None,
+Importance = Union[str, Callable[[DependencyGraph], Mapping[str, torch.Tensor]]]
+
+
+def saliency_of(dg: DependencyGraph, importance: Importance, calibration: Optional[Iterable[Any]] = None,
                 calibration_loss: Optional[CalibrationLoss] = None) -> Dict[str, torch.Tensor]:
     """Per prunable group id, its channels' scores (mean 1 per group) by ``importance``: weight
-    magnitude (:mod:`hfp_fx.plan.saliency`: ``"l1"``, ``"l2"``, ``"uniform"``) or measured on the
-    ``calibration`` batches (:mod:`hfp_fx.plan.calibration`: ``"activation"``, ``"taylor"``)."""
+    magnitude (:mod:`hfp_fx.plan.saliency`: ``"l1"``, ``"l2"``, ``"uniform"``), measured on the
+    ``calibration`` batches (:mod:`hfp_fx.plan.calibration`: ``"activation"``, ``"taylor"``), or
+    your own: a function of the dependency graph returning, per prunable group id, one
+    non-negative score per channel (a group it leaves out is ranked uniformly)."""
+    if callable(importance):
+        return _custom_saliency(dg, importance(dg))
     if importance in DATA_IMPORTANCE_KINDS:
         _refuse_meta(dg.gm, f"importance={importance!r} runs the model on calibration data")
         return data_saliency(dg, calibration, importance, calibration_loss)
     if importance not in IMPORTANCE_KINDS:
-        raise ValueError(f"importance must be one of {IMPORTANCE_KINDS + DATA_IMPORTANCE_KINDS}, got {importance!r}")
+        raise ValueError(f"importance must be one of {IMPORTANCE_KINDS + DATA_IMPORTANCE_KINDS} or a function of "
+                         f"the dependency graph, got {importance!r}")
     if calibration is not None or calibration_loss is not None:
         raise ValueError(f"importance={importance!r} reads only the weights: calibration data is used by "
                          f"importance in {DATA_IMPORTANCE_KINDS}")
     return magnitude_saliency(dg, importance)
+
+
+def _custom_saliency(dg: DependencyGraph, scores: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"an importance function must return a dict of group id -> scores, got {type(scores).__name__}")
+    groups = {g.id: g for g in dg.prunable_groups}
+    unknown = sorted(set(scores) - set(groups))
+    if unknown:
+        raise ValueError(f"the importance function scored groups that are not prunable groups of this graph: "
+                         f"{unknown[:5]}; use the ids of dg.prunable_groups")
+    out = {}
+    for gid, g in groups.items():
+        s = torch.as_tensor(scores.get(gid, torch.ones(g.channels))).detach().double().cpu().reshape(-1)
+        if s.numel() != g.channels or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+            raise ValueError(f"importance for group {gid} ({g.name}) must be {g.channels} finite, non-negative "
+                             f"scores, got {s.numel()} values")
+        out[gid] = mean_one(s)
+    return out
 
 
 def _refuse_meta(model: torch.nn.Module, what: str) -> None:
@@ -381,7 +407,7 @@ def prepare(model: torch.nn.Module, example_inputs: Any, target: Any, *, exclude
             relative_gates: bool = False, ramp_steps: int = 0, gates: str = "width",
             rules: Optional[OpRegistry] = None, capture: str = "auto",
             uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
-            rerank_every: int = 0, importance: str = "l1", calibration: Optional[Iterable[Any]] = None,
+            rerank_every: int = 0, importance: Importance = "l1", calibration: Optional[Iterable[Any]] = None,
             calibration_loss: Optional[CalibrationLoss] = None, max_prune: MaxPrune = None,
             budget: str = "penalty", depth: bool = False) -> torch.fx.GraphModule:
     """A trainable copy of ``model`` with one gate per prunable group (see module doc).
@@ -818,7 +844,7 @@ def _fold_gates(gm: torch.fx.GraphModule, dg: DependencyGraph, index: PrunableIn
     return pending
 
 
-def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: str = "l1", *,
+def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: Importance = "l1", *,
           exclude: Sequence[str] = (), min_channels: int = 1, round_to: int = 1,
           cost_power: float = 0.0, rules: Optional[OpRegistry] = None, capture: str = "auto",
           uniform_blocks: bool = False, latency_options: Optional[LatencyOptions] = None,
@@ -842,7 +868,9 @@ def prune(model: torch.nn.Module, example_inputs: Any, target: Any, importance: 
     iterable of batches shaped like ``example_inputs``; :mod:`hfp_fx.plan.calibration`):
     ``"activation"`` ranks a channel by its mean ``|x|`` where a layer reads it, ``"taylor"`` by
     ``|d loss / d gate|`` (``calibration_loss(output, inputs)``, by default next-token
-    cross-entropy for a causal LM).  Each group's saliencies are divided by their mean, so
+    cross-entropy for a causal LM).  Or pass a function ``importance(dg) -> {group id: scores}``
+    (one non-negative score per channel, e.g. from weights read off disk, as
+    :func:`hfp_fx.prune_checkpoint` does).  Each group's saliencies are divided by their mean, so
     channels are ranked globally.  ``max_prune`` caps the fraction removed from every group or
     from the groups a pattern names (:func:`hfp_fx.plan.projection.min_kept_of`), e.g.
     ``{"model.embed_tokens": 0.4}`` keeps 60% of a Llama's residual stream.  ``cost_power`` (default 0) ranks by saliency alone; 1 ranks
