@@ -52,7 +52,7 @@ PRUNABLE = {"llama": [2, 2, 48, 64, 64], "qwen2": [2, 2, 48, 64, 64], "gpt2": [4
 def test_hugging_face_model_shrink_equals_mask(name, tie):
     dg, small = check_model(build(name, tie), {"input_ids": ids()}, capture="export")
     assert prunable(dg) == PRUNABLE[name]
-    assert dg.shape_specialized  # torch.export bakes the example's batch and sequence length in
+    assert not dg.shape_specialized  # batch and sequence length stay symbolic (see the test below)
     fixed = [g for g in dg.groups if not g.prunable]
     assert len(fixed) == 1 and fixed[0].reason == "model output"  # the logits (vocabulary / labels)
     assert isinstance(small(ids()), torch.Tensor)  # the graph returns the logits
@@ -219,3 +219,40 @@ def test_to_pretrained_refuses_what_a_config_cannot_express():
     with pytest.raises(ValueError, match="LayerNorm"):
         hfp_fx.to_pretrained(small, like=gpt2)
 
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_a_graph_captured_from_one_sequence_serves_any_batch_and_length(name):
+    """Export keeps batch and sequence symbolic (a batch of 1 captured as 2): the pruned graph
+    equals its masked reference, and the captured graph the model, at other shapes."""
+    model = build(name)
+    example = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(2))
+    dg = hfp_fx.dependency_graph(model, example)
+    assert not dg.shape_specialized
+    keep = {g.id: range(0, g.channels, 2) for g in dg.prunable_groups}
+    small, reference = hfp_fx.shrink(dg, keep=keep), hfp_fx.mask(dg, keep=keep)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for batch in (1, 3):
+            for length in (5, 16, 29):
+                x = torch.randint(0, 64, (batch, length), generator=gen)
+                assert torch.allclose(small(x), reference(x), atol=1e-5, rtol=1e-5), (batch, length)
+                assert torch.allclose(dg.gm(x), model(x, use_cache=False).logits, atol=1e-5), (batch, length)
+
+
+def test_a_prepared_model_trains_on_batches_of_any_length():
+    model = build("llama")
+    prepared = hfp_fx.prepare(model, torch.randint(0, 64, (1, 16)), {"params": 0.6})
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(4)
+    for batch, length in ((4, 12), (2, 20), (3, 7)):
+        x = torch.randint(0, 64, (batch, length), generator=gen)
+        logits = prepared(x)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), x[:, 1:].reshape(-1))
+        (loss + hfp_fx.complexity_loss(prepared)).backward()
+        opt.step()
+        opt.zero_grad()
+    small = hfp_fx.finalize(prepared).eval()
+    x = torch.randint(0, 64, (2, 11), generator=gen)
+    assert small(x).shape == (2, 11, 64)
+    assert hfp_fx.count(small, x).params <= 0.6 * hfp_fx.count(model, x).params

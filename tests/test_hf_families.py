@@ -183,9 +183,11 @@ def test_a_shrunk_exported_model_stays_in_aten(family):
     apply_plan(prepared, finalized.meta["hfp"].keep)  # finalize's reference: removed gates at 0
     expected = prepared.eval()(*x.values())
     for small in (hfp_fx.prune(model, x, {"params": 0.5}), finalized):
+        # (python arithmetic on symbolic sizes, e.g. batch * seq, is how export writes dynamic shapes)
         others = [n.format_node() for n in small.graph.nodes if n.op in ("call_method", "call_module") or
                   n.op == "call_function" and not isinstance(n.target, torch._ops.OpOverload)
-                  and n.target is not operator.getitem]
+                  and n.target is not operator.getitem
+                  and not (n.target.__module__ == "_operator" and isinstance(n.meta.get("val"), torch.SymInt))]
         assert not others, others[:3]
     with torch.no_grad():
         assert rel_err(finalized(*x.values()), expected) < 1e-4

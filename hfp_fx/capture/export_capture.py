@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -31,6 +32,8 @@ import torch.fx
 from hfp_fx.capture.copies import state_copy
 
 __all__ = ["CAPTURES", "export_capture", "is_hugging_face", "example_kwargs"]
+
+log = logging.getLogger("hfp_fx")
 
 #: the values of the ``capture=`` keyword
 CAPTURES = ("fx", "export", "auto")
@@ -57,21 +60,64 @@ def example_kwargs(model: torch.nn.Module) -> Dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params or accepts_kwargs else {}
 
 
+def _every_dim_auto(root: torch.nn.Module, args, kwargs) -> Dict[str, Any]:
+    """``dynamic_shapes`` marking every dim of every example tensor ``Dim.AUTO``: dynamic where the
+    model allows it (batch, sequence length, image size), the example's size where it needs one
+    (channels, a flatten into a fixed linear layer)."""
+    auto = torch.export.Dim.AUTO
+    bound = inspect.signature(root.forward).bind(*args, **kwargs)
+
+    def spec(value):
+        return {d: auto for d in range(value.dim())} if isinstance(value, torch.Tensor) and value.dim() else None
+
+    return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _batch_of_two(inputs: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:
+    """The example with a batch of 1 repeated to 2: export takes a size of 1 for a constant (and
+    specialises the graph to it), so a batch-1 example would give a batch-1 graph."""
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim()]
+    if not tensors or any(x.shape[0] != 1 for x in tensors):
+        return tuple(inputs)
+    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+
+
 def export_capture(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
-                   names: Optional[Tuple[str, ...]] = None) -> torch.fx.GraphModule:
+                   names: Optional[Tuple[str, ...]] = None, dynamic: Optional[bool] = None) -> torch.fx.GraphModule:
     """``torch.export.export`` a :func:`~hfp_fx.capture.copies.state_copy` of ``model`` (non-strict) and
     return the unlifted graph as a plain ``GraphModule`` taking ``inputs`` positionally.
 
     ``names``: keyword names of ``inputs`` (the example was a dict), else they are positional.
+    ``dynamic`` (default: for Hugging Face models): every dim export can leave symbolic stays so
+    (:func:`_every_dim_auto`), with a batch of 1 captured as 2, so the graph, and the models pruned
+    or prepared from it, run at any batch size and sequence length the model accepts; a model
+    whose export fails that way is captured with the example's shapes, as with ``dynamic=False``.
+    Other models keep the example's shapes: a reshape that merges a symbolic batch with attention
+    heads (``nn.MultiheadAttention``'s ``(T, B * heads, d)``) would fix the heads, which the
+    literal sizes of a specialised graph let the analysis prune.
     """
+    original = tuple(inputs)
+    if dynamic is None:
+        dynamic = is_hugging_face(model)
     root = state_copy(model)
+    inputs = _batch_of_two(inputs) if dynamic else tuple(inputs)
     kwargs = dict(example_kwargs(model))
     if names is not None:
         kwargs.update(zip(names, inputs))
         args: Tuple[torch.Tensor, ...] = ()
     else:
         args = tuple(inputs)
-    ep = torch.export.export(root, args, kwargs=kwargs, strict=False)
+    ep = None
+    if dynamic:
+        try:
+            ep = torch.export.export(root, args, kwargs=kwargs, strict=False,
+                                     dynamic_shapes=_every_dim_auto(root, args, kwargs))
+        except Exception as exc:  # noqa: BLE001 - a model export cannot make generic keeps the example's shapes
+            log.info("torch.export with dynamic sizes failed for %s (%s: %s); capturing the example's shapes",
+                     type(model).__name__, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return export_capture(model, original, names, dynamic=False)
+    if ep is None:
+        ep = torch.export.export(root, args, kwargs=kwargs, strict=False)
     unlifted = ep.module()
     graph = unlifted.graph
     # the input guards check the example's exact call; hfp_fx calls the graph positionally
@@ -125,4 +171,5 @@ def export_capture(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
     graph._tracer_extras = {}
     gm = torch.fx.GraphModule(unlifted, graph, class_name=type(model).__name__)
     gm.training = model.training  # the flag only
+    gm.meta["dynamic_shapes"] = bool(dynamic)
     return gm

@@ -360,6 +360,11 @@ def _positional_names(model: torch.nn.Module, names: Tuple[str, ...]) -> bool:
     return tuple(params[:len(names)]) == tuple(names)
 
 
+def _exported(model: torch.nn.Module, example_inputs, names) -> TracedModel:
+    gm = export_capture(model, example_inputs, names)
+    return TracedModel(gm, shape_specialized=not gm.meta.get("dynamic_shapes"), capture="export")
+
+
 def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], rules: Optional[OpRegistry] = None,
             how: str = "auto", names: Optional[Tuple[str, ...]] = None) -> TracedModel:
     """The one place that decides how a model is captured (the ``capture=`` keyword).
@@ -379,7 +384,7 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
                             "capture='export'")
         return trace(model, example_inputs, rules, _stacklevel=4)
     if how == "export" or is_hugging_face(model) or (names is not None and not _positional_names(model, names)):
-        return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True, capture="export")
+        return _exported(model, example_inputs, names)
     try:  # "auto" on a plain model: what symbolic tracing captures whole is kept as it is
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -389,8 +394,7 @@ def capture(model: torch.nn.Module, example_inputs: Tuple[torch.Tensor, ...], ru
         traced, caught, fx_error = None, [], exc
     if traced is None or traced.opaque:
         try:
-            return TracedModel(export_capture(model, example_inputs, names), shape_specialized=True,
-                               capture="export")
+            return _exported(model, example_inputs, names)
         except Exception as exc:  # noqa: BLE001 - keep what tracing managed
             if traced is None:
                 raise TraceError(f"neither torch.fx nor torch.export can capture {type(model).__name__}. "

@@ -214,12 +214,14 @@ def _example_for(small: torch.fx.GraphModule, vocab_size: int, seed: int = 0):
         if not isinstance(val, torch.Tensor):
             raise ValueError(f"cannot check the pruned graph: its input {node.name} has no recorded shape; pass "
                              "example_inputs=")
+        # a dynamic size (a SymInt of the capture) at the size export saw
+        shape = tuple(d if isinstance(d, int) else int(d.node.hint) for d in val.shape)
         if val.dtype.is_floating_point:
-            values.append(torch.randn(tuple(val.shape), generator=gen).to(val.dtype))
+            values.append(torch.randn(shape, generator=gen).to(val.dtype))
         elif "mask" in node.name:
-            values.append(torch.ones(tuple(val.shape), dtype=val.dtype))
+            values.append(torch.ones(shape, dtype=val.dtype))
         else:
-            values.append(torch.randint(0, vocab_size, tuple(val.shape), generator=gen, dtype=val.dtype))
+            values.append(torch.randint(0, vocab_size, shape, generator=gen, dtype=val.dtype))
         names.append(node.name)
     return names, values
 
