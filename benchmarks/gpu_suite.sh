@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU suite, under 8 minutes on one GPU (step limits add up to 430 s); everything lands under benchmarks/results/gpu/.
+# One GPU suite, under 8 minutes on one GPU (step limits add up to 490 s); everything lands under benchmarks/results/gpu/.
 #
 #   bash benchmarks/gpu_suite.sh            # needs CUDA; installs nothing, uses the current python
 #   GPU_SUITE_QUICK=1 bash benchmarks/gpu_suite.sh   # a 2-minute smoke version of every step
@@ -14,6 +14,7 @@
 #   2. latency at 50% MACs: ResNet-50, MobileNetV2, ViT-B/16 at batch 1 and 64, fp16, eager and compiled
 #   3. training-step overhead of prepare at batch 64 on CUDA
 #   4. benchmarks/quality.py on CUDA, 3 seeds (the rows so far stay in quality.partial.json at the limit)
+#   5. HFP under FSDP2 on the GPU(s) (examples/fsdp_train.py under torchrun, nccl; CPU: gloo, 2 ranks)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${GPU_SUITE_OUT:-benchmarks/results/gpu}
@@ -68,6 +69,9 @@ step overhead 45 $PY benchmarks/overhead.py --devices $DEV --batch 64 $OVER_ARGS
 # Fashion-MNIST: $FASHION_MNIST_DIR (the IDX files) where the machine cannot install the Debian package
 step quality 135 $PY benchmarks/quality.py --device $DEV --threads 4 $Q_ARGS ${FASHION_MNIST_DIR:+--data-dir "$FASHION_MNIST_DIR"} \
   --out "$OUT/quality.json"
+if [ "$DEV" = cuda ]; then NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))"); else NPROC=2; fi
+step fsdp 60 $PY -m torch.distributed.run --nproc_per_node=$NPROC --master_addr=127.0.0.1 --master_port=29631 \
+  examples/fsdp_train.py --steps 20 --out "$OUT/fsdp"
 
 {
   echo "{"

@@ -16,6 +16,7 @@ from hfp_fx.api import count, dependency_graph, mask, shrink
 from hfp_fx.plan.cost import CostModel, Counts
 from hfp_fx.train.hfp import complexity, complexity_loss, finalize, gate_parameters, prepare, prune, recalibrate_latency
 from hfp_fx.train.distill import distillation_loss
+from hfp_fx.train.distributed import fully_shard
 from hfp_fx.plan.projection import InfeasibleTargetError, Plan
 from hfp_fx.plan.report import GroupReport, PruneReport
 from hfp_fx.interop.io import load, save
@@ -37,7 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "dependency_graph", "count", "mask", "shrink",
     "prepare", "complexity_loss", "complexity", "finalize", "prune", "gate_parameters", "distillation_loss",
-    "recalibrate_latency",
+    "recalibrate_latency", "fully_shard",
     "save", "load", "to_pretrained", "prune_checkpoint", "set_progress", "Target", "LatencyOptions", "LatencyReport", "Plan",
     "PruneReport", "GroupReport",
     "render_graph", "plot_widths", "ComplexityLog",

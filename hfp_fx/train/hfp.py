@@ -555,7 +555,9 @@ def finalize(prepared: torch.nn.Module, target: Any = None, cost_power: float = 
 
     Given a ``DistributedDataParallel`` wrapper, ``finalize`` is a collective: every rank must
     call it, and rank 0's buffers (batch-norm statistics, which DDP lets drift per rank) are
-    broadcast first, so every rank returns the same architecture and weights.
+    broadcast first, so every rank returns the same architecture and weights.  So it is for a
+    model sharded with FSDP2 (:func:`hfp_fx.fully_shard`): every rank gathers the full weights and
+    returns the same plain (unsharded) GraphModule.
     """
     if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
         _broadcast_buffers(prepared)
@@ -771,7 +773,8 @@ def _trained_copy(prepared: torch.fx.GraphModule, dg: DependencyGraph) -> torch.
     """The traced dense graph holding copies of the prepared model's trained tensors.
 
     Copies keep their dtype and device (the prepared model may have been moved or cast since
-    ``prepare``); the prepared model itself is left untouched.
+    ``prepare``); the prepared model itself is left untouched.  Weights sharded with FSDP2
+    (:func:`hfp_fx.fully_shard`) are gathered whole on every rank.
     """
     base = copy.deepcopy(dg.gm)
     clones: Dict[int, torch.Tensor] = {}  # one clone per tensor, so tied weights stay tied
@@ -779,7 +782,10 @@ def _trained_copy(prepared: torch.fx.GraphModule, dg: DependencyGraph) -> torch.
     for k, v in prepared.state_dict(keep_vars=True).items():
         if not k.startswith("hfp."):
             if id(v) not in clones:
-                copy_ = v.detach().clone()
+                # a parameter sharded by FSDP2 is a DTensor: gathered whole (a collective, made
+                # by every rank in this same order)
+                full = getattr(v, "full_tensor", None)
+                copy_ = (full() if callable(full) else v).detach().clone()
                 clones[id(v)] = torch.nn.Parameter(copy_, v.requires_grad) if isinstance(v, torch.nn.Parameter) else copy_
             state[k] = clones[id(v)]
     base.load_state_dict(state, strict=True, assign=True)
