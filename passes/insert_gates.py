@@ -19,7 +19,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from typing import List
 
@@ -28,6 +27,7 @@ import torch.fx
 
 from hfp_fx.passes.channel_analysis import ChannelFacts
 from hfp_fx.passes.edit import input_of, replace_input
+from hfp_fx.capture.copies import editable_copy
 
 __all__ = ["insert_gates", "SiteGate"]
 
@@ -100,7 +100,7 @@ def _gate_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, site_module: str
 
 def insert_gates(facts: ChannelFacts, hfp: torch.nn.Module) -> torch.fx.GraphModule:
     """A copy of the traced model of ``facts`` that applies ``hfp``'s gates at every gate site."""
-    gm = copy.deepcopy(facts.gm)
+    gm = editable_copy(facts.gm)
     gm.add_submodule("hfp", hfp)
     graph = gm.graph
     nodes = {n.name: n for n in graph.nodes}

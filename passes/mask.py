@@ -16,13 +16,13 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.fx
 
 from hfp_fx.passes.channel_analysis import ChannelFacts
 from hfp_fx.passes.edit import input_of, scale_input
+from hfp_fx.capture.copies import editable_copy
 
 __all__ = ["apply_masks"]
 
@@ -31,7 +31,7 @@ def apply_masks(facts: ChannelFacts, alive: torch.Tensor) -> torch.fx.GraphModul
     """A copy of the traced model in which the channels not ``alive`` (one bool per element)
     contribute nothing at any gate site (are multiplied by 0, or set to ``-inf`` at a softmax's
     ``"logit"`` site)."""
-    gm = copy.deepcopy(facts.gm)
+    gm = editable_copy(facts.gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     state = dict(gm.named_parameters(remove_duplicate=False))
     state.update(dict(gm.named_buffers(remove_duplicate=False)))

@@ -25,7 +25,6 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
@@ -39,6 +38,7 @@ from hfp_fx.passes.channel_analysis import ChannelFacts
 from hfp_fx.passes.depth import drop_unused_state, remove_units
 from hfp_fx.passes.edit import input_of, scale_input
 from hfp_fx.capture.shapes import propagate_shapes
+from hfp_fx.capture.copies import editable_copy
 
 __all__ = ["shrink_model", "add_scale_nodes", "scale_buffer", "ShrinkError", "ShrinkEdit"]
 
@@ -108,7 +108,7 @@ def shrink_model(facts: ChannelFacts, alive: torch.Tensor, verify: bool = True,
     nodes, since a rewrite may replace a gate site's node by several (a LayerNorm over pruned
     channels).
     """
-    gm = copy.deepcopy(facts.gm) if gm is None else gm
+    gm = editable_copy(facts.gm) if gm is None else gm
     # the branches go first, their parameters last: the slicing below finds tensors by name
     remove_units(gm, removed)
     before = {name: tuple(t.shape) for name, t in

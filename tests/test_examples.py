@@ -16,8 +16,8 @@ def load(name: str):
 
 
 def test_every_example_is_covered():
-    tested = {"quickstart", "one_shot_prune", "inspect_graph", "custom_op", "ddp_train",  # ddp: tests/test_ddp.py
-              "prune_llama"}
+    tested = {"quickstart", "one_shot_prune", "inspect_graph", "custom_op", "prune_llama",
+              "ddp_train", "fsdp_train"}  # (the last two: tests/test_ddp.py, tests/test_fsdp.py)
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 

@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-from hfp_fx.capture.copies import meta_copy, shape_only, state_copy
+from hfp_fx.capture.copies import lazy_graph_module, meta_copy, shape_only, state_copy
 from hfp_fx.capture.export_capture import CAPTURES, export_capture, is_hugging_face
 from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
 
@@ -344,7 +344,7 @@ def trace(model: torch.nn.Module, example_inputs: Optional[Tuple[torch.Tensor, .
                           "traced with the example inputs' shapes, so the graph (and the pruned model) is "
                           "specialised to them", stacklevel=_stacklevel)
         name = type(model).__name__
-        gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
+        gm = lazy_graph_module(tracer.root, graph, class_name=name)
         gm.training = model.training  # the flag only: .train() would reach the user's submodules
         return TracedModel(gm, opaque, shape_specialized=with_shapes)
     raise TraceError(f"gave up after making {MAX_OPAQUE_RETRIES} submodules of {type(model).__name__} opaque")

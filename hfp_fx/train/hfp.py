@@ -37,6 +37,7 @@ from hfp_fx.plan.cost import CostModel
 from hfp_fx.analysis.index import PrunableIndex
 from hfp_fx.train.gates import ChannelGates, GateKind, WidthGates
 from hfp_fx.analysis.graph import DependencyGraph
+from hfp_fx.capture.copies import editable_copy
 from hfp_fx.plan.latency import LatencyOptions, LatencyReport, build_latency_model, measure_latency
 from hfp_fx.plan.hf_layouts import ConfigFit, DecoderLayout, config_fit, layout_of
 from hfp_fx.passes.insert_gates import insert_gates
@@ -776,7 +777,7 @@ def _trained_copy(prepared: torch.fx.GraphModule, dg: DependencyGraph) -> torch.
     ``prepare``); the prepared model itself is left untouched.  Weights sharded with FSDP2
     (:func:`hfp_fx.fully_shard`) are gathered whole on every rank.
     """
-    base = copy.deepcopy(dg.gm)
+    base = editable_copy(dg.gm)
     clones: Dict[int, torch.Tensor] = {}  # one clone per tensor, so tied weights stay tied
     state = {}
     for k, v in prepared.state_dict(keep_vars=True).items():
