@@ -60,7 +60,7 @@ def meta_model(directory) -> torch.nn.Module:
     return model.eval()
 
 
-class _GraphTensors(Mapping):
+class _CheckpointTensors(Mapping):
     """The model's tensors by any of their names, read from the checkpoint on lookup.  A tied
     weight has several names (the captured graph may keep ``lm_head.weight`` where the checkpoint
     stores ``model.embed_tokens.weight``); the dense model's aliases connect them."""
@@ -131,7 +131,7 @@ def prune_checkpoint(src, dst, target: Any, *, importance: str = "l1", uniform_b
     config = like.config
     if example_inputs is None:
         example_inputs = torch.randint(0, config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    graphs, tensors = [], _GraphTensors(like, checkpoint)
+    graphs, tensors = [], _CheckpointTensors(like, checkpoint)
 
     def scores(dg: DependencyGraph):
         graphs.append(dg)
