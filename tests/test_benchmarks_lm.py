@@ -66,9 +66,11 @@ def test_quick_run_offline(tmp_path):
     result = json.loads(out.read_text())
     assert result["complete"] and result["data"]["source"] == "synthetic"
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "dense_ft", "hfp", "magnitude", "activation", "taylor", "tp_llm"}
+    # (depth_only is skipped: whole layers alone cannot stop at 50% of this model)
+    assert set(rows) == {"dense", "dense_ft", "hfp", "hfp_alloc", "magnitude", "activation", "taylor", "tp_llm",
+                         "magnitude_depth"}
     assert rows["taylor"]["importance"] == "taylor" and rows["hfp"]["distill"] is False
-    for method in ("hfp", "magnitude", "activation", "taylor"):
+    for method in ("hfp", "hfp_alloc", "magnitude", "activation", "taylor"):
         assert 0.48 <= rows[method]["params_ratio"] <= 0.5
         detail = next(d for d in result["details"] if d["method"] == method)
         assert max(detail["exactness"].values()) < 1e-4
