@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Mapping, Optional, Set
 
 import torch
 import torch.fx
@@ -136,6 +136,17 @@ def shrink_model(facts: ChannelFacts, alive: torch.Tensor, verify: bool = True,
 # -------------------------------------------------------------------------------------------
 # 1. parameters and buffers
 # -------------------------------------------------------------------------------------------
+def kept_indices(dims: Mapping[int, torch.Tensor], alive: torch.Tensor) -> Dict[int, torch.Tensor]:
+    """Per dim of a tensor (its element ids, as ``ChannelFacts.params[name]`` holds them), the
+    indices it keeps; dims that keep every index are left out."""
+    out = {}
+    for dim, ids in dims.items():
+        keep = alive[ids]
+        if not bool(keep.all()):
+            out[dim] = torch.nonzero(keep).flatten()
+    return out
+
+
 def _slice_state(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.Tensor) -> None:
     aliases: Dict[int, List[str]] = {}
     tensors: Dict[str, torch.Tensor] = {}
@@ -145,10 +156,8 @@ def _slice_state(gm: torch.fx.GraphModule, facts: ChannelFacts, alive: torch.Ten
     for name, dims in facts.params.items():
         t = tensors[name]
         new = t.detach()
-        for dim, ids in dims.items():
-            keep = alive[ids]
-            if not bool(keep.all()):
-                new = new.index_select(dim, torch.nonzero(keep).flatten().to(new.device))
+        for dim, idx in kept_indices(dims, alive).items():
+            new = new.index_select(dim, idx.to(new.device))
         if new is t.detach():
             continue
         for alias in aliases[id(t)]:

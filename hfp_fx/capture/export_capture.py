@@ -107,17 +107,15 @@ def export_capture(model: torch.nn.Module, inputs: Tuple[torch.Tensor, ...],
         args: Tuple[torch.Tensor, ...] = ()
     else:
         args = tuple(inputs)
-    ep = None
-    if dynamic:
-        try:
-            ep = torch.export.export(root, args, kwargs=kwargs, strict=False,
-                                     dynamic_shapes=_every_dim_auto(root, args, kwargs))
-        except Exception as exc:  # noqa: BLE001 - a model export cannot make generic keeps the example's shapes
-            log.info("torch.export with dynamic sizes failed for %s (%s: %s); capturing the example's shapes",
-                     type(model).__name__, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            return export_capture(model, original, names, dynamic=False)
-    if ep is None:
-        ep = torch.export.export(root, args, kwargs=kwargs, strict=False)
+    try:
+        ep = torch.export.export(root, args, kwargs=kwargs, strict=False,
+                                 dynamic_shapes=_every_dim_auto(root, args, kwargs) if dynamic else None)
+    except Exception as exc:  # noqa: BLE001 - a model export cannot make generic keeps the example's shapes
+        if not dynamic:
+            raise
+        log.info("torch.export with dynamic sizes failed for %s (%s: %s); capturing the example's shapes",
+                 type(model).__name__, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return export_capture(model, original, names, dynamic=False)
     unlifted = ep.module()
     graph = unlifted.graph
     # the input guards check the example's exact call; hfp_fx calls the graph positionally

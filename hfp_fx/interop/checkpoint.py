@@ -20,6 +20,7 @@ line: ``hfp-fx prune hf:PATH --params 50% --uniform-blocks --out DIR``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -29,6 +30,7 @@ import torch
 
 from hfp_fx.analysis.graph import DependencyGraph
 from hfp_fx.interop.hf import check_layout, pretrained_config
+from hfp_fx.passes.shrink import kept_indices
 from hfp_fx.interop.safetensors_stream import INDEX_NAME, SafetensorsCheckpoint, write_safetensors
 from hfp_fx.plan.projection import MaxPrune
 from hfp_fx.plan.report import PruneReport
@@ -89,17 +91,6 @@ class _CheckpointTensors(Mapping):
         return len(self.aliases)
 
 
-def _kept_indices(dg: DependencyGraph, names: Sequence[str], alive: torch.Tensor) -> Dict[int, torch.Tensor]:
-    """Per sliced dim of the tensor known by ``names`` (its aliases), the indices it keeps."""
-    dims = next((d for d in (dg.param_dims(n) for n in names) if d), {})
-    out = {}
-    for dim, ids in dims.items():
-        keep = alive[ids]
-        if not bool(keep.all()):
-            out[dim] = torch.nonzero(keep).flatten()
-    return out
-
-
 def prune_checkpoint(src, dst, target: Any, *, importance: str = "l1", uniform_blocks: bool = True,
                      example_inputs: Any = None, max_prune: MaxPrune = None, round_to: int = 1,
                      min_channels: int = 1, exclude: Sequence[str] = ()) -> PruneReport:
@@ -140,25 +131,27 @@ def prune_checkpoint(src, dst, target: Any, *, importance: str = "l1", uniform_b
     small = prune(like, example_inputs, target, importance=scores, uniform_blocks=uniform_blocks, capture="export",
                   max_prune=max_prune, round_to=round_to, min_channels=min_channels, exclude=exclude)
     dg, report = graphs[-1], small.meta["hfp"]
-    new_config, rescale = pretrained_config(like, config, layout, small.state_dict(), like.state_dict())
-    with torch.device("meta"):
-        new_shapes = {k: tuple(v.shape) for k, v in type(like)(new_config).state_dict().items()}
+    new_config, rescale, smaller = pretrained_config(like, config, layout, small.state_dict(), like.state_dict())
+    new_shapes = {k: tuple(v.shape) for k, v in smaller.state_dict().items()}
     alive = dg.alive(report.keep)
-    key_names = {}  # checkpoint key -> the names of that tensor
+    names_of = {}  # checkpoint key -> the names of that tensor
     for name, aliases in tensors.aliases.items():
         key = tensors.key_of(name)
         if key is not None:
-            key_names.setdefault(key, aliases)
+            names_of.setdefault(key, aliases)
+    # per checkpoint key, the indices each sliced dim keeps (the dims of whichever of its names the graph binds)
+    cuts = {key: kept_indices(next((d for d in map(dg.param_dims, names_of.get(key, [key])) if d), {}), alive)
+            for key in checkpoint.entries}
 
     def pruned(key: str) -> torch.Tensor:
         value = checkpoint.read(key)
-        for dim, idx in _kept_indices(dg, key_names.get(key, [key]), alive).items():
+        for dim, idx in cuts[key].items():
             value = value.index_select(dim, idx)
         return rescale(key, value)
 
     def pruned_shape(key: str):
         shape = list(checkpoint.entries[key].shape)
-        for dim, idx in _kept_indices(dg, key_names.get(key, [key]), alive).items():
+        for dim, idx in cuts[key].items():
             shape[dim] = idx.numel()
         if key in new_shapes and tuple(shape) != new_shapes[key]:
             raise ValueError(f"{key}: the plan gives shape {tuple(shape)}, the smaller {type(like).__name__} config "
@@ -180,8 +173,7 @@ def prune_checkpoint(src, dst, target: Any, *, importance: str = "l1", uniform_b
             shutil.copy2(path, dst / path.name)
     new_config.save_pretrained(dst)
     plan = {"target": target if isinstance(target, (dict, str, float, int)) else str(target),
-            "dense": {"params": report.dense.params, "macs": report.dense.macs},
-            "achieved": {"params": report.achieved.params, "macs": report.achieved.macs},
+            "dense": dataclasses.asdict(report.dense), "achieved": dataclasses.asdict(report.achieved),
             "keep": report.keep, "groups": {gid: [g.dense, g.kept] for gid, g in report.groups.items()}}
     (dst / PLAN_NAME).write_text(json.dumps(plan))
     return report

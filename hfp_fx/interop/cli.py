@@ -109,6 +109,13 @@ def _allocation_table(report, limit: int) -> str:
     return text
 
 
+def _print_counts(report, got) -> None:
+    """Dense -> pruned params and MACs (``got``), with the target where one was set."""
+    for name in ("params", "macs"):
+        dense, now, t = getattr(report.dense, name), getattr(got, name), getattr(report.target, name)
+        print(f"{name:>6}: {dense:,} -> {now:,} ({100 * now / dense:.2f}% of dense" + (f"; target {t:,})" if t else ")"))
+
+
 def cmd_prune(args) -> int:
     if args.plot:
         _require("matplotlib", "--plot")
@@ -121,10 +128,7 @@ def cmd_prune(args) -> int:
                          uniform_blocks=args.uniform_blocks)
     report = small.meta["hfp"]
     print(_allocation_table(report, args.show))
-    got = hfp_fx.count(small, x)
-    for name in ("params", "macs"):
-        dense, now, t = getattr(report.dense, name), getattr(got, name), getattr(report.target, name)
-        print(f"{name:>6}: {dense:,} -> {now:,} ({100 * now / dense:.2f}% of dense" + (f"; target {t:,})" if t else ")"))
+    _print_counts(report, hfp_fx.count(small, x))
     if report.latency is not None:
         lat = report.latency
         print(f"latency: {lat.dense_ms:.2f} ms -> {lat.measured_ms:.2f} ms measured ({100 * lat.measured_ratio:.1f}% "
@@ -156,9 +160,7 @@ def _prune_checkpoint(args) -> int:
                                      example_inputs=ids, round_to=args.round_to, min_channels=args.min_channels,
                                      exclude=args.exclude or ())
     print(_allocation_table(report, args.show))
-    for name in ("params", "macs"):
-        dense, now, t = getattr(report.dense, name), getattr(report.achieved, name), getattr(report.target, name)
-        print(f"{name:>6}: {dense:,} -> {now:,} ({100 * now / dense:.2f}% of dense" + (f"; target {t:,})" if t else ")"))
+    _print_counts(report, report.achieved)
     print(f"wrote {args.out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}))")
     return 0
 

@@ -289,7 +289,8 @@ def check_layout(like: torch.nn.Module) -> DecoderLayout:
 
 def pretrained_config(like: torch.nn.Module, config, layout: DecoderLayout, state, dense_state):
     """The smaller config of ``like``'s class that holds the pruned ``state`` (only shapes are read,
-    so meta tensors do), validated, and the :func:`_rescaler` of its tensors."""
+    so meta tensors do), validated, the :func:`_rescaler` of its tensors, and the model of that
+    config on the meta device (built to validate it)."""
     missing = [k for k in (layout.final_norm, layout.layer.format(0) + layout.mlps[0][0]) if k not in state]
     if missing:
         raise ValueError(f"the pruned model has no {missing[0]}: pass the GraphModule that hfp_fx pruned from `like`")
@@ -299,7 +300,7 @@ def pretrained_config(like: torch.nn.Module, config, layout: DecoderLayout, stat
         if callable(validate):
             validate()
         with torch.device("meta"):
-            type(like)(new_config)
+            smaller = type(like)(new_config)
     except Exception as exc:  # e.g. the check that hidden_size is a multiple of the heads
         widths = (f"hidden_size {getattr(new_config, 'hidden_size', None)}, "
                   f"{getattr(new_config, 'num_attention_heads', None)} heads")
@@ -307,7 +308,7 @@ def pretrained_config(like: torch.nn.Module, config, layout: DecoderLayout, stat
                          "uniform_blocks=True (prune, or prepare -> finalize), which "
                          "keeps hidden_size a multiple of the kept heads (hfp_fx.plan.hf_layouts.config_fit), or shrink with a "
                          "keep that does") from exc
-    return new_config, _rescaler(layout, stream_factor, head_share)
+    return new_config, _rescaler(layout, stream_factor, head_share), smaller
 
 
 def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inputs=None,
@@ -332,7 +333,7 @@ def to_pretrained(small: torch.nn.Module, like: torch.nn.Module, *, example_inpu
     state = small.state_dict()
     dense_state = like.state_dict()
     config, state, dense_state = _without_removed_layers(config, layout, state, dense_state)
-    new_config, rescale = pretrained_config(like, config, layout, state, dense_state)
+    new_config, rescale, _ = pretrained_config(like, config, layout, state, dense_state)
     model = type(like)(new_config)
     model.load_state_dict(_weights(model, state, dense_state, rescale), strict=True)
     _match_dtypes(model, like)

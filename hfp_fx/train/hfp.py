@@ -60,8 +60,6 @@ GATE_KINDS = ("width", "channel")
 BUDGET_MODES = ("penalty", "project")
 
 
-
-
 class HFPState(torch.nn.Module):
     """What both gate kinds share in a prepared model (``prepared.hfp``): the gates (a
     :class:`~hfp_fx.train.gates.GateKind`, ``hfp.gates``), the prunable index, the cost model, the
