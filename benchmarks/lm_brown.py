@@ -785,7 +785,8 @@ def git_describe() -> Optional[str]:
 
 
 # settings that may differ between the parts of a merged result (they do not change a row's outcome)
-MERGE_MAY_DIFFER = {"methods", "seeds", "out", "report", "merge", "reuse_dense", "log_every", "threads"}
+MERGE_MAY_DIFFER = {"methods", "seeds", "out", "report", "merge", "reuse_dense", "log_every", "threads",
+                    "merged_from"}  # (a merged result may be merged again)
 # method options every row records itself (``row["options"]``): parts may differ in them
 ROW_OPTIONS = ("hfp_frac", "ramp_frac", "gate_lr", "lambda_init", "dual_rate", "hfp_importance", "hfp_budget",
                "max_prune", "calib_batches")
@@ -839,7 +840,8 @@ def merge_results(paths: List[Path]) -> dict:
     for k in ROW_OPTIONS:
         if len({json.dumps(p["settings"].get(k)) for p in parts}) > 1:
             merged["settings"][k] = "per method: see rows[].options"
-    merged["settings"]["merged_from"] = [str(p) for p in paths]
+    merged["settings"]["merged_from"] = [f for p, part in zip(paths, parts)
+                                         for f in part["settings"].get("merged_from", [str(p)])]
     merged["complete"] = all(p.get("complete") for p in parts)
     for k in ("seconds_wall", "seconds_cpu"):
         merged[k] = round(sum(p[k] for p in parts), 1)

@@ -12,6 +12,10 @@ and gets the same extra budget of ``F`` epochs (``--finetune-epochs``; one cosin
                            gated epochs (``--hfp-epochs``; the target ramps from dense over
                            ``--ramp-epochs``) with ``cross_entropy + hfp_fx.complexity_loss``, then
                            ``hfp_fx.finalize`` and ``F - H`` epochs of the small model;
+* ``hfp_alloc``            HFP as the allocation search (docs/api.md's recipe): ``A`` gated epochs
+                           (``--alloc-epochs``) choose the widths; the trained dense weights are cut to
+                           them (each learned count a floor) by ``hfp_fx.prune(importance="taylor")`` on
+                           ``--calib-batches`` training batches, then ``F - A`` epochs of the small model;
 * ``l1``                   ``hfp_fx.prune(trained, x, {"macs": t}, importance="l1")``, then ``F`` epochs;
 * ``tp_magnitude``         Torch-Pruning's group magnitude (``GroupMagnitudeImportance(p=2)``,
                            global pruning), pruned in small steps until MACs <= t, then ``F`` epochs;
@@ -39,7 +43,7 @@ row per method and seed (threads and device recorded per row) and ``quality.png`
 MACs).  The dense model of a seed is cached under ``~/.cache/hfp_fx/quality`` (``$HFP_FX_CACHE``)
 so that processes splitting the methods share it (a file lock makes the second one wait).
 
-    python benchmarks/quality.py                            # 7 methods x 3 seeds; the docs used --seeds 0 1 2 3 4
+    python benchmarks/quality.py                            # 8 methods x 3 seeds; the docs used --seeds 0 1 2 3 4
     python benchmarks/quality.py --methods hfp l1 --seeds 0 --out /tmp/a.json
     python benchmarks/quality.py --merge /tmp/a.json /tmp/b.json   # one table from split runs
     python benchmarks/quality.py --quick                    # minutes: a small net, 2k images, E=F=1
@@ -87,7 +91,7 @@ import hfp_fx  # noqa: E402
 from hfp_fx.plan.latency import LatencyOptions, measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dense", "hfp", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "uniform_ft",
+METHODS = ("dense", "hfp", "hfp_alloc", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "uniform_ft",
            "hfp_latency")
 #: run when --methods is not given; uniform_ft and hfp_latency are their own questions (module doc)
 DEFAULT_METHODS = METHODS[:-2]
@@ -267,6 +271,37 @@ def make_tp_pruner(model: nn.Module, example: torch.Tensor, method: str, args):
     raise ValueError(method)
 
 
+def hfp_allocation_cut(trained, example, data, args, phase, per_epoch: int, tag: str, teacher):
+    """HFP as the allocation search (docs/api.md's recipe): ``--alloc-epochs`` gated epochs (the
+    target ramping over the first 40% of them) choose the widths; the trained dense weights are
+    then cut to them by one-shot Taylor importance on ``--calib-batches`` training batches (true
+    labels), each learned count a floor (``max_prune`` by group id).  Returns the small model and
+    what the row records; its fine-tune continues the same cosine schedule from the gated steps."""
+    gated = max(1, int(round(args.alloc_epochs * per_epoch)))
+    prepared = hfp_fx.prepare(trained(), example, {"macs": args.target}, gates="width", budget=args.hfp_budget,
+                              lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
+                              ramp_steps=int(round(0.4 * gated)))
+    phase.run(prepared, phase.optimizer(prepared, hfp_fx.gate_parameters(prepared)), 0, gated,
+              tag + " (allocation search)", hfp=True, teacher=teacher)
+    prepared.eval()
+    learned = hfp_fx.finalize(prepared).meta["hfp"].groups
+    floors = {gid: 1 - g.kept / g.dense for gid, g in learned.items()}  # 0.0 where a group stays whole
+    (train_x, train_y), _ = data
+    bs = args.batch_size
+    batches = [(train_x[i * bs:(i + 1) * bs], train_y[i * bs:(i + 1) * bs]) for i in range(args.calib_batches)]
+    labels = {x.data_ptr(): y for x, y in batches}  # the calibration loss finds each batch's labels
+
+    def loss(output, inputs):
+        return F.cross_entropy(output, labels[inputs[0].data_ptr()])
+
+    model = hfp_fx.prune(trained(), example, {"macs": args.target}, importance="taylor",
+                         calibration=[x for x, _ in batches], calibration_loss=loss, max_prune=floors)
+    kept = {gid: g.kept for gid, g in model.meta["hfp"].groups.items()}
+    return model, {"alloc_epochs": args.alloc_epochs, "calib_batches": args.calib_batches, "gated_steps": gated,
+                   "learned_kept_per_group": {gid: g.kept for gid, g in learned.items()},
+                   "kept_per_group": kept}
+
+
 def run_method(method: str, seed: int, dense: dict, data, args, example: torch.Tensor,
                dense_counts: hfp_fx.Counts, previous: Sequence[dict] = ()) -> dict:
     """Train ``method`` from the trained dense model of ``seed``; return its result row
@@ -331,6 +366,10 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
                          latency_corrections=report.corrections, latency_correction_refused=report.refused)
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
+    elif method == "hfp_alloc":
+        model, extra["alloc"] = hfp_allocation_cut(trained, example, data, args, phase, per_epoch, tag, teacher)
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), extra["alloc"]["gated_steps"], total, tag, teacher=teacher)
     elif method == "l1":
         model = hfp_fx.prune(trained(), example, {"macs": args.target}, importance="l1")
         extra["acc_after_prune"] = evaluate(model, data)
@@ -407,11 +446,13 @@ def summarize(rows: List[dict], target: float) -> dict:
             "verdict": ("at least as accurate" if margin >= 0 else
                         "less accurate, inside the per-seed spread" if margin >= -std else "less accurate")}
     tps = [m for m in TP_METHODS if m in per]
-    if "hfp" in per and tps:
+    for ours in ("hfp", "hfp_alloc"):
+        if ours not in per or not tps:
+            continue
         best = max(tps, key=lambda m: per[m]["acc_mean"])
-        margin = per["hfp"]["acc_mean"] - per[best]["acc_mean"]
-        noise = max(per["hfp"]["acc_std"], per[best]["acc_std"])
-        summary["hfp_vs_best_tp"] = {
+        margin = per[ours]["acc_mean"] - per[best]["acc_mean"]
+        noise = max(per[ours]["acc_std"], per[best]["acc_std"])
+        summary[f"{ours}_vs_best_tp"] = {
             "best_tp": best, "margin_pt": margin, "seed_std_pt": noise,
             "verdict": ("win" if margin > noise else "tie (inside the seed-to-seed std)" if margin >= -noise
                         else "loss")}
@@ -431,10 +472,11 @@ def markdown(result: dict) -> str:
         lines.append(f"\nhfp_latency vs hfp at the latency hfp measured: {lat['acc_margin_pt']:+.2f} pt "
                      f"(per seed {', '.join(f'{d:+.2f}' for d in lat['per_seed_pt'])}), {lat['macs_kept_x']:.2f}x the MACs, "
                      f"{lat['latency_x']:.3f}x the measured latency: {lat['verdict']}")
-    cmp = result["summary"].get("hfp_vs_best_tp")
-    if cmp:
-        lines.append(f"\nhfp vs the best Torch-Pruning method ({cmp['best_tp']}): {cmp['margin_pt']:+.2f} pt, "
-                     f"seed-to-seed std {cmp['seed_std_pt']:.2f} pt: {cmp['verdict']}")
+    for ours in ("hfp", "hfp_alloc"):
+        cmp = result["summary"].get(f"{ours}_vs_best_tp")
+        if cmp:
+            lines.append(f"\n{ours} vs the best Torch-Pruning method ({cmp['best_tp']}): {cmp['margin_pt']:+.2f} pt, "
+                         f"seed-to-seed std {cmp['seed_std_pt']:.2f} pt: {cmp['verdict']}")
     return "\n".join(lines)
 
 
@@ -447,7 +489,7 @@ def plot(result: dict, path: Path) -> None:
     # every pruned method sits at the same MACs, so accuracy per method (seeds as dots) says more
     # than accuracy vs MACs; each label carries the method's mean MACs ratio
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    colors = {"dense": "k", "hfp": "tab:red", "l1": "tab:blue", "tp_magnitude": "tab:purple",
+    colors = {"dense": "k", "hfp": "tab:red", "hfp_alloc": "tab:pink", "l1": "tab:blue", "tp_magnitude": "tab:purple",
               "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green", "uniform_ft": "tab:gray",
               "hfp_latency": "tab:orange"}
     methods = list(result["summary"]["methods"].items())
@@ -482,7 +524,9 @@ def write(result: dict, out: Path) -> None:
 
 
 # options that may differ between the parts of one merged result
-MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "data_dir", "device"}
+MERGE_MAY_DIFFER = {"methods", "seeds", "out", "threads", "merge", "no_cache", "data_dir", "device",
+                    "alloc_epochs", "calib_batches",  # (hfp_alloc rows record theirs)
+                    "merged_from"}  # (a merged result may be merged again)
 
 
 #: options that shape only hfp and hfp_latency: a part without those rows may differ in them
@@ -494,7 +538,8 @@ def merge(paths: Sequence[Path]) -> dict:
     raw = [json.loads(Path(p).read_text()) for p in paths]
     with_hfp = [p for p, part in zip(paths, raw) if any(r["method"].startswith("hfp") for r in part["rows"])]
     fm.load_mergeable(with_hfp or paths[:1], MERGE_MAY_DIFFER)  # hfp's own options agree among its parts
-    parts = fm.load_mergeable(list(with_hfp) + [p for p in paths if p not in with_hfp], MERGE_MAY_DIFFER | HFP_ONLY)
+    ordered = list(with_hfp) + [p for p in paths if p not in with_hfp]
+    parts = fm.load_mergeable(ordered, MERGE_MAY_DIFFER | HFP_ONLY)
     first = parts[0]
     seen = set()
     for part in parts:
@@ -505,7 +550,8 @@ def merge(paths: Sequence[Path]) -> dict:
     order = {m: i for i, m in enumerate(METHODS)}
     merged = copy.deepcopy(first)  # the first part with hfp rows, so its hfp options are the config's
     merged["rows"] = sorted((r for part in parts for r in part["rows"]), key=lambda r: (order[r["method"]], r["seed"]))
-    merged["config"]["merged_from"] = [str(p) for p in paths]
+    merged["config"]["merged_from"] = [f for p, part in zip(ordered, parts)
+                                       for f in part["config"].get("merged_from") or [str(p)]]
     merged["cpu_seconds"] = round(sum(p["cpu_seconds"] for p in parts), 1)
     return merged
 
@@ -521,6 +567,9 @@ def parse_args(argv=None):
     p.add_argument("--finetune-lr", type=float, default=0.02)
     p.add_argument("--hfp-epochs", type=float, default=1.0,
                    help="H: gated epochs of hfp (and sparse-training epochs of tp_groupnorm_sparse), part of F")
+    p.add_argument("--alloc-epochs", type=float, default=0.5,
+                   help="hfp_alloc: gated epochs of the allocation search (of the F)")
+    p.add_argument("--calib-batches", type=int, default=8, help="hfp_alloc: training batches of its Taylor cut")
     p.add_argument("--ramp-epochs", type=float, default=0.5, help="hfp: the target ramps from dense over these")
     p.add_argument("--lambda-init", type=float, default=1e-3)
     p.add_argument("--dual-rate", type=float, default=0.02)
@@ -559,7 +608,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.quick:
         a.widths, a.blocks, a.epochs, a.finetune_epochs = [8, 16, 32], [1, 1, 1], 1, 1
-        a.hfp_epochs, a.ramp_epochs, a.tp_steps = 0.5, 0.25, 100
+        a.hfp_epochs, a.ramp_epochs, a.alloc_epochs, a.tp_steps = 0.5, 0.25, 0.25, 100
         a.train_subset = a.train_subset or 2000
         a.latency_rounds = min(a.latency_rounds, 10)
         a.seeds = a.seeds if argv and "--seeds" in argv else [0]
@@ -569,6 +618,8 @@ def parse_args(argv=None):
         a.latency = True
     if not 0 < a.hfp_epochs <= a.finetune_epochs:
         p.error("need 0 < --hfp-epochs <= --finetune-epochs")
+    if not 0 < a.alloc_epochs < a.finetune_epochs:
+        p.error("need 0 < --alloc-epochs < --finetune-epochs (hfp_alloc fine-tunes after its search)")
     if a.out is None:
         a.out = RESULTS / ("quality_quick.json" if a.quick else "quality.json")
     return a

@@ -27,7 +27,7 @@ def test_quick_run_has_every_method_within_budget(quick):
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == set(quality.DEFAULT_METHODS) and result["target_macs"] == 0.4
     assert rows["dense"]["macs_ratio"] == 1.0 and rows["dense"]["acc"] > 30  # it learned (chance: 10%)
-    for method in ("hfp", "l1", "uniform", *quality.TP_METHODS):
+    for method in ("hfp", "hfp_alloc", "l1", "uniform", *quality.TP_METHODS):
         assert 0.3 < rows[method]["macs_ratio"] <= 0.4 + 1e-9, (method, rows[method]["macs_ratio"])
     for r in rows.values():
         assert {"method", "seed", "acc", "macs_ratio", "params_ratio", "epochs", "threads", "device"} <= set(r)

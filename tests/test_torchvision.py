@@ -75,7 +75,7 @@ def _layout(tensor_meta):
 def test_shape_pass_memo_changes_nothing(name):
     """Repeated transformer blocks are run once on meta tensors; every node still gets the shapes,
     strides and MACs that running it gives."""
-    from hfp_fx.capture.copies import graph_twin
+    from hfp_fx.capture.copies import GraphTwin
     from hfp_fx.capture.shapes import _ShapeAndFlopProp
     from hfp_fx.capture.tracing import trace
 
@@ -87,7 +87,7 @@ def test_shape_pass_memo_changes_nothing(name):
     facts = []
     for memoize in (False, True):
         gm = trace(model.eval(), (x,)).graph_module
-        interp = _ShapeAndFlopProp(graph_twin(gm, "meta"), graph=gm.graph, memoize=memoize)
+        interp = _ShapeAndFlopProp(gm, GraphTwin(gm, "meta"), memoize=memoize)
         interp.run(x)
         facts.append([(n.name, _layout(n.meta.get("tensor_meta")), n.meta.get("macs")) for n in gm.graph.nodes])
         hits = interp.memo.hits

@@ -21,37 +21,25 @@ from hfp_fx.analysis.viz import summary_table, to_dot, to_networkx
 __all__ = ["Member", "PruneGroup", "DependencyGraph"]
 
 
-def _positions_by_group(group: torch.Tensor) -> Dict[int, Tuple[int, ...]]:
-    """Group index -> the positions holding it (ascending), for one axis; -1 entries skipped.
-
-    Works on runs of equal values (an axis is a few contiguous blocks, even after a concat).
-    """
+def _runs_by_group(group: torch.Tensor) -> Dict[int, Tuple[Tuple[int, int], ...]]:
+    """Group index -> the runs ``(start, stop)`` of positions holding it (ascending, adjacent runs
+    merged), for one axis; -1 entries skipped.  An axis is a few contiguous blocks, even after a
+    concat, so runs are short where the positions are long (every channel of a 1280-wide conv)."""
     n = group.numel()
     if n == 0:
         return {}
     cuts = (torch.nonzero(group[1:] != group[:-1]).flatten() + 1).tolist()
     starts, ends = [0] + cuts, cuts + [n]
-    found: Dict[int, List[int]] = {}
+    found: Dict[int, List[Tuple[int, int]]] = {}
     for gi, a, b in zip(group[starts].tolist(), starts, ends):
         if gi >= 0:
-            found.setdefault(gi, []).extend(range(a, b))
-    return {gi: tuple(p) for gi, p in found.items()}
+            found.setdefault(gi, []).append((a, b))
+    return {gi: tuple(runs) for gi, runs in found.items()}
 
 
-def _ranges(positions: Sequence[int]) -> str:
-    """``[0,1,2,5,6]`` -> ``"0:3,5:7"``."""
-    out, start, prev = [], None, None
-    for p in positions:
-        if start is None:
-            start = prev = p
-        elif p == prev + 1:
-            prev = p
-        else:
-            out.append(f"{start}:{prev + 1}")
-            start = prev = p
-    if start is not None:
-        out.append(f"{start}:{prev + 1}")
-    return ",".join(out)
+def _ranges(runs: Sequence[Tuple[int, int]]) -> str:
+    """``((0, 3), (5, 7))`` -> ``"0:3,5:7"``."""
+    return ",".join(f"{a}:{b}" for a, b in runs)
 
 
 @dataclass
@@ -60,14 +48,19 @@ class Member:
 
     target: str  #: parameter/buffer name, e.g. ``layer1.0.conv1.weight``
     dim: int
-    offsets: Tuple[int, ...]
+    runs: Tuple[Tuple[int, int], ...]  #: the positions as ascending ``(start, stop)`` ranges
+
+    @property
+    def offsets(self) -> Tuple[int, ...]:
+        """The positions, one by one (ascending)."""
+        return tuple(p for a, b in self.runs for p in range(a, b))
 
     @property
     def module(self) -> str:
         return self.target.rsplit(".", 1)[0] if "." in self.target else "(root)"
 
     def __str__(self) -> str:
-        return f"{self.target}[dim {self.dim}: {_ranges(self.offsets)}]"
+        return f"{self.target}[dim {self.dim}: {_ranges(self.runs)}]"
 
 
 @dataclass
@@ -175,13 +168,13 @@ class DependencyGraph:
         ordered = [t for t in torch.split(by_group, sizes)] if n_groups else []
         self._group_of_unit = group_of
         members: List[List[Member]] = [[] for _ in ordered]
-        runs_of: Dict[int, Dict[int, List[int]]] = {}  # id(ids) -> group -> ascending positions
+        runs_of: Dict[int, Dict[int, Tuple[Tuple[int, int], ...]]] = {}  # id(ids) -> group -> runs
         for name, dims in self.facts.params.items():
             for dim, ids in dims.items():
                 if id(ids) not in runs_of:
-                    runs_of[id(ids)] = _positions_by_group(group_of[roots[ids.reshape(-1)]])
-                for gi, positions in runs_of[id(ids)].items():
-                    members[gi].append(Member(name, dim, positions))
+                    runs_of[id(ids)] = _runs_by_group(group_of[roots[ids.reshape(-1)]])
+                for gi, runs in runs_of[id(ids)].items():
+                    members[gi].append(Member(name, dim, runs))
         group_reasons: List[set] = [set() for _ in ordered]
         for why, fixed_units in reasons.items():
             for gi in torch.unique(group_of[fixed_units]).tolist():

@@ -9,8 +9,8 @@ writes would store ``Proxy`` objects in the user's model.  Three copies, from ch
   every mutable container in a module's ``__dict__`` is the copy's own: what the tracer traces;
 * :func:`meta_copy` -- a deep copy whose parameters and buffers are ``meta`` tensors: what
   ``hfp_fx.count`` and the shape tracer run;
-* :func:`graph_twin` -- only what a GraphModule's graph reads, on ``meta`` or cloned: what
-  shape propagation interprets.
+* :class:`GraphTwin` -- only what a GraphModule's graph reads, on ``meta`` or cloned, copied
+  when first read: what shape propagation runs.
 
 Example::
 
@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.fx
 
-__all__ = ["state_copy", "clone_copy", "meta_copy", "graph_twin", "shape_only", "without_grad", "lazy_graph_module",
+__all__ = ["state_copy", "clone_copy", "meta_copy", "GraphTwin", "shape_only", "without_grad", "lazy_graph_module",
            "editable_copy"]
 
 #: values a module attribute may hold that nothing can write into: shared by the copy
@@ -185,34 +185,53 @@ def without_grad(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def graph_twin(gm: torch.fx.GraphModule, device: Optional[str]) -> torch.nn.Module:
-    """A module holding copies of exactly what ``gm``'s graph calls and reads, for an Interpreter.
+class GraphTwin:
+    """Copies of what a GraphModule's graph calls and reads, each made when first asked for.
 
-    Much cheaper than ``deepcopy(gm)`` (no recompile, intermediate containers are empty modules).
+    What an Interpreter over ``gm``'s graph runs instead of ``gm``'s own modules and tensors.
     ``device="meta"`` turns every tensor into a meta tensor; with ``device=None`` every tensor is
     cloned, since the graph may write to one it reads with ``get_attr`` (``self.w.add_(1)`` in a
-    root ``forward``).
+    root ``forward``).  Copied modules are ready for a shape pass (:func:`shape_only`,
+    :func:`without_grad`).  On demand, because shape propagation answers most nodes from their
+    configuration (a conv's output shape) and runs only the rest: copying every module first
+    was a third of the shape pass of a deep CNN.  One copy per tensor, shared by every module
+    and attribute that holds it (tied weights stay tied).
+
+        >>> import torch
+        >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 3)))
+        >>> twin = GraphTwin(gm, "meta")
+        >>> layer = twin.module("0")
+        >>> layer.weight.device, layer.weight.requires_grad, layer is twin.module("0"), gm.get_submodule("0").weight.is_meta
+        (device(type='meta'), False, True, False)
     """
-    copier = _Copier(_meta if device == "meta" else _clone)
-    twin = torch.nn.Module()
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "get_attr"):
-            continue
-        *path, leaf = node.target.split(".")
-        owner, twin_owner = gm, twin
-        for part in path:
-            owner = getattr(owner, part)
-            if part not in twin_owner._modules:
-                twin_owner.add_module(part, torch.nn.Module())
-            twin_owner = twin_owner._modules[part]
-        value = getattr(owner, leaf)
-        if isinstance(value, torch.nn.Module):
-            twin_owner._modules[leaf] = copier.module(value)
-        elif isinstance(value, torch.nn.Parameter):
-            twin_owner._parameters[leaf] = copier.tensor(value)
-        else:
-            object.__setattr__(twin_owner, leaf, copier.tensor(value) if isinstance(value, torch.Tensor) else value)
-    return shape_only(twin)
+
+    def __init__(self, gm: torch.fx.GraphModule, device: Optional[str]):
+        self.gm = gm
+        self._copier = _Copier(_meta if device == "meta" else _clone)
+        self._copies: Dict[str, Any] = {}
+
+    def module(self, target: str) -> torch.nn.Module:
+        """The copy of submodule ``target`` (a ``call_module`` node's target)."""
+        if target not in self._copies:
+            self._copies[target] = without_grad(shape_only(self._copier.module(self.gm.get_submodule(target))))
+        return self._copies[target]
+
+    def attr(self, target: str) -> Any:
+        """The copy of attribute ``target`` (a ``get_attr`` node's target): a module, tensor or value."""
+        if target not in self._copies:
+            *path, leaf = target.split(".")
+            owner = self.gm
+            for part in path:
+                owner = getattr(owner, part)
+            value = getattr(owner, leaf)
+            if isinstance(value, torch.nn.Module):
+                return self.module(target)
+            if isinstance(value, torch.Tensor):
+                value = self._copier.tensor(value)
+                if value.requires_grad and value.is_leaf:
+                    value.requires_grad_(False)
+            self._copies[target] = value
+        return self._copies[target]
 
 
 _LAZY = getattr(getattr(torch.fx, "_lazy_graph_module", None), "_LazyGraphModule", None)

@@ -1,7 +1,7 @@
 """Shapes and MACs of every node: ``node.meta["tensor_meta"]`` and ``node.meta["macs"]``.
 
-``propagate_shapes`` interprets a GraphModule's graph over a ``meta`` twin of its modules
-(:func:`hfp_fx.capture.copies.graph_twin`), so it costs no FLOPs and never touches the user's weights,
+``propagate_shapes`` interprets a GraphModule's graph, running ``meta`` copies of its modules
+(:class:`hfp_fx.capture.copies.GraphTwin`), so it costs no FLOPs and never touches the user's weights,
 batch-norm statistics or Python state.  Each call node's MACs are those of
 ``torch.utils.flop_counter`` (FLOPs / 2), except for ops whose handler says they do no MACs.
 Common ops are answered by their handler's shape shortcut (:mod:`hfp_fx.capture.meta_shortcuts`)
@@ -27,7 +27,7 @@ import torch.fx
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode
 
-from hfp_fx.capture.copies import graph_twin, without_grad
+from hfp_fx.capture.copies import GraphTwin
 from hfp_fx.capture.meta_memo import MetaMemo, call_key
 from hfp_fx.capture.meta_shortcuts import meta_result, tensor_metadata
 from hfp_fx.passes.registry import DEFAULT_RULES, OpRegistry
@@ -66,9 +66,12 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
     :class:`ShapePropagationError` naming the node and its op instead of printing a traceback.
     """
 
-    def __init__(self, *args, memoize: bool = True, rules: Optional[OpRegistry] = None, on_meta: bool = False,
-                 only: Optional[set] = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, gm: torch.fx.GraphModule, twin: GraphTwin, *, memoize: bool = True,
+                 rules: Optional[OpRegistry] = None, on_meta: bool = False, only: Optional[set] = None):
+        # ``gm``'s modules are only read (a shortcut reads a conv's configuration); what runs is
+        # the twin's copy of them
+        super().__init__(gm, graph=gm.graph)
+        self.twin = twin
         # torch.export graphs spell out the capture's device (``arange(..., device=cpu)``,
         # ``x.to(cpu)``): on the meta twin such literals name the meta device
         self.on_meta = on_meta
@@ -109,6 +112,12 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         n.meta["type"] = type(result)
         return result
 
+    def call_module(self, target, args, kwargs):
+        return self.twin.module(target)(*args, **kwargs)
+
+    def get_attr(self, target, args, kwargs):
+        return self.twin.attr(target)
+
     def _call(self, n: torch.fx.Node, module: Optional[torch.nn.Module]) -> Tuple[Any, int]:
         """Output and MACs of a call node: from a shape rule, from an equal earlier call, or run."""
         counted = self.rules.counts_macs(n, module)
@@ -118,7 +127,9 @@ class _ShapeAndFlopProp(torch.fx.Interpreter):
         found = meta_result(n, module, args, kwargs, self.rules)
         if found is not None:
             return found[0], found[1] if counted else 0
-        key = call_key(n.op, module if module is not None else n.target, args, kwargs) if self.memoize else None
+        # the key reads the layouts of the module's tensors: those of the meta copy that would run
+        runs = self.twin.module(n.target) if module is not None else n.target
+        key = call_key(n.op, runs, args, kwargs) if self.memoize else None
         key = (counted, key) if key is not None else None
         reused = self.memo.get(key)
         if reused is not None:
@@ -185,13 +196,12 @@ def propagate_shapes(gm: torch.fx.GraphModule, example_inputs: Tuple[torch.Tenso
         # A node that fails inside ``torch.export``'s ``wrap_with_set_grad_enabled`` (a ``with
         # torch.no_grad():`` block of the model) leaves grad mode as the block set it: restore it
         with torch.set_grad_enabled(torch.is_grad_enabled()):
-            _ShapeAndFlopProp(without_grad(graph_twin(gm, "meta")), graph=gm.graph, rules=rules,
-                              on_meta=True, only=only).run(*meta_inputs)
+            _ShapeAndFlopProp(gm, GraphTwin(gm, "meta"), rules=rules, on_meta=True, only=only).run(*meta_inputs)
     except Exception as exc:  # noqa: BLE001 - fall back to a real run
         log.debug("meta shape propagation failed (%s); using a real forward pass", exc)
         try:
             with torch.no_grad():
-                _ShapeAndFlopProp(without_grad(graph_twin(gm, None)), graph=gm.graph, rules=rules).run(
+                _ShapeAndFlopProp(gm, GraphTwin(gm, None), rules=rules).run(
                     *[x.detach() for x in example_inputs])
         except ShapePropagationError as exc2:
             raise ShapePropagationError(
