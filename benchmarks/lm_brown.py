@@ -460,6 +460,7 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
                   "hard_params_ratio_before_finalize": c["params"] / c["dense_params"],
                   "kept_per_group_before_finalize": prepared.hfp.kept_per_group(),
                   "kept_per_group": {gid: g.kept for gid, g in report.groups.items()},
+                  "max_prune": report.max_prune(),
                   "group_names": {gid: g.name for gid, g in report.groups.items()},
                   "trace": trace}
     out["exactness"] = {"finalized_vs_gated_reference": max_rel_err(small_logits, ref_logits),
@@ -479,11 +480,8 @@ def run_hfp_alloc(dense, example: torch.Tensor, args, seed: int, train: torch.Te
     learned: dict = {}
     _, steps_h, data = run_hfp(dense, example, args, seed, train, learned)
     kept = learned["hfp"]["kept_per_group"]
-    channels = {g.id: g.channels for g in hfp_fx.dependency_graph(dense, {"input_ids": example},
-                                                                  capture="export").prunable_groups}
-    floors = {gid: 1.0 - k / channels[gid] for gid, k in kept.items()}  # 0.0: kept whole
     cut_args = copy.copy(args)
-    cut_args.max_prune = floors
+    cut_args.max_prune = learned["hfp"]["max_prune"]  # the learned widths as floors
     hf = run_one_shot(dense, example, cut_args, out, method="taylor")
     out["hfp_alloc"] = {"gated_steps": steps_h, "learned_kept_per_group": kept,
                         "kept_per_group": out.pop("taylor")["kept_per_group"]}

@@ -284,8 +284,7 @@ def hfp_allocation_cut(trained, example, data, args, phase, per_epoch: int, tag:
     phase.run(prepared, phase.optimizer(prepared, hfp_fx.gate_parameters(prepared)), 0, gated,
               tag + " (allocation search)", hfp=True, teacher=teacher)
     prepared.eval()
-    learned = hfp_fx.finalize(prepared).meta["hfp"].groups
-    floors = {gid: 1 - g.kept / g.dense for gid, g in learned.items()}  # 0.0 where a group stays whole
+    learned = hfp_fx.finalize(prepared).meta["hfp"]
     (train_x, train_y), _ = data
     bs = args.batch_size
     batches = [(train_x[i * bs:(i + 1) * bs], train_y[i * bs:(i + 1) * bs]) for i in range(args.calib_batches)]
@@ -295,10 +294,10 @@ def hfp_allocation_cut(trained, example, data, args, phase, per_epoch: int, tag:
         return F.cross_entropy(output, labels[inputs[0].data_ptr()])
 
     model = hfp_fx.prune(trained(), example, {"macs": args.target}, importance="taylor",
-                         calibration=[x for x, _ in batches], calibration_loss=loss, max_prune=floors)
+                         calibration=[x for x, _ in batches], calibration_loss=loss, max_prune=learned.max_prune())
     kept = {gid: g.kept for gid, g in model.meta["hfp"].groups.items()}
     return model, {"alloc_epochs": args.alloc_epochs, "calib_batches": args.calib_batches, "gated_steps": gated,
-                   "learned_kept_per_group": {gid: g.kept for gid, g in learned.items()},
+                   "learned_kept_per_group": {gid: g.kept for gid, g in learned.groups.items()},
                    "kept_per_group": kept}
 
 

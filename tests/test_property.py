@@ -698,3 +698,19 @@ def test_removed_experts_shrink_equals_mask(experts, k, data):
     if k > 1:
         with pytest.raises(ValueError, match=f"keep at least {k}"):
             hfp_fx.shrink(dg, keep={group.id: keep[: k - 1]})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-1, 3), min_size=0, max_size=40))
+def test_member_runs_list_exactly_the_positions_of_their_group(labels):
+    """``Member.runs`` (ranges, built from runs of equal group labels along an axis) hold exactly
+    the positions labelled with their group, ascending, with no two ranges touching."""
+    from hfp_fx.analysis.graph import Member, _runs_by_group
+
+    runs = _runs_by_group(torch.tensor(labels, dtype=torch.long))
+    assert set(runs) == {g for g in labels if g >= 0}
+    for g, rs in runs.items():
+        member = Member("w", 0, rs)
+        assert member.offsets == tuple(i for i, label in enumerate(labels) if label == g)
+        assert all(a < b for a, b in rs) and all(b1 < a2 for (_, b1), (a2, _) in zip(rs, rs[1:]))
+        assert str(member) == "w[dim 0: " + ",".join(f"{a}:{b}" for a, b in rs) + "]"

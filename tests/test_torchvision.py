@@ -93,3 +93,21 @@ def test_shape_pass_memo_changes_nothing(name):
         hits = interp.memo.hits
     assert facts[0] == facts[1]
     assert hits >= 2  # attention of blocks 2.. (and their MLP parts without a shortcut)
+
+
+def test_shape_pass_copies_only_the_modules_it_runs():
+    """Convs, batch norms and ReLUs are answered from their configuration (shape shortcuts), so
+    the shape pass makes no meta copy of them; the user's weights stay where they were."""
+    from hfp_fx.capture.copies import GraphTwin
+    from hfp_fx.capture.shapes import _ShapeAndFlopProp
+    from hfp_fx.capture.tracing import trace
+
+    gm = trace(torchvision.models.resnet18(), (torch.randn(1, 3, 32, 32),)).graph_module
+    twin = GraphTwin(gm, "meta")
+    _ShapeAndFlopProp(gm, twin, on_meta=True).run(torch.empty(1, 3, 32, 32, device="meta"))
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "call_module")
+    copied = set(twin._copies)
+    assert copied < set(called) and len(copied) <= 2, copied  # (at most the pools run)
+    assert not any(isinstance(gm.get_submodule(t), (torch.nn.Conv2d, torch.nn.BatchNorm2d)) for t in copied)
+    assert all(not p.is_meta for p in gm.parameters())

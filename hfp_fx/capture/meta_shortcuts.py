@@ -106,13 +106,9 @@ def _fits(module, x: torch.Tensor) -> bool:
     """Whether a norm layer accepts ``x`` (its parameters match the input's channels)."""
     if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)):
         features = getattr(module, "num_features", getattr(module, "num_channels", None))
-        if x.dim() < 2 or x.shape[1] != features or x.numel() == 0:
-            return False
-        if module.training:  # these refuse one value per channel (instance norm: per instance)
-            per = x.shape[0] * x.shape[1] if isinstance(module, torch.nn.modules.instancenorm._InstanceNorm) \
-                else x.shape[1]
-            return x.numel() // per > 1
-        return True
+        # (the training flag is not read: the shape pass runs copies with their norms in eval
+        # mode, ``copies.shape_only``, which accept one value per channel)
+        return x.dim() >= 2 and x.shape[1] == features and x.numel() > 0
     if isinstance(module, torch.nn.LayerNorm):
         k = len(module.normalized_shape)
         return tuple(x.shape[-k:]) == tuple(module.normalized_shape)

@@ -6,6 +6,9 @@
     >>> report = small.meta["hfp"]
     >>> report.achieved.macs <= report.target.macs, report.groups["g1"].name, report.inputs
     (True, 'layer1.0.conv1', [((1, 3, 64, 64), 'float32')])
+    >>> again = hfp_fx.prune(torchvision.models.resnet18(), x, "50%", max_prune=report.max_prune()).meta["hfp"]
+    >>> all(again.groups[gid].kept >= g.kept for gid, g in report.groups.items())
+    True
 """
 from __future__ import annotations
 
@@ -50,6 +53,14 @@ class PruneReport:
     #: kept depth units whose branch output is multiplied by a constant (HFP depth gates that
     #: could not be folded into a layer): id -> factor
     depth_scales: Dict[str, float] = field(default_factory=dict)
+
+    def max_prune(self) -> Dict[str, float]:
+        """These widths as floors for another cut of the same architecture: per group id, the
+        fraction removed here, as ``prune(..., max_prune=...)`` takes it (each group then keeps at
+        least the channels it keeps here; ``0.0`` where it stays whole).  The recipe that uses
+        it: HFP chooses the widths, one-shot importance cuts the dense weights to them
+        (docs/api.md, "HFP as the allocation search")."""
+        return {gid: (g.dense - g.kept) / g.dense for gid, g in self.groups.items()}
 
     @classmethod
     def of(cls, dg, plan, *, scale_sites: Sequence[str] = (), exclude: Sequence[str] = (),
