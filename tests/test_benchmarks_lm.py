@@ -67,13 +67,17 @@ def test_quick_run_offline(tmp_path):
     assert result["complete"] and result["data"]["source"] == "synthetic"
     rows = {r["method"]: r for r in result["rows"]}
     # (depth_only is skipped: whole layers alone cannot stop at 50% of this model)
-    assert set(rows) == {"dense", "dense_ft", "hfp", "hfp_alloc", "magnitude", "activation", "taylor", "tp_llm",
-                         "magnitude_depth"}
+    assert set(rows) == {"dense", "dense_ft", "hfp", "hfp_alloc", "hfp_search", "magnitude", "activation", "taylor",
+                         "tp_llm", "magnitude_depth"}
     assert rows["taylor"]["importance"] == "taylor" and rows["hfp"]["distill"] is False
-    for method in ("hfp", "hfp_alloc", "magnitude", "activation", "taylor"):
+    for method in ("hfp", "hfp_alloc", "hfp_search", "magnitude", "activation", "taylor"):
         assert 0.48 <= rows[method]["params_ratio"] <= 0.5
         detail = next(d for d in result["details"] if d["method"] == method)
         assert max(detail["exactness"].values()) < 1e-4
+    # the search variants keep at least every learned width
+    for method in ("hfp_alloc", "hfp_search"):
+        detail = next(d for d in result["details"] if d["method"] == method)[method]
+        assert all(detail["kept_per_group"][g] >= k for g, k in detail["learned_kept_per_group"].items())
     assert abs(rows["tp_llm"]["params_ratio"] - 0.5) < 0.03
     assert all(r["tokens_per_s_ratio"]["b1"] > 0 and r["val_ppl"] > 1 for r in rows.values())
 

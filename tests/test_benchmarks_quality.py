@@ -27,13 +27,19 @@ def test_quick_run_has_every_method_within_budget(quick):
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == set(quality.DEFAULT_METHODS) and result["target_macs"] == 0.4
     assert rows["dense"]["macs_ratio"] == 1.0 and rows["dense"]["acc"] > 30  # it learned (chance: 10%)
-    for method in ("hfp", "hfp_alloc", "l1", "uniform", *quality.TP_METHODS):
+    for method in ("hfp", "hfp_alloc", "hfp_search", "l1", "uniform", *quality.TP_METHODS):
         assert 0.3 < rows[method]["macs_ratio"] <= 0.4 + 1e-9, (method, rows[method]["macs_ratio"])
     for r in rows.values():
         assert {"method", "seed", "acc", "macs_ratio", "params_ratio", "epochs", "threads", "device"} <= set(r)
         assert r["epochs"] == 2 and r["threads"] == 1
     for method in quality.TP_METHODS:
         assert 1 <= rows[method]["tp_steps"] <= 100
+    # hfp_alloc / hfp_search: the Taylor cut keeps at least every learned width
+    for method in ("hfp_alloc", "hfp_search"):
+        alloc = rows[method]["alloc"]
+        assert set(alloc["kept_per_group"]) == set(alloc["learned_kept_per_group"])
+        assert all(alloc["kept_per_group"][g] >= k for g, k in alloc["learned_kept_per_group"].items())
+        assert alloc["gated_steps"] == round(result["config"]["alloc_epochs"] * 16)  # 16 steps per quick epoch
     summary = result["summary"]
     assert summary["hfp_fx_rows_over_budget"] == []
     assert summary["hfp_vs_best_tp"]["best_tp"] in quality.TP_METHODS

@@ -201,8 +201,10 @@ class GraphTwin:
         >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 3)))
         >>> twin = GraphTwin(gm, "meta")
         >>> layer = twin.module("0")
-        >>> layer.weight.device, layer.weight.requires_grad, layer is twin.module("0"), gm.get_submodule("0").weight.is_meta
-        (device(type='meta'), False, True, False)
+        >>> layer.weight.device, layer.weight.requires_grad, layer is twin.module("0")
+        (device(type='meta'), False, True)
+        >>> gm.get_submodule("0").weight.is_meta  # the graph module's own weights stay as they were
+        False
     """
 
     def __init__(self, gm: torch.fx.GraphModule, device: Optional[str]):
