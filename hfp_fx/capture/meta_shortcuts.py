@@ -106,9 +106,16 @@ def _fits(module, x: torch.Tensor) -> bool:
     """Whether a norm layer accepts ``x`` (its parameters match the input's channels)."""
     if isinstance(module, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm)):
         features = getattr(module, "num_features", getattr(module, "num_channels", None))
-        # (the training flag is not read: the shape pass runs copies with their norms in eval
-        # mode, ``copies.shape_only``, which accept one value per channel)
-        return x.dim() >= 2 and x.shape[1] == features and x.numel() > 0
+        if x.dim() < 2 or x.shape[1] != features or x.numel() == 0:
+            return False
+        # what refuses a single value to normalise over, as the shape pass runs it: group norm
+        # always (per group), instance norm without running statistics (per instance); batch
+        # norm never, since the pass runs copies in eval mode (``copies.shape_only``)
+        if isinstance(module, torch.nn.GroupNorm):
+            return x.numel() // module.num_groups > 1
+        if isinstance(module, torch.nn.modules.instancenorm._InstanceNorm) and not module.track_running_stats:
+            return x.numel() // (x.shape[0] * x.shape[1]) > 1
+        return True
     if isinstance(module, torch.nn.LayerNorm):
         k = len(module.normalized_shape)
         return tuple(x.shape[-k:]) == tuple(module.normalized_shape)
