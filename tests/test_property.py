@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import hfp_fx
-from hfp_fx.passes.shrink import ShrinkError
 from helpers import assert_close, assert_unchanged, outputs, random_keep, state_snapshot
 from netgen import example_arg, kernels, make, net_specs, targets, widths
 

@@ -21,7 +21,7 @@ import hfp_fx
 from hfp_fx.passes.registry import OpHandler, default_rules
 from hfp_fx.passes.shrink import ShrinkError
 from hfp_fx.passes.rules_pointwise import passthrough
-from hfp_fx.spaces import ChannelMap, IndexValues
+from hfp_fx.spaces import ChannelMap
 
 CALLS = Counter()
 
