@@ -484,20 +484,26 @@ def run_hfp(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, 
 DATA_KINDS = ("activation", "taylor")
 
 
-def run_hfp_alloc(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict):
-    """HFP as the allocation search: the gated phase of ``run_hfp`` (``--hfp-frac`` of the budget)
-    chooses the widths; the *dense* weights are then cut to at least those widths by one-shot Taylor
-    importance (each group's learned count a floor, ``max_prune`` by group id, the same params
-    target), and the small model fine-tunes for the rest of the budget, as the one-shot methods do."""
-    learned: dict = {}
-    _, steps_h, data = run_hfp(dense, example, args, seed, train, learned)
-    kept = learned["hfp"]["kept_per_group"]
+def _cut_to_learned(dense, example: torch.Tensor, args, learned: dict, out: dict, method: str, steps: int):
+    """The dense weights cut by one-shot Taylor to at least the widths ``run_hfp`` learned (each
+    group's count a floor, ``max_prune`` by group id, the same params target); ``out[method]``
+    records both, with the gated steps."""
     cut_args = copy.copy(args)
     cut_args.max_prune = learned["hfp"]["max_prune"]  # the learned widths as floors
     hf = run_one_shot(dense, example, cut_args, out, method="taylor")
-    out["hfp_alloc"] = {"gated_steps": steps_h, "learned_kept_per_group": kept,
-                        "kept_per_group": out.pop("taylor")["kept_per_group"]}
-    return hf, steps_h, data
+    out[method] = {"gated_steps" if method == "hfp_alloc" else "search_steps": steps,
+                   "learned_kept_per_group": learned["hfp"]["kept_per_group"],
+                   "kept_per_group": out.pop("taylor")["kept_per_group"]}
+    return hf
+
+
+def run_hfp_alloc(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict):
+    """HFP as the allocation search: the gated phase of ``run_hfp`` (``--hfp-frac`` of the budget)
+    chooses the widths, the *dense* weights are cut to them (``_cut_to_learned``), and the small
+    model fine-tunes for the rest of the budget."""
+    learned: dict = {}
+    _, steps_h, data = run_hfp(dense, example, args, seed, train, learned)
+    return _cut_to_learned(dense, example, args, learned, out, "hfp_alloc", steps_h), steps_h, data
 
 
 def run_hfp_search(dense, example: torch.Tensor, args, seed: int, train: torch.Tensor, out: dict):
@@ -505,11 +511,7 @@ def run_hfp_search(dense, example: torch.Tensor, args, seed: int, train: torch.T
     the batches are its own): the small model then gets the whole fine-tune budget from step 0."""
     learned: dict = {}
     _, steps_h, _ = run_hfp(dense, example, args, seed, train, learned, train_weights=False)
-    cut_args = copy.copy(args)
-    cut_args.max_prune = learned["hfp"]["max_prune"]  # the learned widths as floors
-    hf = run_one_shot(dense, example, cut_args, out, method="taylor")
-    out["hfp_search"] = {"search_steps": steps_h, "learned_kept_per_group": learned["hfp"]["kept_per_group"],
-                         "kept_per_group": out.pop("taylor")["kept_per_group"]}
+    hf = _cut_to_learned(dense, example, args, learned, out, "hfp_search", steps_h)
     return hf, 0, Batches(train, args.batch_size, args.seq_len, seed=1000 + seed)
 
 

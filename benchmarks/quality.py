@@ -288,16 +288,12 @@ def hfp_allocation_cut(trained, example, data, args, phase, per_epoch: int, tag:
                               lambda_init=args.lambda_init, dual_rate=args.dual_rate, warmup_steps=0,
                               ramp_steps=int(round(0.4 * gated)))
     gates = hfp_fx.gate_parameters(prepared)
-    if train_weights:
-        opt = phase.optimizer(prepared, gates)
-    else:
+    if not train_weights:  # frozen weights get no gradient, so the optimizer steps the widths only
+        gate_ids = {id(g) for g in gates}
         for prm in prepared.parameters():
-            prm.requires_grad_(False)
-        for g in gates:
-            g.requires_grad_(True)
-        opt = torch.optim.SGD([{"params": gates, "base_lr": args.gate_lr, "scheduled": False}],
-                              lr=args.gate_lr, momentum=0.9, nesterov=True)
-    phase.run(prepared, opt, 0, gated, tag + " (allocation search)", hfp=True, teacher=teacher)
+            prm.requires_grad_(id(prm) in gate_ids)
+    phase.run(prepared, phase.optimizer(prepared, gates), 0, gated, tag + " (allocation search)", hfp=True,
+              teacher=teacher)
     prepared.eval()
     learned = hfp_fx.finalize(prepared).meta["hfp"]
     (train_x, train_y), _ = data
@@ -380,15 +376,13 @@ def run_method(method: str, seed: int, dense: dict, data, args, example: torch.T
                          latency_corrections=report.corrections, latency_correction_refused=report.refused)
         extra["acc_after_prune"] = evaluate(model, data)
         phase.run(model, phase.optimizer(model), gated, total, tag, teacher=teacher)
-    elif method == "hfp_alloc":
-        model, extra["alloc"] = hfp_allocation_cut(trained, example, data, args, phase, per_epoch, tag, teacher)
-        extra["acc_after_prune"] = evaluate(model, data)
-        phase.run(model, phase.optimizer(model), extra["alloc"]["gated_steps"], total, tag, teacher=teacher)
-    elif method == "hfp_search":
+    elif method in ("hfp_alloc", "hfp_search"):
+        search = method == "hfp_search"  # the weights stay frozen, the fine-tune gets the whole budget
         model, extra["alloc"] = hfp_allocation_cut(trained, example, data, args, phase, per_epoch, tag, teacher,
-                                                   train_weights=False)
+                                                   train_weights=not search)
         extra["acc_after_prune"] = evaluate(model, data)
-        phase.run(model, phase.optimizer(model), 0, total, tag, teacher=teacher)
+        phase.run(model, phase.optimizer(model), 0 if search else extra["alloc"]["gated_steps"], total, tag,
+                  teacher=teacher)
     elif method == "l1":
         model = hfp_fx.prune(trained(), example, {"macs": args.target}, importance="l1")
         extra["acc_after_prune"] = evaluate(model, data)

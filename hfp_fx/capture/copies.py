@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import operator
 import types
 from typing import Any, Callable, Dict, Optional
 
@@ -221,11 +222,7 @@ class GraphTwin:
     def attr(self, target: str) -> Any:
         """The copy of attribute ``target`` (a ``get_attr`` node's target): a module, tensor or value."""
         if target not in self._copies:
-            *path, leaf = target.split(".")
-            owner = self.gm
-            for part in path:
-                owner = getattr(owner, part)
-            value = getattr(owner, leaf)
+            value = operator.attrgetter(target)(self.gm)
             if isinstance(value, torch.nn.Module):
                 return self.module(target)
             if isinstance(value, torch.Tensor):
